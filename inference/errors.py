@@ -1,0 +1,47 @@
+"""The project's one error tree.
+
+Foreign errors (HTTP clients, subprocesses, file formats) are translated into these at the adapter
+that met them (`raise ... from exc`). Every message says what happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class MeshLLMError(Exception):
+    """Root of every error mesh-llm raises on purpose."""
+
+
+class ConfigError(MeshLLMError):
+    """The user's arguments or environment are wrong (bad flag, bad path)."""
+
+
+class BuildError(MeshLLMError):
+    """llama.cpp could not be obtained or built."""
+
+
+class ToolchainMissing(BuildError):
+    """A compiler or cmake is missing; the message says what to install."""
+
+
+class ModelError(MeshLLMError):
+    """A model could not be resolved, fetched or read."""
+
+
+class ModelNotFound(ModelError):
+    """A --model spec matches nothing (the message lists close matches)."""
+
+
+class DownloadError(ModelError):
+    """A download failed: HTTP error, unreachable host, wrong size or hash, not a GGUF."""
+
+
+class CorruptModel(ModelError):
+    """A file on disk is not a valid GGUF."""
+
+
+class BackendError(MeshLLMError):
+    """A llama.cpp process failed to start, crashed, or answered wrongly."""
+
+
+class BackendLoading(BackendError):
+    """The backend is up but still loading its model (the API answers 503 + Retry-After)."""

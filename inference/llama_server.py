@@ -1,0 +1,228 @@
+"""One supervised llama-server: command line, start, readiness, restart with backoff, reaping.
+
+`server_args` is pure (tested without processes). `LlamaServer.run` is the supervisor loop: it starts
+llama-server on 127.0.0.1 at a fresh ephemeral port, waits for `/health` to answer 200, reports state
+changes, restarts a crashed server with exponential backoff, gives up (state `failed`) when the
+server cannot even load, and always terminates and reaps the process when cancelled.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx2
+from anyio.abc import Process, TaskStatus
+
+from .llamacpp import LlamaCpp
+
+log = logging.getLogger("mesh_llm.llama_server")
+
+# Model states as the console and API report them.
+DOWNLOADING, LOADING, SERVING, FAILED, STOPPED = "downloading", "loading", "serving", "failed", "stopped"
+
+StateFn = Callable[[str, str], None]  # (state, human-readable detail)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    ctx_per_slot: int = 4096
+    slots: int = 4
+    gpu_layers: int = 0  # -ngl; 0 on CPU-only machines, 999 puts every layer on the GPU
+    embeddings: bool = False
+    extra_args: tuple[str, ...] = ()
+    load_timeout_s: float = 600.0
+    max_start_failures: int = 3  # consecutive failures before ever becoming ready → failed
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    healthy_reset_s: float = 60.0  # after this long serving, a crash starts the backoff afresh
+
+
+def server_args(binary: Path, model: Path, alias: str, port: int, s: ServerSettings) -> list[str]:
+    """The llama-server command line. Every setting that has a surprising default is explicit."""
+    args = [
+        str(binary),
+        "--model", str(model),
+        "--alias", alias,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--ctx-size", str(s.ctx_per_slot * s.slots),
+        "--parallel", str(s.slots),
+        "--kv-unified",
+        "--fit", "off",
+        "--n-gpu-layers", str(s.gpu_layers),
+        "--no-webui",
+        "--metrics",
+        "--jinja",
+    ]  # fmt: skip
+    if s.embeddings:
+        args.append("--embeddings")
+    return [*args, *s.extra_args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _explain_exit(code: int) -> str:
+    if code == 1:
+        return "exit 1: llama-server could not load the model or rejected a flag"
+    if code in (134, -6):
+        return f"exit {code}: llama-server aborted (assertion, out of memory, or a dead RPC peer)"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+@dataclass
+class LlamaServer:
+    """Supervises one llama-server for one model. `base_url` is set while it is serving."""
+
+    llama: LlamaCpp
+    model_path: Path
+    alias: str
+    log_path: Path
+    settings: ServerSettings = field(default_factory=ServerSettings)
+    on_state: StateFn = lambda state, detail: None
+    base_url: str | None = None
+    pid: int | None = None
+    restarts: int = 0
+    _ready_at: float | None = None
+
+    def command(self, port: int) -> list[str]:
+        args = server_args(self.llama.server, self.model_path, self.alias, port, self.settings)
+        # The pdeathsig shim makes llama-server die with us even if we are SIGKILLed.
+        return [sys.executable, "-m", "inference.pdeathsig", "--", *args]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep llama-server serving until cancelled. Signals `started` once it first serves."""
+        failures = 0
+        backoff = self.settings.backoff_initial_s
+        started = False
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            self.on_state(LOADING, "starting llama-server" if not self.restarts else "restarting llama-server")
+            ready_at: float | None = None
+            try:
+                code = await self._run_once(functools.partial(self._ready, task_status, started))
+                ready_at = self._ready_at
+            except OSError as exc:
+                code, detail = -1, f"could not start {self.llama.server}: {exc}"
+            else:
+                detail = _explain_exit(code)
+            self.base_url, self.pid = None, None
+            if ready_at is not None:
+                started = True
+                failures = 0
+                if time.monotonic() - ready_at > self.settings.healthy_reset_s:
+                    backoff = self.settings.backoff_initial_s
+            else:
+                failures += 1
+            tail = _tail(self.log_path, 8)
+            if failures >= self.settings.max_start_failures:
+                log.error(
+                    "llama-server for %s failed %d times (%s); giving up. Log %s:\n%s",
+                    self.alias,
+                    failures,
+                    detail,
+                    self.log_path,
+                    tail,
+                )
+                self.on_state(FAILED, f"{detail}; see {self.log_path}")
+                if not started:
+                    task_status.started()  # let the caller go on; the state says failed
+                return
+            self.restarts += 1
+            log.warning(
+                "llama-server for %s crashed (%s); restarting in %.1fs. Log %s:\n%s",
+                self.alias,
+                detail,
+                backoff,
+                self.log_path,
+                tail,
+            )
+            self.on_state(LOADING, f"llama-server crashed ({detail}); restarting in {backoff:.1f}s")
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, self.settings.backoff_max_s)
+
+    def _ready(self, task_status: TaskStatus[None], already: bool) -> None:
+        self._ready_at = time.monotonic()
+        self.on_state(SERVING, f"llama-server pid {self.pid} at {self.base_url}")
+        if not already:
+            task_status.started()
+
+    async def _run_once(self, on_ready: Callable[[], None]) -> int:
+        """Start llama-server, wait for readiness, then wait for it to exit; return its exit code."""
+        self._ready_at = None
+        port = free_port()
+        cmd = self.command(port)
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd[3:])}\n".encode())
+            logf.flush()
+            proc = await anyio.open_process(
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.pid = proc.pid
+        log.info("started llama-server pid %d for %s on 127.0.0.1:%d", proc.pid, self.alias, port)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_ready, proc, f"http://127.0.0.1:{port}", on_ready, tg.cancel_scope)
+                code = await proc.wait()
+                tg.cancel_scope.cancel()
+            return code
+        finally:
+            with anyio.CancelScope(shield=True):
+                await terminate(proc)
+
+    async def _watch_ready(
+        self, proc: Process, url: str, on_ready: Callable[[], None], scope: anyio.CancelScope
+    ) -> None:
+        deadline = time.monotonic() + self.settings.load_timeout_s
+        async with httpx2.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                try:
+                    resp = await client.get(url + "/health")
+                    if resp.status_code == 200:
+                        self.base_url = url
+                        on_ready()
+                        return
+                except httpx2.TransportError:
+                    pass  # not listening yet
+                await anyio.sleep(0.1)
+        log.error("llama-server for %s not ready after %.0fs; stopping it", self.alias, self.settings.load_timeout_s)
+        proc.terminate()
+
+
+async def terminate(proc: Process, grace_s: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL; always reaps."""
+    if proc.returncode is None:
+        try:
+            proc.terminate()
+        except ProcessLookupError:
+            pass
+        with anyio.move_on_after(grace_s):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+    await proc.wait()

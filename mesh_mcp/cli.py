@@ -1,0 +1,162 @@
+"""`mesh-llm` command line: parses arguments and calls into the packages, nothing more.
+
+mesh-llm [--model X ...]            run a node (console only when no model is given)
+mesh-llm download [NAME ...] [--draft]   list the catalog, or fetch models
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+
+from inference import paths
+from inference.errors import MeshLLMError
+from inference.llama_server import ServerSettings
+
+from . import __version__
+
+log = logging.getLogger("mesh_llm.cli")
+
+
+def _node_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-llm",
+        description="Serve LLMs from the pooled capacity of your machines behind OpenAI/Anthropic APIs.",
+        epilog="Subcommands: `mesh-llm download [NAME ...] [--draft]` lists the catalog or fetches models.",
+    )
+    p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="catalog name (fuzzy: Qwen3-8B), Hugging Face URL, org/repo/file.gguf, or a local .gguf path; repeatable",
+    )
+    p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
+    p.add_argument("--console-port", type=int, default=3131, help="console port (default 3131)")
+    p.add_argument("--listen-all", action="store_true", help="serve the API and console on all interfaces")
+    p.add_argument("--name", help="display name of this node (default: host name)")
+    p.add_argument("--models-dir", type=Path, help="where models live (default ~/.models, or $MESH_LLM_MODELS)")
+    p.add_argument("--backend", choices=["cpu", "cuda", "metal", "vulkan"], help="llama.cpp backend (default: detect)")
+    p.add_argument("--max-vram", type=float, metavar="GB", help="cap the memory this node offers to models")
+    p.add_argument("--ctx-size", type=int, default=4096, help="context tokens per request slot (default 4096)")
+    p.add_argument("--parallel", type=int, default=4, help="concurrent request slots per model (default 4)")
+    p.add_argument(
+        "--llama-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument passed to llama-server verbatim (repeatable, e.g. --llama-arg=--temp --llama-arg=0)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _download_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mesh-llm download", description="List the model catalog or download models.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="catalog names (fuzzy) to download; none lists the catalog")
+    p.add_argument("--draft", action="store_true", help="also fetch each model's draft for speculative decoding")
+    p.add_argument("--models-dir", type=Path, help="where models live (default ~/.models, or $MESH_LLM_MODELS)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["download"]:
+            return _download(_download_parser().parse_args(argv[1:]))
+        return _run(_node_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .cmd_download import download_command, list_catalog
+
+    if not args.names:
+        print(list_catalog())
+        return 0
+    models_dir = args.models_dir or paths.models_dir()
+    return anyio.run(lambda: download_command(args.names, draft=args.draft, models_dir=models_dir))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .node import Node, NodeConfig
+    from .ui import Bars, setup_logging
+
+    console = setup_logging(args.verbose)
+    if args.ctx_size < 256 or args.parallel < 1:
+        print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
+        return 2
+    config = NodeConfig(
+        models=tuple(args.model),
+        host="0.0.0.0" if args.listen_all else "127.0.0.1",
+        api_port=args.port,
+        console_port=args.console_port,
+        home=paths.home_dir(),
+        models_dir=(args.models_dir or paths.models_dir()).expanduser(),
+        backend=args.backend,
+        name=args.name,
+        max_vram_gb=args.max_vram,
+        server=ServerSettings(ctx_per_slot=args.ctx_size, slots=args.parallel, extra_args=tuple(args.llama_arg)),
+    )
+    bars = Bars(console)
+
+    async def run_until_signal() -> None:
+        node = Node(config, bars)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            await node.run()
+
+    try:
+        anyio.run(run_until_signal)
+    except BaseExceptionGroup as group:
+        errors = _user_errors(group)
+        if errors is None:
+            raise
+        for exc in errors:
+            print(f"mesh-llm: {exc}", file=sys.stderr)
+        return 1
+    except MeshLLMError as exc:
+        print(f"mesh-llm: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bars.stop()
+    log.info("stopped")
+    return 0
+
+
+def _user_errors(group: BaseExceptionGroup) -> list[MeshLLMError] | None:
+    """The MeshLLMErrors in a task-group failure, or None if anything else is in there."""
+    matched, rest = group.split(MeshLLMError)
+    if rest is not None or matched is None:
+        return None
+    out: list[MeshLLMError] = []
+    stack: list[BaseException] = [matched]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        elif isinstance(exc, MeshLLMError):
+            out.append(exc)
+    return out
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info(
+                "%s received: shutting down (stopping llama-server, closing ports)",
+                signal.Signals(signum).name,
+            )
+            scope.cancel()
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

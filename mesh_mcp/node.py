@@ -1,0 +1,186 @@
+"""A running mesh-llm node: one task group that owns the API server (:9337), the console (:3131),
+the llama.cpp build, model downloads and one supervised llama-server per model.
+
+Start-up order is explicit (`tg.start`): the API and console listen first, so a person sees
+downloads and loads as they happen; models become `serving` one by one. Cancelling the group
+(Ctrl-C, SIGTERM) stops the HTTP servers gracefully and terminates and reaps every llama-server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from inference import hardware, models
+from inference.errors import MeshLLMError
+from inference.gguf_facts import read_facts
+from inference.llama_server import LlamaServer, ServerSettings
+from inference.llamacpp import LlamaCpp, ensure_llama_cpp
+
+from . import __version__
+from .api import build_api
+from .console import build_console
+from .httpserve import serve_http
+from .identity import load_or_create
+from .state import NodeState
+from .ui import Bars
+
+log = logging.getLogger("mesh_llm.node")
+
+# Architectures that are embedding models: their llama-server runs with --embeddings.
+EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert"})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    models: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    api_port: int = 9337
+    console_port: int = 3131
+    home: Path = field(default_factory=Path.home)
+    models_dir: Path = field(default_factory=Path.home)
+    backend: str | None = None
+    name: str | None = None
+    max_vram_gb: float | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+
+class Node:
+    def __init__(self, config: NodeConfig, bars: Bars) -> None:
+        self.config = config
+        self.bars = bars
+        self.identity = load_or_create(config.home)
+        self.hardware = hardware.detect(config.max_vram_gb)
+        host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.state = NodeState(
+            node_id=self.identity.node_id,
+            name=config.name or os.uname().nodename,
+            version=__version__,
+            api_url=f"http://{host}:{config.api_port}/v1",
+            console_url=f"http://{host}:{config.console_port}",
+            hardware=self.hardware.as_dict(),
+            llama_cpp={"version": "", "backend": "", "state": "pending"},
+        )
+        self._llama: LlamaCpp | None = None
+        self._llama_ready = anyio.Event()
+        self.servers: dict[str, LlamaServer] = {}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        async with anyio.create_task_group() as tg:
+            api_port = await tg.start(serve_http, build_api(self.state), cfg.host, cfg.api_port)
+            console_port = await tg.start(serve_http, build_console(self.state), cfg.host, cfg.console_port)
+            self.state.set_info(
+                api_url=f"http://{_display_host(cfg.host)}:{api_port}/v1",
+                console_url=f"http://{_display_host(cfg.host)}:{console_port}",
+            )
+            log.info(
+                "node %s (%s): API %s, console %s; %s",
+                self.state.name,
+                self.state.node_id,
+                self.state.api_url,
+                self.state.console_url,
+                _describe_hw(self.hardware),
+            )
+            task_status.started()
+            if not cfg.models:
+                log.info(
+                    "no model given: serving the console only. Next: `mesh-llm --model SmolLM2-135M-Instruct` "
+                    "to serve the embedded default, or `mesh-llm download` to list the catalog."
+                )
+                await anyio.sleep_forever()
+            for spec in cfg.models:
+                tg.start_soon(self._serve_model, spec)
+            await self._build_llama()
+            await anyio.sleep_forever()
+
+    async def _build_llama(self) -> None:
+        self.state.set_info(llama_cpp={"version": "", "backend": "", "state": "building"})
+        try:
+            llama = await ensure_llama_cpp(self.config.backend, self.bars.build)
+        except MeshLLMError as exc:
+            log.error("%s", exc)
+            self.state.set_info(llama_cpp={"version": "", "backend": "", "state": "failed", "detail": str(exc)})
+            for name in self.state.served_names():
+                self.state.update_model(name, state="failed", detail=f"llama.cpp is unavailable: {exc}")
+            raise
+        self._llama = llama
+        self.state.set_info(llama_cpp={"version": llama.version, "backend": llama.backend, "state": "ready"})
+        log.info("llama.cpp %s (%s) in %s", llama.version, llama.backend, llama.bin_dir)
+        self._llama_ready.set()
+
+    async def _serve_model(self, spec: str) -> None:
+        name = spec
+        try:
+            name = models.request_name(models.parse_spec(spec))
+            self.state.update_model(name, state="downloading", detail=f"resolving {spec}")
+
+            def progress(label: str, done: int, total: int | None) -> None:
+                self.bars.download(label, done, total)
+                frac = done / total if total else None
+                self.state.update_model(name, state="downloading", progress=frac, detail=f"downloading {label}")
+
+            local = await models.ensure_model(spec, models_dir=self.config.models_dir, on_progress=progress)
+            facts = await anyio.to_thread.run_sync(read_facts, local.path)
+        except MeshLLMError as exc:
+            log.error("model %s: %s", spec, exc)
+            self.state.update_model(name, state="failed", detail=str(exc), progress=None)
+            return
+        embeddings = facts.architecture in EMBEDDING_ARCHS
+        self.state.update_model(
+            name,
+            state="loading",
+            progress=None,
+            path=str(local.path),
+            size_bytes=facts.file_size,
+            architecture=facts.architecture,
+            layers=facts.block_count,
+            embeddings=embeddings,
+            detail="waiting for llama.cpp" if not self._llama_ready.is_set() else "starting llama-server",
+        )
+        decision = _placement(facts.file_size, self.hardware)
+        log.info("placement for %s: %s", name, decision)
+        await self._llama_ready.wait()
+        assert self._llama is not None
+        gpu_layers = 999 if self.hardware.gpus and self._llama.backend != "cpu" else 0
+        settings = ServerSettings(**{**self.config.server.__dict__, "gpu_layers": gpu_layers, "embeddings": embeddings})
+        server = LlamaServer(
+            llama=self._llama,
+            model_path=local.path,
+            alias=name,
+            log_path=self.config.home / "logs" / f"llama-server-{_safe(name)}.log",
+            settings=settings,
+        )
+
+        def on_state(state: str, detail: str) -> None:
+            self.state.update_model(
+                name, state=state, detail=detail, upstream=server.base_url, pid=server.pid, restarts=server.restarts
+            )
+
+        server.on_state = on_state
+        self.servers[name] = server
+        await server.run()
+
+
+def _placement(model_bytes: int, hw: hardware.Hardware) -> str:
+    cap = hw.capacity_bytes
+    where = f"{len(hw.gpus)} GPU(s)" if hw.gpus else "CPU"
+    fits = "fits" if model_bytes <= cap else "does NOT fit (pipeline split arrives with the mesh)"
+    return f"solo on this node: model {model_bytes / 2**30:.2f} GiB {fits} in {cap / 2**30:.1f} GiB capacity ({where})"
+
+
+def _describe_hw(hw: hardware.Hardware) -> str:
+    gpus = ", ".join(f"{g.name} {g.memory_bytes / 2**30:.0f} GiB" for g in hw.gpus) or "no GPU"
+    return f"{hw.cpu_cores} cores, {hw.ram_bytes / 2**30:.0f} GiB RAM, {gpus}"
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

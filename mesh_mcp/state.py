@@ -1,0 +1,134 @@
+"""The node's own state as the API and console see it: models and their lifecycle, plus a
+broadcast of every change (the console's `/api/events`).
+
+Model states: downloading → loading → serving, or failed (with why); stopped after a drop.
+Changes go through `update_model`, which publishes a snapshot to every subscriber.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+SERVING = "serving"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    state: str  # downloading | loading | serving | failed | stopped
+    detail: str = ""
+    path: str | None = None
+    size_bytes: int | None = None
+    progress: float | None = None  # 0..1 while downloading
+    architecture: str | None = None
+    layers: int | None = None
+    embeddings: bool = False
+    upstream: str | None = None  # llama-server base URL while serving (never leaves the node)
+    in_flight: int = 0
+    pid: int | None = None  # llama-server's process id while it runs
+    restarts: int = 0
+    updated_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("upstream")
+        return d
+
+
+@dataclass
+class NodeState:
+    node_id: str
+    name: str
+    version: str
+    api_url: str
+    console_url: str
+    llama_cpp: dict[str, str] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, ModelStatus] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
+
+    def update_model(self, name: str, **changes: Any) -> ModelStatus:
+        current = self.models.get(name) or ModelStatus(name=name, state="loading")
+        if "progress" in changes and changes["progress"] is not None:
+            old = current.progress
+            # Throttle download progress to whole percents: the console needs no more.
+            if old is not None and math.floor(old * 100) == math.floor(changes["progress"] * 100):
+                self.models[name] = replace(current, **changes)
+                return self.models[name]
+        status = replace(current, **changes, updated_at=time.time())
+        self.models[name] = status
+        self.publish()
+        return status
+
+    def set_info(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+        self.publish()
+
+    def find_model(self, requested: str | None) -> ModelStatus | None:
+        """The model a request names: exact id, then case-insensitive, then a unique prefix.
+
+        No name at all means the node's first model (like llama-server)."""
+        live = [m for m in self.models.values() if m.state != "stopped"]
+        if not live:
+            return None
+        if not requested:
+            return live[0]
+        for m in live:
+            if m.name == requested:
+                return m
+        low = requested.lower()
+        for m in live:
+            if m.name.lower() == low:
+                return m
+        prefixed = [m for m in live if m.name.lower().startswith(low)]
+        return prefixed[0] if len(prefixed) == 1 else None
+
+    def served_names(self) -> list[str]:
+        return [m.name for m in self.models.values() if m.state != "stopped"]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "version": self.version,
+            "api_url": self.api_url,
+            "console_url": self.console_url,
+            "llama_cpp": self.llama_cpp,
+            "hardware": self.hardware,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "models": [m.public() for m in self.models.values()],
+        }
+
+    def publish(self) -> None:
+        if not self._subscribers:
+            return
+        snap = self.snapshot()
+        for stream in list(self._subscribers):
+            try:
+                stream.send_nowait(snap)
+            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                # A subscriber that cannot keep up is dropped; its SSE stream ends and the page reconnects.
+                self._subscribers.remove(stream)
+                stream.close()
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[MemoryObjectReceiveStream[dict[str, Any]]]:
+        send, receive = anyio.create_memory_object_stream[dict[str, Any]](64)
+        self._subscribers.append(send)
+        try:
+            yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
+            receive.close()

@@ -1,0 +1,143 @@
+"""Real mesh-llm node processes for integration tests (reused by every multi-node test).
+
+`NodeProcess` starts `python -m mesh_mcp.cli ...` with its own home directory and ports, captures
+its log to a file, waits (bounded) for states through the console's /api/status, and always cleans
+up: the node's process group is terminated and reaped, and its llama-server children die with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class NodeProcess:
+    home: Path
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    api_port: int = field(default_factory=free_port)
+    console_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def console(self) -> str:
+        return f"http://{self.host}:{self.console_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "node.log"
+
+    def start(self) -> NodeProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MESH_LLM_HOME": str(self.home), "PYTHONUNBUFFERED": "1", **self.env}
+        cmd = [sys.executable, "-m", "mesh_mcp.cli", "--port", str(self.api_port)]
+        cmd += ["--console-port", str(self.console_port), *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        return httpx2.get(self.console + "/api/status", timeout=5).json()  # type: ignore[no-any-return]
+
+    def wait_for(self, what: str, check: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited ({self.proc.returncode}) waiting for {what}\n{self.log()[-4000:]}")
+            try:
+                last = self.status()
+                if check(last):
+                    return last
+            except httpx2.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status {last}\n{self.log()[-4000:]}")
+
+    def model(self, status: dict[str, Any], name: str) -> dict[str, Any] | None:
+        return next((m for m in status["models"] if m["name"] == name), None)
+
+    def wait_model_state(self, name: str, state: str, timeout: float = 300) -> dict[str, Any]:
+        status = self.wait_for(
+            f"{name} {state}", lambda s: (m := self.model(s, name)) is not None and m["state"] == state, timeout
+        )
+        model = self.model(status, name)
+        assert model is not None
+        return model
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Terminate the node's whole process group (node + llama-servers) and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)

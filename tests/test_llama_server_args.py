@@ -1,0 +1,39 @@
+"""The llama-server command line: every surprising default is set explicitly, loopback only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inference.llama_server import ServerSettings, _explain_exit, server_args
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_server_args_are_explicit_and_loopback_only() -> None:
+    args = server_args(
+        Path("/bin/llama-server"), Path("/m/x.gguf"), "x", 4242, ServerSettings(ctx_per_slot=2048, slots=3)
+    )
+    assert args[0] == "/bin/llama-server"
+    assert flag(args, "--host") == "127.0.0.1"
+    assert flag(args, "--port") == "4242"
+    assert flag(args, "--ctx-size") == str(2048 * 3)
+    assert flag(args, "--parallel") == "3"
+    assert flag(args, "--fit") == "off"
+    assert flag(args, "--alias") == "x"
+    assert flag(args, "--n-gpu-layers") == "0"
+    assert "--embeddings" not in args
+
+
+def test_embeddings_and_extra_args() -> None:
+    s = ServerSettings(embeddings=True, gpu_layers=999, extra_args=("--temp", "0"))
+    args = server_args(Path("ls"), Path("m.gguf"), "m", 1, s)
+    assert "--embeddings" in args and flag(args, "--n-gpu-layers") == "999"
+    assert args[-2:] == ["--temp", "0"]
+
+
+def test_exit_codes_are_explained() -> None:
+    assert "could not load" in _explain_exit(1)
+    assert "aborted" in _explain_exit(134)
+    assert "signal 9" in _explain_exit(-9)
