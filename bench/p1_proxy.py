@@ -23,10 +23,10 @@ import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference import paths  # noqa: E402
-from inference.llamacpp import ensure_llama_cpp  # noqa: E402
-from inference.models import ensure_model  # noqa: E402
-from tests.harness import NodeProcess  # noqa: E402
+from inference import paths
+from inference.llamacpp import ensure_llama_cpp
+from inference.models import ensure_model
+from tests.harness import NodeProcess
 
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
 
