@@ -45,3 +45,17 @@ class BackendError(MeshLLMError):
 
 class BackendLoading(BackendError):
     """The backend is up but still loading its model (the API answers 503 + Retry-After)."""
+
+
+class ProtocolError(MeshLLMError):
+    """A peer sent something malformed, unsigned, oversized or of the wrong version.
+
+    The stream (or connection) that carried it is closed and the event logged; the node goes on."""
+
+
+class AuthError(ProtocolError):
+    """A peer could not prove it holds the mesh secret, or its identity does not match its key."""
+
+
+class InvalidToken(ConfigError):
+    """An invite token is malformed, mistyped (checksum) or of an unsupported version."""
