@@ -206,6 +206,7 @@ async def _run_logged(cmd: list[str], stage: str, log: TextIO, log_path: Path, p
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
     tail: list[str] = []
+    best = 0.0  # make restarts its percentage per target; the bar only moves forward
     async with await anyio.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
         try:
@@ -213,7 +214,8 @@ async def _run_logged(cmd: list[str], stage: str, log: TextIO, log_path: Path, p
                 for line in chunk.splitlines():
                     log.write(line + "\n")
                     tail = [*tail[-19:], line]
-                    if (frac := parse_progress(line)) is not None:
+                    if (frac := parse_progress(line)) is not None and frac > best:
+                        best = frac
                         progress(stage, frac)
             code = await proc.wait()
         except BaseException:

@@ -18,16 +18,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
-import httpx2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from . import upstream
 from .state import SERVING, ModelStatus, NodeState
+from .upstream import Pool, UpstreamBroken, UpstreamUnavailable, request
 
 log = logging.getLogger("mesh_llm.api")
 
@@ -96,15 +98,8 @@ def _parse_payload(body: bytes, flavor: Flavor) -> dict[str, Any]:
 class Proxy:
     """ASGI endpoint forwarding one API path to the llama-server of the requested model."""
 
-    def __init__(
-        self,
-        node: NodeState,
-        client: Callable[[], httpx2.AsyncClient],
-        path: str,
-        flavor: Flavor,
-        max_body: int,
-    ) -> None:
-        self.node, self.client, self.path, self.flavor, self.max_body = node, client, path, flavor, max_body
+    def __init__(self, node: NodeState, pool: Pool, path: str, flavor: Flavor, max_body: int) -> None:
+        self.node, self.pool, self.path, self.flavor, self.max_body = node, pool, path, flavor, max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -116,14 +111,15 @@ class Proxy:
             await bad.response(scope, receive, send)
             return
         assert status.upstream is not None
-        url = status.upstream + self.path + (f"?{scope['query_string'].decode()}" if scope.get("query_string") else "")
-        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        query = scope.get("query_string") or b""
+        target = self.path + ("?" + query.decode("latin-1") if query else "")
+        headers = [(b"content-type", b"application/json")]
         if accept := request.headers.get("accept"):
-            headers["accept"] = accept
+            headers.append((b"accept", accept.encode("latin-1")))
         self._count(status.name, +1)
         started = time.perf_counter()
         try:
-            await self._forward(url, body, headers, scope, receive, send)
+            await self._forward(status.upstream, target, body, headers, scope, receive, send)
         finally:
             self._count(status.name, -1)
             elapsed_ms = 1e3 * (time.perf_counter() - started)
@@ -145,13 +141,8 @@ class Proxy:
             )
             raise BadRequest(error_response(self.flavor, 404, msg, "model_not_found", available=served))
         if self.path.endswith("/embeddings") and not status.embeddings:
-            raise BadRequest(
-                error_response(
-                    self.flavor,
-                    400,
-                    f"model '{status.name}' is a generation model and does not serve embeddings",
-                )
-            )
+            msg = f"model '{status.name}' is a generation model and does not serve embeddings"
+            raise BadRequest(error_response(self.flavor, 400, msg))
         if status.state != SERVING or status.upstream is None:
             if status.state == "failed":
                 msg = f"model '{status.name}' failed to start: {status.detail}"
@@ -162,17 +153,25 @@ class Proxy:
         return status
 
     async def _forward(
-        self, url: str, body: bytes, headers: dict[str, str], scope: Scope, receive: Receive, send: Send
+        self,
+        base_url: str,
+        target: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        client = self.client()
+        url = urlsplit(base_url)
         async with anyio.create_task_group() as tg:
             # From here on, a client disconnect cancels the upstream request (llama-server stops).
             tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-            req = client.build_request("POST", url, content=body, headers=headers)
             try:
-                resp = await client.send(req, stream=True)
-            except httpx2.TransportError as exc:
-                log.warning("upstream %s unreachable: %s", url, exc)
+                resp = await request(
+                    self.pool, url.hostname or "127.0.0.1", url.port or 80, "POST", target, body, headers
+                )
+            except UpstreamUnavailable as exc:
+                log.warning("upstream %s unreachable: %s", base_url, exc)
                 msg = "the model's server is restarting; retry shortly"
                 hdrs = {"Retry-After": str(RETRY_AFTER_S)}
                 await error_response(self.flavor, 503, msg, "backend_unavailable", headers=hdrs)(scope, receive, send)
@@ -184,14 +183,14 @@ class Proxy:
                 await resp.aclose()
                 tg.cancel_scope.cancel()
 
-    async def _relay(self, resp: httpx2.Response, send: Send) -> None:
-        out_headers = [(k, v) for k, v in resp.headers.raw if k.lower() not in _HOP]
-        await send({"type": "http.response.start", "status": resp.status_code, "headers": out_headers})
-        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+    async def _relay(self, resp: upstream.Response, send: Send) -> None:
+        out_headers = [(k, v) for k, v in resp.headers if k not in _HOP]
+        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+        is_sse = (resp.header(b"content-type") or b"").startswith(b"text/event-stream")
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx2.TransportError as exc:
+        except UpstreamBroken as exc:
             log.warning("upstream failed mid-response: %s", exc)
             if is_sse:
                 await send({"type": "http.response.body", "body": self._sse_error(), "more_body": True})
@@ -213,15 +212,8 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
 
 
 def build_api(node: NodeState, max_body: int = MAX_BODY_BYTES) -> Starlette:
-    """The :9337 application. One pooled upstream client, created and closed with the app."""
-    holder: dict[str, httpx2.AsyncClient] = {}
-
-    def client() -> httpx2.AsyncClient:
-        if "c" not in holder:
-            limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
-            timeout = httpx2.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0)
-            holder["c"] = httpx2.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
-        return holder["c"]
+    """The :9337 application. One pool of upstream connections, closed with the app."""
+    pool = Pool()
 
     async def models(request: Request) -> Response:
         data = [_model_entry(node, m.name) for m in node.models.values() if m.state != "stopped"]
@@ -238,7 +230,7 @@ def build_api(node: NodeState, max_body: int = MAX_BODY_BYTES) -> Starlette:
         return JSONResponse({"status": "ok", "node_id": node.node_id})
 
     def proxy(path: str, flavor: Flavor = "openai") -> Route:
-        return Route(path, Proxy(node, client, path, flavor, max_body), methods=["POST"])
+        return Route(path, Proxy(node, pool, path, flavor, max_body), methods=["POST"])
 
     async def not_found(request: Request, exc: Exception) -> Response:
         flavor: Flavor = "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
@@ -250,8 +242,7 @@ def build_api(node: NodeState, max_body: int = MAX_BODY_BYTES) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        if "c" in holder:
-            await holder.pop("c").aclose()
+        pool.close()
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         404: not_found,

@@ -1,0 +1,266 @@
+"""This node's mesh membership -- which mesh it belongs to and the secret that proves it --
+kept as ``mesh.toml`` in the node's home directory.
+
+The file is a credential: anyone holding it can join the mesh. `save` writes it atomically
+(a private temporary file in the same directory, fsync, rename), so a crash leaves the old file
+or the new one, never half of one, and always with mode 0600. When `load` finds the file open to
+group or others it tightens the mode to 0600 and logs a warning rather than refusing to start
+(as `mesh_mcp.identity` does for the node key); a file it cannot read, or cannot make private
+because another user owns it, is a `ConfigError`.
+
+`create`, `rotate`, `from_token` and `to_token` are pure; randomness is injected.
+
+File layout (bytes as lowercase hex, `previous_secrets` newest first)::
+
+    version = 1
+    mesh_id = "<32 hex>"
+    epoch = 3
+    secret = "<64 hex>"
+    previous_secrets = ["<64 hex>", ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from inference.errors import ConfigError
+
+from .tokens import MAX_EPOCH, MESH_ID_BYTES, PROTOCOL_VERSION, SECRET_BYTES, InviteToken
+
+__all__ = [
+    "FILE_VERSION",
+    "MAX_PREVIOUS_SECRETS",
+    "MESH_FILE",
+    "MeshConfig",
+    "create",
+    "from_token",
+    "load",
+    "path_for",
+    "rotate",
+    "save",
+    "to_token",
+]
+
+log = logging.getLogger("mesh_llm.meshfile")
+
+MESH_FILE = "mesh.toml"
+FILE_VERSION = 1
+MAX_PREVIOUS_SECRETS = 3
+"""How many superseded secrets `rotate` keeps, so members that have not yet heard of a rotation still get in."""
+
+RandomBytes = Callable[[int], bytes]
+
+_HEADER = (
+    "# mesh-llm: this node's mesh membership. Keep it private (mode 0600):\n"
+    "# anyone holding this file can join the mesh. Written by mesh-llm; do not edit.\n\n"
+)
+_KEYS = frozenset({"version", "mesh_id", "epoch", "secret", "previous_secrets"})
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """The mesh this node belongs to and its secret; `previous_secrets` (newest first) are still accepted
+    from existing members after a `rotate`, while new joins need `secret`."""
+
+    mesh_id: bytes
+    secret: bytes = field(repr=False)
+    epoch: int
+    previous_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mesh_id, bytes) or len(self.mesh_id) != MESH_ID_BYTES:
+            raise ConfigError(f"a mesh id is {MESH_ID_BYTES} bytes")
+        if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
+            raise ConfigError(f"a mesh secret is {SECRET_BYTES} bytes")
+        if type(self.epoch) is not int or not 1 <= self.epoch <= MAX_EPOCH:
+            raise ConfigError(f"the secret epoch must be an integer in 1..{MAX_EPOCH}, not {self.epoch!r}")
+        if not isinstance(self.previous_secrets, tuple) or len(self.previous_secrets) > MAX_PREVIOUS_SECRETS:
+            raise ConfigError(f"previous_secrets must be a tuple of at most {MAX_PREVIOUS_SECRETS} secrets")
+        for old in self.previous_secrets:
+            if not isinstance(old, bytes) or len(old) != SECRET_BYTES:
+                raise ConfigError(f"a mesh secret is {SECRET_BYTES} bytes")
+
+    @property
+    def mesh_id_hex(self) -> str:
+        """The mesh id as 32 hex characters: safe to log (the secrets never are)."""
+        return self.mesh_id.hex()
+
+    @property
+    def accepted_secrets(self) -> tuple[bytes, ...]:
+        """Secrets an existing member may prove: the current one first, then the previous ones."""
+        return (self.secret, *self.previous_secrets)
+
+
+# --- pure -------------------------------------------------------------------------------------
+
+
+def create(rng_bytes: RandomBytes = os.urandom) -> MeshConfig:
+    """A brand-new mesh: random id and secret, epoch 1."""
+    return MeshConfig(mesh_id=rng_bytes(MESH_ID_BYTES), secret=rng_bytes(SECRET_BYTES), epoch=1)
+
+
+def rotate(cfg: MeshConfig, rng_bytes: RandomBytes = os.urandom) -> MeshConfig:
+    """A new secret at the next epoch; the old one moves to the front of `previous_secrets`
+    (the oldest falls off beyond `MAX_PREVIOUS_SECRETS`). Invite tokens made before are void."""
+    if cfg.epoch >= MAX_EPOCH:
+        raise ConfigError(f"the mesh secret has been rotated {MAX_EPOCH} times; create a new mesh")
+    previous = (cfg.secret, *cfg.previous_secrets)[:MAX_PREVIOUS_SECRETS]
+    return MeshConfig(
+        mesh_id=cfg.mesh_id, secret=rng_bytes(SECRET_BYTES), epoch=cfg.epoch + 1, previous_secrets=previous
+    )
+
+
+def from_token(token: InviteToken) -> MeshConfig:
+    """The membership a node joining through `token` starts with."""
+    return MeshConfig(mesh_id=token.mesh_id, secret=token.secret, epoch=token.epoch)
+
+
+def to_token(cfg: MeshConfig, addresses: tuple[str, ...]) -> InviteToken:
+    """An invite to this mesh, dialling `addresses` ("host:port" of this node's QUIC listener)."""
+    return InviteToken(
+        mesh_id=cfg.mesh_id, secret=cfg.secret, addresses=addresses, protocol=PROTOCOL_VERSION, epoch=cfg.epoch
+    )
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+def path_for(home: Path) -> Path:
+    return home / MESH_FILE
+
+
+def load(home: Path) -> MeshConfig | None:
+    """The saved membership, or None if this node has not joined or created a mesh yet."""
+    path = path_for(home)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}; check its owner and permissions") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path} is not a regular file; move it away")
+        if st.st_mode & 0o077:
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{path} is readable by other users and cannot be made private ({exc.strerror}); "
+                    f"run: chmod 600 {path}"
+                ) from exc
+            log.warning("%s was open to other users (mode %o); set it to 0600", path, stat.S_IMODE(st.st_mode))
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise _corrupt(path, str(exc)) from exc
+    return _from_document(doc, path)
+
+
+def save(home: Path, cfg: MeshConfig) -> None:
+    """Write `cfg` to ``home/mesh.toml`` atomically, mode 0600 (creating `home` if needed)."""
+    path = path_for(home)
+    text = _HEADER + tomli_w.dumps(_to_document(cfg))
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MESH_FILE}.", suffix=".tmp", dir=home)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+        raise
+    _fsync_dir(home)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable; best effort (not every platform can open a directory)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _to_document(cfg: MeshConfig) -> dict[str, Any]:
+    return {
+        "version": FILE_VERSION,
+        "mesh_id": cfg.mesh_id.hex(),
+        "epoch": cfg.epoch,
+        "secret": cfg.secret.hex(),
+        "previous_secrets": [s.hex() for s in cfg.previous_secrets],
+    }
+
+
+def _corrupt(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"{path} is corrupt ({why}); restore it, or move it away and join the mesh again with an invite token"
+    )
+
+
+def _from_document(doc: dict[str, Any], path: Path) -> MeshConfig:
+    version = doc.get("version")
+    if type(version) is int and version > FILE_VERSION:
+        raise ConfigError(f"{path} was written by a newer mesh-llm (format {version}); upgrade mesh-llm")
+    if version != FILE_VERSION or type(version) is not int:
+        raise _corrupt(path, f"version must be {FILE_VERSION}, not {version!r}")
+    unknown = sorted(set(doc) - _KEYS)
+    if unknown:
+        raise _corrupt(path, f"unknown keys: {', '.join(unknown)}")
+    missing = sorted(_KEYS - set(doc))
+    if missing:
+        raise _corrupt(path, f"missing keys: {', '.join(missing)}")
+    previous = doc["previous_secrets"]
+    if not isinstance(previous, list):
+        raise _corrupt(path, "previous_secrets must be a list")
+    try:
+        return MeshConfig(
+            mesh_id=_hex(doc["mesh_id"], "mesh_id"),
+            secret=_hex(doc["secret"], "secret"),
+            epoch=doc["epoch"],
+            previous_secrets=tuple(_hex(s, "previous_secrets") for s in previous),
+        )
+    except ConfigError as exc:
+        raise _corrupt(path, str(exc)) from exc
+
+
+def _hex(value: object, key: str) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a hex string")
+    try:
+        return bytes.fromhex(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key} is not valid hex") from exc

@@ -1,0 +1,69 @@
+"""Framing on mesh streams: `u32 big-endian length | payload`. Control frames carry compact JSON
+objects; data frames carry raw bytes. Every read is bounded, so a peer speaking garbage costs one
+stream, never the node's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+from inference.errors import ProtocolError
+
+CONTROL_LIMIT = 1 << 20  # JSON frames
+DATA_LIMIT = 32 << 20  # request bodies and response chunks
+_LEN = struct.Struct(">I")
+
+
+def encode(payload: bytes) -> bytes:
+    return _LEN.pack(len(payload)) + payload
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return encode(json.dumps(obj, separators=(",", ":")).encode())
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int = DATA_LIMIT) -> bytes | None:
+    """One frame, or None at a clean end of stream (EOF before a length)."""
+    try:
+        head = await reader.readexactly(4)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ProtocolError("stream ended inside a frame header") from exc
+        return None
+    (size,) = _LEN.unpack(head)
+    if size > limit:
+        raise ProtocolError(f"frame of {size} bytes exceeds the {limit}-byte limit")
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(f"stream ended inside a {size}-byte frame") from exc
+
+
+async def read_json(reader: asyncio.StreamReader, limit: int = CONTROL_LIMIT) -> dict[str, Any]:
+    frame = await read_frame(reader, limit)
+    if frame is None:
+        raise ProtocolError("stream ended where a message was expected")
+    return decode_json(frame)
+
+
+def decode_json(frame: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(frame)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"malformed message: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message must be a JSON object")
+    return obj
+
+
+def field(obj: dict[str, Any], name: str, kind: type, max_len: int = 4096) -> Any:
+    """A required field of the given type (strings and lists bounded)."""
+    value = obj.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ProtocolError(f"message field {name!r} missing or not {kind.__name__}")
+    if isinstance(value, str | list) and len(value) > max_len:
+        raise ProtocolError(f"message field {name!r} is too long")
+    return value
