@@ -1,0 +1,342 @@
+"""Signed node records: what each member of the mesh says about itself, and their wire form.
+
+A `NodeRecord` is made and signed only by its origin (Ed25519, the node's identity key) and is
+carried verbatim by gossip, so any node can check any record it receives, whoever relayed it:
+the public key must hash to the node id, and the signature must cover a canonical encoding of
+every other field (`signing_bytes`: compact, sorted-key JSON of the wire form without the
+signature, behind a domain-separation prefix). `version` orders an origin's records; it is
+`max(previous + 1, wall-clock ms)` (`next_version`), so a restarted node, which has forgotten its
+old version, still supersedes its old records.
+
+`from_wire` is strict: unknown or missing fields, wrong types and oversized strings or lists are
+`ProtocolError`s. Local mistakes (signing a record that breaks the same limits) are `ValueError`s.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from inference.errors import ProtocolError
+
+from ..identity import node_id_for
+
+ROLES = frozenset({"host", "worker", "client", "standby"})
+MODEL_STATES = frozenset({"downloading", "loading", "serving", "failed", "stopped"})  # as in mesh_mcp/state.py
+MAX_NAME = 128  # node name, model names
+MAX_ADDRESS = 255  # "host:port"
+MAX_ADDRESSES = 16
+MAX_MODELS = 256  # each of models_on_disk, models_served
+MAX_SOFTWARE = 128
+MAX_INT = (1 << 63) - 1
+NODE_ID_LEN = 16  # hex chars: sha256(public key)[:8 bytes]
+PUBLIC_KEY_LEN = 32
+SIGNATURE_LEN = 64
+_DOMAIN = b"mesh-llm/node-record/1\n"
+_HEX = frozenset("0123456789abcdef")
+_FIELDS = frozenset(
+    {
+        "node_id",
+        "public_key",
+        "name",
+        "addresses",
+        "role",
+        "capacity_bytes",
+        "models_on_disk",
+        "models_served",
+        "in_flight",
+        "version",
+        "software",
+        "leaving",
+        "signature",
+    }
+)
+_SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    state: str  # one of MODEL_STATES
+    in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: str
+    public_key: bytes  # 32 bytes, raw Ed25519
+    name: str
+    addresses: tuple[str, ...]  # "host:port" UDP endpoints of the node's QUIC listener
+    role: str  # one of ROLES
+    capacity_bytes: int
+    models_on_disk: tuple[str, ...] = ()
+    models_served: tuple[ServedModel, ...] = ()
+    in_flight: int = 0
+    version: int = 0
+    software: str = ""
+    leaving: bool = False
+    signature: bytes = b""
+
+
+def next_version(previous: int, now: float) -> int:
+    """A version above `previous` and, normally, at the wall clock in ms (`now` is time.time())."""
+    return max(previous + 1, int(now * 1000))
+
+
+def is_node_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == NODE_ID_LEN and set(value) <= _HEX
+
+
+def public_key_bytes(private_key: Ed25519PrivateKey) -> bytes:
+    return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def unsigned(
+    private_key: Ed25519PrivateKey,
+    *,
+    name: str,
+    addresses: tuple[str, ...] = (),
+    role: str = "host",
+    capacity_bytes: int = 0,
+    **fields: Any,
+) -> NodeRecord:
+    """A record for the key's node, not yet signed (node_id and public_key filled in)."""
+    pub = public_key_bytes(private_key)
+    return NodeRecord(
+        node_id=node_id_for(pub),
+        public_key=pub,
+        name=name,
+        addresses=addresses,
+        role=role,
+        capacity_bytes=capacity_bytes,
+        **fields,
+    )
+
+
+def sign(record: NodeRecord, private_key: Ed25519PrivateKey) -> NodeRecord:
+    """`record` signed by its node's key; ValueError if it breaks a limit or is not this key's."""
+    if public_key_bytes(private_key) != record.public_key:
+        raise ValueError("the private key does not match the record's public key")
+    problem = _problem(record)
+    if problem:
+        raise ValueError(f"invalid node record: {problem}")
+    return replace(record, signature=private_key.sign(signing_bytes(record)))
+
+
+def verify(record: NodeRecord) -> None:
+    """ProtocolError unless the key hashes to the node id and the signature covers the record."""
+    if len(record.public_key) != PUBLIC_KEY_LEN or node_id_for(record.public_key) != record.node_id:
+        raise ProtocolError(f"node record {record.node_id!r}: the public key does not match the node id")
+    if not _signature_ok(record.public_key, record.signature, signing_bytes(record)):
+        raise ProtocolError(f"node record {record.node_id!r} v{record.version}: bad signature")
+
+
+def signing_bytes(record: NodeRecord) -> bytes:
+    """The canonical bytes a record's signature covers: every field but the signature."""
+    body = _wire_body(record)
+    return _DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@functools.lru_cache(maxsize=16384)
+def _signature_ok(public_key: bytes, signature: bytes, payload: bytes) -> bool:
+    # Cached: gossip delivers the same record to a node from several peers; the result is a pure
+    # function of these three byte strings, so a hit is as good as a verification.
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, payload)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def supersedes(new: NodeRecord, old: NodeRecord | None) -> bool:
+    """The total order on one origin's records: version, then signature bytes (an origin that
+    signed two records with one version, e.g. after its clock went back, still converges)."""
+    if old is None:
+        return True
+    return (new.version, new.signature) > (old.version, old.signature)
+
+
+# ---------------------------------------------------------------------------------------- wire
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object, what: str, size: int | None = None, max_size: int | None = None) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError(f"{what} must be a base64 string")
+    if max_size is not None and len(text) > (max_size + 2) // 3 * 4:
+        raise ProtocolError(f"{what} is too long")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"{what} is not base64") from exc
+    if size is not None and len(data) != size:
+        raise ProtocolError(f"{what} must be {size} bytes")
+    return data
+
+
+def _wire_body(record: NodeRecord) -> dict[str, Any]:
+    return {
+        "node_id": record.node_id,
+        "public_key": b64(record.public_key),
+        "name": record.name,
+        "addresses": list(record.addresses),
+        "role": record.role,
+        "capacity_bytes": record.capacity_bytes,
+        "models_on_disk": list(record.models_on_disk),
+        "models_served": [{"name": m.name, "state": m.state, "in_flight": m.in_flight} for m in record.models_served],
+        "in_flight": record.in_flight,
+        "version": record.version,
+        "software": record.software,
+        "leaving": record.leaving,
+    }
+
+
+def to_wire(record: NodeRecord) -> dict[str, Any]:
+    """The JSON-serializable form (bytes as base64)."""
+    body = _wire_body(record)
+    body["signature"] = b64(record.signature)
+    return body
+
+
+def from_wire(obj: object) -> NodeRecord:
+    """Parse a record from its wire form, strictly (ProtocolError); the signature is not checked
+    here: call `verify`."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("a node record must be an object")
+    keys = obj.keys()
+    if keys != _FIELDS:
+        unknown, missing = sorted(keys - _FIELDS), sorted(_FIELDS - keys)
+        raise ProtocolError(f"node record fields: unknown {unknown}, missing {missing}")
+    node_id = obj["node_id"]
+    if not is_node_id(node_id):
+        raise ProtocolError("node record: node_id must be 16 lowercase hex chars")
+    served = _list(obj, "models_served", MAX_MODELS)
+    record = NodeRecord(
+        node_id=node_id,
+        public_key=unb64(obj["public_key"], "public_key", PUBLIC_KEY_LEN),
+        name=_str(obj, "name", MAX_NAME),
+        addresses=tuple(_strings(obj, "addresses", MAX_ADDRESSES, MAX_ADDRESS)),
+        role=_str(obj, "role", 16),
+        capacity_bytes=_int(obj, "capacity_bytes"),
+        models_on_disk=tuple(_strings(obj, "models_on_disk", MAX_MODELS, MAX_NAME)),
+        models_served=tuple(_served(m) for m in served),
+        in_flight=_int(obj, "in_flight"),
+        version=_int(obj, "version"),
+        software=_str(obj, "software", MAX_SOFTWARE),
+        leaving=_bool(obj, "leaving"),
+        signature=unb64(obj["signature"], "signature", SIGNATURE_LEN),
+    )
+    problem = _problem(record)
+    if problem:
+        raise ProtocolError(f"node record {node_id}: {problem}")
+    return record
+
+
+def _served(obj: object) -> ServedModel:
+    if not isinstance(obj, dict) or obj.keys() != _SERVED_FIELDS:
+        raise ProtocolError(f"a served model must be an object with exactly {sorted(_SERVED_FIELDS)}")
+    return ServedModel(name=_str(obj, "name", MAX_NAME), state=_str(obj, "state", 16), in_flight=_int(obj, "in_flight"))
+
+
+def _str(obj: dict[str, Any], key: str, max_len: int) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ProtocolError(f"node record: {key} must be a string")
+    if len(value) > max_len:
+        raise ProtocolError(f"node record: {key} is longer than {max_len} chars")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    value = obj[key]
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise ProtocolError(f"node record: {key} must be a non-negative 64-bit integer")
+    return value
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"node record: {key} must be a boolean")
+    return value
+
+
+def _list(obj: dict[str, Any], key: str, max_items: int) -> list[Any]:
+    value = obj[key]
+    if not isinstance(value, list):
+        raise ProtocolError(f"node record: {key} must be a list")
+    if len(value) > max_items:
+        raise ProtocolError(f"node record: {key} has more than {max_items} entries")
+    return value
+
+
+def _strings(obj: dict[str, Any], key: str, max_items: int, max_len: int) -> list[str]:
+    items = _list(obj, key, max_items)
+    for item in items:
+        if not isinstance(item, str) or len(item) > max_len:
+            raise ProtocolError(f"node record: {key} entries must be strings of at most {max_len} chars")
+    return items
+
+
+def _problem(r: NodeRecord) -> str:
+    """What is wrong with a record's values, or '' (shared by `sign` and `from_wire`)."""
+    if not is_node_id(r.node_id):
+        return "node_id must be 16 lowercase hex chars"
+    if len(r.public_key) != PUBLIC_KEY_LEN:
+        return f"public_key must be {PUBLIC_KEY_LEN} bytes"
+    for key in ("addresses", "models_on_disk", "models_served"):
+        if not isinstance(getattr(r, key), tuple):
+            return f"{key} must be a tuple"
+    if r.role not in ROLES:
+        return f"role {r.role!r} is not one of {sorted(ROLES)}"
+    if not isinstance(r.name, str) or not 0 < len(r.name) <= MAX_NAME:
+        return f"name must be 1 to {MAX_NAME} chars"
+    if len(r.addresses) > MAX_ADDRESSES or any(not isinstance(a, str) or not _is_address(a) for a in r.addresses):
+        return f"addresses must be at most {MAX_ADDRESSES} 'host:port' strings"
+    if len(r.models_on_disk) > MAX_MODELS or any(
+        not isinstance(m, str) or not 0 < len(m) <= MAX_NAME for m in r.models_on_disk
+    ):
+        return f"models_on_disk must be at most {MAX_MODELS} names of 1 to {MAX_NAME} chars"
+    if len(r.models_served) > MAX_MODELS:
+        return f"models_served has more than {MAX_MODELS} entries"
+    for m in r.models_served:
+        if (
+            not isinstance(m, ServedModel)
+            or not isinstance(m.name, str)
+            or not 0 < len(m.name) <= MAX_NAME
+            or m.state not in MODEL_STATES
+            or type(m.in_flight) is not int
+            or not 0 <= m.in_flight <= MAX_INT
+        ):
+            return f"served model {m!r:.160} is invalid (state must be one of {sorted(MODEL_STATES)})"
+    for key in ("capacity_bytes", "in_flight", "version"):
+        value = getattr(r, key)
+        if type(value) is not int or not 0 <= value <= MAX_INT:
+            return f"{key} must be a non-negative 64-bit integer"
+    if not isinstance(r.software, str) or len(r.software) > MAX_SOFTWARE:
+        return f"software must be a string of at most {MAX_SOFTWARE} chars"
+    if not isinstance(r.leaving, bool):
+        return "leaving must be a boolean"
+    return ""
+
+
+def _is_address(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return (
+        bool(sep and host)
+        and len(address) <= MAX_ADDRESS
+        and port.isascii()
+        and port.isdigit()
+        and 0 < int(port) < 65536
+    )
