@@ -16,20 +16,23 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
+from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from . import upstream
-from .state import SERVING, ModelStatus, NodeState
-from .upstream import Pool, UpstreamBroken, UpstreamUnavailable, request
+from .directory import Directory, Solo
+from .mesh.tunnel import HOP_HEADER
+from .router import Candidate, match_model, ranked, session_key
+from .state import SERVING, NodeState
+from .upstream import Pool, Response, UpstreamBroken, UpstreamUnavailable, request
 
 log = logging.getLogger("mesh_llm.api")
 
@@ -62,7 +65,7 @@ def error_response(
 
 
 class BadRequest(Exception):
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: HTTPResponse) -> None:
         self.response = response
 
 
@@ -95,66 +98,96 @@ def _parse_payload(body: bytes, flavor: Flavor) -> dict[str, Any]:
     return payload
 
 
-class Proxy:
-    """ASGI endpoint forwarding one API path to the llama-server of the requested model."""
+@dataclass(frozen=True)
+class Target:
+    node_id: str
+    base_url: str | None  # local llama-server; None for a remote node
 
-    def __init__(self, node: NodeState, pool: Pool, path: str, flavor: Flavor, max_body: int) -> None:
-        self.node, self.pool, self.path, self.flavor, self.max_body = node, pool, path, flavor, max_body
+
+class Proxy:
+    """ASGI endpoint forwarding one API path to a server of the requested model: the local
+    llama-server or, through the directory, another node of the mesh."""
+
+    def __init__(
+        self, node: NodeState, directory: Directory, pool: Pool, path: str, flavor: Flavor, max_body: int
+    ) -> None:
+        self.node, self.directory, self.pool = node, directory, pool
+        self.path, self.flavor, self.max_body = path, flavor, max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        routed = request.headers.get(HOP_HEADER.decode()) is not None  # from another node: serve locally only
         try:
             body = await _read_body(request, self.flavor, self.max_body)
             payload = _parse_payload(body, self.flavor)
-            status = self._target(payload.get("model"))
+            name, routes = self._routes(payload.get("model"), routed, session_key(payload))
         except BadRequest as bad:
             await bad.response(scope, receive, send)
             return
-        assert status.upstream is not None
         query = scope.get("query_string") or b""
         target = self.path + ("?" + query.decode("latin-1") if query else "")
         headers = [(b"content-type", b"application/json")]
         if accept := request.headers.get("accept"):
             headers.append((b"accept", accept.encode("latin-1")))
-        self._count(status.name, +1)
+        self._count(name, +1)
         started = time.perf_counter()
         try:
-            await self._forward(status.upstream, target, body, headers, scope, receive, send)
+            await self._forward(routes, target, body, headers, scope, receive, send)
         finally:
-            self._count(status.name, -1)
-            elapsed_ms = 1e3 * (time.perf_counter() - started)
-            log.debug("%s %s in %.1f ms", self.path, status.name, elapsed_ms)
+            self._count(name, -1)
+            log.debug("%s %s in %.1f ms", self.path, name, 1e3 * (time.perf_counter() - started))
 
     def _count(self, name: str, delta: int) -> None:
         status = self.node.models.get(name)
         if status is not None:
             self.node.models[name] = replace(status, in_flight=max(0, status.in_flight + delta))
 
-    def _target(self, requested: str | None) -> ModelStatus:
-        status = self.node.find_model(requested)
-        served = self.node.served_names()
-        if status is None:
+    def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target]]:
+        """The model's name and its servers, best first; or the error to answer with."""
+        remote = [] if routed else self.directory.remote_models()
+        names = self.node.served_names() + sorted({r.name for r in remote} - set(self.node.served_names()))
+        name = match_model(requested, names)
+        if name is None:
             msg = (
-                f"model '{requested}' is not served by this mesh; available: {', '.join(served)}"
-                if served
-                else f"model '{requested}' is not served: this node serves no model yet"
+                f"model '{requested}' is not served by this mesh; available: {', '.join(names)}"
+                if names
+                else f"model '{requested}' is not served: no node of this mesh serves a model yet"
             )
-            raise BadRequest(error_response(self.flavor, 404, msg, "model_not_found", available=served))
-        if self.path.endswith("/embeddings") and not status.embeddings:
-            msg = f"model '{status.name}' is a generation model and does not serve embeddings"
+            raise BadRequest(error_response(self.flavor, 404, msg, "model_not_found", available=names))
+        local = self.node.models.get(name)
+        if local is not None and local.state == "stopped":
+            local = None
+        if local is not None and self.path.endswith("/embeddings") and not local.embeddings:
+            msg = f"model '{name}' is a generation model and does not serve embeddings"
             raise BadRequest(error_response(self.flavor, 400, msg))
-        if status.state != SERVING or status.upstream is None:
-            if status.state == "failed":
-                msg = f"model '{status.name}' failed to start: {status.detail}"
-                raise BadRequest(error_response(self.flavor, 503, msg, "model_failed"))
-            msg = f"model '{status.name}' is {status.state}; retry in {RETRY_AFTER_S}s"
-            headers = {"Retry-After": str(RETRY_AFTER_S)}
-            raise BadRequest(error_response(self.flavor, 503, msg, "model_loading", headers=headers))
-        return status
+        candidates: dict[str, Target] = {}
+        pool: list[Candidate] = []
+        if local is not None and local.state == SERVING and local.upstream is not None:
+            candidates[self.node.node_id] = Target(self.node.node_id, local.upstream)
+            pool.append(Candidate(self.node.node_id, local.in_flight, local=True))
+        for r in remote:
+            if r.name == name and r.state == SERVING and r.node_id not in candidates:
+                candidates[r.node_id] = Target(r.node_id, None)
+                pool.append(Candidate(r.node_id, r.in_flight))
+        if candidates:
+            return name, [candidates[c.node_id] for c in ranked(pool, session)]
+        if local is not None and local.state == "failed":
+            msg = f"model '{name}' failed to start: {local.detail}"
+            raise BadRequest(error_response(self.flavor, 503, msg, "model_failed"))
+        state = local.state if local is not None else "loading"
+        msg = f"model '{name}' is {state}; retry in {RETRY_AFTER_S}s"
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        raise BadRequest(error_response(self.flavor, 503, msg, "model_loading", headers=headers))
+
+    async def _open(self, route: Target, target: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
+        if route.base_url is None:
+            return await self.directory.open(route.node_id, "POST", target, headers, body)
+        url = urlsplit(route.base_url)
+        return await request(self.pool, url.hostname or "127.0.0.1", url.port or 80, "POST", target, body, headers)
 
     async def _forward(
         self,
-        base_url: str,
+        routes: list[Target],
         target: str,
         body: bytes,
         headers: list[tuple[bytes, bytes]],
@@ -162,17 +195,18 @@ class Proxy:
         receive: Receive,
         send: Send,
     ) -> None:
-        url = urlsplit(base_url)
         async with anyio.create_task_group() as tg:
             # From here on, a client disconnect cancels the upstream request (llama-server stops).
             tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-            try:
-                resp = await request(
-                    self.pool, url.hostname or "127.0.0.1", url.port or 80, "POST", target, body, headers
-                )
-            except UpstreamUnavailable as exc:
-                log.warning("upstream %s unreachable: %s", base_url, exc)
-                msg = "the model's server is restarting; retry shortly"
+            resp: Response | None = None
+            for route in routes:  # a server that fails before answering is skipped for the next
+                try:
+                    resp = await self._open(route, target, body, headers)
+                    break
+                except UpstreamUnavailable as exc:
+                    log.warning("server %s of this model is unavailable: %s", route.node_id, exc)
+            if resp is None:
+                msg = "no server of this model answered; retry shortly"
                 hdrs = {"Retry-After": str(RETRY_AFTER_S)}
                 await error_response(self.flavor, 503, msg, "backend_unavailable", headers=hdrs)(scope, receive, send)
                 tg.cancel_scope.cancel()
@@ -183,7 +217,7 @@ class Proxy:
                 await resp.aclose()
                 tg.cancel_scope.cancel()
 
-    async def _relay(self, resp: upstream.Response, send: Send) -> None:
+    async def _relay(self, resp: Response, send: Send) -> None:
         out_headers = [(k, v) for k, v in resp.headers if k not in _HOP]
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         is_sse = (resp.header(b"content-type") or b"").startswith(b"text/event-stream")
@@ -211,32 +245,45 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
             return
 
 
-def build_api(node: NodeState, max_body: int = MAX_BODY_BYTES) -> Starlette:
+def build_api(node: NodeState, directory: Directory | None = None, max_body: int = MAX_BODY_BYTES) -> Starlette:
     """The :9337 application. One pool of upstream connections, closed with the app."""
     pool = Pool()
+    mesh: Directory = directory or Solo()
 
-    async def models(request: Request) -> Response:
-        data = [_model_entry(node, m.name) for m in node.models.values() if m.state != "stopped"]
-        return JSONResponse({"object": "list", "data": data})
+    def entries() -> dict[str, dict[str, Any]]:
+        """Every model served in the mesh: local ones first, each with the nodes that serve it."""
+        out: dict[str, dict[str, Any]] = {}
+        for m in node.models.values():
+            if m.state != "stopped":
+                out[m.name] = _model_entry(m.name, node.started_at, m.state, [node.node_id])
+        for r in mesh.remote_models():
+            entry = out.setdefault(r.name, _model_entry(r.name, node.started_at, r.state, []))
+            entry["nodes"].append(r.node_id)
+            if r.state == SERVING:
+                entry["state"] = SERVING
+        return out
 
-    async def model(request: Request) -> Response:
-        status = node.find_model(request.path_params["model"])
-        if status is None or status.name != request.path_params["model"]:
-            name = request.path_params["model"]
+    async def models(request: Request) -> HTTPResponse:
+        return JSONResponse({"object": "list", "data": list(entries().values())})
+
+    async def model(request: Request) -> HTTPResponse:
+        name = request.path_params["model"]
+        entry = entries().get(name)
+        if entry is None:
             return error_response("openai", 404, f"model '{name}' not found", "model_not_found")
-        return JSONResponse(_model_entry(node, status.name))
+        return JSONResponse(entry)
 
-    async def health(request: Request) -> Response:
+    async def health(request: Request) -> HTTPResponse:
         return JSONResponse({"status": "ok", "node_id": node.node_id})
 
     def proxy(path: str, flavor: Flavor = "openai") -> Route:
-        return Route(path, Proxy(node, pool, path, flavor, max_body), methods=["POST"])
+        return Route(path, Proxy(node, mesh, pool, path, flavor, max_body), methods=["POST"])
 
-    async def not_found(request: Request, exc: Exception) -> Response:
+    async def not_found(request: Request, exc: Exception) -> HTTPResponse:
         flavor: Flavor = "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
         return error_response(flavor, 404, f"no such endpoint: {request.method} {request.url.path}")
 
-    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    async def method_not_allowed(request: Request, exc: Exception) -> HTTPResponse:
         return error_response("openai", 405, f"{request.method} is not allowed on {request.url.path}")
 
     @asynccontextmanager
@@ -244,7 +291,7 @@ def build_api(node: NodeState, max_body: int = MAX_BODY_BYTES) -> Starlette:
         yield
         pool.close()
 
-    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[HTTPResponse]]] = {
         404: not_found,
         405: method_not_allowed,
     }
@@ -265,13 +312,12 @@ def build_api(node: NodeState, max_body: int = MAX_BODY_BYTES) -> Starlette:
     )
 
 
-def _model_entry(node: NodeState, name: str) -> dict[str, Any]:
-    m = node.models[name]
+def _model_entry(name: str, created: float, state: str, nodes: list[str]) -> dict[str, Any]:
     return {
-        "id": m.name,
+        "id": name,
         "object": "model",
-        "created": int(node.started_at),
+        "created": int(created),
         "owned_by": "mesh-llm",
-        "state": m.state,
-        "nodes": [node.node_id],
+        "state": state,
+        "nodes": nodes,
     }

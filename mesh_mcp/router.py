@@ -62,3 +62,21 @@ def ranked(candidates: Iterable[Candidate], session: str | None) -> list[Candida
     if session is not None:
         return sorted(pool, key=lambda c: _score(session, c.node_id), reverse=True)
     return sorted(pool, key=lambda c: (c.in_flight, not c.local, c.node_id))
+
+
+def match_model(requested: str | None, names: list[str]) -> str | None:
+    """The model a request names: exact id, then case-insensitive, then a unique prefix.
+
+    No name at all means the first model (like llama-server)."""
+    if not names:
+        return None
+    if not requested:
+        return names[0]
+    if requested in names:
+        return requested
+    low = requested.lower()
+    for name in names:
+        if name.lower() == low:
+            return name
+    prefixed = [n for n in names if n.lower().startswith(low)]
+    return prefixed[0] if len(prefixed) == 1 else None

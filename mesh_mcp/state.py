@@ -17,6 +17,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .router import match_model
+
 SERVING = "serving"
 
 
@@ -75,23 +77,9 @@ class NodeState:
         self.publish()
 
     def find_model(self, requested: str | None) -> ModelStatus | None:
-        """The model a request names: exact id, then case-insensitive, then a unique prefix.
-
-        No name at all means the node's first model (like llama-server)."""
-        live = [m for m in self.models.values() if m.state != "stopped"]
-        if not live:
-            return None
-        if not requested:
-            return live[0]
-        for m in live:
-            if m.name == requested:
-                return m
-        low = requested.lower()
-        for m in live:
-            if m.name.lower() == low:
-                return m
-        prefixed = [m for m in live if m.name.lower().startswith(low)]
-        return prefixed[0] if len(prefixed) == 1 else None
+        """The local model a request names (see `router.match_model`)."""
+        name = match_model(requested, self.served_names())
+        return self.models[name] if name is not None else None
 
     def served_names(self) -> list[str]:
         return [m.name for m in self.models.values() if m.state != "stopped"]

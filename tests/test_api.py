@@ -66,7 +66,7 @@ def test_unknown_model_lists_available() -> None:
 
 def test_no_models_at_all() -> None:
     r = post(make_node(), CHAT, json={"model": "x"})
-    assert r.status_code == 404 and "serves no model" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "serves a model yet" in r.json()["error"]["message"]
 
 
 def test_anthropic_errors_use_anthropic_shape() -> None:

@@ -22,7 +22,9 @@ def creds(tmp_path: Any, name: str, secret: bytes = b"s" * 32, mesh: bytes = MES
     return Credentials(identity=ident, mesh_id=mesh, secret=secret, accepted=lambda node_id: (secret,))
 
 
-async def echo(conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo(
+    conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     data = await read_frame(reader)
     assert data is not None
     writer.write(encode(header["prefix"].encode() + data))
@@ -90,7 +92,7 @@ def test_unreachable_address_is_a_clear_error(tmp_path: Any) -> None:
         a = MeshTransport(creds(tmp_path, "a"), {}, host="127.0.0.1")
         async with anyio.create_task_group() as tg:
             await tg.start(a.run)
-            with pytest.raises(OSError, match="no answer|cannot reach"):
+            with pytest.raises(OSError, match=r"no answer|cannot reach"):
                 await a.connect("127.0.0.1:9")
             tg.cancel_scope.cancel()
 

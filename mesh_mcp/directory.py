@@ -1,0 +1,39 @@
+"""Where models are served beyond this node: the seam between the API and the mesh.
+
+The API asks a `Directory` which other nodes serve a model and opens a request on one of them.
+`Solo` is the directory of a node outside any mesh; `mesh.runtime.Mesh` is the real one, fed by
+gossip and the QUIC tunnel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .upstream import Response, UpstreamUnavailable
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    name: str
+    node_id: str
+    state: str
+    in_flight: int
+
+
+class Directory(Protocol):
+    def remote_models(self) -> list[RemoteModel]: ...
+
+    async def open(
+        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response: ...
+
+
+class Solo:
+    def remote_models(self) -> list[RemoteModel]:
+        return []
+
+    async def open(
+        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        raise UpstreamUnavailable(f"node {node_id} is not reachable: this node is in no mesh")

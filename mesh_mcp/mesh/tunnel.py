@@ -1,0 +1,137 @@
+"""HTTP over a mesh stream: an API request carried to the node that serves its model.
+
+    requester → server   {"t": "http", "method", "target", "headers"}  then one data frame: the body
+    server → requester   {"status", "headers"}  then data frames as the response streams,
+                         then an empty frame meaning "complete"
+
+The serving node runs the request through its own API app in-process (marked as already routed,
+so it never hops again) and streams each chunk back as it is produced. A stream that ends without
+the empty frame was cut off: the requester reports a mid-stream failure. A requester that goes
+away resets the stream, which the server turns into an ASGI disconnect (llama-server stops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.types import ASGIApp, Message
+
+from inference.errors import ProtocolError
+
+from ..upstream import Response, UpstreamBroken, UpstreamUnavailable
+from .quic import Connection
+from .wire import CONTROL_LIMIT, DATA_LIMIT, decode_json, encode, encode_json, field, read_frame
+
+HOP_HEADER = b"x-mesh-llm-routed"
+_MAX_HEADERS = 64
+
+
+def _headers(value: Any) -> list[tuple[bytes, bytes]]:
+    if not isinstance(value, list) or len(value) > _MAX_HEADERS:
+        raise ProtocolError("headers must be a short list")
+    out = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise ProtocolError("each header is a [name, value] pair of strings")
+        out.append((item[0].lower().encode("latin-1"), item[1].encode("latin-1")))
+    return out
+
+
+async def request(
+    conn: Connection, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> Response:
+    """Send a request to the peer; return once its response head arrives (UpstreamUnavailable before)."""
+    try:
+        reader, writer = await conn.open_stream(
+            {
+                "t": "http",
+                "method": method,
+                "target": target,
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
+            }
+        )
+        writer.write(encode(body))
+        writer.write_eof()
+        head_frame = await read_frame(reader, CONTROL_LIMIT)
+        if head_frame is None:
+            raise UpstreamUnavailable("the peer closed the stream without answering")
+        head = decode_json(head_frame)
+        status = field(head, "status", int)
+        resp_headers = _headers(head.get("headers"))
+    except (ConnectionError, ProtocolError, asyncio.IncompleteReadError) as exc:
+        raise UpstreamUnavailable(f"peer {conn.peer.node_id if conn.peer else '?'}: {exc}") from exc
+    return Response(status, resp_headers, _body(conn, reader, writer))
+
+
+async def _body(conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> AsyncIterator[bytes]:
+    complete = False
+    try:
+        while True:
+            frame = await read_frame(reader, DATA_LIMIT)
+            if frame is None:
+                raise UpstreamBroken("the serving node's stream ended early")
+            if not frame:
+                complete = True
+                return
+            yield frame
+    except (ConnectionError, ProtocolError, asyncio.IncompleteReadError) as exc:
+        raise UpstreamBroken(f"the serving node failed mid-response: {exc}") from exc
+    finally:
+        if not complete:
+            conn.reset(writer)  # tell the server to stop generating
+
+
+async def serve(
+    app: ASGIApp, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Run one tunnelled request through the local API app, streaming the response back."""
+    method = field(header, "method", str, 16)
+    target = field(header, "target", str, 8192)
+    headers = [h for h in _headers(header.get("headers")) if h[0] != HOP_HEADER] + [(HOP_HEADER, b"1")]
+    body = await read_frame(reader, DATA_LIMIT)
+    if body is None:
+        raise ProtocolError("http request without a body frame")
+    path, _, query = target.partition("?")
+    stream_id = writer.get_extra_info("stream_id")
+    closed = conn.stream_closed(stream_id)
+    peer = conn.peer.node_id if conn.peer else "?"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": headers,
+        "client": (f"mesh:{peer}", 0),
+        "server": ("mesh", 0),
+    }
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await closed.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if closed.is_set():
+            raise ConnectionResetError("requester went away")
+        if message["type"] == "http.response.start":
+            hdrs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+            writer.write(encode_json({"status": message["status"], "headers": hdrs}))
+        elif message["type"] == "http.response.body":
+            if chunk := message.get("body", b""):
+                writer.write(encode(chunk))
+            if not message.get("more_body", False):
+                writer.write(encode(b""))
+                writer.write_eof()
+
+    await app(scope, receive, send)
