@@ -1,7 +1,9 @@
 """Exec a command that dies with its parent: `python -m inference.pdeathsig -- CMD ARGS...`.
 
-On Linux it sets PR_SET_PDEATHSIG(SIGTERM) and then execs, so a llama-server or rpc-server is
-never orphaned even if the node is killed with SIGKILL. Elsewhere it simply execs.
+On Linux it sets PR_SET_PDEATHSIG(SIGKILL) and then execs, so a llama-server or rpc-server is
+never orphaned even if the node is killed with SIGKILL. SIGKILL, not SIGTERM: llama-server's
+graceful shutdown can hang once its parent is gone (seen here: "cleaning up before exit..." until a
+second signal). Elsewhere it simply execs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m inference.pdeathsig -- CMD [ARGS...]")
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         # The parent may have died between fork and prctl; then nobody would ever signal us.
         if os.getppid() == 1:
             sys.exit(1)

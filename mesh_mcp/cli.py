@@ -53,8 +53,49 @@ def _node_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="extra argument passed to llama-server verbatim (repeatable, e.g. --llama-arg=--temp --llama-arg=0)",
     )
+    p.add_argument(
+        "--join", action="append", default=[], metavar="TOKEN", help="join the mesh of this invite token (repeatable)"
+    )
+    p.add_argument("--client", action="store_true", help="join without serving: API only, no GPU needed")
+    p.add_argument("--bind-port", type=int, default=0, help="UDP port of the mesh listener (default: any)")
+    p.add_argument("--mesh-host", default="0.0.0.0", help="interface the mesh listener binds (default: all)")
+    p.add_argument(
+        "--advertise", action="append", default=[], metavar="HOST", help="address to put in invite tokens (repeatable)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _control_parser(action: str) -> argparse.ArgumentParser:
+    if action == "drop":
+        p = argparse.ArgumentParser(
+            prog="mesh-llm drop", description="Make the running local node stop serving a model."
+        )
+        p.add_argument("model", metavar="MODEL")
+    else:
+        p = argparse.ArgumentParser(
+            prog="mesh-llm rotate-key",
+            description="Issue a new mesh secret: old invite tokens stop admitting nodes; members keep working.",
+        )
+    p.add_argument("--console-port", type=int, default=3131, help="console port of the running node (default 3131)")
+    return p
+
+
+def _control(action: str, args: argparse.Namespace) -> int:
+    import httpx2
+
+    url = f"http://127.0.0.1:{args.console_port}/api/{action}"
+    try:
+        resp = httpx2.post(url, json={"model": args.model} if action == "drop" else {}, timeout=30)
+    except httpx2.TransportError:
+        print(f"mesh-llm: no node is running here (nothing answers on {url})", file=sys.stderr)
+        return 1
+    body = resp.json()
+    if resp.status_code != 200:
+        print(f"mesh-llm: {body.get('error', resp.text)}", file=sys.stderr)
+        return 1
+    print(body["dropped"] + " dropped" if action == "drop" else body["invite_token"])
+    return 0
 
 
 def _download_parser() -> argparse.ArgumentParser:
@@ -70,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["download"]:
             return _download(_download_parser().parse_args(argv[1:]))
+        if argv[:1] in (["drop"], ["rotate-key"]):
+            return _control(argv[0], _control_parser(argv[0]).parse_args(argv[1:]))
         return _run(_node_parser().parse_args(argv))
     except KeyboardInterrupt:
         return 130
@@ -93,6 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.ctx_size < 256 or args.parallel < 1:
         print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
         return 2
+    if args.client and args.model:
+        print("mesh-llm: --client nodes serve no models; drop --model or --client", file=sys.stderr)
+        return 2
     config = NodeConfig(
         models=tuple(args.model),
         host="0.0.0.0" if args.listen_all else "127.0.0.1",
@@ -104,11 +150,20 @@ def _run(args: argparse.Namespace) -> int:
         name=args.name,
         max_vram_gb=args.max_vram,
         server=ServerSettings(ctx_per_slot=args.ctx_size, slots=args.parallel, extra_args=tuple(args.llama_arg)),
+        joins=tuple(args.join),
+        client=args.client,
+        mesh_host=args.mesh_host,
+        mesh_port=args.bind_port,
+        advertise=tuple(args.advertise),
     )
     bars = Bars(console)
+    try:
+        node = Node(config, bars)
+    except MeshLLMError as err:
+        print(f"mesh-llm: {err}", file=sys.stderr)
+        return 1
 
     async def run_until_signal() -> None:
-        node = Node(config, bars)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_signal, tg.cancel_scope)
             await node.run()
@@ -119,8 +174,8 @@ def _run(args: argparse.Namespace) -> int:
         errors = _user_errors(group)
         if errors is None:
             raise
-        for exc in errors:
-            print(f"mesh-llm: {exc}", file=sys.stderr)
+        for error in errors:
+            print(f"mesh-llm: {error}", file=sys.stderr)
         return 1
     except MeshLLMError as exc:
         print(f"mesh-llm: {exc}", file=sys.stderr)

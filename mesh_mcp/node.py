@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 
 from inference import hardware, models
-from inference.errors import MeshLLMError
+from inference.errors import ConfigError, MeshLLMError
 from inference.gguf_facts import read_facts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp, ensure_llama_cpp
@@ -26,6 +26,12 @@ from .api import build_api
 from .console import build_console
 from .httpserve import serve_http
 from .identity import load_or_create
+from .mesh import meshfile
+from .mesh.gossip import GossipConfig
+from .mesh.meshfile import MeshConfig
+from .mesh.runtime import Mesh, MeshSettings
+from .mesh.tokens import InviteToken
+from .mesh.tokens import decode as decode_token
 from .state import NodeState
 from .ui import Bars
 
@@ -47,6 +53,16 @@ class NodeConfig:
     name: str | None = None
     max_vram_gb: float | None = None
     server: ServerSettings = field(default_factory=ServerSettings)
+    joins: tuple[str, ...] = ()  # invite tokens
+    client: bool = False  # API only: never serves, never asked to
+    mesh_host: str = "0.0.0.0"
+    mesh_port: int = 0
+    advertise: tuple[str, ...] = ()
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+
+    @property
+    def in_mesh(self) -> bool:
+        return bool(self.models or self.joins or self.client)
 
 
 class Node:
@@ -68,12 +84,36 @@ class Node:
         self._llama: LlamaCpp | None = None
         self._llama_ready = anyio.Event()
         self.servers: dict[str, LlamaServer] = {}
+        self._model_scopes: dict[str, anyio.CancelScope] = {}
+        self.mesh: Mesh | None = None
+        if config.in_mesh:
+            tokens = tuple(decode_token(t) for t in config.joins)  # a bad token fails here, clearly
+            self.mesh = Mesh(
+                self.identity,
+                _mesh_config(config.home, tokens),
+                config.home,
+                self.state,
+                MeshSettings(
+                    role="client" if config.client else "host",
+                    host=config.mesh_host,
+                    port=config.mesh_port,
+                    advertise=config.advertise,
+                    joins=tokens,
+                    gossip=config.gossip,
+                ),
+            )
+            self.state.peers = self._peers
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         async with anyio.create_task_group() as tg:
-            api_port = await tg.start(serve_http, build_api(self.state), cfg.host, cfg.api_port)
-            console_port = await tg.start(serve_http, build_console(self.state), cfg.host, cfg.console_port)
+            if self.mesh is not None:
+                await tg.start(self.mesh.run)
+            api = build_api(self.state, self.mesh)
+            if self.mesh is not None:
+                self.mesh.api_app = api
+            api_port = await tg.start(serve_http, api, cfg.host, cfg.api_port)
+            console_port = await tg.start(serve_http, build_console(self.state, self), cfg.host, cfg.console_port)
             self.state.set_info(
                 api_url=f"http://{_display_host(cfg.host)}:{api_port}/v1",
                 console_url=f"http://{_display_host(cfg.host)}:{console_port}",
@@ -86,7 +126,13 @@ class Node:
                 self.state.console_url,
                 _describe_hw(self.hardware),
             )
+            if self.mesh is not None:
+                # The invite token alone on its own line of stdout: easy to copy, easy to script.
+                print(self.mesh.invite_token(), flush=True)
+                log.info("invite token printed above: `mesh-llm --join TOKEN` adds a machine")
             task_status.started()
+            if cfg.client or (cfg.joins and not cfg.models):
+                await anyio.sleep_forever()
             if not cfg.models:
                 log.info(
                     "no model given: serving the console only. Next: `mesh-llm --model SmolLM2-135M-Instruct` "
@@ -94,7 +140,7 @@ class Node:
                 )
                 await anyio.sleep_forever()
             for spec in cfg.models:
-                tg.start_soon(self._serve_model, spec)
+                tg.start_soon(self._model_task, spec)
             await self._build_llama()
             await anyio.sleep_forever()
 
@@ -113,10 +159,45 @@ class Node:
         log.info("llama.cpp %s (%s) in %s", llama.version, llama.backend, llama.bin_dir)
         self._llama_ready.set()
 
-    async def _serve_model(self, spec: str) -> None:
+    async def _model_task(self, spec: str) -> None:
+        with anyio.CancelScope() as scope:
+            await self._serve_model(spec, scope)
+
+    def drop(self, requested: str) -> str:
+        """Stop serving a model (its llama-server is terminated); returns its name."""
+        status = self.state.find_model(requested)
+        if status is None:
+            raise ConfigError(f"this node does not serve {requested!r}; it serves {self.state.served_names()}")
+        if (scope := self._model_scopes.pop(status.name, None)) is not None:
+            scope.cancel()
+        self.state.update_model(status.name, state="stopped", detail="dropped", upstream=None, pid=None)
+        log.info("dropped %s", status.name)
+        return status.name
+
+    def rotate_key(self) -> str:
+        if self.mesh is None:
+            raise ConfigError("this node is in no mesh")
+        return self.mesh.rotate()
+
+    def _peers(self) -> list[dict[str, object]]:
+        assert self.mesh is not None
+        return [
+            {
+                "node_id": r.node_id,
+                "name": r.name,
+                "role": r.role,
+                "addresses": list(r.addresses),
+                "models": [m.name for m in r.models_served],
+                "self": r.node_id == self.identity.node_id,
+            }
+            for r in self.mesh.members()
+        ]
+
+    async def _serve_model(self, spec: str, scope: anyio.CancelScope) -> None:
         name = spec
         try:
             name = models.request_name(models.parse_spec(spec))
+            self._model_scopes[name] = scope
             self.state.update_model(name, state="downloading", detail=f"resolving {spec}")
 
             def progress(label: str, done: int, total: int | None) -> None:
@@ -184,3 +265,19 @@ def _display_host(host: str) -> str:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _mesh_config(home: Path, tokens: tuple[InviteToken, ...]) -> MeshConfig:
+    """The mesh this node belongs to: the one a token names, else the one it created before, else a new one."""
+    existing = meshfile.load(home)
+    if tokens:
+        joined = meshfile.from_token(tokens[0])
+        if existing is not None and existing.mesh_id == joined.mesh_id and existing.epoch >= joined.epoch:
+            return existing
+        meshfile.save(home, joined)
+        return joined
+    if existing is None:
+        existing = meshfile.create()
+        meshfile.save(home, existing)
+        log.info("created mesh %s", existing.mesh_id_hex[:8])
+    return existing

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -56,6 +56,9 @@ class NodeState:
     hardware: dict[str, Any] = field(default_factory=dict)
     models: dict[str, ModelStatus] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    invite_token: str | None = None
+    mesh_id: str | None = None
+    peers: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
 
     def update_model(self, name: str, **changes: Any) -> ModelStatus:
@@ -94,6 +97,9 @@ class NodeState:
             "llama_cpp": self.llama_cpp,
             "hardware": self.hardware,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "mesh_id": self.mesh_id,
+            "invite_token": self.invite_token,
+            "peers": self.peers(),
             "models": [m.public() for m in self.models.values()],
         }
 

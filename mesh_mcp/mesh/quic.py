@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from inference.errors import AuthError, ProtocolError
+from inference.errors import AuthError, ConfigError, ProtocolError
 
 from ..identity import Identity
 from . import handshake as hs
@@ -224,13 +224,20 @@ class MeshTransport:
 
         return factory
 
-    async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._server = await serve(
-            self.host, self.port, configuration=self._config(False), create_protocol=self._make_protocol(False)
-        )
+    async def start(self) -> int:
+        """Listen; returns the UDP port. Pair with `close()` (or use `run`)."""
+        try:
+            self._server = await serve(
+                self.host, self.port, configuration=self._config(False), create_protocol=self._make_protocol(False)
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for the mesh on UDP {self.host}:{self.port}: {exc.strerror}") from exc
         assert self._server._transport is not None
         self.port = self._server._transport.get_extra_info("sockname")[1]
-        task_status.started(self.port)
+        return self.port
+
+    async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(await self.start())
         try:
             await anyio.sleep_forever()
         finally:
