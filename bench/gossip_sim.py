@@ -30,10 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing, decode, encode  # noqa: E402
-from mesh_mcp.mesh.records import ServedModel, unsigned  # noqa: E402
+from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing, decode, encode
+from mesh_mcp.mesh.records import ServedModel, unsigned
 
 T0 = 1_750_000_000.0  # simulated wall clock at the start
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
@@ -65,6 +65,7 @@ class Sim:
     seq: int = 0
     messages: int = 0
     false_deaths: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -102,6 +103,8 @@ class Sim:
     def send(self, src: SimNode, out: Outgoing) -> None:
         data = encode(out.message)
         src.sent += len(data)
+        kind = out.message["type"]
+        self.by_type[kind] = self.by_type.get(kind, 0) + len(data)
         self.messages += 1
         dst = self.by_id.get(out.peer)
         if dst is None or self.rng.random() < self.loss:
@@ -164,6 +167,7 @@ class Sim:
     def reset_traffic(self) -> None:
         for node in self.nodes:
             node.sent = node.received = 0
+        self.by_type = {}
 
 
 def gossip_of(node: SimNode) -> Gossip:
@@ -209,12 +213,15 @@ def scenario(n: int, seed: int, latency: tuple[float, float], loss: float, confi
     sim.run_until(sim.now + 2.0)
     changer = sim.nodes[n // 2]
     new = gossip_of(changer).update_self(sim.now, in_flight=3)
-    res["update_s"] = until_all(sim, lambda g: (r := g.record(new.node_id)) is not None and r.version >= new.version, 30)
+    res["update_s"] = until_all(
+        sim, lambda g: (r := g.record(new.node_id)) is not None and r.version >= new.version, 30
+    )
     sim.run_until(t_start + window)
     per_node = [(x.sent + x.received) / window for x in sim.nodes]
     res["bytes_mean"] = statistics.fmean(per_node)
     res["bytes_max"] = max(per_node)
     res["false_deaths"] = sim.false_deaths
+    res["by_type"] = {k: v / window / n for k, v in sim.by_type.items()}
 
     # (c) crash without leave
     victim = sim.nodes[n // 3]

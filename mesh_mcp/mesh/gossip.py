@@ -7,42 +7,45 @@ liveness timers use differences of it.
 
 State. For every member: its latest signed `NodeRecord` (ordered by `records.supersedes`), its
 heartbeat (a counter its origin advances every `heartbeat_period`; merged by max), and the local
-time either last advanced. Every change goes through `_merge_record` / `_merge_heartbeat` (the
+time either last advanced. Every change goes through `_merge_record` / `_merge_heartbeats` (the
 reducer): max-merges over total orders, so delivering the same records and heartbeats in any
 order, any number of times, gives the same state. A member whose heartbeat has not advanced for
 `fail_after` is dead; a signed `leaving` record makes it left at once. Dead and left members stay
 as tombstones for `tombstone_s`, so stale gossip cannot bring them back: only a higher heartbeat
 (dead ones) or a higher record version (a restart) does.
 
-Protocol (version `PROTOCOL`; each round a node opens one exchange with `fanout` random members):
+Protocol (version `PROTOCOL`). Each round a node opens an exchange with `fanout` random members:
 
-    A → B  syn    {full, pull, digest, hb}    digest: (node id, version) rows, hb: (node id, heartbeat)
-    B → A  ack    {hb, records, wants, more}  records B has newer than A's digest, B's new records
-                                              A did not list, (full) every member A did not list;
-                                              wants: ids A listed newer than B's
-    A → B  delta  {records}                   what B wanted
+    A → B  syn    {full, pull, digest, hb}
+    B → A  ack    {hb, digest, records, wants, more}
+    A → B  delta  {records, wants}        only if B wanted something or A wants something back
+    B → A  delta  {records, wants: []}    only if A wanted something
 
-Only what is new travels: `hb` carries the heartbeats that advanced here in the last `hot_s` (and
-our own), minus those the syn shows the peer already has; `digest` carries our own version and
-the records that changed here in the last `rumor_s`. Every `full_sync_s` a syn carries the full
-digest instead, which repairs whatever the rumours missed. Rows are packed binary (12 or 16 bytes
-before base64), so a heartbeat costs 16 bytes on the wire. In a large mesh each origin beats less
-often (`heartbeat_period`: the mesh's heartbeats are capped at `heartbeats_per_s`), which caps the
-traffic per node, and `fail_after` grows with the time a heartbeat needs to cross the mesh.
+`digest` rows are (node id, version), `hb` rows (node id, heartbeat), packed binary (16 and 12
+bytes before base64). A syn's digest lists our own version and the records that changed here in
+the last `rumor_s`; B answers with the records it has newer, wants the ones A has newer, and lists
+its own recent changes that A did not, for A to want. Only what is new travels: `hb` carries the
+heartbeats that advanced here in the last `hot_s` (B leaves out those A's syn showed A has), so a
+heartbeat costs 16 bytes on the wire. Every `full_sync_s` a syn's digest lists every member,
+which repairs whatever the rumours missed; a node that joins does this with its first peer and
+then until nothing was left out (`more`). In a large mesh each origin beats less often
+(`heartbeat_period`: the mesh's heartbeats are capped at `heartbeats_per_s`), which caps traffic
+per node, and `fail_after` grows with the time a heartbeat needs to cross the mesh.
 
 Clients (role "client") are not members: nobody stores their records or gossips with them. A
-client's tick sends a `pull` syn to one member, which answers it like any syn without merging
-anything from it; a client never relays.
+client's tick sends a `pull` syn to one member, which answers without merging anything from it;
+a client wants records but never sends any, and never relays.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import random
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -66,16 +69,18 @@ from .records import (
 
 PROTOCOL = 1
 MAX_MESSAGE_BYTES = 1 << 20
-MAX_ROWS = 8192  # rows per digest or heartbeat list (and so the largest mesh a full digest covers)
+MAX_ROWS = 8192  # rows per digest or heartbeat list (so the largest mesh one full digest covers)
 MAX_RECORDS = 512  # records per message
 RECORD_BUDGET = 640 * 1024  # encoded record bytes one outgoing message may carry
 MAX_ORPHANS = MAX_ROWS  # heartbeats kept for ids whose record has not arrived yet
 U32_MAX = (1 << 32) - 1
 _HB = struct.Struct(">8sI")  # node id (8 raw bytes), heartbeat
 _DIGEST = struct.Struct(">8sQ")  # node id, record version
-_SYN_KEYS = frozenset({"v", "type", "full", "pull", "digest", "hb"})
-_ACK_KEYS = frozenset({"v", "type", "hb", "records", "wants", "more"})
-_DELTA_KEYS = frozenset({"v", "type", "records"})
+_KEYS = {
+    "syn": frozenset({"v", "type", "full", "pull", "digest", "hb"}),
+    "ack": frozenset({"v", "type", "hb", "digest", "records", "wants", "more"}),
+    "delta": frozenset({"v", "type", "records", "wants"}),
+}
 
 Status = Literal["alive", "dead", "left"]
 
@@ -115,7 +120,7 @@ class GossipConfig:
 @dataclass(frozen=True)
 class Outgoing:
     peer: str  # node id
-    message: dict[str, Any]  # JSON-serializable; shared between outgoing copies: do not mutate
+    message: dict[str, Any]  # JSON-serializable; may be shared between outgoing copies: do not mutate
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ class Syn:
 @dataclass(frozen=True)
 class Ack:
     heartbeats: bytes
+    digest: bytes  # the responder's recent changes the syn did not list
     records: tuple[NodeRecord, ...]
     wants: tuple[str, ...]
     more: bool  # records were left out: the next round should be a full sync
@@ -154,6 +160,7 @@ class Ack:
 @dataclass(frozen=True)
 class Delta:
     records: tuple[NodeRecord, ...]
+    wants: tuple[str, ...] = ()
 
 
 Message = Syn | Ack | Delta
@@ -174,22 +181,26 @@ def message_to_wire(msg: Message) -> dict[str, Any]:
             "v": PROTOCOL,
             "type": "ack",
             "hb": b64(msg.heartbeats),
+            "digest": b64(msg.digest),
             "records": [_wire(r) for r in msg.records],
             "wants": list(msg.wants),
             "more": msg.more,
         }
-    return {"v": PROTOCOL, "type": "delta", "records": [_wire(r) for r in msg.records]}
+    return {"v": PROTOCOL, "type": "delta", "records": [_wire(r) for r in msg.records], "wants": list(msg.wants)}
 
 
-def parse_message(obj: object) -> Message:
-    """A gossip message from its wire form, strictly: ProtocolError for anything unexpected
-    (signatures are checked when records are merged)."""
+def parse_message(obj: object, known: Callable[[str], NodeRecord | None] | None = None) -> Message:
+    """A gossip message from its wire form, strictly: ProtocolError for anything unexpected.
+
+    Signatures are not checked here (`Gossip` verifies a record before merging it). `known` looks
+    up records already held: a record whose wire form is identical is reused, not parsed again."""
     if not isinstance(obj, dict):
         raise ProtocolError("a gossip message must be an object")
-    if obj.get("v") != PROTOCOL or type(obj.get("v")) is not int:
-        raise ProtocolError(f"gossip protocol {obj.get('v')!r} is not supported (this node speaks {PROTOCOL})")
+    version = obj.get("v")
+    if type(version) is not int or version != PROTOCOL:
+        raise ProtocolError(f"gossip protocol {version!r:.20} is not supported (this node speaks {PROTOCOL})")
     kind = obj.get("type")
-    expected = {"syn": _SYN_KEYS, "ack": _ACK_KEYS, "delta": _DELTA_KEYS}.get(kind) if isinstance(kind, str) else None
+    expected = _KEYS.get(kind) if isinstance(kind, str) else None
     if expected is None:
         raise ProtocolError(f"unknown gossip message type {kind!r:.40}")
     if obj.keys() != expected:
@@ -204,13 +215,19 @@ def parse_message(obj: object) -> Message:
     records = obj["records"]
     if not isinstance(records, list) or len(records) > MAX_RECORDS:
         raise ProtocolError(f"gossip {kind}: records must be a list of at most {MAX_RECORDS}")
-    parsed = tuple(from_wire(r) for r in records)
-    if kind == "delta":
-        return Delta(records=parsed)
+    parsed = tuple(_record(r, known) for r in records)
     wants = obj["wants"]
     if not isinstance(wants, list) or len(wants) > MAX_ROWS or not all(is_node_id(w) for w in wants):
-        raise ProtocolError(f"gossip ack: wants must be a list of at most {MAX_ROWS} node ids")
-    return Ack(heartbeats=_rows(obj, "hb", _HB), records=parsed, wants=tuple(wants), more=_flag(obj, "more"))
+        raise ProtocolError(f"gossip {kind}: wants must be a list of at most {MAX_ROWS} node ids")
+    if kind == "delta":
+        return Delta(records=parsed, wants=tuple(wants))
+    return Ack(
+        heartbeats=_rows(obj, "hb", _HB),
+        digest=_rows(obj, "digest", _DIGEST),
+        records=parsed,
+        wants=tuple(wants),
+        more=_flag(obj, "more"),
+    )
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -231,6 +248,14 @@ def decode(data: bytes) -> dict[str, Any]:
     return obj
 
 
+def _record(obj: object, known: Callable[[str], NodeRecord | None] | None) -> NodeRecord:
+    if known is not None and type(obj) is dict and type(obj.get("node_id")) is str:
+        have = known(obj["node_id"])
+        if have is not None and _wire(have) == obj:
+            return have
+    return from_wire(obj)
+
+
 def _flag(obj: dict[str, Any], key: str) -> bool:
     value = obj[key]
     if not isinstance(value, bool):
@@ -245,13 +270,8 @@ def _rows(obj: dict[str, Any], key: str, row: struct.Struct) -> bytes:
     return data
 
 
-def _pack(row: struct.Struct, items: Iterable[tuple[str, int]]) -> bytes:
-    return b"".join(row.pack(bytes.fromhex(nid), value) for nid, value in items)
-
-
-def _unpack(row: struct.Struct, data: bytes) -> Iterator[tuple[str, int]]:
-    for raw, value in row.iter_unpack(data):
-        yield raw.hex(), value
+def _pack(row: struct.Struct, items: Iterable[tuple[bytes, int]]) -> bytes:
+    return b"".join(itertools.starmap(row.pack, items))
 
 
 @functools.lru_cache(maxsize=16384)
@@ -265,11 +285,18 @@ def _wire_size(record: NodeRecord) -> int:
     return len(encode(_wire(record))) + 1
 
 
+def _raw(node_id: str) -> bytes | None:
+    """The 8 bytes a node id names inside this module (rows and dict keys), None if not a node id."""
+    return bytes.fromhex(node_id) if is_node_id(node_id) else None
+
+
 # ---------------------------------------------------------------------------------- the state
 
 
 class Gossip:
-    """One node's view of the mesh, and the protocol that keeps it converging (see module doc)."""
+    """One node's view of the mesh, and the protocol that keeps it converging (see module doc).
+
+    Inside, members are keyed by the 8 raw bytes of their node id (as in the packed rows)."""
 
     def __init__(
         self, me: NodeRecord, private_key: Ed25519PrivateKey, config: GossipConfig, rng: random.Random, now: float
@@ -281,17 +308,18 @@ class Gossip:
         self._rng = rng
         self._client = me.role == "client"
         self._me = sign(replace(me, version=next_version(me.version, now), leaving=False), private_key)
+        self._my_raw = bytes.fromhex(self._me.node_id)
         self._my_hb = min(max(int(now), 0), U32_MAX)
         self._next_beat = now
         self._next_full = now + rng.uniform(0, config.full_sync_s)
         self._want_full = False
         self._left = False
-        self._records: dict[str, NodeRecord] = {}  # other members, alive or tombstoned
-        self._hb: dict[str, int] = {}  # heartbeats (also of orphans: ids whose record is still to come)
-        self._orphans: dict[str, float] = {}
-        self._seen: dict[str, float] = {}  # alive members → local time of their last advance, oldest first
-        self._changed: dict[str, float] = {self._me.node_id: now}  # version learned at, oldest first
-        self._down: dict[str, tuple[Status, float]] = {}  # tombstones: "dead" | "left", since
+        self._records: dict[bytes, NodeRecord] = {}  # other members, alive or tombstoned
+        self._hb: dict[bytes, int] = {}  # heartbeats (also of orphans: ids whose record is still to come)
+        self._orphans: dict[bytes, float] = {}
+        self._seen: dict[bytes, float] = {}  # alive members → local time of their last advance, oldest first
+        self._changed: dict[bytes, float] = {self._my_raw: now}  # record version learned at, oldest first
+        self._down: dict[bytes, tuple[Status, float]] = {}  # tombstones: "dead" | "left", since
         self._events: list[MembershipEvent] = []
 
     # ------------------------------------------------------------------------------ queries
@@ -306,8 +334,8 @@ class Gossip:
 
     def alive(self, now: float) -> list[NodeRecord]:
         """The members routing may use, this node included (until it leaves), by node id."""
-        cutoff = now - self._config.fail_after(len(self._seen) + 1)
-        out = [self._records[nid] for nid, t in self._seen.items() if t > cutoff]
+        cutoff = now - self._fail_after()
+        out = [self._records[raw] for raw, t in self._seen.items() if t > cutoff]
         if not self._left:
             out.append(self._me)
         return sorted(out, key=lambda r: r.node_id)
@@ -315,22 +343,25 @@ class Gossip:
     def is_alive(self, node_id: str, now: float) -> bool:
         if node_id == self._me.node_id:
             return not self._left
-        t = self._seen.get(node_id)
-        return t is not None and now - t < self._config.fail_after(len(self._seen) + 1)
+        raw = _raw(node_id)
+        t = self._seen.get(raw) if raw is not None else None
+        return t is not None and now - t < self._fail_after()
 
     def record(self, node_id: str) -> NodeRecord | None:
         """The latest record known for `node_id`, alive or tombstoned."""
-        return self._me if node_id == self._me.node_id else self._records.get(node_id)
+        if node_id == self._me.node_id:
+            return self._me
+        raw = _raw(node_id)
+        return self._records.get(raw) if raw is not None else None
 
     def members(self, now: float) -> list[Member]:
         """Every member known, tombstones included, with its status (for the console and tests)."""
         out = [Member(self._me, self._my_hb, "left" if self._left else "alive")]
-        for nid, rec in self._records.items():
-            if nid in self._down:
-                status: Status = self._down[nid][0]
-            else:
-                status = "alive" if self.is_alive(nid, now) else "dead"
-            out.append(Member(rec, self._hb.get(nid, 0), status))
+        cutoff = now - self._fail_after()
+        for raw, rec in self._records.items():
+            down = self._down.get(raw)
+            status: Status = down[0] if down else ("alive" if self._seen[raw] > cutoff else "dead")
+            out.append(Member(rec, self._hb[raw], status))
         return sorted(out, key=lambda m: m.record.node_id)
 
     def drain_events(self) -> list[MembershipEvent]:
@@ -344,29 +375,28 @@ class Gossip:
         if self._left:
             return []
         self._expire(now)
-        members = len(self._seen) + 1
         if now >= self._next_beat and not self._client:
             self._my_hb = min(self._my_hb + 1, U32_MAX)
-            self._next_beat = now + self._config.heartbeat_period(members)
+            self._next_beat = now + self._config.heartbeat_period(len(self._seen) + 1)
         full = self._want_full or now >= self._next_full
         if full:
             self._want_full = False
             self._next_full = now + self._config.full_sync_s
         alive = list(self._seen)
         targets = self._rng.sample(alive, min(self._config.fanout, len(alive)))
-        dead = [nid for nid, (status, _) in self._down.items() if status == "dead"]
+        dead = [raw for raw, (status, _) in self._down.items() if status == "dead"]
         if dead and (full or not targets):
             # Now and then try a dead member: heals partitions and finds restarted peers.
             targets.append(self._rng.choice(dead))
         if not targets:
             return []
         wire = message_to_wire(self._syn(full, now))
-        return [Outgoing(peer, wire) for peer in targets]
+        return [Outgoing(raw.hex(), wire) for raw in targets]
 
     def receive(self, sender: str, message: dict[str, Any], now: float) -> list[Outgoing]:
-        """Handle one message from an authenticated peer. ProtocolError (state unchanged) for
-        anything malformed, oversized, of another version, or carrying a forged record."""
-        msg = parse_message(message)
+        """Handle one message from an authenticated peer. ProtocolError (and the state unchanged)
+        for anything malformed, oversized, of another protocol version, or with a forged record."""
+        msg = parse_message(message, self.record)
         if isinstance(msg, Syn):
             return self._on_syn(sender, msg, now)
         for record in msg.records:
@@ -375,28 +405,29 @@ class Gossip:
             self._merge_heartbeats(msg.heartbeats, now)
         for record in msg.records:
             self._merge_record(record, now)
+        if self._left:
+            return []
         if isinstance(msg, Ack):
-            if msg.more:
-                self._want_full = True
-            if msg.wants and not self._client and not self._left:
-                known = [r for r in map(self.record, msg.wants) if r is not None]
-                if known:
-                    records, _ = self._budget(known)
-                    return [Outgoing(sender, message_to_wire(Delta(records)))]
-        return []
+            self._want_full |= msg.more
+            reply = Delta(self._lookup(msg.wants), self._wanted(msg.digest, now))
+        else:
+            reply = Delta(self._lookup(msg.wants))
+        if not reply.records and not reply.wants:
+            return []
+        return [Outgoing(sender, message_to_wire(reply))]
 
     def add_peer(self, record: NodeRecord, now: float) -> list[Outgoing]:
         """A peer the transport authenticated (its verified record): learn it and, if it is new
         to us, open a full exchange with it at once."""
         verify(record)
-        nid = record.node_id
-        if nid == self._me.node_id or record.role == "client" or self._left:
+        raw = bytes.fromhex(record.node_id)
+        if raw == self._my_raw or record.role == "client" or self._left:
             return []  # clients are not members
-        was_alive = nid in self._seen
+        was_alive = raw in self._seen
         self._merge_record(record, now)
-        if was_alive or nid not in self._seen:
+        if was_alive or raw not in self._seen:
             return []
-        return [Outgoing(nid, message_to_wire(self._syn(True, now)))]
+        return [Outgoing(record.node_id, message_to_wire(self._syn(True, now)))]
 
     def update_self(self, now: float, **changes: Any) -> NodeRecord:
         """Re-sign this node's record with `changes` and a new version; gossip spreads it."""
@@ -409,7 +440,7 @@ class Gossip:
             if key in changes:
                 changes[key] = tuple(changes[key])
         self._me = sign(replace(self._me, **changes, version=next_version(self._me.version, now)), self._key)
-        self._note_changed(self._me.node_id, now)
+        self._note_changed(self._my_raw, now)
         return self._me
 
     def leave(self, now: float) -> list[Outgoing]:
@@ -421,87 +452,103 @@ class Gossip:
         if self._client:
             return []
         wire = message_to_wire(Delta((record,)))
-        return [Outgoing(peer, wire) for peer in self._seen]
+        return [Outgoing(raw.hex(), wire) for raw in self._seen]
 
     # --------------------------------------------------------------------------- exchanges
 
     def _syn(self, full: bool, now: float) -> Syn:
-        me = self._me
         if self._client:
             # A client relays nothing: its digest only says what it already has (on full pulls).
-            rows = [(nid, r.version) for nid, r in self._records.items()] if full else []
+            rows = [(raw, r.version) for raw, r in self._records.items()] if full else []
             return Syn(full=full, pull=True, digest=_pack(_DIGEST, rows), heartbeats=b"")
-        if full:
-            listed = {nid: self._records[nid].version for nid in self._seen}
-            listed.update((nid, self._version(nid)) for nid in self._recent(self._changed, now, self._config.rumor_s))
-        else:
-            listed = {nid: self._version(nid) for nid in self._recent(self._changed, now, self._config.rumor_s)}
-        listed[me.node_id] = me.version
-        hb = [(me.node_id, self._my_hb), *self._hot(now, {})]
+        listed = {raw: self._records[raw].version for raw in self._seen} if full else {}
+        for raw in self._recent(self._changed, now - self._config.rumor_s):
+            listed[raw] = self._version(raw)
+        listed[self._my_raw] = self._me.version
+        rows = [(self._my_raw, self._my_hb), *self._hot(now, {})]
         return Syn(
             full=full,
             pull=False,
             digest=_pack(_DIGEST, list(listed.items())[:MAX_ROWS]),
-            heartbeats=_pack(_HB, hb[: self._config.max_hot_rows]),
+            heartbeats=_pack(_HB, rows[: self._config.max_hot_rows]),
         )
 
     def _on_syn(self, sender: str, syn: Syn, now: float) -> list[Outgoing]:
         if self._client or self._left:
             return []  # nobody gossips with clients; a leaving node answers no more
-        my_id = self._me.node_id
-        theirs_hb: dict[str, int] = {}
+        theirs_hb: dict[bytes, int] = {}
         if not syn.pull:
-            theirs_hb = dict(_unpack(_HB, syn.heartbeats))
+            theirs_hb = dict(_HB.iter_unpack(syn.heartbeats))
             self._merge_heartbeats(syn.heartbeats, now)
-        theirs = dict(_unpack(_DIGEST, syn.digest))
-        send: dict[str, NodeRecord] = {}
+        theirs = dict(_DIGEST.iter_unpack(syn.digest))
+        send: dict[bytes, NodeRecord] = {}
         wants: list[str] = []
-        for nid, version in theirs.items():
-            if nid == my_id:
-                if version > self._me.version:  # our previous incarnation's record is still around
-                    self._bump_version(version, now)
-                elif version < self._me.version:
-                    send[nid] = self._me
-                continue
-            known = self._records.get(nid)
-            if known is None or version > known.version:
-                if not syn.pull:
-                    wants.append(nid)
-            elif version < known.version:
-                send[nid] = known
-        for nid in self._recent(self._changed, now, self._config.rumor_s):
-            if nid not in theirs and nid not in send:
-                send[nid] = self._me if nid == my_id else self._records[nid]
+        for raw, version in theirs.items():
+            mine = self._me if raw == self._my_raw else self._records.get(raw)
+            if mine is None or version > mine.version:
+                if raw == self._my_raw:
+                    self._bump_version(version, now)  # our previous incarnation's record is still around
+                elif not syn.pull:
+                    wants.append(raw.hex())
+            elif version < mine.version:
+                send[raw] = mine
         if syn.full:
-            if my_id not in theirs:
-                send[my_id] = self._me
-            for nid in self._seen:
-                if nid not in theirs and nid not in send:
-                    send[nid] = self._records[nid]
-        records, more = self._budget(list(send.values()))
-        own = [] if theirs_hb.get(my_id, -1) >= self._my_hb else [(my_id, self._my_hb)]
-        hb = [*own, *self._hot(now, theirs_hb)][: self._config.max_hot_rows]
-        ack = Ack(heartbeats=_pack(_HB, hb), records=records, wants=tuple(wants[:MAX_ROWS]), more=more)
+            for raw in (self._my_raw, *self._seen):
+                if raw not in theirs:
+                    send[raw] = self._me if raw == self._my_raw else self._records[raw]
+        digest = [
+            (raw, self._version(raw))
+            for raw in (self._my_raw, *self._recent(self._changed, now - self._config.rumor_s))
+            if raw not in send and theirs.get(raw, -1) < self._version(raw)
+        ]
+        records, more = self._budget(send.values())
+        mine_hb = [] if theirs_hb.get(self._my_raw, -1) >= self._my_hb else [(self._my_raw, self._my_hb)]
+        hb = [*mine_hb, *self._hot(now, theirs_hb)][: self._config.max_hot_rows]
+        ack = Ack(
+            heartbeats=_pack(_HB, hb),
+            digest=_pack(_DIGEST, dict(digest).items()),
+            records=records,
+            wants=tuple(wants[:MAX_ROWS]),
+            more=more,
+        )
         return [Outgoing(sender, message_to_wire(ack))]
 
-    def _hot(self, now: float, skip: dict[str, int]) -> Iterator[tuple[str, int]]:
+    def _wanted(self, digest: bytes, now: float) -> tuple[str, ...]:
+        """The ids in a peer's digest of which it has a newer record than ours."""
+        wants = []
+        for raw, version in _DIGEST.iter_unpack(digest):
+            if raw == self._my_raw:
+                if version > self._me.version:
+                    self._bump_version(version, now)
+                continue
+            known = self._records.get(raw)
+            if known is None or version > known.version:
+                wants.append(raw.hex())
+        return tuple(wants)
+
+    def _lookup(self, wants: tuple[str, ...]) -> tuple[NodeRecord, ...]:
+        """The records a peer wanted that we hold (a client hands out none: it never relays)."""
+        if self._client:
+            return ()
+        return self._budget(r for r in map(self.record, wants) if r is not None)[0]
+
+    def _hot(self, now: float, skip: dict[bytes, int]) -> list[tuple[bytes, int]]:
         """(id, heartbeat) of the members that advanced within hot_s, newest first, except those the
         peer already has (`skip`)."""
         hb = self._hb
-        for nid in self._recent(self._seen, now, self._config.hot_s):
-            value = hb[nid]
-            if skip.get(nid, -1) < value:
-                yield nid, value
+        return [(raw, hb[raw]) for raw in self._recent(self._seen, now - self._config.hot_s) if skip.get(raw, -1) < hb[raw]]
 
     @staticmethod
-    def _recent(times: dict[str, float], now: float, window: float) -> Iterator[str]:
-        cutoff = now - window
-        for nid, t in reversed(times.items()):
+    def _recent(times: dict[bytes, float], cutoff: float) -> list[bytes]:
+        out = []
+        for raw, t in reversed(times.items()):
             if t < cutoff:
-                return
-            yield nid
+                break
+            out.append(raw)
+        return out
 
-    def _budget(self, records: list[NodeRecord]) -> tuple[tuple[NodeRecord, ...], bool]:
+    @staticmethod
+    def _budget(records: Iterable[NodeRecord]) -> tuple[tuple[NodeRecord, ...], bool]:
         """As many records as one message may carry, and whether some were left out."""
         out: list[NodeRecord] = []
         size = 0
@@ -515,96 +562,96 @@ class Gossip:
     # ----------------------------------------------------------------------------- reducer
 
     def _check(self, record: NodeRecord) -> None:
-        """Verify a received record unless it is exactly one we hold (already verified)."""
-        if record != self._records.get(record.node_id) and record != self._me:
+        """Verify a received record unless it is one we hold (already verified)."""
+        if record != self.record(record.node_id):
             verify(record)
 
     def _merge_record(self, record: NodeRecord, now: float) -> None:
-        """The reducer for records (verified): keep the greatest per origin, in `supersedes` order."""
-        nid = record.node_id
-        if nid == self._me.node_id:
+        """The reducer for (verified) records: keep the greatest per origin, in `supersedes` order."""
+        raw = bytes.fromhex(record.node_id)
+        if raw == self._my_raw:
             if supersedes(record, self._me):
                 self._bump_version(record.version, now)
             return
         if record.role == "client":
             return  # clients are not members
-        old = self._records.get(nid)
-        if not supersedes(record, old):
+        if not supersedes(record, self._records.get(raw)):
             return
-        self._records[nid] = record
-        self._hb.setdefault(nid, 0)
-        self._orphans.pop(nid, None)
-        self._note_changed(nid, now)
-        was_alive = self._seen.pop(nid, None) is not None
+        self._records[raw] = record
+        self._hb.setdefault(raw, 0)
+        self._orphans.pop(raw, None)
+        self._note_changed(raw, now)
+        was_alive = self._seen.pop(raw, None) is not None
         if record.leaving:
             if was_alive:
-                self._events.append(MembershipEvent("left", nid, record))
-            self._down[nid] = ("left", now)
+                self._events.append(MembershipEvent("left", record.node_id, record))
+            self._down[raw] = ("left", now)
             return
-        self._down.pop(nid, None)
-        self._seen[nid] = now
-        self._events.append(MembershipEvent("updated" if was_alive else "joined", nid, record))
+        self._down.pop(raw, None)
+        self._seen[raw] = now
+        self._events.append(MembershipEvent("updated" if was_alive else "joined", record.node_id, record))
 
     def _merge_heartbeats(self, rows: bytes, now: float) -> None:
         """The reducer for heartbeats: max per origin; an advance is a sign of life."""
-        hb, seen, records, my_id = self._hb, self._seen, self._records, self._me.node_id
+        hb, seen, records, down, my_raw = self._hb, self._seen, self._records, self._down, self._my_raw
         for raw, value in _HB.iter_unpack(rows):
-            nid = raw.hex()
-            current = hb.get(nid)
+            current = hb.get(raw)
             if current is not None and value <= current:
                 continue
-            if nid == my_id:
+            if raw == my_raw:
                 if value >= self._my_hb:  # our previous incarnation beat this far
                     self._my_hb = min(value + 1, U32_MAX)
                 continue
-            if nid not in records:
+            if raw not in records:
                 if current is None and len(self._orphans) >= MAX_ORPHANS:
                     continue
-                self._orphans.setdefault(nid, now)
-                hb[nid] = value
+                self._orphans.setdefault(raw, now)
+                hb[raw] = value
                 continue
-            hb[nid] = value
-            down = self._down.get(nid)
-            if down is not None:
-                if down[0] == "left":
+            hb[raw] = value
+            if raw in down:
+                if down[raw][0] == "left":
                     continue  # only a new version brings back a member that left
-                del self._down[nid]
-                self._events.append(MembershipEvent("joined", nid, records[nid]))
-            seen.pop(nid, None)
-            seen[nid] = now
+                del down[raw]
+                self._events.append(MembershipEvent("joined", raw.hex(), records[raw]))
+            seen.pop(raw, None)
+            seen[raw] = now
 
     def _bump_version(self, above: int, now: float) -> None:
         self._me = sign(replace(self._me, version=next_version(max(above, self._me.version), now)), self._key)
-        self._note_changed(self._me.node_id, now)
+        self._note_changed(self._my_raw, now)
 
-    def _note_changed(self, nid: str, now: float) -> None:
-        self._changed.pop(nid, None)
-        self._changed[nid] = now
+    def _note_changed(self, raw: bytes, now: float) -> None:
+        self._changed.pop(raw, None)
+        self._changed[raw] = now
 
-    def _version(self, nid: str) -> int:
-        return self._me.version if nid == self._me.node_id else self._records[nid].version
+    def _version(self, raw: bytes) -> int:
+        return self._me.version if raw == self._my_raw else self._records[raw].version
+
+    def _fail_after(self) -> float:
+        return self._config.fail_after(len(self._seen) + 1)
 
     def _expire(self, now: float) -> None:
         """Members whose heartbeat stalled become dead; old tombstones and orphans are forgotten."""
-        cutoff = now - self._config.fail_after(len(self._seen) + 1)
+        cutoff = now - self._fail_after()
         stalled = []
-        for nid, t in self._seen.items():
+        for raw, t in self._seen.items():
             if t > cutoff:
                 break
-            stalled.append(nid)
-        for nid in stalled:
-            del self._seen[nid]
-            self._down[nid] = ("dead", now)
-            self._events.append(MembershipEvent("died", nid, self._records[nid]))
+            stalled.append(raw)
+        for raw in stalled:
+            del self._seen[raw]
+            self._down[raw] = ("dead", now)
+            self._events.append(MembershipEvent("died", raw.hex(), self._records[raw]))
         forget = now - self._config.tombstone_s
-        for nid in [n for n, (_, since) in self._down.items() if since < forget]:
-            del self._down[nid], self._records[nid], self._hb[nid]
-            self._changed.pop(nid, None)
-        for nid in [n for n, t in self._orphans.items() if t < forget]:
-            del self._orphans[nid], self._hb[nid]
-        rumor = now - max(self._config.rumor_s, self._config.hot_s)
+        for raw in [r for r, (_, since) in self._down.items() if since < forget]:
+            del self._down[raw], self._records[raw], self._hb[raw]
+            self._changed.pop(raw, None)
+        for raw in [r for r, t in self._orphans.items() if t < forget]:
+            del self._orphans[raw], self._hb[raw]
+        rumor = now - self._config.rumor_s
         while self._changed:
-            nid, t = next(iter(self._changed.items()))
+            raw, t = next(iter(self._changed.items()))
             if t >= rumor:
                 break
-            del self._changed[nid]
+            del self._changed[raw]
