@@ -123,7 +123,9 @@ class LinkProxy:
     def __enter__(self) -> LinkProxy:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # --- the thread ---------------------------------------------------------------------------------
@@ -187,8 +189,9 @@ class LinkProxy:
         now = time.monotonic()
         while self._queue and self._queue[0][0] <= now:
             _, _, via, data, dest = heapq.heappop(self._queue)
+            self.stats.forwarded += 1  # counted first: the receiver may look at once
             try:
                 via.sendto(data, dest)
-                self.stats.forwarded += 1
             except OSError:  # a full buffer or an unreachable port: the datagram is lost, as on a wire
+                self.stats.forwarded -= 1
                 self.stats.dropped += 1

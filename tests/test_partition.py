@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -121,7 +122,7 @@ def test_delay_is_added_each_way(link: LinkProxy, echo: socket.socket, client: s
         bounce(echo)
     assert [client.recv(100) for _ in range(20)] == [b"%d" % i for i in range(20)]
     link.delay_ms = 0
-    assert round_trip(client, echo, link) < 0.1
+    assert min(round_trip(client, echo, link) for _ in range(3)) < 0.1
 
 
 def test_drop_blackholes_both_directions_and_restore_resumes(
@@ -187,7 +188,11 @@ def test_close_stops_the_thread_and_frees_the_port(echo: socket.socket) -> None:
 def udp_ports(pid: int) -> set[int]:
     """Local UDP ports of the sockets process `pid` holds (its fds, looked up in /proc/net/udp*)."""
     inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # it exited
+        return set()
+    for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
@@ -210,15 +215,17 @@ def from_process(node: NodeProcess) -> Callable[[Address], bool]:
     return lambda client: client[1] in udp_ports(pid)
 
 
+@dataclass(frozen=True)
 class Linked:
     """A node and the link in front of it."""
 
-    def __init__(self, node: NodeProcess, link: LinkProxy) -> None:
-        self.node, self.link = node, link
+    node: NodeProcess
+    link: LinkProxy
 
 
 @pytest.fixture
 def links() -> Iterator[list[LinkProxy]]:
+    """Links opened by the test, closed after it (request it before `spawn`: nodes stop first)."""
     opened: list[LinkProxy] = []
     yield opened
     for proxy in opened:
@@ -278,7 +285,7 @@ def chat(node: NodeProcess) -> tuple[float, str]:
 
 
 @pytest.fixture
-def mesh(llama: object, smollm: Path, spawn: Spawn, links: list[LinkProxy]) -> dict[str, Linked]:
+def mesh(llama: object, smollm: Path, links: list[LinkProxy], spawn: Spawn) -> dict[str, Linked]:
     """A serves SMOLLM; B and C join with A's token. Every node behind its own link."""
     a = linked_node(spawn, links, "a", "127.0.0.21", "127.0.0.31", "--model", SMOLLM, *SMALL)
     a.node.wait_model_state(SMOLLM, "serving", timeout=120)
@@ -325,12 +332,15 @@ def test_healed_partition_reconverges(mesh: dict[str, Linked]) -> None:
     while time.monotonic() < deadline:
         assert serving(b.node) == serving(c.node) == set(), "the partition leaked"
         time.sleep(0.2)
-    assert b.node.status()["node_id"] in {p["node_id"] for p in c.node.status()["peers"]}, "B and C still see each other"
+    assert b.link.stats.dropped + c.link.stats.dropped > 0, "A dialled out, and was cut"
+    assert b.node.status()["node_id"] in {p["node_id"] for p in c.node.status()["peers"]}, "B and C see each other"
     # heal
     a.link.drop = False
     b.link.deny = c.link.deny = None
     t1 = time.monotonic()
     healed = wait_serving([b.node, c.node], {SMOLLM}, timeout=10)
     assert chat(c.node)[1]
-    print(f"\nB and C dropped A {dropped:.1f}s after the cut; listed it again {healed:.1f}s after the heal "
-          f"(chat at {time.monotonic() - t1:.1f}s)")
+    print(
+        f"\nB and C dropped A {dropped:.1f}s after the cut; listed it again {healed:.1f}s after the heal "
+        f"(chat at {time.monotonic() - t1:.1f}s)"
+    )
