@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -9,7 +11,9 @@ import httpx2
 import pytest
 
 from mesh_mcp.api import build_api
+from mesh_mcp.directory import RemoteModel
 from mesh_mcp.state import NodeState
+from mesh_mcp.upstream import Response, UpstreamUnavailable
 
 
 def make_node(**models: str) -> NodeState:
@@ -121,3 +125,90 @@ def test_backend_gone_between_check_and_request_is_503() -> None:
     node.update_model("m", upstream="http://127.0.0.1:9")  # nothing listens on the discard port
     r = post(node, CHAT, json={"model": "m", "messages": []})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
+
+
+class TwinDirectory:
+    """An in-memory mesh: remote servers whose `open` fails or answers as told."""
+
+    def __init__(self, answers: dict[str, bytes | None]) -> None:
+        self.answers = answers
+        self.tried: list[str] = []
+
+    def remote_models(self) -> list[RemoteModel]:
+        return [RemoteModel("remote-model", nid, "serving", i) for i, nid in enumerate(self.answers)]
+
+    async def open(
+        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        self.tried.append(node_id)
+        answer = self.answers[node_id]
+        if answer is None:
+            raise UpstreamUnavailable(f"{node_id} is down")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield answer
+
+        return Response(200, [(b"content-type", b"application/json")], chunks())
+
+
+def post_via(node: NodeState, directory: TwinDirectory, body: dict[str, Any]) -> httpx2.Response:
+    async def go() -> httpx2.Response:
+        transport = httpx2.ASGITransport(app=build_api(node, directory))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://node") as c:
+            return await c.post(CHAT, json=body)
+
+    return anyio.run(go)
+
+
+def test_a_server_that_fails_before_answering_is_skipped_for_the_next() -> None:
+    mesh = TwinDirectory({"n-down": None, "n-up": b'{"ok": true}'})
+    r = post_via(make_node(), mesh, {"model": "remote-model", "messages": []})
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert mesh.tried == ["n-down", "n-up"]  # fewest in flight first, then the fallback
+
+
+def test_every_server_down_is_503() -> None:
+    mesh = TwinDirectory({"a": None, "b": None})
+    r = post_via(make_node(), mesh, {"model": "remote-model", "messages": []})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
+
+
+def test_routed_requests_are_never_forwarded_again() -> None:
+    mesh = TwinDirectory({"n1": b"{}"})
+
+    async def go() -> httpx2.Response:
+        transport = httpx2.ASGITransport(app=build_api(make_node(), mesh))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://node") as c:
+            return await c.post(CHAT, json={"model": "remote-model"}, headers={"x-mesh-llm-routed": "1"})
+
+    r = anyio.run(go)
+    assert r.status_code == 404 and mesh.tried == []
+
+
+def test_upstream_failing_mid_stream_ends_the_sse_stream_with_an_error_event() -> None:
+    async def go() -> httpx2.Response:
+        async def broken_llama_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                b'10\r\ndata: {"a": 1}\n\n\r\n'
+            )
+            await writer.drain()
+            writer.close()  # dies mid-stream
+
+        server = await asyncio.start_server(broken_llama_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        node = make_node(m="serving")
+        node.update_model("m", upstream=f"http://127.0.0.1:{port}")
+        try:
+            transport = httpx2.ASGITransport(app=build_api(node))
+            async with httpx2.AsyncClient(transport=transport, base_url="http://node") as c:
+                return await c.post(CHAT, json={"model": "m", "stream": True})
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    r = anyio.run(go)
+    events = [line for line in r.text.split("\n\n") if line]
+    assert events[0] == 'data: {"a": 1}'
+    assert "failed mid-stream" in events[-1] and events[-1].startswith("data: ")
