@@ -15,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import socket
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from anyio.abc import TaskStatus
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -76,6 +78,48 @@ def _raw(public: Any) -> bytes:
     if not isinstance(public, Ed25519PublicKey):
         raise AuthError("peer certificate is not an Ed25519 node key")
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@asynccontextmanager
+async def _dial(
+    host: str, port: int, config: QuicConfiguration, factory: Callable[..., Connection], local_host: str
+) -> AsyncIterator[Connection]:
+    """aioquic's `connect`, but the socket binds the mesh interface (`--mesh-host`) when one is
+    set, so outgoing traffic leaves from the same address the node listens and advertises on."""
+    loop = asyncio.get_running_loop()
+    if local_host in ("0.0.0.0", "::", ""):
+        family = socket.AF_INET6
+        bind: tuple[Any, ...] = ("::", 0, 0, 0)
+        info = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        addr: tuple[Any, ...] = info[0][4]
+        if len(addr) == 2:
+            addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+    else:
+        family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
+        bind = (local_host, 0, 0, 0) if family == socket.AF_INET6 else (local_host, 0)
+        addr = (await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM))[0][4]
+    config.server_name = host
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and local_host in ("0.0.0.0", "::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(bind)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: factory(QuicConnection(configuration=config)), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
+    conn = protocol
+    assert isinstance(conn, Connection)
+    try:
+        conn.connect(addr, transmit=True)
+        yield conn
+    finally:
+        conn.close()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await conn.wait_closed()
+        transport.close()
 
 
 def close_quietly(writer: asyncio.StreamWriter) -> None:
@@ -286,22 +330,18 @@ class MeshTransport:
         """Dial `host:port`, authenticate both ways, return the connection (errors: AuthError, OSError)."""
         host, port = split_address(address)
         stack = AsyncExitStack()
-        cm = connect(
-            host,
-            port,
-            configuration=self._config(True),
-            create_protocol=self._make_protocol(True),
-            wait_connected=False,
-        )
-        conn: Connection = await stack.enter_async_context(cm)  # type: ignore[arg-type]
+        cm = _dial(host, port, self._config(True), self._make_protocol(True), self.host)
+        conn = await stack.enter_async_context(cm)
         conn.remote = address
         conn.exit_stack = stack
         try:
             with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
-                conn.transmit()  # wait_connected=False leaves the Initial packet unsent
                 await conn.wait_connected()
                 await self._client_handshake(conn)
         except BaseException as exc:
+            if (waiter := conn._connected_waiter) is not None:
+                # aioquic fails this future on close; read it so asyncio does not log it as lost.
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
             conn.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await stack.aclose()
