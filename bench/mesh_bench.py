@@ -25,15 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import anyio
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.p1_proxy import MODEL, one_run
-from inference import paths
-from inference.llamacpp import ensure_llama_cpp
-from inference.models import ensure_model
+from bench.p1_proxy import MODEL, one_run, prepare
 from tests.harness import NodeProcess
 
 
@@ -67,9 +63,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-isolate", dest="isolate", action="store_false")
     args = ap.parse_args()
-    anyio.run(ensure_llama_cpp)
-    models_dir = paths.cache_dir() / "test-models"
-    anyio.run(lambda: ensure_model(MODEL, models_dir=models_dir))
+    models_dir = prepare()
     env = {"MESH_LLM_MODELS": str(models_dir)}
     result: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,15 +65,21 @@ def one_run(client: httpx2.Client, base: str, tokens: int) -> tuple[float, float
     return first - t0, delivered, delivered / generated if generated else 0.0
 
 
+def prepare() -> Path:
+    """llama.cpp built and the model fetched (both cached); returns the models directory."""
+    anyio.run(ensure_llama_cpp)
+    models_dir = paths.cache_dir() / "test-models"
+    anyio.run(lambda: ensure_model(MODEL, models_dir=models_dir))
+    return models_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--isolate", action="store_true", help="llama-server 1 thread on CPU 0, Python on CPU 1")
     args = ap.parse_args()
-    anyio.run(ensure_llama_cpp)
-    models_dir = paths.cache_dir() / "test-models"
-    anyio.run(lambda: ensure_model(MODEL, models_dir=models_dir))
+    models_dir = prepare()
     with tempfile.TemporaryDirectory() as home:
         node = NodeProcess(
             home=Path(home),

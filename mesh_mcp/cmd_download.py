@@ -12,20 +12,13 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from inference.catalog import CATALOG, DEFAULT_MODEL, HFSource
 from inference.errors import MeshLLMError
 from inference.models import LocalModel, ensure_model, ensure_with_draft
+
+from .ui import Bars
 
 __all__ = ["catalog_table", "download_command", "list_catalog"]
 
@@ -72,21 +65,6 @@ def list_catalog(width: int = 140) -> str:
     return buffer.getvalue()
 
 
-class _Bars:
-    """One rich progress bar per label, created on a label's first report."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[str, TaskID] = {}
-
-    def __call__(self, label: str, done: int, total: int | None) -> None:
-        task = self.tasks.get(label)
-        if task is None:
-            task = self.progress.add_task(label, total=total)
-            self.tasks[label] = task
-        self.progress.update(task, completed=done, total=total)
-
-
 async def download_command(names: list[str], *, draft: bool, models_dir: Path, console: Console | None = None) -> int:
     """Fetch each model (catalog name, path or URL), with its draft when `draft`; no names lists the catalog.
 
@@ -97,28 +75,20 @@ async def download_command(names: list[str], *, draft: bool, models_dir: Path, c
         out.print(catalog_table())
         out.print("Fetch one with: mesh-llm download NAME [--draft]")
         return 0
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=out,
-        transient=False,
-    )
-    bars = _Bars(progress)
+    bars = Bars(out)
     fetched: list[LocalModel] = []
     try:
-        with progress:
-            for name in names:
-                if draft:
-                    model, draft_model = await ensure_with_draft(name, models_dir=models_dir, on_progress=bars)
-                    fetched.extend([model] if draft_model is None else [model, draft_model])
-                else:
-                    fetched.append(await ensure_model(name, models_dir=models_dir, on_progress=bars))
+        for name in names:
+            if draft:
+                model, draft_model = await ensure_with_draft(name, models_dir=models_dir, on_progress=bars.download)
+                fetched.extend([model] if draft_model is None else [model, draft_model])
+            else:
+                fetched.append(await ensure_model(name, models_dir=models_dir, on_progress=bars.download))
     except MeshLLMError as exc:
+        bars.stop()
         out.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 1
+    bars.stop()
     for model in fetched:
         out.print(f"{model.name}: {model.path}", highlight=False)
     return 0

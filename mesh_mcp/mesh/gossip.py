@@ -599,7 +599,7 @@ class Gossip:
             if current is not None and value <= current:
                 continue
             if raw == my_raw:
-                if value >= self._my_hb:  # our previous incarnation beat this far
+                if value > self._my_hb:  # our previous incarnation beat this far
                     self._my_hb = min(value + 1, U32_MAX)
                 continue
             if raw not in records:
