@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,11 @@ from tests.harness import NodeProcess, pid_alive
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., NodeProcess]
+
+
+def mesh_llm(*args: str) -> subprocess.CompletedProcess[str]:
+    """The `mesh-llm` command as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "mesh_mcp.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def free_udp_port(host: str) -> int:
@@ -171,8 +178,8 @@ def test_drop_stops_serving_everywhere(host: NodeProcess, spawn: Spawn) -> None:
     client.wait_for("up", lambda s: True, timeout=30)
     wait_models(client, {SMOLLM}, timeout=3)
     pid = host.model(host.status(), SMOLLM)["pid"]  # type: ignore[index]
-    r = httpx2.post(host.console + "/api/drop", json={"model": SMOLLM})
-    assert r.status_code == 200, r.text
+    out = mesh_llm("drop", SMOLLM, "--console-port", str(host.console_port))
+    assert out.returncode == 0 and f"{SMOLLM} dropped" in out.stdout, out.stderr
     wait_models(client, set(), timeout=5)
     assert model_ids(host) == []
     deadline = time.monotonic() + 10
@@ -262,9 +269,9 @@ def test_rotate_key_stops_old_tokens_and_keeps_members(host: NodeProcess, spawn:
     member = mesh_node(spawn, "b", "127.0.0.3", "--client", "--join", old)
     member.wait_for("up", lambda s: True, timeout=30)
     wait_models(member, {SMOLLM}, timeout=3)
-    r = httpx2.post(host.console + "/api/rotate-key")
-    assert r.status_code == 200
-    new = r.json()["invite_token"]
+    out = mesh_llm("rotate-key", "--console-port", str(host.console_port))
+    assert out.returncode == 0, out.stderr
+    new = out.stdout.strip()
     assert new != old and tokens.decode(new).secret != tokens.decode(old).secret
     # the member got the new secret over the mesh
     member.wait_for("new secret", lambda s: s["invite_token"] and tokens.decode(s["invite_token"]).epoch == 2, 10)
@@ -275,3 +282,8 @@ def test_rotate_key_stops_old_tokens_and_keeps_members(host: NodeProcess, spawn:
     fresh.wait_for("up", lambda s: True, timeout=30)
     wait_models(fresh, {SMOLLM}, timeout=5)
     assert chat(member) and chat(fresh)
+
+
+def test_drop_with_no_node_running_is_a_clear_error() -> None:
+    out = mesh_llm("drop", "x", "--console-port", "9")
+    assert out.returncode == 1 and "no node is running here" in out.stderr
