@@ -85,6 +85,7 @@ class Node:
         self._llama_ready = anyio.Event()
         self.servers: dict[str, LlamaServer] = {}
         self._model_scopes: dict[str, anyio.CancelScope] = {}
+        self.state.models_on_disk = _models_on_disk(config.models_dir)
         self.mesh: Mesh | None = None
         if config.in_mesh:
             tokens = tuple(decode_token(t) for t in config.joins)  # a bad token fails here, clearly
@@ -206,6 +207,7 @@ class Node:
                 self.state.update_model(name, state="downloading", progress=frac, detail=f"downloading {label}")
 
             local = await models.ensure_model(spec, models_dir=self.config.models_dir, on_progress=progress)
+            self.state.models_on_disk = _models_on_disk(self.config.models_dir)
             facts = await anyio.to_thread.run_sync(read_facts, local.path)
         except MeshLLMError as exc:
             log.error("model %s: %s", spec, exc)
@@ -281,3 +283,12 @@ def _mesh_config(home: Path, tokens: tuple[InviteToken, ...]) -> MeshConfig:
         meshfile.save(home, existing)
         log.info("created mesh %s", existing.mesh_id_hex[:8])
     return existing
+
+
+def _models_on_disk(models_dir: Path) -> tuple[str, ...]:
+    """Complete GGUF files in the models directory (gossiped, so placement can prefer nodes that have them)."""
+    try:
+        names = (p.name.removesuffix(".gguf") for p in models_dir.glob("*.gguf") if p.is_file())
+        return tuple(sorted(n for n in names if len(n) <= 128))[:256]  # the record's limits
+    except OSError:
+        return ()

@@ -57,6 +57,7 @@ class NodeState:
     models: dict[str, ModelStatus] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     invite_token: str | None = None
+    models_on_disk: tuple[str, ...] = ()
     mesh_id: str | None = None
     peers: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)

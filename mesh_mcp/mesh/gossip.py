@@ -79,7 +79,7 @@ _DIGEST = struct.Struct(">8sQ")  # node id, record version
 _KEYS = {
     "syn": frozenset({"v", "type", "full", "pull", "digest", "hb"}),
     "ack": frozenset({"v", "type", "hb", "digest", "records", "wants", "more"}),
-    "delta": frozenset({"v", "type", "records", "wants"}),
+    "delta": frozenset({"v", "type", "records", "wants", "more"}),
 }
 
 Status = Literal["alive", "dead", "left"]
@@ -161,6 +161,7 @@ class Ack:
 class Delta:
     records: tuple[NodeRecord, ...]
     wants: tuple[str, ...] = ()
+    more: bool = False  # wanted records were left out: the next round should be a full sync
 
 
 Message = Syn | Ack | Delta
@@ -186,7 +187,13 @@ def message_to_wire(msg: Message) -> dict[str, Any]:
             "wants": list(msg.wants),
             "more": msg.more,
         }
-    return {"v": PROTOCOL, "type": "delta", "records": [_wire(r) for r in msg.records], "wants": list(msg.wants)}
+    return {
+        "v": PROTOCOL,
+        "type": "delta",
+        "records": [_wire(r) for r in msg.records],
+        "wants": list(msg.wants),
+        "more": msg.more,
+    }
 
 
 def parse_message(obj: object, known: Callable[[str], NodeRecord | None] | None = None) -> Message:
@@ -220,7 +227,7 @@ def parse_message(obj: object, known: Callable[[str], NodeRecord | None] | None 
     if not isinstance(wants, list) or len(wants) > MAX_ROWS or not all(is_node_id(w) for w in wants):
         raise ProtocolError(f"gossip {kind}: wants must be a list of at most {MAX_ROWS} node ids")
     if kind == "delta":
-        return Delta(records=parsed, wants=tuple(wants))
+        return Delta(records=parsed, wants=tuple(wants), more=_flag(obj, "more"))
     return Ack(
         heartbeats=_rows(obj, "hb", _HB),
         digest=_rows(obj, "digest", _DIGEST),
@@ -405,14 +412,13 @@ class Gossip:
             self._merge_heartbeats(msg.heartbeats, now)
         for record in msg.records:
             self._merge_record(record, now)
+        self._want_full |= msg.more
         if self._left:
             return []
-        if isinstance(msg, Ack):
-            self._want_full |= msg.more
-            reply = Delta(self._lookup(msg.wants), self._wanted(msg.digest, now))
-        else:
-            reply = Delta(self._lookup(msg.wants))
-        if not reply.records and not reply.wants:
+        records, more = self._lookup(msg.wants)
+        wants = self._wanted(msg.digest, now) if isinstance(msg, Ack) else ()
+        reply = Delta(records, wants, more)
+        if not records and not wants and not more:
             return []
         return [Outgoing(sender, message_to_wire(reply))]
 
@@ -526,17 +532,20 @@ class Gossip:
                 wants.append(raw.hex())
         return tuple(wants)
 
-    def _lookup(self, wants: tuple[str, ...]) -> tuple[NodeRecord, ...]:
-        """The records a peer wanted that we hold (a client hands out none: it never relays)."""
+    def _lookup(self, wants: tuple[str, ...]) -> tuple[tuple[NodeRecord, ...], bool]:
+        """The records a peer wanted that we hold, as many as fit (a client hands out none: it
+        never relays)."""
         if self._client:
-            return ()
-        return self._budget(r for r in map(self.record, wants) if r is not None)[0]
+            return (), False
+        return self._budget(r for r in map(self.record, wants) if r is not None)
 
     def _hot(self, now: float, skip: dict[bytes, int]) -> list[tuple[bytes, int]]:
         """(id, heartbeat) of the members that advanced within hot_s, newest first, except those the
         peer already has (`skip`)."""
         hb = self._hb
-        return [(raw, hb[raw]) for raw in self._recent(self._seen, now - self._config.hot_s) if skip.get(raw, -1) < hb[raw]]
+        return [
+            (raw, hb[raw]) for raw in self._recent(self._seen, now - self._config.hot_s) if skip.get(raw, -1) < hb[raw]
+        ]
 
     @staticmethod
     def _recent(times: dict[bytes, float], cutoff: float) -> list[bytes]:

@@ -119,6 +119,7 @@ class Mesh:
                 capacity_bytes=int(self.state.hardware.get("capacity_bytes", 0)),
                 software=f"mesh-llm {self.state.version}",
                 models_served=self._served(),
+                models_on_disk=self.state.models_on_disk[:256],
             )
             self.gossip = Gossip(me, self.identity.key, self.settings.gossip, random.Random(), time.time())
             self.state.set_info(invite_token=self.invite_token(), mesh_id=self.config.mesh_id_hex)
@@ -303,6 +304,9 @@ class Mesh:
     def _sync_record(self, now: float) -> None:
         """Re-sign our record when what we serve changed (in-flight counts at most once a second)."""
         assert self.gossip is not None
+        on_disk = self.state.models_on_disk[:256]
+        if on_disk != self.gossip.me.models_on_disk:
+            self.gossip.update_self(now, models_on_disk=on_disk)
         served = self._served()
         current = self.gossip.me.models_served
         if served == current:
