@@ -45,7 +45,7 @@ import json
 import math
 import random
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -90,10 +90,9 @@ class GossipConfig:
     interval_s: float = 0.5  # round period: each tick opens `fanout` exchanges
     fanout: int = 1
     heartbeat_s: float = 1.0  # own heartbeat period in a small mesh
-    heartbeats_per_s: float = 250.0  # the whole mesh's heartbeat rate is capped here (large meshes)
+    heartbeats_per_s: float = 150.0  # the whole mesh's heartbeat rate is capped here (large meshes)
     fail_after_s: float = 4.0  # a heartbeat stalled this long means dead (a floor; grows with the mesh)
-    fail_margin: float = 1.5  # fail_after ≥ margin × (heartbeat period + time to cross the mesh)
-    hot_s: float = 1.0  # a heartbeat that advanced here this recently is passed on
+    hot_rounds: int = 2  # a heartbeat that advanced here rides in this many of our syns (and acks meanwhile)
     rumor_s: float = 3.0  # a record version learned this recently is announced in digests
     full_sync_s: float = 20.0  # period of full-digest exchanges
     tombstone_s: float = 60.0  # dead and left members are remembered this long
@@ -102,6 +101,8 @@ class GossipConfig:
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.fanout < 1 or self.heartbeat_s < 1.0 or self.heartbeats_per_s <= 0:
             raise ValueError("gossip config: interval_s > 0, fanout ≥ 1, heartbeat_s ≥ 1 s, heartbeats_per_s > 0")
+        if self.hot_rounds < 1:
+            raise ValueError("gossip config: hot_rounds must be ≥ 1")
         if not 0 < self.max_hot_rows <= MAX_ROWS:
             raise ValueError(f"gossip config: max_hot_rows must be 1..{MAX_ROWS}")
 
@@ -109,12 +110,15 @@ class GossipConfig:
         """How often each origin advances its heartbeat in a mesh of `members` nodes."""
         return max(self.heartbeat_s, members / self.heartbeats_per_s)
 
+    def ask_after(self, members: int) -> float:
+        """A member not heard from for this long is listed in our syns, for the peer to refresh."""
+        return self.heartbeat_period(members) + self.hot_rounds * self.interval_s
+
     def fail_after(self, members: int) -> float:
         """How long a member's heartbeat may stall before it is dead: the floor in small meshes,
-        else a margin over one heartbeat period plus the rounds a push-pull rumour needs to reach
-        every member (about log2 n)."""
+        else `ask_after` plus the rounds a rumour needs to cross the mesh (about log2 n)."""
         spread = self.interval_s * math.log2(max(members, 2))
-        return max(self.fail_after_s, self.fail_margin * (self.heartbeat_period(members) + spread))
+        return max(self.fail_after_s, self.ask_after(members) + spread)
 
 
 @dataclass(frozen=True)
@@ -144,14 +148,14 @@ class Member:
 class Syn:
     full: bool  # digest lists every member (else only recent changes)
     pull: bool  # sent by a client: answer, but merge nothing from it
-    digest: bytes  # packed _DIGEST rows
-    heartbeats: bytes  # packed _HB rows
+    digest: Mapping[bytes, int]  # raw node id → record version
+    heartbeats: Mapping[bytes, int]  # raw node id → heartbeat
 
 
 @dataclass(frozen=True)
 class Ack:
-    heartbeats: bytes
-    digest: bytes  # the responder's recent changes the syn did not list
+    heartbeats: Mapping[bytes, int]
+    digest: Mapping[bytes, int]  # the responder's recent changes the syn did not list
     records: tuple[NodeRecord, ...]
     wants: tuple[str, ...]
     more: bool  # records were left out: the next round should be a full sync
@@ -174,15 +178,15 @@ def message_to_wire(msg: Message) -> dict[str, Any]:
             "type": "syn",
             "full": msg.full,
             "pull": msg.pull,
-            "digest": b64(msg.digest),
-            "hb": b64(msg.heartbeats),
+            "digest": b64(_pack(_DIGEST, msg.digest)),
+            "hb": b64(_pack(_HB, msg.heartbeats)),
         }
     if isinstance(msg, Ack):
         return {
             "v": PROTOCOL,
             "type": "ack",
-            "hb": b64(msg.heartbeats),
-            "digest": b64(msg.digest),
+            "hb": b64(_pack(_HB, msg.heartbeats)),
+            "digest": b64(_pack(_DIGEST, msg.digest)),
             "records": [_wire(r) for r in msg.records],
             "wants": list(msg.wants),
             "more": msg.more,
@@ -196,11 +200,10 @@ def message_to_wire(msg: Message) -> dict[str, Any]:
     }
 
 
-def parse_message(obj: object, known: Callable[[str], NodeRecord | None] | None = None) -> Message:
+def parse_message(obj: object) -> Message:
     """A gossip message from its wire form, strictly: ProtocolError for anything unexpected.
 
-    Signatures are not checked here (`Gossip` verifies a record before merging it). `known` looks
-    up records already held: a record whose wire form is identical is reused, not parsed again."""
+    Signatures are not checked here (`Gossip` verifies a record before merging it)."""
     if not isinstance(obj, dict):
         raise ProtocolError("a gossip message must be an object")
     version = obj.get("v")
@@ -222,7 +225,7 @@ def parse_message(obj: object, known: Callable[[str], NodeRecord | None] | None 
     records = obj["records"]
     if not isinstance(records, list) or len(records) > MAX_RECORDS:
         raise ProtocolError(f"gossip {kind}: records must be a list of at most {MAX_RECORDS}")
-    parsed = tuple(_record(r, known) for r in records)
+    parsed = tuple(from_wire(r) for r in records)
     wants = obj["wants"]
     if not isinstance(wants, list) or len(wants) > MAX_ROWS or not all(is_node_id(w) for w in wants):
         raise ProtocolError(f"gossip {kind}: wants must be a list of at most {MAX_ROWS} node ids")
@@ -255,14 +258,6 @@ def decode(data: bytes) -> dict[str, Any]:
     return obj
 
 
-def _record(obj: object, known: Callable[[str], NodeRecord | None] | None) -> NodeRecord:
-    if known is not None and type(obj) is dict and type(obj.get("node_id")) is str:
-        have = known(obj["node_id"])
-        if have is not None and _wire(have) == obj:
-            return have
-    return from_wire(obj)
-
-
 def _flag(obj: dict[str, Any], key: str) -> bool:
     value = obj[key]
     if not isinstance(value, bool):
@@ -270,15 +265,18 @@ def _flag(obj: dict[str, Any], key: str) -> bool:
     return value
 
 
-def _rows(obj: dict[str, Any], key: str, row: struct.Struct) -> bytes:
+def _rows(obj: dict[str, Any], key: str, row: struct.Struct) -> dict[bytes, int]:
     data = unb64(obj[key], f"gossip {key}", max_size=MAX_ROWS * row.size)
     if len(data) % row.size:
         raise ProtocolError(f"gossip {key}: {len(data)} bytes is not a whole number of {row.size}-byte rows")
-    return data
+    rows = dict(row.iter_unpack(data))
+    if len(rows) * row.size != len(data):
+        raise ProtocolError(f"gossip {key}: a node id appears twice")
+    return rows
 
 
-def _pack(row: struct.Struct, items: Iterable[tuple[bytes, int]]) -> bytes:
-    return b"".join(itertools.starmap(row.pack, items))
+def _pack(row: struct.Struct, rows: Mapping[bytes, int]) -> bytes:
+    return b"".join(itertools.starmap(row.pack, rows.items()))
 
 
 @functools.lru_cache(maxsize=16384)
@@ -290,6 +288,19 @@ def _wire(record: NodeRecord) -> dict[str, Any]:
 @functools.lru_cache(maxsize=16384)
 def _wire_size(record: NodeRecord) -> int:
     return len(encode(_wire(record))) + 1
+
+
+def _first(rows: dict[bytes, int], limit: int) -> dict[bytes, int]:
+    return rows if len(rows) <= limit else dict(itertools.islice(rows.items(), limit))
+
+
+def _forget_before(times: dict[bytes, float], cutoff: float) -> None:
+    """Drop the entries of a time-ordered dict older than `cutoff`."""
+    while times:
+        raw = next(iter(times))
+        if times[raw] >= cutoff:
+            return
+        del times[raw]
 
 
 def _raw(node_id: str) -> bytes | None:
@@ -324,7 +335,9 @@ class Gossip:
         self._records: dict[bytes, NodeRecord] = {}  # other members, alive or tombstoned
         self._hb: dict[bytes, int] = {}  # heartbeats (also of orphans: ids whose record is still to come)
         self._orphans: dict[bytes, float] = {}
-        self._seen: dict[bytes, float] = {}  # alive members → local time of their last advance, oldest first
+        self._seen: dict[bytes, float] = {}  # alive members → local time of their last sign of life, oldest first
+        # Heartbeats that advanced here, one dict per round, the last `hot_rounds` rounds and this one.
+        self._beats: list[dict[bytes, int]] = [{} for _ in range(config.hot_rounds + 1)]
         self._changed: dict[bytes, float] = {self._my_raw: now}  # record version learned at, oldest first
         self._down: dict[bytes, tuple[Status, float]] = {}  # tombstones: "dead" | "left", since
         self._events: list[MembershipEvent] = []
@@ -382,6 +395,8 @@ class Gossip:
         if self._left:
             return []
         self._expire(now)
+        self._beats.pop(0)
+        self._beats.append({})
         if now >= self._next_beat and not self._client:
             self._my_hb = min(self._my_hb + 1, U32_MAX)
             self._next_beat = now + self._config.heartbeat_period(len(self._seen) + 1)
@@ -403,7 +418,7 @@ class Gossip:
     def receive(self, sender: str, message: dict[str, Any], now: float) -> list[Outgoing]:
         """Handle one message from an authenticated peer. ProtocolError (and the state unchanged)
         for anything malformed, oversized, of another protocol version, or with a forged record."""
-        msg = parse_message(message, self.record)
+        msg = parse_message(message)
         if isinstance(msg, Syn):
             return self._on_syn(sender, msg, now)
         for record in msg.records:
@@ -463,30 +478,30 @@ class Gossip:
     # --------------------------------------------------------------------------- exchanges
 
     def _syn(self, full: bool, now: float) -> Syn:
+        stale = self._stale(now)  # members we have not heard from for a while: the peer may have news
         if self._client:
-            # A client relays nothing: its digest only says what it already has (on full pulls).
-            rows = [(raw, r.version) for raw, r in self._records.items()] if full else []
-            return Syn(full=full, pull=True, digest=_pack(_DIGEST, rows), heartbeats=b"")
+            # A client relays nothing: it lists only what it already has (all of it on full pulls).
+            listed = {raw: r.version for raw, r in self._records.items()} if full else {}
+            return Syn(full=full, pull=True, digest=listed, heartbeats=stale)
         listed = {raw: self._records[raw].version for raw in self._seen} if full else {}
         for raw in self._recent(self._changed, now - self._config.rumor_s):
             listed[raw] = self._version(raw)
         listed[self._my_raw] = self._me.version
-        rows = [(self._my_raw, self._my_hb), *self._hot(now, {})]
-        return Syn(
-            full=full,
-            pull=False,
-            digest=_pack(_DIGEST, list(listed.items())[:MAX_ROWS]),
-            heartbeats=_pack(_HB, rows[: self._config.max_hot_rows]),
-        )
+        rows = {self._my_raw: self._my_hb}
+        rows.update(self._hot())
+        rows.update(stale)
+        return Syn(full=full, pull=False, digest=_first(listed, MAX_ROWS), heartbeats=_first(rows, self._max_rows))
 
     def _on_syn(self, sender: str, syn: Syn, now: float) -> list[Outgoing]:
         if self._client or self._left:
             return []  # nobody gossips with clients; a leaving node answers no more
-        theirs_hb: dict[bytes, int] = {}
-        if not syn.pull:
-            theirs_hb = dict(_HB.iter_unpack(syn.heartbeats))
-            self._merge_heartbeats(syn.heartbeats, now)
-        theirs = dict(_DIGEST.iter_unpack(syn.digest))
+        theirs_hb = syn.heartbeats
+        if syn.pull:
+            hb, seen = self._hb, self._seen
+            newer = {raw: hb[raw] for raw, value in theirs_hb.items() if raw in seen and hb[raw] > value}
+        else:
+            newer = self._merge_heartbeats(theirs_hb, now)
+        theirs = syn.digest
         send: dict[bytes, NodeRecord] = {}
         wants: list[str] = []
         for raw, version in theirs.items():
@@ -502,27 +517,28 @@ class Gossip:
             for raw in (self._my_raw, *self._seen):
                 if raw not in theirs:
                     send[raw] = self._me if raw == self._my_raw else self._records[raw]
-        digest = [
-            (raw, self._version(raw))
-            for raw in (self._my_raw, *self._recent(self._changed, now - self._config.rumor_s))
-            if raw not in send and theirs.get(raw, -1) < self._version(raw)
-        ]
+        digest = {}
+        for raw in (self._my_raw, *self._recent(self._changed, now - self._config.rumor_s)):
+            version = self._version(raw)
+            if raw not in send and theirs.get(raw, -1) < version:
+                digest[raw] = version
         records, more = self._budget(send.values())
-        mine_hb = [] if theirs_hb.get(self._my_raw, -1) >= self._my_hb else [(self._my_raw, self._my_hb)]
-        hb = [*mine_hb, *self._hot(now, theirs_hb)][: self._config.max_hot_rows]
+        rows = {} if theirs_hb.get(self._my_raw, -1) >= self._my_hb else {self._my_raw: self._my_hb}
+        rows.update(newer)  # answers to the members they asked about, and anything they had older
+        rows.update({raw: value for raw, value in self._hot().items() if theirs_hb.get(raw, -1) < value})
         ack = Ack(
-            heartbeats=_pack(_HB, hb),
-            digest=_pack(_DIGEST, dict(digest).items()),
+            heartbeats=_first(rows, self._max_rows),
+            digest=_first(digest, MAX_ROWS),
             records=records,
             wants=tuple(wants[:MAX_ROWS]),
             more=more,
         )
         return [Outgoing(sender, message_to_wire(ack))]
 
-    def _wanted(self, digest: bytes, now: float) -> tuple[str, ...]:
+    def _wanted(self, digest: Mapping[bytes, int], now: float) -> tuple[str, ...]:
         """The ids in a peer's digest of which it has a newer record than ours."""
         wants = []
-        for raw, version in _DIGEST.iter_unpack(digest):
+        for raw, version in digest.items():
             if raw == self._my_raw:
                 if version > self._me.version:
                     self._bump_version(version, now)
@@ -539,13 +555,23 @@ class Gossip:
             return (), False
         return self._budget(r for r in map(self.record, wants) if r is not None)
 
-    def _hot(self, now: float, skip: dict[bytes, int]) -> list[tuple[bytes, int]]:
-        """(id, heartbeat) of the members that advanced within hot_s, newest first, except those the
-        peer already has (`skip`)."""
+    def _hot(self) -> dict[bytes, int]:
+        """id → heartbeat of the members whose heartbeat advanced here in the last `hot_rounds` rounds."""
+        hot: dict[bytes, int] = {}
+        for beats in self._beats:
+            hot.update(beats)
+        return hot
+
+    def _stale(self, now: float) -> dict[bytes, int]:
+        """(id, heartbeat) of the members not heard from for `ask_after`, oldest first."""
+        cutoff = now - self._config.ask_after(len(self._seen) + 1)
         hb = self._hb
-        return [
-            (raw, hb[raw]) for raw in self._recent(self._seen, now - self._config.hot_s) if skip.get(raw, -1) < hb[raw]
-        ]
+        out: dict[bytes, int] = {}
+        for raw, t in self._seen.items():
+            if t >= cutoff or len(out) == self._max_rows:
+                break
+            out[raw] = hb[raw]
+        return out
 
     @staticmethod
     def _recent(times: dict[bytes, float], cutoff: float) -> list[bytes]:
@@ -555,6 +581,10 @@ class Gossip:
                 break
             out.append(raw)
         return out
+
+    @property
+    def _max_rows(self) -> int:
+        return self._config.max_hot_rows
 
     @staticmethod
     def _budget(records: Iterable[NodeRecord]) -> tuple[tuple[NodeRecord, ...], bool]:
@@ -592,6 +622,8 @@ class Gossip:
         self._note_changed(raw, now)
         was_alive = self._seen.pop(raw, None) is not None
         if record.leaving:
+            for beats in self._beats:
+                beats.pop(raw, None)
             if was_alive:
                 self._events.append(MembershipEvent("left", record.node_id, record))
             self._down[raw] = ("left", now)
@@ -600,12 +632,17 @@ class Gossip:
         self._seen[raw] = now
         self._events.append(MembershipEvent("updated" if was_alive else "joined", record.node_id, record))
 
-    def _merge_heartbeats(self, rows: bytes, now: float) -> None:
-        """The reducer for heartbeats: max per origin; an advance is a sign of life."""
-        hb, seen, records, down, my_raw = self._hb, self._seen, self._records, self._down, self._my_raw
-        for raw, value in _HB.iter_unpack(rows):
+    def _merge_heartbeats(self, rows: Mapping[bytes, int], now: float) -> dict[bytes, int]:
+        """The reducer for heartbeats: max per origin; an advance is a sign of life. Returns our
+        heartbeats of alive members that are newer than the ones given (the answer to a syn)."""
+        hb, seen, beats, records, down = self._hb, self._seen, self._beats[-1], self._records, self._down
+        my_raw = self._my_raw
+        newer: dict[bytes, int] = {}
+        for raw, value in rows.items():
             current = hb.get(raw)
             if current is not None and value <= current:
+                if value < current and raw in seen:
+                    newer[raw] = current
                 continue
             if raw == my_raw:
                 if value > self._my_hb:  # our previous incarnation beat this far
@@ -625,6 +662,8 @@ class Gossip:
                 self._events.append(MembershipEvent("joined", raw.hex(), records[raw]))
             seen.pop(raw, None)
             seen[raw] = now
+            beats[raw] = value
+        return newer
 
     def _bump_version(self, above: int, now: float) -> None:
         self._me = sign(replace(self._me, version=next_version(max(above, self._me.version), now)), self._key)
@@ -650,6 +689,8 @@ class Gossip:
             stalled.append(raw)
         for raw in stalled:
             del self._seen[raw]
+            for beats in self._beats:
+                beats.pop(raw, None)
             self._down[raw] = ("dead", now)
             self._events.append(MembershipEvent("died", raw.hex(), self._records[raw]))
         forget = now - self._config.tombstone_s
@@ -658,9 +699,4 @@ class Gossip:
             self._changed.pop(raw, None)
         for raw in [r for r, t in self._orphans.items() if t < forget]:
             del self._orphans[raw], self._hb[raw]
-        rumor = now - self._config.rumor_s
-        while self._changed:
-            raw, t = next(iter(self._changed.items()))
-            if t >= rumor:
-                break
-            del self._changed[raw]
+        _forget_before(self._changed, now - self._config.rumor_s)
