@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -230,7 +230,7 @@ class Node:
         await self._llama_ready.wait()
         assert self._llama is not None
         gpu_layers = 999 if self.hardware.gpus and self._llama.backend != "cpu" else 0
-        settings = ServerSettings(**{**self.config.server.__dict__, "gpu_layers": gpu_layers, "embeddings": embeddings})
+        settings = replace(self.config.server, gpu_layers=gpu_layers, embeddings=embeddings)
         server = LlamaServer(
             llama=self._llama,
             model_path=local.path,
