@@ -39,7 +39,6 @@ a client wants records but never sends any, and never relays.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -54,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from inference.errors import ProtocolError
 
 from .records import (
+    MAX_INT,
     NodeRecord,
     b64,
     from_wire,
@@ -62,9 +62,9 @@ from .records import (
     public_key_bytes,
     sign,
     supersedes,
-    to_wire,
     unb64,
     verify,
+    wire_form,
 )
 
 PROTOCOL = 1
@@ -74,11 +74,12 @@ MAX_RECORDS = 512  # records per message
 RECORD_BUDGET = 640 * 1024  # encoded record bytes one outgoing message may carry
 MAX_ORPHANS = MAX_ROWS  # heartbeats kept for ids whose record has not arrived yet
 U32_MAX = (1 << 32) - 1
+MAX_CLOCK_SKEW_S = 86400  # heartbeats further ahead of our clock than this are ignored
 _HB = struct.Struct(">8sI")  # node id (8 raw bytes), heartbeat
 _DIGEST = struct.Struct(">8sQ")  # node id, record version
 _KEYS = {
     "syn": frozenset({"v", "type", "full", "pull", "digest", "hb"}),
-    "ack": frozenset({"v", "type", "hb", "digest", "records", "wants", "more"}),
+    "ack": frozenset({"v", "type", "full", "hb", "digest", "records", "wants", "more"}),
     "delta": frozenset({"v", "type", "records", "wants", "more"}),
 }
 
@@ -154,6 +155,7 @@ class Syn:
 
 @dataclass(frozen=True)
 class Ack:
+    full: bool  # the answer to a full syn
     heartbeats: Mapping[bytes, int]
     digest: Mapping[bytes, int]  # the responder's recent changes the syn did not list
     records: tuple[NodeRecord, ...]
@@ -185,6 +187,7 @@ def message_to_wire(msg: Message) -> dict[str, Any]:
         return {
             "v": PROTOCOL,
             "type": "ack",
+            "full": msg.full,
             "hb": b64(_pack(_HB, msg.heartbeats)),
             "digest": b64(_pack(_DIGEST, msg.digest)),
             "records": [_wire(r) for r in msg.records],
@@ -232,6 +235,7 @@ def parse_message(obj: object) -> Message:
     if kind == "delta":
         return Delta(records=parsed, wants=tuple(wants), more=_flag(obj, "more"))
     return Ack(
+        full=_flag(obj, "full"),
         heartbeats=_rows(obj, "hb", _HB),
         digest=_rows(obj, "digest", _DIGEST),
         records=parsed,
@@ -272,6 +276,8 @@ def _rows(obj: dict[str, Any], key: str, row: struct.Struct) -> dict[bytes, int]
     rows = dict(row.iter_unpack(data))
     if len(rows) * row.size != len(data):
         raise ProtocolError(f"gossip {key}: a node id appears twice")
+    if row is _DIGEST and rows and max(rows.values()) > MAX_INT:
+        raise ProtocolError(f"gossip {key}: a version beyond {MAX_INT}")
     return rows
 
 
@@ -279,15 +285,8 @@ def _pack(row: struct.Struct, rows: Mapping[bytes, int]) -> bytes:
     return b"".join(itertools.starmap(row.pack, rows.items()))
 
 
-@functools.lru_cache(maxsize=16384)
 def _wire(record: NodeRecord) -> dict[str, Any]:
-    # Cached (records are immutable): an ack may carry hundreds of them. Treat as read-only.
-    return to_wire(record)
-
-
-@functools.lru_cache(maxsize=16384)
-def _wire_size(record: NodeRecord) -> int:
-    return len(encode(_wire(record))) + 1
+    return wire_form(record)[0]
 
 
 def _first(rows: dict[bytes, int], limit: int) -> dict[bytes, int]:
@@ -329,8 +328,10 @@ class Gossip:
         self._my_raw = bytes.fromhex(self._me.node_id)
         self._my_hb = min(max(int(now), 0), U32_MAX)
         self._next_beat = now
-        self._next_full = now + rng.uniform(0, config.full_sync_s)
-        self._want_full = False
+        # Full syncs: with a new peer at once, then after 1, 2, 4... rounds, then every full_sync_s.
+        self._full_gap = config.interval_s
+        self._next_full = now + self._full_gap
+        self._want_full = True  # until an answer to a full syn comes back complete
         self._left = False
         self._records: dict[bytes, NodeRecord] = {}  # other members, alive or tombstoned
         self._hb: dict[bytes, int] = {}  # heartbeats (also of orphans: ids whose record is still to come)
@@ -402,8 +403,8 @@ class Gossip:
             self._next_beat = now + self._config.heartbeat_period(len(self._seen) + 1)
         full = self._want_full or now >= self._next_full
         if full:
-            self._want_full = False
-            self._next_full = now + self._config.full_sync_s
+            self._full_gap = min(2 * self._full_gap, self._config.full_sync_s)
+            self._next_full = now + self._full_gap * self._rng.uniform(0.75, 1.25)
         alive = list(self._seen)
         targets = self._rng.sample(alive, min(self._config.fanout, len(alive)))
         dead = [raw for raw, (status, _) in self._down.items() if status == "dead"]
@@ -421,17 +422,21 @@ class Gossip:
         msg = parse_message(message)
         if isinstance(msg, Syn):
             return self._on_syn(sender, msg, now)
-        for record in msg.records:
-            self._check(record)
+        fresh = [r for r in msg.records if not self._holds(r)]
+        for record in fresh:
+            verify(record)  # all of them before any change
         if isinstance(msg, Ack):
             self._merge_heartbeats(msg.heartbeats, now)
-        for record in msg.records:
+        for record in fresh:
             self._merge_record(record, now)
-        self._want_full |= msg.more
+        if isinstance(msg, Ack) and msg.full:
+            self._want_full = msg.more
+        else:
+            self._want_full |= msg.more
         if self._left:
             return []
         records, more = self._lookup(msg.wants)
-        wants = self._wanted(msg.digest, now) if isinstance(msg, Ack) else ()
+        wants = self._wanted(msg.digest) if isinstance(msg, Ack) else ()
         reply = Delta(records, wants, more)
         if not records and not wants and not more:
             return []
@@ -484,9 +489,7 @@ class Gossip:
             listed = {raw: r.version for raw, r in self._records.items()} if full else {}
             return Syn(full=full, pull=True, digest=listed, heartbeats=stale)
         listed = {raw: self._records[raw].version for raw in self._seen} if full else {}
-        for raw in self._recent(self._changed, now - self._config.rumor_s):
-            listed[raw] = self._version(raw)
-        listed[self._my_raw] = self._me.version
+        listed.update(self._rumors(now))
         rows = {self._my_raw: self._my_hb}
         rows.update(self._hot())
         rows.update(stale)
@@ -507,9 +510,9 @@ class Gossip:
         for raw, version in theirs.items():
             mine = self._me if raw == self._my_raw else self._records.get(raw)
             if mine is None or version > mine.version:
-                if raw == self._my_raw:
-                    self._bump_version(version, now)  # our previous incarnation's record is still around
-                elif not syn.pull:
+                # (Our own id here: our previous incarnation's record is still around. We want it:
+                # merging it, signed, makes us bump our version above it.)
+                if not syn.pull:
                     wants.append(raw.hex())
             elif version < mine.version:
                 send[raw] = mine
@@ -517,16 +520,13 @@ class Gossip:
             for raw in (self._my_raw, *self._seen):
                 if raw not in theirs:
                     send[raw] = self._me if raw == self._my_raw else self._records[raw]
-        digest = {}
-        for raw in (self._my_raw, *self._recent(self._changed, now - self._config.rumor_s)):
-            version = self._version(raw)
-            if raw not in send and theirs.get(raw, -1) < version:
-                digest[raw] = version
+        digest = {raw: v for raw, v in self._rumors(now).items() if raw not in send and theirs.get(raw, -1) < v}
         records, more = self._budget(send.values())
         rows = {} if theirs_hb.get(self._my_raw, -1) >= self._my_hb else {self._my_raw: self._my_hb}
         rows.update(newer)  # answers to the members they asked about, and anything they had older
         rows.update({raw: value for raw, value in self._hot().items() if theirs_hb.get(raw, -1) < value})
         ack = Ack(
+            full=syn.full,
             heartbeats=_first(rows, self._max_rows),
             digest=_first(digest, MAX_ROWS),
             records=records,
@@ -535,15 +535,11 @@ class Gossip:
         )
         return [Outgoing(sender, message_to_wire(ack))]
 
-    def _wanted(self, digest: Mapping[bytes, int], now: float) -> tuple[str, ...]:
+    def _wanted(self, digest: Mapping[bytes, int]) -> tuple[str, ...]:
         """The ids in a peer's digest of which it has a newer record than ours."""
         wants = []
         for raw, version in digest.items():
-            if raw == self._my_raw:
-                if version > self._me.version:
-                    self._bump_version(version, now)
-                continue
-            known = self._records.get(raw)
+            known = self._me if raw == self._my_raw else self._records.get(raw)
             if known is None or version > known.version:
                 wants.append(raw.hex())
         return tuple(wants)
@@ -573,13 +569,16 @@ class Gossip:
             out[raw] = hb[raw]
         return out
 
-    @staticmethod
-    def _recent(times: dict[bytes, float], cutoff: float) -> list[bytes]:
-        out = []
-        for raw, t in reversed(times.items()):
+    def _rumors(self, now: float) -> dict[bytes, int]:
+        """id → version of our own record and of those that changed here within rumor_s."""
+        cutoff = now - self._config.rumor_s
+        records, my_raw = self._records, self._my_raw
+        out = {my_raw: self._me.version}
+        for raw, t in reversed(self._changed.items()):
             if t < cutoff:
                 break
-            out.append(raw)
+            if raw != my_raw:
+                out[raw] = records[raw].version
         return out
 
     @property
@@ -592,7 +591,7 @@ class Gossip:
         out: list[NodeRecord] = []
         size = 0
         for record in records:
-            size += _wire_size(record)
+            size += wire_form(record)[1] + 1
             if size > RECORD_BUDGET or len(out) == MAX_RECORDS:
                 return tuple(out), True
             out.append(record)
@@ -600,10 +599,10 @@ class Gossip:
 
     # ----------------------------------------------------------------------------- reducer
 
-    def _check(self, record: NodeRecord) -> None:
-        """Verify a received record unless it is one we hold (already verified)."""
-        if record != self.record(record.node_id):
-            verify(record)
+    def _holds(self, record: NodeRecord) -> bool:
+        """Whether we hold exactly this record (verified and merged already)."""
+        held = self._records.get(bytes.fromhex(record.node_id))
+        return record is held or record is self._me or record == held
 
     def _merge_record(self, record: NodeRecord, now: float) -> None:
         """The reducer for (verified) records: keep the greatest per origin, in `supersedes` order."""
@@ -637,6 +636,7 @@ class Gossip:
         heartbeats of alive members that are newer than the ones given (the answer to a syn)."""
         hb, seen, beats, records, down = self._hb, self._seen, self._beats[-1], self._records, self._down
         my_raw = self._my_raw
+        limit = int(now) + MAX_CLOCK_SKEW_S  # heartbeats start at their origin's clock (seconds)
         newer: dict[bytes, int] = {}
         for raw, value in rows.items():
             current = hb.get(raw)
@@ -644,6 +644,8 @@ class Gossip:
                 if value < current and raw in seen:
                     newer[raw] = current
                 continue
+            if value > limit:
+                continue  # a clock far ahead, or a forgery that would freeze this heartbeat
             if raw == my_raw:
                 if value > self._my_hb:  # our previous incarnation beat this far
                     self._my_hb = min(value + 1, U32_MAX)
@@ -672,9 +674,6 @@ class Gossip:
     def _note_changed(self, raw: bytes, now: float) -> None:
         self._changed.pop(raw, None)
         self._changed[raw] = now
-
-    def _version(self, raw: bytes) -> int:
-        return self._me.version if raw == self._my_raw else self._records[raw].version
 
     def _fail_after(self) -> float:
         return self._config.fail_after(len(self._seen) + 1)

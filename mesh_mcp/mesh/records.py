@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,7 +41,7 @@ NODE_ID_LEN = 16  # hex chars: sha256(public key)[:8 bytes]
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
 _DOMAIN = b"mesh-llm/node-record/1\n"
-_HEX = frozenset("0123456789abcdef")
+_NODE_ID = re.compile(f"[0-9a-f]{{{NODE_ID_LEN}}}")
 _FIELDS = frozenset(
     {
         "node_id",
@@ -91,7 +92,7 @@ def next_version(previous: int, now: float) -> int:
 
 
 def is_node_id(value: object) -> bool:
-    return isinstance(value, str) and len(value) == NODE_ID_LEN and set(value) <= _HEX
+    return isinstance(value, str) and _NODE_ID.fullmatch(value) is not None
 
 
 def public_key_bytes(private_key: Ed25519PrivateKey) -> bytes:
@@ -149,12 +150,14 @@ def signing_bytes(record: NodeRecord) -> bytes:
     return _DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-# Gossip delivers the same record many times (from several peers, and to every node of a
-# simulation). Both caches are keyed by the signature and hold the record: a record *equal* to one
-# that was parsed (or verified) is that record, so a hit is as good as doing the work again.
+# Gossip handles the same record many times (from several peers, in many messages, and on every
+# node of a simulation). These caches are keyed by the signature and hold the record: a record
+# *equal* to one that was verified, or a wire object equal to one that was parsed, needs no work.
 _CACHE_SIZE = 16384
 _VERIFIED: dict[bytes, NodeRecord] = {}
-_PARSED: dict[str, tuple[dict[str, Any], NodeRecord]] = {}
+_Entry = tuple[NodeRecord, dict[str, Any], int]  # a record, its wire form, the length of its JSON
+_WIRE: dict[bytes, _Entry] = {}  # by signature
+_PARSED: dict[str, _Entry] = {}  # by signature in base64, as on the wire
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -216,6 +219,30 @@ def to_wire(record: NodeRecord) -> dict[str, Any]:
     return body
 
 
+def wire_form(record: NodeRecord) -> tuple[dict[str, Any], int]:
+    """`to_wire(record)` and the length of its compact JSON, cached: treat the dict as read-only."""
+    hit = _WIRE.get(record.signature)
+    if hit is None or (hit[0] is not record and hit[0] != record):
+        hit = _cache_wire(record)
+    return hit[1], hit[2]
+
+
+def encoded_size(obj: dict[str, Any]) -> int:
+    """len(compact JSON of a wire record), from the cache when `obj` came from `wire_form`."""
+    hit = _PARSED.get(obj.get("signature"))  # type: ignore[arg-type]
+    if hit is not None and hit[1] is obj:
+        return hit[2]
+    return len(json.dumps(obj, separators=(",", ":")))
+
+
+def _cache_wire(record: NodeRecord) -> _Entry:
+    wire = to_wire(record)
+    entry = (record, wire, len(json.dumps(wire, separators=(",", ":"))))
+    _remember(_WIRE, record.signature, entry)
+    _remember(_PARSED, wire["signature"], entry)
+    return entry
+
+
 def from_wire(obj: object) -> NodeRecord:
     """Parse a record from its wire form, strictly (ProtocolError); the signature is not checked
     here: call `verify`."""
@@ -223,20 +250,23 @@ def from_wire(obj: object) -> NodeRecord:
         raise ProtocolError("a node record must be an object")
     signature = obj.get("signature")
     hit = _PARSED.get(signature) if isinstance(signature, str) else None
-    if hit is not None and hit[0] == obj and _exact_numbers(obj):
-        return hit[1]
+    if hit is not None and (hit[1] is obj or (hit[1] == obj and _exact_numbers(obj))):
+        return hit[0]
     record = _parse(obj)
-    _remember(_PARSED, signature, (to_wire(record), record))
+    _cache_wire(record)
     return record
 
 
 def _exact_numbers(obj: dict[str, Any]) -> bool:
     """Python's == takes True for 1 and 1.0 for 1: check the types `==` cannot see."""
-    return (
-        type(obj["leaving"]) is bool
-        and all(type(obj[k]) is int for k in ("capacity_bytes", "in_flight", "version"))
-        and all(type(m["in_flight"]) is int for m in obj["models_served"])
-    )
+    if type(obj["leaving"]) is not bool or type(obj["version"]) is not int or type(obj["in_flight"]) is not int:
+        return False
+    if type(obj["capacity_bytes"]) is not int:
+        return False
+    for m in obj["models_served"]:
+        if type(m["in_flight"]) is not int:
+            return False
+    return True
 
 
 def _parse(obj: dict[str, Any]) -> NodeRecord:

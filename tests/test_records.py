@@ -1,0 +1,271 @@
+"""Signed node records: signing, verification, the wire form and its strictness."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inference.errors import ProtocolError
+from mesh_mcp.identity import node_id_for
+from mesh_mcp.mesh import records
+from mesh_mcp.mesh.records import (
+    MAX_ADDRESSES,
+    MAX_MODELS,
+    MAX_NAME,
+    NodeRecord,
+    ServedModel,
+    from_wire,
+    next_version,
+    public_key_bytes,
+    sign,
+    signing_bytes,
+    supersedes,
+    to_wire,
+    unsigned,
+    verify,
+    wire_form,
+)
+
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def make(key: Ed25519PrivateKey = KEY, **fields: Any) -> NodeRecord:
+    base: dict[str, Any] = {
+        "name": "gpu-box",
+        "addresses": ("192.168.1.7:9338", "[fe80::1]:9338"),
+        "role": "host",
+        "capacity_bytes": 24 << 30,
+        "models_on_disk": ("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "SmolLM2-135M-Instruct-Q4_1"),
+        "models_served": (ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 2),),
+        "in_flight": 2,
+        "version": 1_750_000_000_000,
+        "software": "mesh-llm 0.1.0",
+    }
+    base.update(fields)
+    return sign(unsigned(key, **base), key)
+
+
+def roundtrip(record: NodeRecord) -> NodeRecord:
+    return from_wire(json.loads(json.dumps(to_wire(record))))
+
+
+def test_sign_verify_and_json_roundtrip() -> None:
+    record = make()
+    verify(record)
+    assert record.node_id == node_id_for(public_key_bytes(KEY))
+    back = roundtrip(record)
+    assert back == record
+    verify(back)
+
+
+def test_signature_is_deterministic_and_covers_a_canonical_encoding() -> None:
+    a, b = make(), make()
+    assert a.signature == b.signature
+    payload = signing_bytes(a)
+    assert payload.startswith(b"mesh-llm/node-record/1\n")
+    body = json.loads(payload.split(b"\n", 1)[1])
+    assert "signature" not in body
+    assert list(body) == sorted(body)  # sorted keys: independent of construction order
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": "evil"},
+        {"addresses": ("10.0.0.66:9338",)},
+        {"role": "worker"},
+        {"capacity_bytes": 1},
+        {"models_on_disk": ()},
+        {"models_served": (ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 3),)},
+        {"in_flight": 0},
+        {"version": 1_750_000_000_001},
+        {"software": "mesh-llm 9"},
+        {"leaving": True},
+    ],
+)
+def test_any_tampered_field_breaks_the_signature(change: dict[str, Any]) -> None:
+    tampered = dataclasses.replace(make(), **change)
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify(tampered)
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify(roundtrip(tampered))  # also through the wire form (and its parse cache)
+
+
+def test_a_key_that_does_not_hash_to_the_node_id_is_refused() -> None:
+    mine = make()
+    theirs = make(OTHER)
+    with pytest.raises(ProtocolError, match="does not match the node id"):
+        verify(dataclasses.replace(theirs, node_id=mine.node_id))
+    # A valid signature by another key over this node's id is no better.
+    forged = dataclasses.replace(mine, public_key=public_key_bytes(OTHER), signature=b"")
+    forged = dataclasses.replace(forged, signature=OTHER.sign(signing_bytes(forged)))
+    with pytest.raises(ProtocolError):
+        verify(forged)
+
+
+def test_a_signature_by_another_key_is_refused() -> None:
+    record = make()
+    wrong = dataclasses.replace(record, signature=OTHER.sign(signing_bytes(record)))
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify(wrong)
+
+
+def test_sign_refuses_invalid_records_and_foreign_keys() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        sign(unsigned(KEY, name="x"), OTHER)
+    with pytest.raises(ValueError, match="role"):
+        make(role="boss")
+    with pytest.raises(ValueError, match="name"):
+        make(name="x" * (MAX_NAME + 1))
+    with pytest.raises(ValueError, match="addresses"):
+        make(addresses=("no-port",))
+    with pytest.raises(ValueError, match="tuple"):
+        make(addresses=["10.0.0.1:1"])
+    with pytest.raises(ValueError, match="integer"):
+        make(in_flight=True)
+    with pytest.raises(ValueError, match="served model"):
+        make(models_served=(ServedModel("m", "dancing", 0),))
+
+
+def wire(**changes: Any) -> dict[str, Any]:
+    obj = json.loads(json.dumps(to_wire(make())))
+    for key, value in changes.items():
+        if value is ...:
+            del obj[key]
+        else:
+            obj[key] = value
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"extra": 1}, "unknown"),
+        ({"name": ...}, "missing"),
+        ({"signature": ...}, "missing"),
+        ({"name": 5}, "name must be a string"),
+        ({"name": "x" * (MAX_NAME + 1)}, "longer than"),
+        ({"name": ""}, "name must be"),
+        ({"addresses": "10.0.0.1:1"}, "must be a list"),
+        ({"addresses": [f"10.0.0.{i}:1" for i in range(MAX_ADDRESSES + 1)]}, "more than"),
+        ({"addresses": ["10.0.0.1:0"]}, "host:port"),
+        ({"addresses": ["10.0.0.1:99999"]}, "host:port"),
+        ({"addresses": [7]}, "entries must be strings"),
+        ({"role": "boss"}, "role"),
+        ({"capacity_bytes": -1}, "non-negative"),
+        ({"capacity_bytes": 1 << 63}, "non-negative"),
+        ({"capacity_bytes": 1.0}, "integer"),
+        ({"capacity_bytes": "1"}, "integer"),
+        ({"in_flight": True}, "integer"),
+        ({"version": None}, "integer"),
+        ({"leaving": 0}, "boolean"),
+        ({"models_on_disk": [f"m{i}" for i in range(MAX_MODELS + 1)]}, "more than"),
+        ({"models_on_disk": ["x" * (MAX_NAME + 1)]}, "at most"),
+        ({"models_served": [{"name": "m", "state": "serving"}]}, "exactly"),
+        ({"models_served": [{"name": "m", "state": "serving", "in_flight": 0, "x": 1}]}, "exactly"),
+        ({"models_served": [{"name": "m", "state": "napping", "in_flight": 0}]}, "state"),
+        ({"models_served": [{"name": "m", "state": "serving", "in_flight": False}]}, "integer"),
+        ({"public_key": "not base64!"}, "base64"),
+        ({"public_key": "AAAA"}, "32 bytes"),
+        ({"signature": "AAAA"}, "64 bytes"),
+        ({"node_id": "ABCDEF0123456789"}, "hex"),
+        ({"node_id": "abc"}, "hex"),
+        ({"node_id": 1}, "hex"),
+    ],
+)
+def test_from_wire_is_strict(changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        from_wire(wire(**changes))
+
+
+def test_from_wire_refuses_non_objects() -> None:
+    for obj in (None, [], "record", 3):
+        with pytest.raises(ProtocolError):
+            from_wire(obj)
+
+
+def test_the_parse_cache_does_not_blur_types() -> None:
+    """Python says True == 1 and 0 == False: a cached parse must not accept what a fresh one refuses."""
+    record = make(in_flight=1, capacity_bytes=0)
+    good = json.loads(json.dumps(to_wire(record)))
+    assert from_wire(good) == record  # now cached
+    blurred = {"in_flight": True, "capacity_bytes": False, "leaving": 0, "version": float(good["version"])}
+    for key, value in blurred.items():
+        bad = dict(good, **{key: value})
+        assert bad == good  # so the cache would see an equal object
+        with pytest.raises(ProtocolError):
+            from_wire(bad)
+
+
+def test_wire_form_is_cached_and_sized() -> None:
+    record = make(name="sized")
+    obj, size = wire_form(record)
+    assert obj == to_wire(record)
+    assert size == len(json.dumps(obj, separators=(",", ":")))
+    assert wire_form(record)[0] is obj
+    assert records.encoded_size(obj) == size
+
+
+def test_next_version_outruns_the_clock_and_the_past() -> None:
+    assert next_version(0, 1000.0) == 1_000_000
+    assert next_version(5_000_000, 1000.0) == 5_000_001  # clock went back: still increasing
+
+
+def test_supersedes_orders_by_version_then_signature() -> None:
+    old, new = make(version=10), make(version=11)
+    assert supersedes(new, old) and not supersedes(old, new)
+    assert supersedes(old, None)
+    assert not supersedes(old, old)
+    twin = make(version=10, name="twin")  # same version, other content
+    assert supersedes(old, twin) != supersedes(twin, old)
+
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=MAX_NAME)
+served = st.builds(ServedModel, names, st.sampled_from(sorted(records.MODEL_STATES)), st.integers(0, 1 << 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=names,
+    addresses=st.lists(st.from_regex(r"[a-z0-9.\-]{1,40}:[1-9][0-9]{0,3}", fullmatch=True), max_size=4),
+    role=st.sampled_from(sorted(records.ROLES)),
+    capacity=st.integers(0, (1 << 63) - 1),
+    disk=st.lists(names, max_size=5),
+    served_models=st.lists(served, max_size=5),
+    version=st.integers(0, (1 << 63) - 1),
+    leaving=st.booleans(),
+)
+def test_any_valid_record_roundtrips_and_verifies(
+    name: str,
+    addresses: list[str],
+    role: str,
+    capacity: int,
+    disk: list[str],
+    served_models: list[ServedModel],
+    version: int,
+    leaving: bool,
+) -> None:
+    record = sign(
+        unsigned(
+            KEY,
+            name=name,
+            addresses=tuple(addresses),
+            role=role,
+            capacity_bytes=capacity,
+            models_on_disk=tuple(disk),
+            models_served=tuple(served_models),
+            version=version,
+            leaving=leaving,
+        ),
+        KEY,
+    )
+    back = roundtrip(record)
+    assert back == record
+    verify(back)
