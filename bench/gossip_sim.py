@@ -1,18 +1,19 @@
-"""Discrete-event simulation of gossip membership: the real `Gossip` class, an in-process network.
+"""Discrete-event simulation of gossip membership: the real `Gossip` class on an in-process network.
 
-Messages are delayed by a random one-way latency and maybe lost; their size is the length of their
-compact JSON (`gossip.encode`: what the transport carries), computed from cached record sizes, and
-every 500th message really goes through JSON (and its size is checked). Scenarios:
+Each message is delayed by a random one-way latency and may be lost. Its size is the length of
+its compact JSON (`gossip.encode`, what the transport sends), computed from cached record sizes;
+every 500th message really goes through JSON, and its size is checked against that count. All
+randomness comes from one seeded RNG, so a run is reproducible. For each mesh size:
 
-- N nodes (default 1000) join over a few seconds through 3 seeds and converge;
+- the nodes join within a few seconds, each through one of 3 seeds, until every node lists every
+  other as alive (bootstrap);
 - (a) one node updates its record: time until every node holds the new version;
-- (b) traffic per node (bytes sent + received per second, mean and max) over a steady window that
-  includes that update, and the number of false deaths;
+- (b) traffic per node, bytes sent + received per second (mean and max over nodes), over a steady
+  10 s window that contains that update, and false deaths (live nodes declared dead);
 - (c) one node crashes (no leave): time until every other node has dropped it from alive();
-- (d) one node leaves cleanly: time until every other node has dropped it;
-- the same crash on a 3-node mesh (target: gone within 5 s).
+- (d) one node leaves cleanly: time until every other node has dropped it.
 
-    python bench/gossip_sim.py                  # prints a table, rewrites the results in bench/GOSSIP.md
+    python bench/gossip_sim.py                 # 3 and 1000 nodes; prints a table, rewrites bench/GOSSIP.md
     python bench/gossip_sim.py -n 200 --no-write
 """
 
@@ -36,9 +37,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing, decode, encode
 from mesh_mcp.mesh.records import ServedModel, encoded_size, unsigned
 
-T0 = 1_750_000_000.0  # simulated wall clock at the start
+T0 = 1_750_000_000.0  # the simulated wall clock at the start
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
 RESULTS = Path(__file__).resolve().parent / "GOSSIP.md"
+WINDOW_S = 10.0
 
 
 @dataclass
@@ -49,6 +51,11 @@ class SimNode:
     up: bool = False
     sent: int = 0
     received: int = 0
+
+    @property
+    def g(self) -> Gossip:
+        assert self.gossip is not None
+        return self.gossip
 
 
 @dataclass
@@ -70,9 +77,7 @@ class Sim:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        for i in range(self.n):
-            key = Ed25519PrivateKey.from_private_bytes(self.rng.randbytes(32))
-            self.nodes.append(SimNode(i, key))
+        self.nodes = [SimNode(i, Ed25519PrivateKey.from_private_bytes(self.rng.randbytes(32))) for i in range(self.n)]
 
     # ------------------------------------------------------------------------------- events
 
@@ -95,9 +100,13 @@ class Sim:
             self.now = t
             action()
         self.now = t_end
-        if check is not None and check():
-            return self.now
-        return None
+        return self.now if check is not None and check() else None
+
+    def until_all(self, predicate: Callable[[Gossip], bool], limit: float, every: float) -> float | None:
+        """Seconds until `predicate` holds on every running node (None: not within `limit`)."""
+        t0 = self.now
+        done = self.run_until(t0 + limit, every, lambda: all(predicate(x.g) for x in self.nodes if x.up))
+        return None if done is None else done - t0
 
     # ------------------------------------------------------------------------------ network
 
@@ -105,7 +114,6 @@ class Sim:
         message = out.message
         self.messages += 1
         if self.messages % 500 == 0:
-            # Every 500th message really makes the JSON round trip: sizes must be exact.
             data = encode(message)
             assert len(data) == wire_size(message), "wire_size disagrees with the JSON encoding"
             message = decode(data)
@@ -118,57 +126,49 @@ class Sim:
         self.at(self.now + self.rng.uniform(*self.latency), lambda: self.deliver(src, dst, message, size))
 
     def deliver(self, src: SimNode, dst: SimNode, message: dict[str, Any], size: int) -> None:
-        if not dst.up or dst.gossip is None or src.gossip is None:
+        if not dst.up:
             return
         dst.received += size
-        for out in dst.gossip.receive(src.gossip.me.node_id, message, self.now):
+        for out in dst.g.receive(src.g.me.node_id, message, self.now):
             self.send(dst, out)
         self.collect(dst)
 
     def collect(self, node: SimNode) -> None:
-        assert node.gossip is not None
-        for event in node.gossip.drain_events():
+        for event in node.g.drain_events():
             if event.kind == "died" and self.by_id[event.node_id].up:
                 self.false_deaths += 1
 
     def tick(self, node: SimNode) -> None:
-        if not node.up or node.gossip is None:
+        if not node.up:
             return
-        for out in node.gossip.tick(self.now):
+        for out in node.g.tick(self.now):
             self.send(node, out)
         self.collect(node)
         self.at(self.now + self.config.interval_s, lambda: self.tick(node))
 
-    # ------------------------------------------------------------------------------- nodes
+    # -------------------------------------------------------------------------------- nodes
 
     def start(self, node: SimNode, seeds: list[SimNode]) -> None:
+        i = node.index
         record = unsigned(
             node.key,
-            name=f"node-{node.index:04d}",
-            addresses=(f"10.{node.index // 65536}.{node.index // 256 % 256}.{node.index % 256}:9338",),
-            role="host" if node.index % 4 else "worker",
+            name=f"node-{i:04d}",
+            addresses=(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:9338",),
+            role="host" if i % 4 else "worker",
             capacity_bytes=8 << 30,
             models_on_disk=(MODEL,),
-            models_served=(ServedModel(MODEL, "serving", 0),) if node.index % 4 else (),
+            models_served=(ServedModel(MODEL, "serving", 0),) if i % 4 else (),
             software="mesh-llm 0.1.0",
         )
         node.gossip = Gossip(record, node.key, self.config, random.Random(self.rng.random()), self.now)
         node.up = True
-        self.by_id[node.gossip.me.node_id] = node
-        for seed in seeds:
-            assert seed.gossip is not None
-            # The transport's handshake: each side learns the other's verified record.
-            for out in node.gossip.add_peer(seed.gossip.me, self.now):
+        self.by_id[node.g.me.node_id] = node
+        for seed in seeds:  # the transport's handshake: each side learns the other's verified record
+            for out in node.g.add_peer(seed.g.me, self.now):
                 self.send(node, out)
-            for out in seed.gossip.add_peer(node.gossip.me, self.now):
+            for out in seed.g.add_peer(node.g.me, self.now):
                 self.send(seed, out)
         self.at(self.now + self.rng.uniform(0, self.config.interval_s), lambda: self.tick(node))
-
-    def crash(self, node: SimNode) -> None:
-        node.up = False
-
-    def up_nodes(self) -> list[SimNode]:
-        return [n for n in self.nodes if n.up]
 
     def reset_traffic(self) -> None:
         for node in self.nodes:
@@ -184,117 +184,136 @@ def wire_size(message: dict[str, Any]) -> int:
     return len(encode({**message, "records": []})) + sum(map(encoded_size, records)) + len(records) - 1
 
 
-def gossip_of(node: SimNode) -> Gossip:
-    assert node.gossip is not None
-    return node.gossip
-
-
-def bootstrap(sim: Sim, join_over: float, limit: float) -> float | None:
-    seeds = sim.nodes[:3]
-    for i, seed in enumerate(seeds):
-        sim.start(seed, seeds[:i])
-    for node in sim.nodes[3:]:
-        sim.at(sim.now + sim.rng.uniform(0, join_over), lambda node=node: sim.start(node, [sim.rng.choice(seeds)]))
-    t0 = sim.now
-
-    def converged() -> bool:
-        if not all(n.up for n in sim.nodes):
-            return False
-        return all(len(gossip_of(n).alive(sim.now)) == sim.n for n in sim.nodes)
-
-    done = sim.run_until(t0 + limit, every=1.0, check=converged)
-    return None if done is None else done - t0
-
-
-def until_all(sim: Sim, predicate: Callable[[Gossip], bool], limit: float, every: float = 0.05) -> float | None:
-    t0 = sim.now
-    done = sim.run_until(t0 + limit, every=every, check=lambda: all(predicate(gossip_of(n)) for n in sim.up_nodes()))
-    return None if done is None else done - t0
-
-
 def scenario(n: int, seed: int, latency: tuple[float, float], loss: float, config: GossipConfig) -> dict[str, Any]:
     sim = Sim(n=n, seed=seed, latency=latency, loss=loss, config=config)
-    started = time.process_time()
-    res: dict[str, Any] = {"n": n}
-    res["bootstrap_s"] = bootstrap(sim, join_over=min(5.0, n / 200), limit=120.0)
-    sim.run_until(sim.now + 2.0)  # settle
-    sim.false_deaths = 0
+    cpu = time.process_time()
+    res: dict[str, Any] = {"n": n, "heartbeat_s": config.heartbeat_period(n), "fail_after_s": config.fail_after(n)}
 
-    # (a) + (b): a steady window of `window` seconds with one record update in it.
-    window = 10.0
+    seeds = sim.nodes[:3]
+    for i, s in enumerate(seeds):
+        sim.start(s, seeds[:i])
+    join_over = min(5.0, n / 200)
+    for node in sim.nodes[3:]:
+        sim.at(T0 + sim.rng.uniform(0, join_over), lambda node=node: sim.start(node, [sim.rng.choice(seeds)]))
+    sim.run_until(T0 + join_over)
+    done = sim.until_all(lambda g: len(g.alive(sim.now)) == n, limit=60, every=0.5)
+    res["bootstrap_s"] = None if done is None else join_over + done
+    res["bootstrap_cpu_s"] = time.process_time() - cpu
+    sim.run_until(sim.now + 2.0)  # settle
+
+    # (a) and (b): a steady window with one record update in it
     sim.reset_traffic()
-    t_start = sim.now
-    sim.run_until(sim.now + 2.0)
-    changer = sim.nodes[n // 2]
-    new = gossip_of(changer).update_self(sim.now, in_flight=3)
-    res["update_s"] = until_all(
-        sim, lambda g: (r := g.record(new.node_id)) is not None and r.version >= new.version, 30
-    )
-    sim.run_until(t_start + window)
-    per_node = [(x.sent + x.received) / window for x in sim.nodes]
+    sim.false_deaths = 0
+    start = sim.now
+    sim.run_until(start + 1.0)
+    new = sim.nodes[n // 2].g.update_self(sim.now, in_flight=3)
+    res["update_s"] = sim.until_all(lambda g: g.record(new.node_id) == new, limit=WINDOW_S - 1, every=0.05)
+    sim.run_until(start + WINDOW_S)
+    per_node = [(x.sent + x.received) / WINDOW_S for x in sim.nodes]
     res["bytes_mean"] = statistics.fmean(per_node)
     res["bytes_max"] = max(per_node)
-    res["false_deaths"] = sim.false_deaths
-    res["by_type"] = {k: v / window / n for k, v in sim.by_type.items()}
+    res["by_type"] = {k: v / WINDOW_S / n for k, v in sorted(sim.by_type.items())}
 
-    # (c) crash without leave
+    # (c) a crash: no leave, it just stops
     victim = sim.nodes[n // 3]
-    vid = gossip_of(victim).me.node_id
-    sim.crash(victim)
-    res["crash_s"] = until_all(sim, lambda g: not g.is_alive(vid, sim.now), 120, every=0.1)
-    res["fail_after_s"] = config.fail_after(n)
-    res["heartbeat_s"] = config.heartbeat_period(n)
+    victim.up = False
+    vid = victim.g.me.node_id
+    res["crash_s"] = sim.until_all(lambda g: not g.is_alive(vid, sim.now), limit=60, every=0.1)
 
-    # (d) clean leave
+    # (d) a clean leave
     leaver = sim.nodes[2 * n // 3]
-    lid = gossip_of(leaver).me.node_id
-    for out in gossip_of(leaver).leave(sim.now):
+    lid = leaver.g.me.node_id
+    for out in leaver.g.leave(sim.now):
         sim.send(leaver, out)
-    sim.crash(leaver)
-    res["leave_s"] = until_all(sim, lambda g: not g.is_alive(lid, sim.now), 60, every=0.01)
+    leaver.up = False
+    res["leave_s"] = sim.until_all(lambda g: not g.is_alive(lid, sim.now), limit=30, every=0.01)
+    sim.run_until(sim.now + 1.0)
+
+    res["false_deaths"] = sim.false_deaths
     res["messages"] = sim.messages
-    res["cpu_s"] = time.process_time() - started
+    res["cpu_s"] = time.process_time() - cpu
     return res
 
 
-def fmt(value: float | None, unit: str = "s") -> str:
-    return "never" if value is None else f"{value:.2f} {unit}"
+def fmt(value: float | None) -> str:
+    return "not within the limit" if value is None else f"{value:.2f} s"
 
 
-def table(rows: list[dict[str, Any]], latency: tuple[float, float], loss: float) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"one-way latency {latency[0] * 1000:.0f}–{latency[1] * 1000:.0f} ms, loss {loss:.0%}",
-        "",
-        "| nodes | bootstrap | (a) update reaches all | (b) traffic/node mean | max | false deaths "
+        "| nodes | bootstrap | (a) update known by all | (b) traffic/node, mean | max | false deaths "
         "| heartbeat period | fail_after | (c) crash dropped by all | (d) leave dropped by all | sim CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        rounds = "" if r["update_s"] is None else f" ({r['update_s'] / GossipConfig().interval_s:.1f} rounds)"
         lines.append(
-            f"| {r['n']} | {fmt(r['bootstrap_s'])} | {fmt(r['update_s'])} | {r['bytes_mean'] / 1000:.1f} KB/s "
-            f"| {r['bytes_max'] / 1000:.1f} KB/s | {r['false_deaths']} | {r['heartbeat_s']:.1f} s "
-            f"| {r['fail_after_s']:.1f} s | {fmt(r['crash_s'])} | {fmt(r['leave_s'])} | {r['cpu_s']:.0f} s |"
+            f"| {r['n']} | {fmt(r['bootstrap_s'])} | {fmt(r['update_s'])}{rounds} "
+            f"| {r['bytes_mean'] / 1000:.1f} KB/s | {r['bytes_max'] / 1000:.1f} KB/s | {r['false_deaths']} "
+            f"| {r['heartbeat_s']:.1f} s | {r['fail_after_s']:.1f} s | {fmt(r['crash_s'])} | {fmt(r['leave_s'])} "
+            f"| {r['cpu_s']:.0f} s |"
         )
     return "\n".join(lines)
 
 
+def breakdown(rows: list[dict[str, Any]]) -> str:
+    parts = []
+    for r in rows:
+        kinds = ", ".join(f"{kind} {v / 1000:.1f}" for kind, v in r["by_type"].items())
+        parts.append(f"{r['n']} nodes: {kinds} KB/s sent per node ({r['messages']} messages in all)")
+    return "\n".join(f"- {p}" for p in parts)
+
+
+def write_results(command: str, setup: str, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the results section of bench/GOSSIP.md, keeping whatever else is in the file."""
+    begin, end = "<!-- gossip_sim results: begin -->", "<!-- gossip_sim results: end -->"
+    section = "\n".join(
+        [
+            begin,
+            f"Command: `{command}` ({setup}).",
+            "",
+            table(rows),
+            "",
+            "Bytes sent per node, by message type, in the steady window:",
+            "",
+            breakdown(rows),
+            end,
+        ]
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = (text.rstrip() + "\n\n" if text else "# Gossip membership: simulation\n\n") + section + "\n"
+    RESULTS.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", type=int, default=1000, help="nodes in the large mesh")
+    parser.add_argument("-n", type=int, default=1000, help="nodes in the large mesh (default 1000)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--latency-ms", type=float, nargs=2, default=(10.0, 50.0))
-    parser.add_argument("--loss", type=float, default=0.01)
+    parser.add_argument("--latency-ms", type=float, nargs=2, default=(10.0, 50.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--loss", type=float, default=0.01, help="fraction of messages lost (default 0.01)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/GOSSIP.md")
     args = parser.parse_args(argv)
     latency = (args.latency_ms[0] / 1000, args.latency_ms[1] / 1000)
-    config = GossipConfig()
+    setup = (
+        f"one-way latency {args.latency_ms[0]:.0f}–{args.latency_ms[1]:.0f} ms, loss {args.loss:.0%}, "
+        f"seed {args.seed}, default GossipConfig"
+    )
+    print(setup)
     rows = []
     for n in (3, args.n):
-        rows.append(scenario(n, args.seed, latency, args.loss, config))
-        print(table(rows, latency, args.loss).splitlines()[-1], flush=True)
-    out = table(rows, latency, args.loss)
+        rows.append(scenario(n, args.seed, latency, args.loss, GossipConfig()))
+        print(table(rows).splitlines()[-1], flush=True)
     print()
-    print(out)
+    print(table(rows))
+    print()
+    print(breakdown(rows))
+    if not args.no_write:
+        command = "python bench/gossip_sim.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+        write_results(command, setup, rows)
+        print(f"\nwritten to {RESULTS}")
 
 
 if __name__ == "__main__":
