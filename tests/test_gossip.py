@@ -18,7 +18,9 @@ from inference.errors import ProtocolError
 from mesh_mcp.mesh.gossip import (
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,
+    MAX_ROWS,
     PROTOCOL,
+    RECORD_BUDGET,
     Ack,
     Delta,
     Gossip,
@@ -29,6 +31,7 @@ from mesh_mcp.mesh.gossip import (
     decode,
     encode,
     message_to_wire,
+    parse_message,
 )
 from mesh_mcp.mesh.records import NodeRecord, ServedModel, public_key_bytes, sign, signing_bytes, unsigned
 
@@ -59,6 +62,7 @@ class Mesh:
         self.now = T0
         self.nodes: dict[str, Gossip] = {}
         self.down: set[str] = set()
+        self.cut: set[frozenset[str]] = set()  # links that lose every message
         self.queue: deque[tuple[str, Outgoing]] = deque()
         self.log: list[tuple[str, str, dict[str, Any]]] = []
 
@@ -86,6 +90,8 @@ class Mesh:
                 return
             src, out = self.queue.popleft()
             if src in self.down or out.peer in self.down or out.peer not in self.nodes:
+                continue
+            if frozenset((src, out.peer)) in self.cut:
                 continue
             data = encode(out.message)
             assert len(data) <= MAX_MESSAGE_BYTES
@@ -238,6 +244,38 @@ def test_stale_gossip_does_not_resurrect_a_dead_node() -> None:
     assert all(victim not in mesh.alive_ids(i) for i in (0, 1))
 
 
+def test_liveness_travels_through_third_parties() -> None:
+    """0 and 1 cannot reach each other: each still sees the other alive, through 2."""
+    mesh = converged(Mesh(), 3)
+    mesh.cut.add(frozenset((node_id(0), node_id(1))))
+    mesh.run(30)
+    for g in mesh.nodes.values():
+        assert len(g.alive(mesh.now)) == 3
+        assert not [e for e in g.drain_events() if e.kind == "died"]
+
+
+def test_a_member_not_heard_from_is_asked_about() -> None:
+    mesh = converged(Mesh(), 3)
+    mesh.down.add(node_id(2))
+    mesh.run(CONFIG.ask_after(3) + CONFIG.interval_s)
+    g0 = mesh.nodes[node_id(0)]
+    assert g0.is_alive(node_id(2), mesh.now)  # not yet dead: silent
+    [syn] = g0.tick(mesh.now + CONFIG.interval_s)
+    parsed = parse_message(syn.message)
+    assert isinstance(parsed, Syn) and bytes.fromhex(node_id(2)) in parsed.heartbeats
+
+
+def test_a_lost_full_sync_is_retried() -> None:
+    mesh = Mesh()
+    seed = mesh.add(0)
+    joiner = mesh.add(1)
+    lost = joiner.add_peer(seed.me, mesh.now)  # never delivered
+    assert lost and lost[0].message["full"]
+    seed.add_peer(joiner.me, mesh.now)
+    [again] = joiner.tick(mesh.now + CONFIG.interval_s)
+    assert again.message["full"]
+
+
 def test_a_higher_heartbeat_brings_back_a_node_cut_off_for_a_while() -> None:
     mesh = converged(Mesh(), 3)
     cut = node_id(2)
@@ -265,7 +303,8 @@ def test_a_restart_behind_the_old_version_bumps_above_it() -> None:
     mesh = Mesh()
     ahead = int((T0 + 3600) * 1000)
     for i in range(3):
-        mesh.add(i, seeds=[0] if i else [], **({"version": ahead} if i == 2 else {}))
+        fields: dict[str, Any] = {"version": ahead} if i == 2 else {}
+        mesh.add(i, "host", [0] if i else [], **fields)
     mesh.run(3)
     old = mesh.nodes[node_id(2)].me
     assert old.version > ahead
@@ -393,6 +432,29 @@ def test_malformed_messages_raise_and_change_nothing(kind: str, field: str, valu
     assert snapshot(g0, mesh.now) == before
 
 
+def test_worst_case_messages_fit_in_the_bound() -> None:
+    ids = [i.to_bytes(8, "big") for i in range(MAX_ROWS)]
+    rows = {raw: 2**32 - 1 for raw in ids}
+    versions = {raw: 2**63 - 1 for raw in ids}
+    wants = tuple(raw.hex() for raw in ids)
+    fat = [
+        sign(record(i, models_on_disk=tuple(f"{i}-{j:03d}" + "m" * 120 for j in range(8))), key(i))
+        for i in range(10, 10 + MAX_RECORDS)
+    ]
+    records, size = [], 0
+    for r in fat:
+        size += len(encode(message_to_wire(Delta((r,))))) - len(encode(message_to_wire(Delta(()))))
+        if size > RECORD_BUDGET:
+            break
+        records.append(r)
+    for message in (
+        Ack(True, rows, versions, tuple(records), wants, True),
+        Syn(True, False, versions, rows),
+        Delta(tuple(records), wants, True),
+    ):
+        assert len(encode(message_to_wire(message))) <= MAX_MESSAGE_BYTES
+
+
 def test_decode_bounds_and_shapes() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
         decode(b" " * (MAX_MESSAGE_BYTES + 1))
@@ -491,10 +553,7 @@ POOL += [("hb", (bytes.fromhex(node_id(i)), hb)) for i in ORIGINS for hb in (int
 
 def deliver(g: Gossip, items: Iterable[tuple[str, Any]], now: float) -> None:
     for kind, item in items:
-        if kind == "record":
-            message = Delta((item,))
-        else:
-            message = Ack(False, dict([item]), {}, (), (), False)
+        message: Delta | Ack = Delta((item,)) if kind == "record" else Ack(False, dict([item]), {}, (), (), False)
         g.receive(node_id(0), message_to_wire(message), now)
 
 

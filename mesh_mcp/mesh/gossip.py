@@ -6,31 +6,38 @@ each one. `now` is wall-clock seconds (`time.time()`): record versions are wall-
 liveness timers use differences of it.
 
 State. For every member: its latest signed `NodeRecord` (ordered by `records.supersedes`), its
-heartbeat (a counter its origin advances every `heartbeat_period`; merged by max), and the local
-time either last advanced. Every change goes through `_merge_record` / `_merge_heartbeats` (the
-reducer): max-merges over total orders, so delivering the same records and heartbeats in any
-order, any number of times, gives the same state. A member whose heartbeat has not advanced for
-`fail_after` is dead; a signed `leaving` record makes it left at once. Dead and left members stay
-as tombstones for `tombstone_s`, so stale gossip cannot bring them back: only a higher heartbeat
-(dead ones) or a higher record version (a restart) does.
+heartbeat (a counter its origin advances every `heartbeat_period`; the greatest wins), and the
+local time either last advanced. Everything peers say goes through one reducer (`_apply`), made
+of max-merges, so any order and any repetition of the same deliveries gives the same state. A
+member whose heartbeat has not advanced for `fail_after` is dead; a signed `leaving` record makes
+it left at once. Dead and left members stay as tombstones for `tombstone_s`, so stale gossip
+cannot bring them back: only a higher heartbeat (dead ones) or record version (a restart) does.
 
-Protocol (version `PROTOCOL`). Each round a node opens an exchange with `fanout` random members:
+Protocol (`PROTOCOL` in every message). Each round a node opens an exchange with `fanout` random
+members (push-pull anti-entropy):
 
     A → B  syn    {full, pull, digest, hb}
-    B → A  ack    {hb, digest, records, wants, more}
-    A → B  delta  {records, wants}        only if B wanted something or A wants something back
-    B → A  delta  {records, wants: []}    only if A wanted something
+    B → A  ack    {full, hb, digest, records, wants, more}
+    A → B  delta  {records, wants, more}     if B wanted records or A wants some back
+    B → A  delta  {records, wants: [], more} if A wanted records
 
-`digest` rows are (node id, version), `hb` rows (node id, heartbeat), packed binary (16 and 12
-bytes before base64). A syn's digest lists our own version and the records that changed here in
-the last `rumor_s`; B answers with the records it has newer, wants the ones A has newer, and lists
-its own recent changes that A did not, for A to want. Only what is new travels: `hb` carries the
-heartbeats that advanced here in the last `hot_s` (B leaves out those A's syn showed A has), so a
-heartbeat costs 16 bytes on the wire. Every `full_sync_s` a syn's digest lists every member,
-which repairs whatever the rumours missed; a node that joins does this with its first peer and
-then until nothing was left out (`more`). In a large mesh each origin beats less often
-(`heartbeat_period`: the mesh's heartbeats are capped at `heartbeats_per_s`), which caps traffic
-per node, and `fail_after` grows with the time a heartbeat needs to cross the mesh.
+`digest` rows are (node id, record version) and `hb` rows (node id, heartbeat), packed binary, 16
+and 12 bytes before base64. Only what is new travels:
+
+- a syn's digest lists our own version and the records that changed here in the last
+  `rumor_rounds` rounds; B sends the records it has newer, wants those A has newer, and lists its
+  own recent changes that A did not, for A to want in its delta;
+- a syn's `hb` carries our heartbeat, those that advanced here in the last `hot_rounds` rounds,
+  and those of members not heard from for `ask_after` (a question: B answers with any newer
+  heartbeat it has). B's ack carries its own recent heartbeats except those A showed it has;
+- a full syn (with each new peer, then after 1, 2, 4, 8... seconds, then every `full_sync_s`)
+  lists every member in its digest: B answers with all A lacks, in pieces of at most
+  MAX_RECORDS / RECORD_BUDGET (`more`: A asks again next round). This repairs missed rumours.
+
+In a large mesh each origin beats less often (`heartbeat_period`: the mesh's heartbeats are
+capped at `heartbeats_per_s`), which caps the traffic per node, and `fail_after` grows with the
+time a heartbeat needs to cross the mesh. Every message is bounded (rows, records, wants) to stay
+under MAX_MESSAGE_BYTES.
 
 Clients (role "client") are not members: nobody stores their records or gossips with them. A
 client's tick sends a `pull` syn to one member, which answers without merging anything from it;
@@ -71,7 +78,7 @@ PROTOCOL = 1
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_ROWS = 8192  # rows per digest or heartbeat list (so the largest mesh one full digest covers)
 MAX_RECORDS = 512  # records per message
-RECORD_BUDGET = 640 * 1024  # encoded record bytes one outgoing message may carry
+RECORD_BUDGET = 512 * 1024  # encoded record bytes one message may carry (all lists full: < 1 MiB)
 MAX_ORPHANS = MAX_ROWS  # heartbeats kept for ids whose record has not arrived yet
 U32_MAX = (1 << 32) - 1
 MAX_CLOCK_SKEW_S = 86400  # heartbeats further ahead of our clock than this are ignored
@@ -94,7 +101,7 @@ class GossipConfig:
     heartbeats_per_s: float = 150.0  # the whole mesh's heartbeat rate is capped here (large meshes)
     fail_after_s: float = 4.0  # a heartbeat stalled this long means dead (a floor; grows with the mesh)
     hot_rounds: int = 2  # a heartbeat that advanced here rides in this many of our syns (and acks meanwhile)
-    rumor_s: float = 3.0  # a record version learned this recently is announced in digests
+    rumor_rounds: int = 6  # a record version learned here is announced in our digests for this many rounds
     full_sync_s: float = 20.0  # period of full-digest exchanges
     tombstone_s: float = 60.0  # dead and left members are remembered this long
     max_hot_rows: int = 1024  # heartbeat rows per message
@@ -102,8 +109,8 @@ class GossipConfig:
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.fanout < 1 or self.heartbeat_s < 1.0 or self.heartbeats_per_s <= 0:
             raise ValueError("gossip config: interval_s > 0, fanout ≥ 1, heartbeat_s ≥ 1 s, heartbeats_per_s > 0")
-        if self.hot_rounds < 1:
-            raise ValueError("gossip config: hot_rounds must be ≥ 1")
+        if self.hot_rounds < 1 or self.rumor_rounds < 1:
+            raise ValueError("gossip config: hot_rounds and rumor_rounds must be ≥ 1")
         if not 0 < self.max_hot_rows <= MAX_ROWS:
             raise ValueError(f"gossip config: max_hot_rows must be 1..{MAX_ROWS}")
 
@@ -293,15 +300,6 @@ def _first(rows: dict[bytes, int], limit: int) -> dict[bytes, int]:
     return rows if len(rows) <= limit else dict(itertools.islice(rows.items(), limit))
 
 
-def _forget_before(times: dict[bytes, float], cutoff: float) -> None:
-    """Drop the entries of a time-ordered dict older than `cutoff`."""
-    while times:
-        raw = next(iter(times))
-        if times[raw] >= cutoff:
-            return
-        del times[raw]
-
-
 def _raw(node_id: str) -> bytes | None:
     """The 8 bytes a node id names inside this module (rows and dict keys), None if not a node id."""
     return bytes.fromhex(node_id) if is_node_id(node_id) else None
@@ -328,7 +326,7 @@ class Gossip:
         self._my_raw = bytes.fromhex(self._me.node_id)
         self._my_hb = min(max(int(now), 0), U32_MAX)
         self._next_beat = now
-        # Full syncs: with a new peer at once, then after 1, 2, 4... rounds, then every full_sync_s.
+        # Full syncs: with a new peer at once, then after 1, 2, 4, 8... s, then every full_sync_s.
         self._full_gap = config.interval_s
         self._next_full = now + self._full_gap
         self._want_full = True  # until an answer to a full syn comes back complete
@@ -339,7 +337,8 @@ class Gossip:
         self._seen: dict[bytes, float] = {}  # alive members → local time of their last sign of life, oldest first
         # Heartbeats that advanced here, one dict per round, the last `hot_rounds` rounds and this one.
         self._beats: list[dict[bytes, int]] = [{} for _ in range(config.hot_rounds + 1)]
-        self._changed: dict[bytes, float] = {self._my_raw: now}  # record version learned at, oldest first
+        # Record versions learned here, one dict per round, the last `rumor_rounds` rounds and this one.
+        self._news: list[dict[bytes, int]] = [{} for _ in range(config.rumor_rounds + 1)]
         self._down: dict[bytes, tuple[Status, float]] = {}  # tombstones: "dead" | "left", since
         self._events: list[MembershipEvent] = []
 
@@ -396,8 +395,9 @@ class Gossip:
         if self._left:
             return []
         self._expire(now)
-        self._beats.pop(0)
-        self._beats.append({})
+        for rounds in (self._beats, self._news):
+            rounds.pop(0)
+            rounds.append({})
         if now >= self._next_beat and not self._client:
             self._my_hb = min(self._my_hb + 1, U32_MAX)
             self._next_beat = now + self._config.heartbeat_period(len(self._seen) + 1)
@@ -425,10 +425,7 @@ class Gossip:
         fresh = [r for r in msg.records if not self._holds(r)]
         for record in fresh:
             verify(record)  # all of them before any change
-        if isinstance(msg, Ack):
-            self._merge_heartbeats(msg.heartbeats, now)
-        for record in fresh:
-            self._merge_record(record, now)
+        self._apply(fresh, msg.heartbeats if isinstance(msg, Ack) else {}, now)
         if isinstance(msg, Ack) and msg.full:
             self._want_full = msg.more
         else:
@@ -450,7 +447,7 @@ class Gossip:
         if raw == self._my_raw or record.role == "client" or self._left:
             return []  # clients are not members
         was_alive = raw in self._seen
-        self._merge_record(record, now)
+        self._apply((record,), {}, now)
         if was_alive or raw not in self._seen:
             return []
         return [Outgoing(record.node_id, message_to_wire(self._syn(True, now)))]
@@ -466,7 +463,7 @@ class Gossip:
             if key in changes:
                 changes[key] = tuple(changes[key])
         self._me = sign(replace(self._me, **changes, version=next_version(self._me.version, now)), self._key)
-        self._note_changed(self._my_raw, now)
+        self._news[-1][self._my_raw] = self._me.version
         return self._me
 
     def leave(self, now: float) -> list[Outgoing]:
@@ -489,7 +486,7 @@ class Gossip:
             listed = {raw: r.version for raw, r in self._records.items()} if full else {}
             return Syn(full=full, pull=True, digest=listed, heartbeats=stale)
         listed = {raw: self._records[raw].version for raw in self._seen} if full else {}
-        listed.update(self._rumors(now))
+        listed.update(self._rumors())
         rows = {self._my_raw: self._my_hb}
         rows.update(self._hot())
         rows.update(stale)
@@ -503,7 +500,7 @@ class Gossip:
             hb, seen = self._hb, self._seen
             newer = {raw: hb[raw] for raw, value in theirs_hb.items() if raw in seen and hb[raw] > value}
         else:
-            newer = self._merge_heartbeats(theirs_hb, now)
+            newer = self._apply((), theirs_hb, now)
         theirs = syn.digest
         send: dict[bytes, NodeRecord] = {}
         wants: list[str] = []
@@ -520,7 +517,7 @@ class Gossip:
             for raw in (self._my_raw, *self._seen):
                 if raw not in theirs:
                     send[raw] = self._me if raw == self._my_raw else self._records[raw]
-        digest = {raw: v for raw, v in self._rumors(now).items() if raw not in send and theirs.get(raw, -1) < v}
+        digest = {raw: v for raw, v in self._rumors().items() if raw not in send and theirs.get(raw, -1) < v}
         records, more = self._budget(send.values())
         rows = {} if theirs_hb.get(self._my_raw, -1) >= self._my_hb else {self._my_raw: self._my_hb}
         rows.update(newer)  # answers to the members they asked about, and anything they had older
@@ -569,16 +566,12 @@ class Gossip:
             out[raw] = hb[raw]
         return out
 
-    def _rumors(self, now: float) -> dict[bytes, int]:
-        """id → version of our own record and of those that changed here within rumor_s."""
-        cutoff = now - self._config.rumor_s
-        records, my_raw = self._records, self._my_raw
-        out = {my_raw: self._me.version}
-        for raw, t in reversed(self._changed.items()):
-            if t < cutoff:
-                break
-            if raw != my_raw:
-                out[raw] = records[raw].version
+    def _rumors(self) -> dict[bytes, int]:
+        """id → version of our own record and of those that changed here in the last rumor_rounds."""
+        out: dict[bytes, int] = {}
+        for news in self._news:
+            out.update(news)
+        out[self._my_raw] = self._me.version
         return out
 
     @property
@@ -599,13 +592,22 @@ class Gossip:
 
     # ----------------------------------------------------------------------------- reducer
 
+    def _apply(self, records: Iterable[NodeRecord], heartbeats: Mapping[bytes, int], now: float) -> dict[bytes, int]:
+        """The reducer: the only way what peers say changes our state. Records (verified) are
+        kept per origin by the greatest in `supersedes` order, heartbeats by the greatest value:
+        max-merges, so any order and any repetition of the same deliveries gives the same state.
+        Returns our heartbeats of alive members that are newer than the ones given."""
+        for record in records:
+            self._merge_record(record, now)
+        return self._merge_heartbeats(heartbeats, now)
+
     def _holds(self, record: NodeRecord) -> bool:
         """Whether we hold exactly this record (verified and merged already)."""
         held = self._records.get(bytes.fromhex(record.node_id))
         return record is held or record is self._me or record == held
 
     def _merge_record(self, record: NodeRecord, now: float) -> None:
-        """The reducer for (verified) records: keep the greatest per origin, in `supersedes` order."""
+        """A verified record: the greatest per origin wins; membership follows."""
         raw = bytes.fromhex(record.node_id)
         if raw == self._my_raw:
             if supersedes(record, self._me):
@@ -618,7 +620,7 @@ class Gossip:
         self._records[raw] = record
         self._hb.setdefault(raw, 0)
         self._orphans.pop(raw, None)
-        self._note_changed(raw, now)
+        self._news[-1][raw] = record.version
         was_alive = self._seen.pop(raw, None) is not None
         if record.leaving:
             for beats in self._beats:
@@ -632,8 +634,7 @@ class Gossip:
         self._events.append(MembershipEvent("updated" if was_alive else "joined", record.node_id, record))
 
     def _merge_heartbeats(self, rows: Mapping[bytes, int], now: float) -> dict[bytes, int]:
-        """The reducer for heartbeats: max per origin; an advance is a sign of life. Returns our
-        heartbeats of alive members that are newer than the ones given (the answer to a syn)."""
+        """Heartbeats: the greatest per origin wins; an advance is a sign of life."""
         hb, seen, beats, records, down = self._hb, self._seen, self._beats[-1], self._records, self._down
         my_raw = self._my_raw
         limit = int(now) + MAX_CLOCK_SKEW_S  # heartbeats start at their origin's clock (seconds)
@@ -669,11 +670,7 @@ class Gossip:
 
     def _bump_version(self, above: int, now: float) -> None:
         self._me = sign(replace(self._me, version=next_version(max(above, self._me.version), now)), self._key)
-        self._note_changed(self._my_raw, now)
-
-    def _note_changed(self, raw: bytes, now: float) -> None:
-        self._changed.pop(raw, None)
-        self._changed[raw] = now
+        self._news[-1][self._my_raw] = self._me.version
 
     def _fail_after(self) -> float:
         return self._config.fail_after(len(self._seen) + 1)
@@ -695,7 +692,7 @@ class Gossip:
         forget = now - self._config.tombstone_s
         for raw in [r for r, (_, since) in self._down.items() if since < forget]:
             del self._down[raw], self._records[raw], self._hb[raw]
-            self._changed.pop(raw, None)
+            for news in self._news:
+                news.pop(raw, None)
         for raw in [r for r, t in self._orphans.items() if t < forget]:
             del self._orphans[raw], self._hb[raw]
-        _forget_before(self._changed, now - self._config.rumor_s)
