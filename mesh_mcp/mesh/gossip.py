@@ -73,6 +73,7 @@ from .records import (
     verify,
     wire_form,
 )
+from .wire import decode_json
 
 PROTOCOL = 1
 MAX_MESSAGE_BYTES = 1 << 20
@@ -260,13 +261,7 @@ def decode(data: bytes) -> dict[str, Any]:
     """The inverse of `encode`, bounded by MAX_MESSAGE_BYTES (ProtocolError)."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"gossip message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"malformed gossip message: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ProtocolError("a gossip message must be a JSON object")
-    return obj
+    return decode_json(data)
 
 
 def _flag(obj: dict[str, Any], key: str) -> bool:
