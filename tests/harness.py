@@ -8,6 +8,7 @@ up: the node's process group is terminated and reaped, and its llama-server chil
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,6 +88,17 @@ class NodeProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def wait_log(self, pattern: str, timeout: float = 5) -> re.Match[str]:
+        """Wait until the node's log matches `pattern` (logs trail state changes by up to a tick)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log())
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matching {pattern!r} in {timeout} s\n{self.log()[-4000:]}")
+            time.sleep(0.05)
 
     def status(self) -> dict[str, Any]:
         return httpx2.get(self.console + "/api/status", timeout=5).json()  # type: ignore[no-any-return]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -118,7 +117,7 @@ def test_three_nodes_route_chat_two_hops_away_and_notice_a_kill(host: NodeProces
     os.kill(host.proc.pid, signal.SIGKILL)
     wait_models(client, set(), timeout=20)
     wait_models(worker, set(), timeout=20)
-    assert re.search(rf"member {host_id} \(.*\) died", worker.log())
+    worker.wait_log(rf"member {host_id} \(.*\) died")
     # its llama-server died with it (no orphans)
     deadline = time.monotonic() + 5
     while pid_alive(llama_pid) and time.monotonic() < deadline:
@@ -136,7 +135,7 @@ def test_clean_leave_is_seen_at_once_and_restart_rejoins_with_same_id(host: Node
     node_id = host.status()["node_id"]
     host.signal(signal.SIGTERM)
     wait_models(client, set(), timeout=20)
-    assert re.search(rf"member {node_id} \(.*\) left", client.log()), "a clean leave is announced, not timed out"
+    client.wait_log(rf"member {node_id} \(.*\) left", timeout=2)  # a clean leave is announced, not timed out
     assert host.wait_exit(timeout=30) == 0
     # restart with the same home: same node id, and the client sees it again
     again = NodeProcess(
