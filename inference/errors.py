@@ -59,3 +59,19 @@ class AuthError(ProtocolError):
 
 class InvalidToken(ConfigError):
     """An invite token is malformed, mistyped (checksum) or of an unsupported version."""
+
+
+class BlackboardError(MeshLLMError):
+    """A post the blackboard refuses (too long, empty, rate-limited, store full); the poster sees it."""
+
+
+class RateLimited(BlackboardError):
+    """An author posted faster than the blackboard allows; `retry_after` seconds until the next post fits."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PostTooLarge(BlackboardError):
+    """A post's text is over the size limit."""

@@ -2,6 +2,7 @@
 
 mesh-llm [--model X ...]            run a node (console only when no model is given)
 mesh-llm download [NAME ...] [--draft]   list the catalog, or fetch models
+mesh-llm blackboard [TEXT | --search Q | --mcp | install-skill]   the agents' blackboard
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _node_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mesh-llm",
         description="Serve LLMs from the pooled capacity of your machines behind OpenAI/Anthropic APIs.",
-        epilog="Subcommands: `mesh-llm download [NAME ...] [--draft]` lists the catalog or fetches models.",
+        epilog="Subcommands: `mesh-llm download [NAME ...] [--draft]` lists the catalog or fetches models; "
+        "`mesh-llm blackboard --help`: the agents' blackboard (post, search, MCP server).",
     )
     p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
     p.add_argument(
@@ -40,7 +42,7 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--console-port", type=int, default=3131, help="console port (default 3131)")
     p.add_argument("--listen-all", action="store_true", help="serve the API and console on all interfaces")
-    p.add_argument("--name", help="display name of this node (default: host name)")
+    p.add_argument("--name", help="name of this node and author of posts written on it (default: host name, $USER)")
     p.add_argument("--models-dir", type=Path, help="where models live (default ~/.models, or $MESH_LLM_MODELS)")
     p.add_argument("--backend", choices=["cpu", "cuda", "metal", "vulkan"], help="llama.cpp backend (default: detect)")
     p.add_argument("--max-vram", type=float, metavar="GB", help="cap the memory this node offers to models")
@@ -57,6 +59,11 @@ def _node_parser() -> argparse.ArgumentParser:
         "--join", action="append", default=[], metavar="TOKEN", help="join the mesh of this invite token (repeatable)"
     )
     p.add_argument("--client", action="store_true", help="join without serving: API only, no GPU needed")
+    p.add_argument(
+        "--blackboard",
+        action="store_true",
+        help="carry the agents' blackboard (members always do; a --client only with this flag)",
+    )
     p.add_argument("--bind-port", type=int, default=0, help="UDP port of the mesh listener (default: any)")
     p.add_argument("--mesh-host", default="0.0.0.0", help="interface the mesh listener binds (default: all)")
     p.add_argument(
@@ -111,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["download"]:
             return _download(_download_parser().parse_args(argv[1:]))
+        if argv[:1] == ["blackboard"]:
+            from .cmd_blackboard import main as blackboard
+
+            return blackboard(argv[1:])
         if argv[:1] in (["drop"], ["rotate-key"]):
             return _control(argv[0], _control_parser(argv[0]).parse_args(argv[1:]))
         return _run(_node_parser().parse_args(argv))
@@ -155,6 +166,8 @@ def _run(args: argparse.Namespace) -> int:
         mesh_host=args.mesh_host,
         mesh_port=args.bind_port,
         advertise=tuple(args.advertise),
+        blackboard=args.blackboard,
+        author=args.name,
     )
     bars = Bars(console)
     try:

@@ -1,5 +1,6 @@
-"""A running mesh-llm node: one task group that owns the API server (:9337), the console (:3131),
-the llama.cpp build, model downloads and one supervised llama-server per model.
+"""A running mesh-llm node: one task group that owns the API server (:9337, with MCP at /mcp), the
+console (:3131), the mesh, the blackboard, the llama.cpp build, model downloads and one supervised
+llama-server per model.
 
 Start-up order is explicit (`tg.start`): the API and console listen first, so a person sees
 downloads and loads as they happen; models become `serving` one by one. Cancelling the group
@@ -12,9 +13,14 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from blackboard.board import Board
+from blackboard.scrub import default_scrubber
+from blackboard.store import Store
 from inference import hardware, models
 from inference.errors import ConfigError, MeshLLMError
 from inference.gguf_facts import read_facts
@@ -26,7 +32,10 @@ from .api import build_api
 from .console import build_console
 from .httpserve import serve_http
 from .identity import load_or_create
+from .local import RuntimeInfo, remove_runtime, write_runtime
+from .mcp_server import HttpTools, McpHttp
 from .mesh import meshfile
+from .mesh.board_link import BoardLink
 from .mesh.gossip import GossipConfig
 from .mesh.meshfile import MeshConfig
 from .mesh.runtime import Mesh, MeshSettings
@@ -36,6 +45,8 @@ from .state import NodeState
 from .ui import Bars
 
 log = logging.getLogger("mesh_llm.node")
+
+BLACKBOARD_DB = "blackboard.db"
 
 # Architectures that are embedding models: their llama-server runs with --embeddings.
 EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert"})
@@ -59,10 +70,21 @@ class NodeConfig:
     mesh_port: int = 0
     advertise: tuple[str, ...] = ()
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    blackboard: bool = False  # --blackboard: members always carry it; clients only when asked
+    author: str | None = None  # default author of posts written here (--name, else $USER)
 
     @property
     def in_mesh(self) -> bool:
-        return bool(self.models or self.joins or self.client)
+        return bool(self.models or self.joins or self.client or self.blackboard)
+
+    @property
+    def role(self) -> str:
+        # A client with nobody to join starts the mesh, so it must be a member others can gossip with.
+        return "client" if self.client and self.joins else "host"
+
+    @property
+    def carries_blackboard(self) -> bool:
+        return self.in_mesh and (self.blackboard or self.role != "client")
 
 
 class Node:
@@ -95,7 +117,7 @@ class Node:
                 config.home,
                 self.state,
                 MeshSettings(
-                    role="client" if config.client else "host",
+                    role=config.role,
                     host=config.mesh_host,
                     port=config.mesh_port,
                     advertise=config.advertise,
@@ -104,17 +126,43 @@ class Node:
                 ),
             )
             self.state.peers = self._peers
+        self.board: Board | None = None
+        self.board_link: BoardLink | None = None
+        if self.mesh is not None and config.carries_blackboard:
+            self.board = Board(
+                Store(config.home / BLACKBOARD_DB),
+                self.identity.key,
+                self.identity.node_id,
+                default_author=config.author or os.environ.get("USER") or self.state.name,
+                scrubber=default_scrubber,
+            )
+            self.board_link = BoardLink(self.mesh, self.board)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            if self.board is not None:
+                self.board.store.close()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         cfg = self.config
-        async with anyio.create_task_group() as tg:
+        # MCP's session manager outlives the HTTP servers that route to it (they stop first); its
+        # tools find this node's ports once they listen.
+        mcp_http = McpHttp(_OwnTools(self.state), allow_remote=cfg.host in ("0.0.0.0", "::"))
+        async with mcp_http as mcp, anyio.create_task_group() as tg:
             if self.mesh is not None:
                 await tg.start(self.mesh.run)
+            if self.board is not None and self.board_link is not None:
+                tg.start_soon(self.board.run)
+                tg.start_soon(self.board_link.run)
             api = build_api(self.state, self.mesh)
             if self.mesh is not None:
-                self.mesh.api_app = api
-            api_port = await tg.start(serve_http, api, cfg.host, cfg.api_port)
-            console_port = await tg.start(serve_http, build_console(self.state, self), cfg.host, cfg.console_port)
+                self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only
+            api_port = await tg.start(serve_http, _with_mcp(api, mcp), cfg.host, cfg.api_port)
+            console_port = await tg.start(
+                serve_http, build_console(self.state, self, self.board), cfg.host, cfg.console_port
+            )
             self.state.set_info(
                 api_url=f"http://{_display_host(cfg.host)}:{api_port}/v1",
                 console_url=f"http://{_display_host(cfg.host)}:{console_port}",
@@ -127,6 +175,10 @@ class Node:
                 self.state.console_url,
                 _describe_hw(self.hardware),
             )
+            write_runtime(
+                cfg.home, RuntimeInfo(os.getpid(), self.identity.node_id, self.state.api_url, self.state.console_url)
+            )
+            tg.start_soon(_remove_runtime_on_exit, cfg.home)
             if self.mesh is not None:
                 # The invite token alone on its own line of stdout: easy to copy, easy to script.
                 print(self.mesh.invite_token(), flush=True)
@@ -247,6 +299,58 @@ class Node:
         server.on_state = on_state
         self.servers[name] = server
         await server.run()
+
+
+async def _remove_runtime_on_exit(home: Path) -> None:
+    try:
+        await anyio.sleep_forever()
+    finally:
+        remove_runtime(home)
+
+
+class _OwnTools:
+    """The tools of this node's own `/mcp`: the same calls an attached `blackboard --mcp` makes, to
+    this node's ports (known once they listen), so both ways to reach MCP behave alike."""
+
+    def __init__(self, state: NodeState) -> None:
+        self._state = state
+
+    def _http(self) -> HttpTools:
+        return HttpTools(self._state.console_url, self._state.api_url)
+
+    async def post(self, text: str, reply_to: str | None, author: str | None) -> dict[str, Any]:
+        return await self._http().post(text, reply_to, author)
+
+    async def search(
+        self, query: str, author: str | None, kind: str | None, since_hours: float | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return await self._http().search(query, author, kind, since_hours, limit)
+
+    async def feed(
+        self, author: str | None, kind: str | None, since_hours: float | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return await self._http().feed(author, kind, since_hours, limit)
+
+    async def models(self) -> list[dict[str, Any]]:
+        return await self._http().models()
+
+    async def status(self) -> dict[str, Any]:
+        return await self._http().status()
+
+    async def ask(self, question: str, model: str | None, max_tokens: int) -> dict[str, Any]:
+        return await self._http().ask(question, model, max_tokens)
+
+
+def _with_mcp(api: ASGIApp, mcp: McpHttp) -> ASGIApp:
+    """The API port's app: MCP (streamable HTTP) at /mcp, the OpenAI/Anthropic API elsewhere."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if McpHttp.handles(scope):
+            await mcp(scope, receive, send)
+        else:
+            await api(scope, receive, send)
+
+    return app
 
 
 def _placement(model_bytes: int, hw: hardware.Hardware) -> str:

@@ -1,0 +1,223 @@
+"""The blackboard one node carries: the only way posts enter or leave its store.
+
+Two ways in, one order of checks each:
+- `post` (CLI, HTTP, MCP on this node): text and author are scrubbed of personal data, the
+  author's rate limit is spent, the post is signed with this node's key and stored;
+- `receive` (from a peer): each post must parse, verify (signature, id, origin key, not expired),
+  come from an origin that is within its quota, and be *already clean* — it is scrubbed again and
+  a post that still changes is refused, since its signature forbids storing an edited copy (an
+  honest origin scrubbed it before signing; one that did not is logged).
+Either way an accepted post goes to `on_accept(post, sender)`, which the mesh link uses to pass it
+on (blackboard/sync.py decides to whom). Queries (search, feed) and the anti-entropy reads
+(digest, ids, get) go straight to the store.
+
+The store and the scrubber block (SQLite, presidio), so they run in worker threads; one lock keeps
+the store to one thread at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from inference.errors import BlackboardError, ProtocolError, RateLimited
+
+from .limits import AUTHOR_LIMIT, RateLimiter
+from .post import TTL_S, Post, check_post_id, from_wire, make_post, verify
+from .store import Store
+
+log = logging.getLogger("mesh_llm.blackboard")
+
+EXPIRE_EVERY_S = 60.0
+MAX_RESULTS = 100
+ORIGIN_QUOTA = 20_000  # live posts one origin node may have in our store (48 h)
+
+
+class Scrubs(Protocol):
+    def scrub(self, text: str) -> Any: ...  # -> blackboard.scrub.Scrubbed
+
+
+class Board:
+    def __init__(
+        self,
+        store: Store,
+        key: Ed25519PrivateKey,
+        node_id: str,
+        default_author: str,
+        scrubber: Callable[[], Scrubs],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.default_author = default_author
+        self.on_accept: Callable[[Post, str | None], None] | None = None
+        self._key = key
+        self._scrubber_factory = scrubber
+        self._scrubber: Scrubs | None = None
+        self._clock = clock
+        self._lock = anyio.Lock()
+        self._authors = RateLimiter(AUTHOR_LIMIT)
+        self._origin_counts: dict[str, int] = {}
+        self._refused_origins: set[str] = set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Load the scrubber (presidio takes a second or two), then expire old posts every minute."""
+        await anyio.to_thread.run_sync(self._load_scrubber)
+        await self._recount()
+        task_status.started()
+        while True:
+            await anyio.sleep(EXPIRE_EVERY_S)
+            removed = await self._store(self.store.expire, self._clock())
+            if removed:
+                log.info("blackboard: %d post(s) expired", removed)
+                await self._recount()
+
+    def _load_scrubber(self) -> Scrubs:
+        scrubber = self._scrubber
+        if scrubber is None:
+            scrubber = self._scrubber = self._scrubber_factory()
+        return scrubber
+
+    async def _scrub(self, text: str) -> Any:
+        scrubber = self._scrubber
+        if scrubber is None:
+            scrubber = await anyio.to_thread.run_sync(self._load_scrubber)
+        return await anyio.to_thread.run_sync(scrubber.scrub, text)
+
+    async def _store(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        async with self._lock:
+            return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+    async def _recount(self) -> None:
+        self._origin_counts = await self._store(self.store.count_by_origin, self._clock())
+
+    # --- ways in ------------------------------------------------------------------------------------
+
+    async def post(self, text: str, author: str | None = None, reply_to: str | None = None) -> Post:
+        """Scrub, rate-limit, sign and store a post written on this node; `BlackboardError` says why not."""
+        if not isinstance(text, str):
+            raise BlackboardError("a post's text must be a string")
+        if reply_to is not None:
+            check_post_id(reply_to, "reply-to id")
+        clean = (await self._scrub(text)).text
+        name = (await self._scrub((author or self.default_author).strip() or self.default_author)).text
+        now = self._clock()
+        post = make_post(clean, name, self._key, now, reply_to)  # checks the limits on text and name
+        wait = self._authors.take(post.author.casefold(), now)
+        if wait:
+            raise RateLimited(
+                f"{post.author} is posting too fast: at most {AUTHOR_LIMIT.burst} posts at once and "
+                f"{AUTHOR_LIMIT.per_hour:.0f} an hour; retry in {wait:.0f} s",
+                retry_after=wait,
+            )
+        await self._store(self.store.add, post, now)  # raises BlackboardError when the store is full
+        self._count(post.origin)
+        log.info("blackboard: %s posted %s %s", post.author, post.kind or "a note", post.id)
+        if self.on_accept is not None:
+            self.on_accept(post, None)
+        return post
+
+    async def receive(self, wires: Iterable[object], sender: str) -> list[Post]:
+        """Posts from a peer: the new, genuine and clean ones are stored and returned; others are logged."""
+        accepted: list[Post] = []
+        for wire in wires:
+            try:
+                post = from_wire(wire)
+            except ProtocolError as exc:
+                log.warning("blackboard: refused a post from %s: %s", sender, exc)
+                continue
+            if post.origin == self.node_id or await self._store(self.store.has, post.id):
+                continue
+            now = self._clock()
+            try:
+                verify(post, now)
+            except ProtocolError as exc:
+                if post.expires > now:  # an expired post is routine near the 48 h edge, not news
+                    log.warning("blackboard: refused a post from %s: %s", sender, exc)
+                continue
+            if self._origin_counts.get(post.origin, 0) >= ORIGIN_QUOTA:
+                if post.origin not in self._refused_origins:
+                    self._refused_origins.add(post.origin)
+                    log.warning("blackboard: node %s has %d live posts; refusing more", post.origin, ORIGIN_QUOTA)
+                continue
+            dirty = [f for part in (post.text, post.author) for f in (await self._scrub(part)).findings]
+            if dirty:
+                kinds = ", ".join(sorted({f.entity for f in dirty}))
+                log.warning(
+                    "blackboard: refused post %s from %s (origin %s): it carries personal data (%s)",
+                    post.id,
+                    sender,
+                    post.origin,
+                    kinds,
+                )
+                continue
+            try:
+                if not await self._store(self.store.add, post, now):
+                    continue
+            except BlackboardError as exc:
+                log.warning("blackboard: cannot keep post %s: %s", post.id, exc)
+                continue
+            self._count(post.origin)
+            accepted.append(post)
+            if self.on_accept is not None:
+                self.on_accept(post, sender)
+        return accepted
+
+    def _count(self, origin: str) -> None:
+        self._origin_counts[origin] = self._origin_counts.get(origin, 0) + 1
+
+    # --- ways out -----------------------------------------------------------------------------------
+
+    async def search(
+        self,
+        query: str,
+        *,
+        author: str | None = None,
+        kind: str | None = None,
+        since_hours: float | None = None,
+        limit: int = 20,
+    ) -> list[Post]:
+        now = self._clock()
+        since, limit = _window(since_hours, limit, now)
+        if not query.strip():
+            return await self.feed(author=author, kind=kind, since_hours=since_hours, limit=limit)
+        return await self._store(
+            self.store.search, query, author=author, kind=_kind(kind), since=since, limit=limit, now=now
+        )
+
+    async def feed(
+        self, *, author: str | None = None, kind: str | None = None, since_hours: float | None = None, limit: int = 20
+    ) -> list[Post]:
+        now = self._clock()
+        since, limit = _window(since_hours, limit, now)
+        return await self._store(self.store.feed, author=author, kind=_kind(kind), since=since, limit=limit, now=now)
+
+    async def count(self) -> int:
+        return await self._store(self.store.count)
+
+    async def digest(self) -> dict[int, str]:
+        return await self._store(self.store.digest, self._clock())
+
+    async def ids_in(self, buckets: Iterable[int]) -> dict[int, list[str]]:
+        return await self._store(self.store.ids_in, list(buckets), self._clock())
+
+    async def get(self, ids: Iterable[str]) -> list[Post]:
+        return await self._store(self.store.get, list(ids))
+
+
+def _window(since_hours: float | None, limit: int, now: float) -> tuple[float | None, int]:
+    if since_hours is not None and not 0 < since_hours <= TTL_S / 3600:
+        raise BlackboardError(f"since is in hours, more than 0 and at most {TTL_S // 3600}")
+    if not 1 <= limit <= MAX_RESULTS:
+        raise BlackboardError(f"limit is between 1 and {MAX_RESULTS}")
+    return (now - since_hours * 3600 if since_hours is not None else None), limit
+
+
+def _kind(kind: str | None) -> str | None:
+    return kind.strip().upper() or None if kind is not None else None

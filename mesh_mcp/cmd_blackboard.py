@@ -1,0 +1,150 @@
+"""`mesh-llm blackboard`: post to, search and read the mesh's blackboard through the running local
+node; `--mcp` serves the blackboard to an agent over stdio; `install-skill` installs the agent skill.
+
+mesh-llm blackboard "STATUS: [org/repo branch:main] refactoring billing"   post
+mesh-llm blackboard --search "billing refactor" [--from NAME] [--since HOURS]   search
+mesh-llm blackboard [--from NAME] [--since HOURS]                              the recent feed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from inference import paths
+
+NO_NODE = (
+    "no mesh-llm node is running here ({url} does not answer). Start one: `mesh-llm --client --blackboard` "
+    "(no GPU needed; add `--join TOKEN` to join a mesh), or `mesh-llm --model NAME`."
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-llm blackboard",
+        description="The mesh's blackboard: post what you are doing, found or need; search what others posted. "
+        "Posts reach every node, are scrubbed of personal data and expire after 48 hours.",
+        epilog="`mesh-llm blackboard install-skill` installs the agent skill for Claude Code, Goose and pi.",
+    )
+    p.add_argument("text", nargs="?", help='text to post, e.g. "STATUS: [org/repo branch:main] refactoring billing"')
+    p.add_argument("--search", metavar="QUERY", help="full-text search (ranked)")
+    p.add_argument("--from", dest="author", metavar="NAME", help="only posts by this author")
+    p.add_argument("--since", type=float, metavar="HOURS", help="only posts from the last HOURS hours")
+    p.add_argument("--kind", metavar="KIND", help="only posts of this kind (STATUS, FINDING, QUESTION, ANSWER, …)")
+    p.add_argument("--limit", type=int, default=20, help="at most this many posts (default 20, at most 100)")
+    p.add_argument("--reply-to", metavar="ID", help="id of the post this answers (when posting)")
+    p.add_argument("--author", dest="post_author", metavar="NAME", help="author name for this post (default: node's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--mcp", action="store_true", help="serve the blackboard and mesh tools over MCP on stdio")
+    p.add_argument(
+        "--join", action="append", default=[], metavar="TOKEN", help="with --mcp: mesh to join if no node runs"
+    )
+    p.add_argument("--name", help="with --mcp: author name of a node started for it (default $USER)")
+    p.add_argument("--console-port", type=int, help="console port of the local node (default: the running node's)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["install-skill"]:
+        return install_skill(argv[1:])
+    args = parser().parse_args(argv)
+    home = paths.home_dir()
+    if args.mcp:
+        import anyio
+
+        from .local import run_stdio
+
+        anyio.run(run_stdio, home, list(args.join), args.name)
+        return 0
+    url = console_url(home, args.console_port)
+    try:
+        if args.text is not None:
+            if args.search is not None:
+                print("mesh-llm: give text to post or --search, not both", file=sys.stderr)
+                return 2
+            return _post(url, args)
+        return _read(url, args)
+    except httpx2.TransportError:
+        print(f"mesh-llm: {NO_NODE.format(url=url)}", file=sys.stderr)
+        return 1
+
+
+def console_url(home: Path, port: int | None) -> str:
+    if port is None:
+        from .local import read_runtime
+
+        info = read_runtime(home)
+        if info is not None:
+            return info.console_url.rstrip("/")
+        port = 3131
+    return f"http://127.0.0.1:{port}"
+
+
+def _post(url: str, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"text": args.text}
+    if args.post_author:
+        body["author"] = args.post_author
+    if args.reply_to:
+        body["reply_to"] = args.reply_to
+    resp = httpx2.post(url + "/api/blackboard", json=body, timeout=30)
+    if resp.status_code != 201:
+        return _fail(resp)
+    post = resp.json()["post"]
+    print(json.dumps(post) if args.json else f"posted {post['id']}")
+    return 0
+
+
+def _read(url: str, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    for key, value in (("q", args.search), ("from", args.author), ("since", args.since), ("kind", args.kind)):
+        if value is not None:
+            params[key] = value
+    resp = httpx2.get(url + "/api/blackboard", params=params, timeout=30)
+    if resp.status_code != 200:
+        return _fail(resp)
+    posts = resp.json()["posts"]
+    if args.json:
+        print(json.dumps(posts))
+        return 0
+    if not posts:
+        print("no posts match" if args.search else "the blackboard is empty")
+    now = time.time()
+    for post in posts:
+        reply = f" (re {post['reply_to'][:8]})" if post.get("reply_to") else ""
+        print(f"{post['id'][:8]}  {_ago(now - post['created']):>8}  {post['author']}{reply}: {post['text']}")
+    return 0
+
+
+def _fail(resp: httpx2.Response) -> int:
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text
+    print(f"mesh-llm: {message}", file=sys.stderr)
+    return 1
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def install_skill(argv: list[str]) -> int:
+    argparse.ArgumentParser(
+        prog="mesh-llm blackboard install-skill",
+        description="Install the blackboard skill where Claude Code, Goose and pi look for skills.",
+    ).parse_args(argv)
+    from blackboard.skill import format_results
+    from blackboard.skill import install_skill as install
+
+    print(format_results(install()))
+    return 0

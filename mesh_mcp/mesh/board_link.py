@@ -1,0 +1,192 @@
+"""The blackboard over the mesh: pushes new posts to peers and runs the anti-entropy sync, on
+authenticated QUIC streams of the node's mesh (what to send to whom: blackboard/sync.py).
+
+Streams:
+- `bb`: `{"t": "bb", "posts": [...]}`, one batch of posts pushed to us; no answer.
+- `bb-sync`: the opener sends its digest (`{"t": "bb-sync", "digest": {hour: hash}, "carry": bool}`);
+  the other side answers `{"ids": {hour: [id, ...]}}` for the hours that differ; the opener sends
+  `{"posts": [...]}` frames the other lacks, then `{"want": [id, ...]}`, then ends its side; the
+  other side answers with `{"posts": [...]}` frames of what was wanted and ends. A client that opens
+  with `carry: true` is subscribed: the member pushes it every post it accepts from then on.
+
+A member syncs with each member it has not synced with yet (a node that joined, or came back) and
+with one random member every SYNC_S seconds; a client syncs with the members it is connected to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import anyio
+
+from blackboard.board import Board
+from blackboard.post import Post
+from blackboard.sync import (
+    MAX_BUCKETS,
+    SYNC_S,
+    batches,
+    bounded_ids,
+    differing,
+    parse_digest,
+    parse_id_list,
+    parse_ids,
+    plan_exchange,
+    push_targets,
+)
+from inference.errors import MeshLLMError, ProtocolError
+
+from .quic import Connection, close_quietly
+from .runtime import SEND_TIMEOUT_S, Mesh
+from .wire import CONTROL_LIMIT, decode_json, encode_json, read_frame, read_json
+
+log = logging.getLogger("mesh_llm.blackboard")
+
+WATCH_S = 0.5  # how often membership is checked for nodes to sync with
+SUBSCRIPTION_S = 30.0  # a client stays subscribed this long after its last sync
+
+
+class BoardLink:
+    def __init__(self, mesh: Mesh, board: Board) -> None:
+        self.mesh, self.board = mesh, board
+        self._rng = random.Random()
+        self._subscribers: dict[str, float] = {}  # client node id -> last sync
+        self._synced: set[str] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        mesh.transport.handlers.update({"bb": self._on_push, "bb-sync": self._on_sync})
+        board.on_accept = self._accepted
+
+    @property
+    def _client(self) -> bool:
+        return self.mesh.settings.role == "client"
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            next_random = time.monotonic() + SYNC_S
+            while True:
+                await anyio.sleep(WATCH_S)
+                peers = self._sync_peers()
+                for node_id in [p for p in peers if p not in self._synced]:
+                    self._synced.add(node_id)
+                    tg.start_soon(self._sync_with, node_id)
+                self._synced &= set(peers)  # a node that went away is synced with again when it returns
+                if peers and time.monotonic() >= next_random:
+                    next_random = time.monotonic() + SYNC_S
+                    tg.start_soon(self._sync_with, self._rng.choice(peers))
+
+    def _members(self) -> list[str]:
+        me = self.mesh.identity.node_id
+        return [r.node_id for r in self.mesh.members() if r.node_id != me and r.role != "client"]
+
+    def _sync_peers(self) -> list[str]:
+        members = self._members()
+        if self._client:  # a client talks only to the members it is connected to
+            return [m for m in members if m in self.mesh.transport.connections]
+        return members
+
+    # --- push ---------------------------------------------------------------------------------------
+
+    def _accepted(self, post: Post, sender: str | None) -> None:
+        if self._tg is None:
+            return
+        now = time.monotonic()
+        subscribers = [c for c, t in self._subscribers.items() if now - t < SUBSCRIPTION_S]
+        if self._client:
+            targets = [m for m in self._sync_peers() if m != sender] if sender is None else []
+        else:
+            members = self._members()
+            targets = push_targets(post, self.mesh.identity.node_id, sender, members, subscribers, self._rng)
+        for node_id in targets:
+            self._tg.start_soon(self._push, node_id, post)
+
+    async def _push(self, node_id: str, post: Post) -> None:
+        try:
+            with anyio.fail_after(SEND_TIMEOUT_S):
+                conn = await self._connect(node_id)
+                for batch in batches([post]):
+                    _, writer = await conn.open_stream({"t": "bb", "posts": batch})
+                    close_quietly(writer)
+                conn.transmit()
+        except (OSError, TimeoutError, MeshLLMError, ConnectionError) as exc:
+            log.debug("blackboard push to %s failed: %s", node_id, exc)
+
+    async def _on_push(
+        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert conn.peer is not None
+        posts = header.get("posts")
+        if not isinstance(posts, list):
+            raise ProtocolError("a blackboard push carries a list of posts")
+        await self.board.receive(posts, conn.peer.node_id)
+
+    # --- anti-entropy -------------------------------------------------------------------------------
+
+    async def _connect(self, node_id: str) -> Connection:
+        record = self.mesh.gossip.record(node_id) if self.mesh.gossip is not None else None
+        return await self.mesh.transport.connect_any(node_id, record.addresses if record else ())
+
+    async def _sync_with(self, node_id: str) -> None:
+        try:
+            with anyio.fail_after(30):
+                conn = await self._connect(node_id)
+                got, gave = await self.sync(conn)
+            if got or gave:
+                log.info("blackboard: synced with %s: received %d post(s), sent %d", node_id, got, gave)
+        except (OSError, TimeoutError, MeshLLMError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.debug("blackboard sync with %s failed: %s", node_id, exc)
+            self._synced.discard(node_id)
+
+    async def sync(self, conn: Connection) -> tuple[int, int]:
+        """One digest exchange over `conn`; returns (posts received, posts sent)."""
+        assert conn.peer is not None
+        sender = conn.peer.node_id
+        reader, writer = await conn.open_stream({"t": "bb-sync", "digest": await self.board.digest(), "carry": True})
+        try:
+            theirs = parse_ids((await read_json(reader)).get("ids"))
+            exchange = plan_exchange(await self.board.ids_in(theirs), theirs)
+            gave = 0
+            for batch in batches(await self.board.get(exchange.give)):
+                writer.write(encode_json({"posts": batch}))
+                gave += len(batch)
+                await writer.drain()
+            writer.write(encode_json({"want": exchange.want}))
+            writer.write_eof()
+            got = 0
+            while (frame := await read_frame(reader, CONTROL_LIMIT)) is not None:
+                got += len(await self.board.receive(_posts(decode_json(frame)), sender))
+            return got, gave
+        finally:
+            close_quietly(writer)
+
+    async def _on_sync(
+        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert conn.peer is not None
+        sender = conn.peer.node_id
+        if header.get("carry") is True and sender not in self._members():
+            self._subscribers[sender] = time.monotonic()  # a client carrying the blackboard
+        diff = differing(await self.board.digest(), parse_digest(header.get("digest")))[:MAX_BUCKETS]
+        ids = bounded_ids(await self.board.ids_in(diff))
+        for bucket in diff:
+            ids.setdefault(bucket, [])  # hours only they have: we list none, so they send theirs
+        writer.write(encode_json({"ids": {str(b): v for b, v in ids.items()}}))
+        while (frame := await read_frame(reader, CONTROL_LIMIT)) is not None:
+            msg = decode_json(frame)
+            if "want" in msg:
+                for batch in batches(await self.board.get(parse_id_list(msg["want"]))):
+                    writer.write(encode_json({"posts": batch}))
+                    await writer.drain()
+                break
+            await self.board.receive(_posts(msg), sender)
+        writer.write_eof()
+
+
+def _posts(msg: dict[str, Any]) -> list[Any]:
+    posts = msg.get("posts")
+    if not isinstance(posts, list):
+        raise ProtocolError("a blackboard sync frame carries a list of posts")
+    return posts

@@ -1,0 +1,104 @@
+"""The README's agent config snippets parse and would launch the blackboard's MCP server.
+
+The section "## Agents: the blackboard over MCP" holds JSON blocks for Claude Code (`mcpServers`: a stdio server
+running `mesh-llm blackboard --mcp`, and the HTTP alternative) and a YAML block for Goose's `extensions:`. Each is
+parsed as the agent would parse it and checked for the command, its arguments and the URL. The README also keeps
+exactly two set-up commands.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SECTION = "## Agents: the blackboard over MCP"
+COMMAND = "mesh-llm"
+ARGS = ["blackboard", "--mcp"]
+URL = "http://localhost:9337/mcp"
+# goose crates/goose/src/agents/extension.rs: ExtensionConfig::Stdio, flattened into config's ExtensionEntry
+GOOSE_STDIO_FIELDS = {
+    "enabled",
+    "type",
+    "name",
+    "description",
+    "cmd",
+    "args",
+    "envs",
+    "env_keys",
+    "timeout",
+    "bundled",
+    "available_tools",
+}
+
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n{title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def blocks(text: str, lang: str) -> list[str]:
+    return [body for tag, body in _FENCE.findall(text) if tag == lang]
+
+
+def mcp_servers() -> list[dict[str, Any]]:
+    servers: list[dict[str, Any]] = []
+    for body in blocks(section(SECTION), "json"):
+        config = json.loads(body)
+        assert set(config) == {"mcpServers"}, config
+        for name, server in config["mcpServers"].items():
+            assert isinstance(server, dict), name
+            servers.append(server)
+    return servers
+
+
+def test_section_has_the_snippets() -> None:
+    text = section(SECTION)
+    assert len(blocks(text, "json")) == 2
+    assert len(blocks(text, "yaml")) == 1
+    assert "mesh-llm blackboard install-skill" in text
+    assert not blocks(text, "bash") and not blocks(text, "sh"), "config snippets only; no set-up commands here"
+
+
+def test_claude_code_stdio_snippet_launches_the_mcp_server() -> None:
+    stdio = [s for s in mcp_servers() if s.get("type", "stdio") == "stdio"]
+    assert len(stdio) == 1
+    (server,) = stdio
+    assert server["command"] == COMMAND
+    assert server["args"] == ARGS
+    assert set(server) <= {"type", "command", "args", "env"}
+
+
+def test_claude_code_http_snippet_points_at_the_node() -> None:
+    http = [s for s in mcp_servers() if s.get("type") == "http"]
+    assert http == [{"type": "http", "url": URL}]
+
+
+def test_goose_snippet_is_a_stdio_extension() -> None:
+    (body,) = blocks(section(SECTION), "yaml")
+    config = yaml.safe_load(body)
+    assert set(config) == {"extensions"}
+    ((key, ext),) = config["extensions"].items()
+    assert set(ext) <= GOOSE_STDIO_FIELDS, set(ext) - GOOSE_STDIO_FIELDS
+    assert ext["type"] == "stdio"
+    assert ext["name"] == key  # goose keys an extension by its name
+    assert ext["enabled"] is True
+    assert ext["cmd"] == COMMAND
+    assert ext["args"] == ARGS
+    assert isinstance(ext["timeout"], int) and ext["timeout"] > 0
+    assert isinstance(ext.get("envs", {}), dict)
+
+
+def test_readme_keeps_two_setup_commands() -> None:
+    commands = blocks(section("## Two commands"), "bash")
+    assert len(commands) == 2
+    assert all(len(c.strip().splitlines()) == 1 for c in commands)
