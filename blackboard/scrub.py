@@ -30,7 +30,7 @@ it again and refuses it if that changes anything. So the scrubber must be:
   presidio's e-mail and IP regexes only on the words around an "@" or a dotted/colon-separated
   number, and python-phonenumbers only on stretches shaped like a phone number, in the regions that
   could have written it, instead of over the whole post in eight regions. presidio as it comes
-  takes 60-80 ms for a 4 KiB post, this about 3-10 ms (bench/BLACKBOARD.md).
+  takes 60-80 ms for a 4 KiB post, this about 1.5-10 ms (bench/BLACKBOARD.md).
 
 What is scrubbed (entity → placeholder):
 
@@ -140,10 +140,11 @@ def _has_digit_and_letter(value: str) -> bool:
 _PLACEHOLDERISH = re.compile(
     r"(?i)^(?:[<${%*\[(@&`:=]|your|my[_-]|xxx|\.\.\.|none$|null$|nil$|true$|false$|redacted|changeme$|example)"
 )
-# Code, not data: identifiers without digits, attribute paths (`args.password`, `item2.first`), type names
-# (`Ed25519PrivateKey`), constants (`SECRET-TOKEN`).
+# Code, not data: identifiers without digits, attribute paths (`args.password`, `item2.first`),
+# type names (`Ed25519PrivateKey`, `SecretStr`), constants (`SECRET-TOKEN`).
 _CODE_REF = re.compile(
-    r"[A-Za-z_]+|[A-Za-z_]\w*(?:[.:][A-Za-z_]\w*)+|[A-Z]\w*(?:Key|Token|Secret|Str|String|Bytes|Password|Credentials?|Config|Settings|Auth|Type)|[A-Z_\-]+"
+    r"[A-Za-z_]+|[A-Za-z_]\w*(?:[.:][A-Za-z_]\w*)+|[A-Z_\-]+"
+    r"|[A-Z]\w*(?:Key|Token|Secret|Str|String|Bytes|Password|Credentials?|Config|Settings|Auth|Type)"
 )
 
 
@@ -270,12 +271,13 @@ _RULES: tuple[_Rule, ...] = (
         _has_digit_and_letter,
         _alnum_start,
     ),
-    _Rule(
+    _Rule(  # "uthorization": Authorization or authorization, and still a literal to scan for
         "API_KEY",
         re.compile(rf"uthorization[\"']?[ \t]*[:=][ \t]*[\"']?(?:Basic|basic|Token|token)[ \t]+(?P<v>{_TOKEN_BODY})"),
         ("authorization",),
     ),
-    # Labelled secrets: OPENAI_API_KEY=…, "client_secret": "…", aws_secret_access_key = …, token: …
+    # Labelled secrets: OPENAI_API_KEY=…, "client_secret": "…", aws_secret_access_key = …, token: ….
+    # (?=k) and the like let `re` skip to candidate characters despite (?i).
     _Rule("API_KEY", re.compile(rf"(?i)(?=k)key{_VALUE}"), ("key",), _labelled_value, _key_label),
     _Rule(
         "API_KEY",

@@ -1,15 +1,29 @@
-"""GGUF facts from the header alone: architecture, layers, context, experts, chat template.
+"""GGUF facts from the header alone: architecture, layers, context, experts, chat template, tensor directory.
 
-A header-only reader (no tensor data, no numpy) so scanning a models directory is fast, and so a
-corrupt or truncated file gives a clear `CorruptModel` instead of a llama-server exit code.
+A header-only reader (no tensor data, no numpy) so scanning a models directory is fast, and so a corrupt or
+truncated file gives a clear `CorruptModel` instead of a llama-server exit code. The tensor directory gives
+each tensor's name, shape (GGML order: `ne[0]`, the row length, first), ggml type, byte size and absolute
+data offset (`general.alignment`, default 32). Every tensor must lie inside its file: one that ends past the
+end means a truncated download.
+
+Split models (`split.count` > 1, files `<prefix>-0000i-of-0000N.gguf` as llama-gguf-split and gguf-py name
+them): `read_facts` on any shard reads the metadata of the first and the tensor directories of all shards,
+so the facts describe the whole model; `file_size` is then the sum of the shards. A missing shard is a
+`CorruptModel` naming it (llama.cpp could not load the model either).
+
+Also here: the memory model used by placement (`memory_need`, `kv_cache_bytes`, `model_need_bytes`) over
+`ModelShape`, the few numbers a plan needs, which `GGUFFacts` provides and tests may fake.
 """
 
 from __future__ import annotations
 
+import re
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from .errors import CorruptModel
 
@@ -30,14 +44,109 @@ _SCALARS: dict[int, str] = {
 }
 _STRING, _ARRAY = 8, 9
 _MAX_STRING = 64 << 20  # a chat template is a few KB; 64 MiB means a corrupt length
-# Arrays longer than this are skipped rather than kept (tokenizer vocabularies).
+# Arrays longer than this are skipped rather than kept (tokenizer vocabularies) ...
 _KEEP_ARRAY = 64
+# ... except per-layer numbers needed for the KV cache (one entry per layer).
+_PER_LAYER_KEYS = (".attention.head_count", ".attention.head_count_kv")
+_KEEP_PER_LAYER = 1 << 16
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+DEFAULT_ALIGNMENT = 32
+_LAYER = re.compile(r"blk\.(\d+)\.")
+_SHARD = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+# ggml type id -> (elements per block, bytes per block); gguf-py's GGML_QUANT_SIZES (0.19.0), copied so the
+# reader needs neither numpy nor the 250 ms import of `gguf`. Ids unknown here are looked up there lazily.
+GGML_BLOCKS: dict[int, tuple[int, int]] = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    9: (32, 40),  # Q8_1
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+    15: (256, 292),  # Q8_K
+    16: (256, 66),  # IQ2_XXS
+    17: (256, 74),  # IQ2_XS
+    18: (256, 98),  # IQ3_XXS
+    19: (256, 50),  # IQ1_S
+    20: (32, 18),  # IQ4_NL
+    21: (256, 110),  # IQ3_S
+    22: (256, 82),  # IQ2_S
+    23: (256, 136),  # IQ4_XS
+    24: (1, 1),  # I8
+    25: (1, 2),  # I16
+    26: (1, 4),  # I32
+    27: (1, 8),  # I64
+    28: (1, 8),  # F64
+    29: (256, 56),  # IQ1_M
+    30: (1, 2),  # BF16
+    34: (256, 54),  # TQ1_0
+    35: (256, 66),  # TQ2_0
+    39: (32, 17),  # MXFP4
+    40: (64, 36),  # NVFP4
+    41: (128, 18),  # Q1_0
+}
+
+
+def ggml_block(ggml_type: int) -> tuple[int, int] | None:
+    """(elements per block, bytes per block) of a ggml type, or None when no table knows it."""
+    if ggml_type in GGML_BLOCKS:
+        return GGML_BLOCKS[ggml_type]
+    try:  # a type newer than our table: gguf-py may know it (imports numpy; only on this rare path)
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ImportError, ValueError, KeyError):
+        return None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGML order: ne[0] (the row) first, as stored in the file
+    ggml_type: int
+    n_bytes: int
+    offset: int  # absolute offset of the data in its file (shard)
+    shard: int = 0  # index into GGUFFacts.shard_paths; 0 for an unsplit file
+
+    @property
+    def layer(self) -> int | None:
+        """N for `blk.N.*` tensors, None for the rest (embeddings, output, rope tables)."""
+        m = _LAYER.match(self.name)
+        return int(m.group(1)) if m else None
+
+
+class ModelShape(Protocol):
+    """What placement needs to know about a model. `GGUFFacts` is one; tests and simulations fake it."""
+
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def layer_bytes(self) -> tuple[int, ...]: ...  # weights of blk.N, one entry per layer
+    @property
+    def non_layer_bytes(self) -> int: ...  # token_embd, output_norm, output, rope tables…
+    @property
+    def output_bytes(self) -> int: ...  # output.weight, or token_embd when tied
+    @property
+    def output_tied(self) -> bool: ...
+    @property
+    def n_embd(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def kv_elements_per_token(self) -> tuple[int, ...]: ...  # per layer: n_head_kv × (key_length + value_length)
 
 
 @dataclass(frozen=True)
 class GGUFFacts:
     path: Path
-    file_size: int
+    file_size: int  # all shards together for a split model
     version: int
     n_tensors: int
     architecture: str
@@ -49,21 +158,130 @@ class GGUFFacts:
     expert_used_count: int
     has_chat_template: bool
     metadata: dict[str, object]
+    alignment: int = DEFAULT_ALIGNMENT
+    tensors: tuple[TensorInfo, ...] = ()
+    vocab_size: int = 0  # tokenizer token count, else token_embd's ne[1]
+    split_count: int = 1
+    shard_paths: tuple[Path, ...] = field(default_factory=tuple)
 
     @property
     def is_moe(self) -> bool:
         return self.expert_count > 1
 
+    def _num(self, key: str) -> int | None:
+        v = self.metadata.get(f"{self.architecture}.{key}")
+        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    def _per_layer(self, key: str, default: int) -> tuple[int, ...]:
+        v = self.metadata.get(f"{self.architecture}.{key}")
+        if isinstance(v, list) and len(v) == self.n_layers and all(isinstance(x, int) for x in v):
+            return tuple(int(x) for x in v)
+        one = int(v) if isinstance(v, int) and not isinstance(v, bool) else default
+        return (one,) * self.n_layers
+
+    @cached_property
+    def tensor(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+    @cached_property
+    def n_layers(self) -> int:
+        seen = [t.layer for t in self.tensors if t.layer is not None]
+        return max(self.block_count or 0, max(seen, default=-1) + 1)
+
+    @property
+    def n_embd(self) -> int:
+        emb = self.tensor.get("token_embd.weight")
+        return self.embedding_length or (emb.shape[0] if emb else 0)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @cached_property
+    def layer_bytes(self) -> tuple[int, ...]:
+        per = [0] * self.n_layers
+        for t in self.tensors:
+            if t.layer is not None:
+                per[t.layer] += t.n_bytes
+        return tuple(per)
+
+    @property
+    def non_layer_bytes(self) -> int:
+        return self.weight_bytes - sum(self.layer_bytes)
+
+    @property
+    def output_tied(self) -> bool:
+        return "output.weight" not in self.tensor and "token_embd.weight" in self.tensor
+
+    @property
+    def output_bytes(self) -> int:
+        out = self.tensor.get("output.weight") or self.tensor.get("token_embd.weight")
+        return out.n_bytes if out else 0
+
+    @property
+    def n_head(self) -> int:
+        return max(self._per_layer("attention.head_count", 0), default=0)
+
+    @property
+    def n_head_kv(self) -> tuple[int, ...]:
+        """Per layer; 0 for layers without attention (recurrent layers of hybrid models)."""
+        heads = self._per_layer("attention.head_count", 0)
+        kv = self._per_layer("attention.head_count_kv", -1)
+        return tuple(h if k < 0 else k for h, k in zip(heads, kv, strict=True))
+
+    @property
+    def key_length(self) -> int:
+        n_head = self.n_head
+        return self._num("attention.key_length") or (self.n_embd // n_head if n_head else 0)
+
+    @property
+    def value_length(self) -> int:
+        n_head = self.n_head
+        return self._num("attention.value_length") or (self.n_embd // n_head if n_head else 0)
+
+    @property
+    def kv_elements_per_token(self) -> tuple[int, ...]:
+        per_head = self.key_length + self.value_length
+        return tuple(k * per_head for k in self.n_head_kv)
+
 
 class _Reader:
     def __init__(self, fh: BinaryIO, path: Path, size: int) -> None:
         self.fh, self.path, self.size = fh, path, size
+        self.array_lengths: dict[str, int] = {}
+
+    def truncated(self) -> CorruptModel:
+        return CorruptModel(f"{self.path} is truncated: its GGUF header ends early ({self.size} bytes); re-download it")
 
     def take(self, n: int) -> bytes:
         data = self.fh.read(n)
         if len(data) != n:
-            raise CorruptModel(f"{self.path} is truncated: its GGUF header ends early ({self.size} bytes)")
+            raise self.truncated()
         return data
+
+    def skip(self, n: int) -> None:
+        if self.fh.tell() + n > self.size:
+            raise self.truncated()
+        self.fh.seek(n, 1)
+
+    def skip_strings(self, count: int) -> None:
+        """Skip `count` length-prefixed strings, walking 1 MiB chunks (a 150k-token vocabulary in ~40 ms)."""
+        pos = self.fh.tell()
+        buf, base = b"", pos  # buf holds the file's bytes from offset `base`
+        unpack, limit = struct.Struct("<Q").unpack_from, min(_MAX_STRING, self.size)
+        for _ in range(count):
+            if pos + 8 > base + len(buf):
+                self.fh.seek(pos)
+                buf, base = self.fh.read(1 << 20), pos
+                if len(buf) < 8:
+                    raise self.truncated()
+            n = unpack(buf, pos - base)[0]
+            if n > limit:
+                raise CorruptModel(f"{self.path}: corrupt GGUF header (a string claims {n} bytes)")
+            pos += 8 + n
+        if pos > self.size:
+            raise self.truncated()
+        self.fh.seek(pos)
 
     def scalar(self, fmt: str) -> int | float | bool:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
@@ -80,7 +298,7 @@ class _Reader:
             raise CorruptModel(f"{self.path}: corrupt GGUF header (a string claims {n} bytes)")
         return self.take(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> object:
+    def value(self, vtype: int, key: str = "") -> object:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -89,16 +307,73 @@ class _Reader:
             item_type, count = self.u32(), self.u64()
             if count > self.size:
                 raise CorruptModel(f"{self.path}: corrupt GGUF header (an array claims {count} items)")
-            if item_type in _SCALARS and count > _KEEP_ARRAY:
-                self.fh.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
-                return f"<array of {count}>"
-            items = [self.value(item_type) for _ in range(count)]
-            return items if count <= _KEEP_ARRAY else f"<array of {count}>"
+            self.array_lengths[key] = count
+            keep = _KEEP_PER_LAYER if key.endswith(_PER_LAYER_KEYS) else _KEEP_ARRAY
+            if count <= keep:
+                return [self.value(item_type) for _ in range(count)]
+            if item_type in _SCALARS:
+                self.skip(struct.calcsize(_SCALARS[item_type]) * count)
+            elif item_type == _STRING:  # a vocabulary: skip the bytes without decoding them
+                self.skip_strings(count)
+            else:
+                for _ in range(count):
+                    self.value(item_type)
+            return f"<array of {count}>"
         raise CorruptModel(f"{self.path}: corrupt GGUF header (unknown value type {vtype})")
 
 
-def read_facts(path: Path) -> GGUFFacts:
-    """Parse the GGUF header of `path`; raise `CorruptModel` saying what is wrong."""
+@dataclass(frozen=True)
+class _File:
+    version: int
+    meta: dict[str, object]
+    array_lengths: dict[str, int]
+    tensors: tuple[TensorInfo, ...]
+    alignment: int
+    size: int
+
+
+def _tensor_directory(r: _Reader, n_tensors: int, alignment: int, shard: int) -> tuple[TensorInfo, ...]:
+    path = r.path
+    raw = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.u32()
+        if n_dims > _MAX_DIMS:
+            raise CorruptModel(f"{path}: corrupt tensor directory (tensor {name!r} claims {n_dims} dimensions)")
+        shape = tuple(r.u64() for _ in range(n_dims))
+        raw.append((name, shape, r.u32(), r.u64()))
+    data_start = -(-r.fh.tell() // alignment) * alignment
+    out: list[TensorInfo] = []
+    seen: set[str] = set()
+    for name, shape, gtype, rel in raw:
+        if name in seen:
+            raise CorruptModel(f"{path}: corrupt tensor directory (tensor {name!r} appears twice)")
+        seen.add(name)
+        block = ggml_block(gtype)
+        if block is None:
+            raise CorruptModel(f"{path}: tensor {name!r} has unknown ggml type {gtype} (corrupt, or newer than gguf)")
+        n_el = 1
+        for d in shape:
+            n_el *= d
+        if n_el >= 1 << 62:
+            raise CorruptModel(f"{path}: corrupt tensor directory (tensor {name!r} shape {list(shape)})")
+        per_block, block_bytes = block
+        if shape and shape[0] % per_block:
+            raise CorruptModel(f"{path}: tensor {name!r} row of {shape[0]} is not a multiple of its block {per_block}")
+        n_bytes = n_el // per_block * block_bytes
+        if rel % alignment:
+            raise CorruptModel(f"{path}: corrupt tensor directory ({name!r} at offset {rel}, alignment {alignment})")
+        offset = data_start + rel
+        if offset + n_bytes > r.size:
+            raise CorruptModel(
+                f"{path} is truncated: tensor {name!r} ends at byte {offset + n_bytes}, past the end of the file "
+                f"({r.size} bytes); re-download it"
+            )
+        out.append(TensorInfo(name, shape, gtype, n_bytes, offset, shard))
+    return tuple(out)
+
+
+def _read_file(path: Path, shard: int = 0) -> _File:
     try:
         size = path.stat().st_size
         fh = open(path, "rb")
@@ -112,26 +387,73 @@ def read_facts(path: Path) -> GGUFFacts:
         if version not in (2, 3):
             raise CorruptModel(f"{path}: unsupported GGUF version {version}")
         n_tensors, n_kv = r.u64(), r.u64()
-        if n_kv > 100_000 or n_tensors > 1_000_000:
+        # Each key/value takes >= 13 bytes and each directory entry >= 24: more than fits is corrupt.
+        if n_kv > 100_000 or n_tensors > 1_000_000 or 13 * n_kv + 24 * n_tensors > size:
             raise CorruptModel(f"{path}: corrupt GGUF header ({n_kv} keys, {n_tensors} tensors)")
         meta: dict[str, object] = {}
         for _ in range(n_kv):
             key = r.string()
-            meta[key] = r.value(r.u32())
+            meta[key] = r.value(r.u32(), key)
+        alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+            raise CorruptModel(f"{path}: corrupt GGUF header (general.alignment = {alignment!r}, not a power of two)")
+        tensors = _tensor_directory(r, n_tensors, alignment, shard)
+    return _File(version, meta, r.array_lengths, tensors, alignment, size)
+
+
+def _shard_paths(path: Path, count: int) -> tuple[Path, ...]:
+    m = _SHARD.match(path.name)
+    if not m or int(m["count"]) != count:
+        raise CorruptModel(
+            f"{path} is one of {count} split files, but its name does not end in -0000i-of-{count:05d}.gguf; "
+            "keep the names llama-gguf-split gave them"
+        )
+    return tuple(path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
+
+
+def read_facts(path: Path) -> GGUFFacts:
+    """Parse the GGUF header and tensor directory of `path` (all shards of a split model); raise
+    `CorruptModel` saying what is wrong."""
+    first = _read_file(path)
+    count = first.meta.get("split.count", 1)
+    shards: tuple[Path, ...] = (path,)
+    files = [first]
+    if isinstance(count, int) and count > 1:
+        shards = _shard_paths(path, count)
+        if shards[0] != path:
+            first = _read_file(shards[0])
+        files = [first]
+        for i, p in enumerate(shards[1:], start=1):
+            if not p.exists():
+                raise CorruptModel(f"{path} is split into {count} files and {p.name} is missing; download every part")
+            files.append(_read_file(p, shard=i))
+        expected = first.meta.get("split.tensors.count")
+        got = sum(len(f.tensors) for f in files)
+        if isinstance(expected, int) and expected != got:
+            raise CorruptModel(f"{path}: the {count} split files hold {got} tensors, the header says {expected}")
+    meta = first.meta
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise CorruptModel(f"{path}: GGUF header has no general.architecture")
+    tensors = tuple(t for f in files for t in f.tensors)
+    if len({t.name for t in tensors}) != len(tensors):
+        raise CorruptModel(f"{path}: the split files repeat a tensor")
 
     def num(key: str) -> int | None:
         v = meta.get(f"{arch}.{key}")
         return int(v) if isinstance(v, int | float) else None
 
+    by_name = {t.name: t for t in tensors}
+    vocab = first.array_lengths.get("tokenizer.ggml.tokens", 0)
+    for fallback in ("token_embd.weight", "output.weight"):
+        if not vocab and fallback in by_name and len(by_name[fallback].shape) >= 2:
+            vocab = by_name[fallback].shape[1]
     name = meta.get("general.name")
     return GGUFFacts(
         path=path,
-        file_size=size,
-        version=version,
-        n_tensors=n_tensors,
+        file_size=sum(f.size for f in files),
+        version=first.version,
+        n_tensors=len(tensors),
         architecture=arch,
         name=name if isinstance(name, str) else None,
         block_count=num("block_count"),
@@ -141,4 +463,76 @@ def read_facts(path: Path) -> GGUFFacts:
         expert_used_count=num("expert_used_count") or 0,
         has_chat_template="tokenizer.chat_template" in meta,
         metadata=meta,
+        alignment=first.alignment,
+        tensors=tensors,
+        vocab_size=vocab or num("vocab_size") or 0,
+        split_count=len(files),
+        shard_paths=shards,
     )
+
+
+# --- the memory model -------------------------------------------------------------------------------------------
+#
+# Measured with this pinned llama.cpp on CPU (llama-server, flash attention "auto" = on, n_ubatch 512):
+# the compute buffer is ≈ 14 × 4 × n_ubatch × n_embd (activations, n_ff = 3 × n_embd) + 2 × n_ubatch × n_ctx
+# (the f16 KQ mask), independent of vocab; the output buffer is 4 × n_vocab × slots. Without flash attention the
+# KQ scores add 4 × n_ubatch × n_head × n_ctx (≈ 8 GiB for 32 heads at 128k context): run llama-server with
+# flash attention on. Each device of a split allocates its own compute buffer, so every stage pays it.
+
+MiB = 1 << 20
+N_UBATCH = 512  # llama.cpp's default physical batch; mesh-llm does not change it
+MARGIN_FIXED = 64 * MiB  # per device: allocator slack, graph copies between devices, RPC buffers
+MARGIN_SHARE = 0.05  # of the device's weights: padding, repacked CPU copies, fragmentation
+KV_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of 256
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weights: int
+    kv: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+
+def _padded(ctx_tokens: int) -> int:
+    return -(-max(ctx_tokens, 1) // KV_PAD) * KV_PAD
+
+
+def kv_cache_bytes(facts: ModelShape, ctx_tokens: int, type_bytes: int = 2, layers: range | None = None) -> int:
+    """K + V cache for `ctx_tokens` cells in total (all slots; padded to 256 as llama.cpp does), f16 by default:
+    Σ over `layers` (default all) of n_head_kv × (key_length + value_length) × cells × type_bytes.
+
+    Conservative for sliding-window layers (sized for the full context) and MLA models (sized from
+    key_length/value_length). Recurrent state (Mamba, RWKV layers) is not counted."""
+    per_layer = facts.kv_elements_per_token
+    picked: Sequence[int] = per_layer if layers is None else [per_layer[i] for i in layers]
+    return sum(picked) * _padded(ctx_tokens) * type_bytes
+
+
+def memory_need(
+    facts: ModelShape, ctx_tokens: int, slots: int, *, layers: range | None = None, host: bool = True
+) -> MemoryNeed:
+    """Memory one device needs to serve `layers` (default: all) with `slots` × `ctx_tokens` of unified KV cache.
+
+    weights = Σ layer weights + (host: every non-layer tensor, plus the output copy of token_embd when tied —
+              llama.cpp keeps the input embedding on the host CPU and duplicates a tied output onto the last device)
+    kv      = kv_cache_bytes(layers, slots × ctx_tokens)
+    compute = 64 MiB + 5 % of weights + 4 × 512 × 16 × n_embd + 2 × 512 × n_ctx  (+ host: 4 × n_vocab × slots)
+    The compute term is measured (see above) and rounded up; the margins are not measured and are kept small."""
+    n_ctx = slots * ctx_tokens
+    span = range(facts.n_layers) if layers is None else layers
+    weights = sum(facts.layer_bytes[i] for i in span)
+    compute = MARGIN_FIXED + 4 * N_UBATCH * 16 * facts.n_embd + 2 * N_UBATCH * _padded(n_ctx)
+    if host:
+        weights += facts.non_layer_bytes + (facts.output_bytes if facts.output_tied else 0)
+        compute += 4 * facts.vocab_size * slots
+    compute += int(weights * MARGIN_SHARE)
+    return MemoryNeed(weights=weights, kv=kv_cache_bytes(facts, n_ctx, layers=span), compute=compute)
+
+
+def model_need_bytes(facts: ModelShape, ctx_tokens: int, slots: int) -> int:
+    """Bytes to serve the whole model on one device: weights + KV (slots × ctx_tokens, f16) + compute overhead."""
+    return memory_need(facts, ctx_tokens, slots).total

@@ -64,7 +64,7 @@ def test_a_relayed_post_goes_to_a_few_others_never_back() -> None:
     ms = [ME, *members(100)]
     sender = members(100)[0]
     targets = push_targets(POST, ME, sender, ms, [], random.Random(2))
-    assert sender not in targets and len(targets) == fanout(101) == 9
+    assert sender not in targets and len(targets) == fanout(101) == 11
     assert len(set(targets)) == len(targets)
 
 
@@ -131,4 +131,4 @@ def test_an_epidemic_of_pushes_reaches_every_member(n: int, seed: int) -> None:
     if n <= FULL_PUSH + 1:
         assert have == set(ms)
     else:
-        assert len(have) >= 0.99 * n
+        assert n - len(have) <= max(1, n // 100)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,22 @@ def test_section_has_the_snippets() -> None:
     assert len(blocks(text, "json")) == 2
     assert len(blocks(text, "yaml")) == 1
     assert "mesh-llm blackboard install-skill" in text
-    assert not blocks(text, "bash") and not blocks(text, "sh"), "config snippets only; no set-up commands here"
+
+
+def test_the_sections_commands_parse_with_the_real_cli() -> None:
+    """Every `mesh-llm` line shown in the section (and the snippets' arguments) is accepted by the CLI."""
+    from mesh_mcp import cmd_blackboard
+    from mesh_mcp.cli import _node_parser
+
+    lines = [line.split("  #")[0].strip() for body in blocks(section(SECTION), "bash") for line in body.splitlines()]
+    commands = [shlex.split(line) for line in lines if line.startswith("mesh-llm ")]
+    assert len(commands) >= 4
+    for argv in [*commands, [COMMAND, *ARGS]]:
+        assert argv[0] == COMMAND
+        if argv[1] == "blackboard":
+            cmd_blackboard.parser().parse_args(argv[2:])
+        else:
+            _node_parser().parse_args(argv[1:])
 
 
 def test_claude_code_stdio_snippet_launches_the_mcp_server() -> None:

@@ -1,0 +1,523 @@
+"""Zero-transfer loading: pre-seed a worker's ggml-rpc tensor cache from the worker's own copy of the GGUF.
+
+When llama-server loads a layer split over RPC, every large weight is first offered by hash; a server
+that has the file answers "have it" and the tensor's bytes never cross the network. `seed` writes those
+files ahead of time from the worker's local GGUF, only for the layers the worker will hold.
+
+Facts checked in the pinned source (ggml/src/ggml-rpc/ggml-rpc.cpp, src/llama-model-loader.cpp,
+src/llama-model.cpp, tools/rpc/rpc-server.cpp; llama.cpp b11434, RPC protocol 7.0.0):
+- A tensor goes by hash first (SET_TENSOR_HASH) when `size > HASH_THRESHOLD` (10 MiB = 10485760 bytes,
+  strictly greater) and it lives in a weights buffer (`rpc_use_hash_cache`). On a miss the client sends the
+  full tensor with cache_flag=1 and the server writes the file itself (a plain ofstream, not atomic).
+- The hash is `fnv_hash`: FNV-1a 64 (offset basis 0xcbf29ce484222325, prime 0x100000001b3) over exactly the
+  bytes of that one `set_tensor` call. The model loader uploads each weight whole,
+  `ggml_backend_tensor_set(cur, data, 0, ggml_nbytes(cur))`, from the mmap (or, without mmap, from a
+  staging buffer of the same bytes: the RPC device has no async-upload path that would chunk it). So the
+  hash is over the tensor's raw bytes in the GGUF, `[data_offset, data_offset + n_bytes)`, no padding.
+- File name: `snprintf("%016" PRIx64)`: 16 lower-case hex digits, zero-padded, no extension, in
+  `<cache dir>/rpc/`, where the cache dir is `$LLAMA_CACHE`, else `$XDG_CACHE_HOME/llama.cpp`, else
+  `~/.cache/llama.cpp` (`~/Library/Caches/llama.cpp` on macOS). On a hit the server loads the whole file and
+  trusts its size: a truncated file would load a partial tensor silently. Hence we write to a temporary
+  name, fsync, and rename; an existing file of the wrong size is rewritten.
+- Placement: the input layer (token_embd, pos_embd, token_types, per_layer_token_embd) always stays on the
+  host CPU and is never sent. `blk.N` goes with layer N. The output layer is layer `n_layer` in llama.cpp's
+  n_layer + 1 split accounting (`-ngl K` offloads layers `n_layer + 1 - K ..= n_layer`); it holds
+  output.weight, output_norm and other head tensors, `blk.N` with N >= n_layer (e.g. next-token heads), and
+  token_embd.weight as a duplicate when the model ties embeddings (no output.weight).
+- The host still needs the whole GGUF: it hashes every large tensor it offers.
+
+The tensor directory comes from gguf-py's `GGUFReader` (absolute `data_offset`, `n_bytes`); it could switch
+to `inference.gguf_facts` once that module has a tensor directory. The hash runs in a tiny C function
+(`llama.cpp/fnv1a.c`), compiled lazily with the system C compiler into the llama.cpp build cache under a file
+lock; without a compiler a pure-Python fallback (about 10 MB/s) is used and a warning logged. FNV-1a is a
+serial chain (xor, then a 64-bit multiply per byte), so one tensor hashes at one core's speed; tensors are
+hashed in parallel on all cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorruptModel
+from .llamacpp import build_root
+
+log = logging.getLogger("mesh_llm.rpc_cache")
+
+HASH_THRESHOLD = 10 * 1024 * 1024  # bytes; a tensor strictly larger is offered by hash
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+_MASK = (1 << 64) - 1
+# LLM_TENSOR_LAYER_INPUT tensors (llama-arch.cpp): always on the host CPU.
+INPUT_TENSORS = frozenset(
+    {"token_embd", "pos_embd", "token_types", "per_layer_token_embd", "masked_embd_centroids", "masked_embd_ordering"}
+)
+FIRST_LAYER_TENSORS = frozenset({"token_embd_norm"})  # "do the norms on the first layer"
+CHUNK = 64 << 20  # hash and copy granularity: progress and fallback-copy unit
+CC_FLAGS = ("-O3", "-shared", "-fPIC")
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def cache_files_dir(cache_dir: Path) -> Path:
+    """Where rpc-server looks for cached tensors, given its `LLAMA_CACHE` directory."""
+    return cache_dir / "rpc"
+
+
+def cache_file_name(digest: int) -> str:
+    return f"{digest:016x}"
+
+
+# --- FNV-1a 64 -------------------------------------------------------------------------------------
+
+_NativeFn = Callable[[int, int, int], int]  # (address, length, seed) -> hash
+_native_lock = threading.Lock()
+_native: list[_NativeFn | None] = []  # empty: not tried yet
+
+
+def _fnv_python(data: memoryview, seed: int) -> int:
+    h = seed
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & _MASK
+    return h
+
+
+def _c_source() -> Path:
+    import mesh_llamacpp
+
+    return Path(mesh_llamacpp.__file__).resolve().parent / "fnv1a.c"
+
+
+def _compile(source: Path, cc: str) -> Path:
+    """Build fnv1a.c into `<llama.cpp build cache>/fnv1a/fnv1a-<digest>.so` once (file lock, atomic rename)."""
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), cc.encode(), *(f.encode() for f in CC_FLAGS), platform.machine().encode()])
+    ).hexdigest()[:12]
+    out_dir = build_root() / "fnv1a"
+    lib = out_dir / f"fnv1a-{key}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another node on this machine may be compiling it right now
+        if lib.is_file():
+            return lib
+        tmp = out_dir / f".fnv1a-{key}.{os.getpid()}.so"
+        try:
+            subprocess.run(
+                [cc, *CC_FLAGS, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True, timeout=120
+            )
+            os.replace(tmp, lib)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return lib
+
+
+def _load_native() -> _NativeFn | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    source = _c_source()
+    try:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing from this installation")
+        if cc is None:
+            raise FileNotFoundError("no C compiler (cc, gcc, clang or $CC) on PATH")
+        lib = ctypes.CDLL(str(_compile(source, cc)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        log.warning(
+            "cannot build the native FNV-1a hasher (%s%s); pre-seeding the RPC cache falls back to pure Python "
+            "at about 10 MB/s. Install a C compiler (apt-get install build-essential, xcode-select --install).",
+            exc,
+            f": {detail.strip()}" if detail else "",
+        )
+        return None
+    fn = lib.fnv1a64
+    fn.restype = ctypes.c_uint64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64]  # ctypes releases the GIL during the call
+    return fn
+
+
+def native_hasher() -> _NativeFn | None:
+    """The compiled hasher, building it on first use; None when it cannot be built (warned once)."""
+    with _native_lock:
+        if not _native:
+            _native.append(_load_native())
+        return _native[0]
+
+
+def hasher_kind() -> str:
+    return "native" if native_hasher() is not None else "python"
+
+
+def fnv1a64(data: bytes | bytearray | memoryview | mmap.mmap, seed: int = FNV_OFFSET) -> int:
+    """FNV-1a 64 of `data`, chained from `seed` (so chunks can be hashed one after another)."""
+    fn = native_hasher()
+    if fn is None:
+        with memoryview(data) as mv:
+            return _fnv_python(mv.cast("B"), seed)
+    view = np.frombuffer(data, dtype=np.uint8)
+    return int(fn(view.ctypes.data, view.size, seed)) if view.size else seed
+
+
+# --- which tensors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HashedTensor:
+    """A weight llama-server offers by hash when its layer is on an RPC device."""
+
+    name: str
+    layer: int  # block index; n_layer for the output layer
+    offset: int  # absolute offset of its bytes in the GGUF file
+    size: int  # bytes (ggml_nbytes)
+
+
+@dataclass(frozen=True)
+class TensorDirectory:
+    n_layer: int
+    tensors: tuple[HashedTensor, ...]  # every tensor that is not input-only, with its layer
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32, _UINT64 = 8, 9, 4, 10
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    offset: int  # absolute
+    size: int
+
+
+def read_tensor_infos(gguf_path: Path) -> tuple[dict[str, object], list[RawTensor]]:
+    """(the few scalar keys we need, every tensor's absolute byte range) from a GGUF header.
+
+    A header walk that skips metadata values: gguf-py's GGUFReader gives the same offsets (`data_offset`,
+    `n_bytes`) but parses every value into numpy views, 4 s for SmolLM2's 49k-token vocabulary."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    wanted: dict[str, object] = {}
+    with open(gguf_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            if mm[:4] != b"GGUF":
+                raise CorruptModel(f"{gguf_path}: not a GGUF file")
+            version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+            if version < 2:
+                raise CorruptModel(f"{gguf_path}: GGUF version {version} is not supported")
+            pos = 24
+
+            def string(at: int) -> tuple[str, int]:
+                (n,) = struct.unpack_from("<Q", mm, at)
+                return mm[at + 8 : at + 8 + n].decode("utf-8", errors="replace"), at + 8 + n
+
+            def skip(kind: int, at: int) -> int:
+                if kind in _SCALAR_SIZES:
+                    return at + _SCALAR_SIZES[kind]
+                if kind == _STRING:
+                    return at + 8 + struct.unpack_from("<Q", mm, at)[0]
+                if kind == _ARRAY:
+                    item, count = struct.unpack_from("<IQ", mm, at)
+                    at += 12
+                    if item in _SCALAR_SIZES:
+                        return at + count * _SCALAR_SIZES[item]
+                    for _ in range(count):
+                        at = skip(item, at)
+                    return at
+                raise CorruptModel(f"{gguf_path}: unknown metadata value type {kind} at byte {at}")
+
+            for _ in range(n_kv):
+                key, pos = string(pos)
+                (kind,) = struct.unpack_from("<I", mm, pos)
+                pos += 4
+                if key == "general.architecture" and kind == _STRING:
+                    wanted[key], pos = string(pos)
+                elif (key == "general.alignment" or key.endswith(".block_count")) and kind in (_UINT32, _UINT64):
+                    wanted[key] = struct.unpack_from("<I" if kind == _UINT32 else "<Q", mm, pos)[0]
+                    pos += _SCALAR_SIZES[kind]
+                else:
+                    pos = skip(kind, pos)
+            infos: list[tuple[str, int, int]] = []
+            for _ in range(n_tensors):
+                name, pos = string(pos)
+                (n_dims,) = struct.unpack_from("<I", mm, pos)
+                dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+                kind, rel = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+                pos += 4 + 8 * n_dims + 12
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+                n_elements = 1
+                for d in dims:
+                    n_elements *= d
+                infos.append((name, rel, n_elements * type_size // block))
+        except (struct.error, ValueError, KeyError, IndexError) as exc:
+            raise CorruptModel(f"{gguf_path}: cannot read the GGUF tensor directory: {exc}") from exc
+        align = wanted.get("general.alignment")
+        alignment = align if isinstance(align, int) and align > 0 else 32
+        data_start = (pos + alignment - 1) // alignment * alignment
+        return wanted, [RawTensor(name, data_start + rel, size) for name, rel, size in infos]
+
+
+def read_directory(gguf_path: Path) -> TensorDirectory:
+    """Layer and byte range of every tensor that can be placed on an RPC device."""
+    keys, raw = read_tensor_infos(gguf_path)
+    arch = keys.get("general.architecture", "")
+    count = keys.get(f"{arch}.block_count")
+    blocks = [int(t.name.split(".")[1]) for t in raw if t.name.startswith("blk.")]
+    n_layer = int(count) if isinstance(count, int) else (max(blocks) + 1 if blocks else 0)
+    tied = all(t.name != "output.weight" for t in raw)
+    out: list[HashedTensor] = []
+    for t in raw:
+        stem = t.name.split(".")[0]
+        if t.name.startswith("blk."):
+            layer = min(int(t.name.split(".")[1]), n_layer)
+        elif stem in FIRST_LAYER_TENSORS:
+            layer = 0
+        elif stem in INPUT_TENSORS:
+            if not (tied and t.name == "token_embd.weight"):
+                continue
+            layer = n_layer  # duplicated into the output layer as the tied output projection
+        else:
+            layer = n_layer
+        out.append(HashedTensor(name=t.name, layer=layer, offset=t.offset, size=t.size))
+    return TensorDirectory(n_layer=n_layer, tensors=tuple(out))
+
+
+def hashed_tensors(
+    gguf_path: Path,
+    layers: range | None = None,
+    *,
+    output: bool | None = None,
+    threshold: int = HASH_THRESHOLD,
+) -> list[HashedTensor]:
+    """The tensors llama-server would offer by hash to a worker holding `layers`.
+
+    `layers` are block indices, with index n_layer standing for the output layer as in llama.cpp's split
+    accounting; None means every layer. `output` None: the output layer is included iff `layers` is None
+    or contains n_layer; True/False force it."""
+    directory = read_directory(gguf_path)
+    with_output = (layers is None or directory.n_layer in layers) if output is None else output
+    return [
+        t
+        for t in directory.tensors
+        if t.size > threshold
+        and (with_output if t.layer == directory.n_layer else (layers is None or t.layer in layers))
+    ]
+
+
+# --- seeding ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeedResult:
+    files: dict[str, str] = field(default_factory=dict)  # tensor name -> cache file name (16 hex)
+    written: list[str] = field(default_factory=list)  # file names written now
+    skipped: list[str] = field(default_factory=list)  # file names already present with the right size
+    bytes_written: int = 0
+    bytes_skipped: int = 0
+    bytes_hashed: int = 0  # 0 for tensors whose hash came from the seed manifest
+    seconds: float = 0.0
+    hasher: str = "native"
+
+
+def _manifest_path(cache_dir: Path, gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    ident = f"{gguf_path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    return cache_dir / "rpc-seed" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+def _load_manifest(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items() if isinstance(v, str) and len(v) == 16}
+
+
+def _atomic_write_json(path: Path, data: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class _Job:
+    """Hashes one tensor from the mapped file and copies it into the cache when it is missing."""
+
+    def __init__(self, src_fd: int, base: int, view: memoryview, progress: Callable[[int], None]) -> None:
+        self.src_fd, self.base, self.view, self.progress = src_fd, base, view, progress
+        self.fn = native_hasher()
+
+    def hash(self, t: HashedTensor) -> int:
+        h = FNV_OFFSET
+        for start in range(t.offset, t.offset + t.size, CHUNK):
+            n = min(CHUNK, t.offset + t.size - start)
+            if self.fn is not None:
+                h = int(self.fn(self.base + start, n, h))
+            else:
+                h = _fnv_python(self.view[start : start + n], h)
+            self.progress(n)
+        return h
+
+    def copy(self, t: HashedTensor, dest: Path) -> None:
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            done, kernel_copy = 0, hasattr(os, "copy_file_range")
+            while done < t.size:
+                n = min(CHUNK, t.size - done)
+                if kernel_copy:
+                    try:
+                        k = os.copy_file_range(self.src_fd, fd, n, t.offset + done)
+                    except OSError:
+                        kernel_copy = False  # cross-device on old kernels, unsupported filesystems
+                        os.lseek(fd, done, os.SEEK_SET)
+                        continue
+                else:
+                    k = os.write(fd, self.view[t.offset + done : t.offset + done + n])
+                if k <= 0:
+                    raise OSError(f"short copy of {t.name} into {dest}")
+                done += k
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        if tmp.stat().st_size != t.size:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"copy of {t.name} into {dest} has the wrong size")
+        os.replace(tmp, dest)
+
+
+def seed(
+    gguf_path: Path,
+    cache_dir: Path,
+    layers: range | None = None,
+    on_progress: Progress | None = None,
+    *,
+    output: bool | None = None,
+    threshold: int = HASH_THRESHOLD,
+    workers: int | None = None,
+    rehash: bool = False,
+) -> SeedResult:
+    """Write `<cache_dir>/rpc/<16 hex>` for every tensor of `layers` that llama-server offers by hash.
+
+    `cache_dir` is the rpc-server's `LLAMA_CACHE` (`RpcServer.cache_dir`). `layers`/`output` as in
+    `hashed_tensors`. Existing files of the right size are skipped, others written atomically (temporary
+    name, fsync, rename), so a worker's rpc-server may run meanwhile. Hashes are remembered per GGUF
+    (path, size, mtime, inode) in `<cache_dir>/rpc-seed/`, so a second seed of the same file hashes nothing
+    unless `rehash`. `on_progress(done, total)` counts bytes hashed or checked; it is called from worker
+    threads, one call at a time. Blocking and CPU-bound: from async code use `anyio.to_thread.run_sync`.
+    For a split GGUF, seed each file."""
+    started = time.perf_counter()
+    gguf_path = Path(gguf_path)
+    tensors = sorted(hashed_tensors(gguf_path, layers, output=output, threshold=threshold), key=lambda t: -t.size)
+    files_dir = cache_files_dir(cache_dir)
+    files_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = _manifest_path(cache_dir, gguf_path)
+    known = {} if rehash else _load_manifest(manifest_path)
+    total = sum(t.size for t in tensors)
+    result = SeedResult(hasher=hasher_kind())
+    lock = threading.Lock()
+    done = [0]
+
+    def progress(n: int) -> None:
+        with lock:
+            done[0] += n
+            if on_progress is not None:
+                on_progress(done[0], total)
+
+    with open(gguf_path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0 or any(t.offset + t.size > size for t in tensors):
+            raise CorruptModel(f"{gguf_path}: tensor data runs past the end of the file ({size} bytes)")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mm, "madvise"):
+            with contextlib.suppress(OSError):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+        array = np.frombuffer(mm, dtype=np.uint8)
+        view = memoryview(mm)
+        try:
+            job = _Job(fh.fileno(), array.ctypes.data, view, progress)
+            claimed: set[str] = set()
+
+            def one(t: HashedTensor) -> tuple[HashedTensor, str, bool, bool]:
+                """(tensor, file name, written?, hashed?)"""
+                name, hashed = known.get(t.name), False
+                if name is None:
+                    name, hashed = cache_file_name(job.hash(t)), True
+                dest = files_dir / name
+                with lock:
+                    first = name not in claimed  # identical tensors share one file
+                    claimed.add(name)
+                if not hashed:
+                    progress(t.size)
+                if not first:
+                    return t, name, False, hashed
+                try:
+                    present = dest.stat().st_size
+                except FileNotFoundError:
+                    present = None
+                if present == t.size:
+                    return t, name, False, hashed
+                if present is not None:
+                    log.warning("rpc cache file %s has %d bytes, not %d: rewriting it", dest, present, t.size)
+                job.copy(t, dest)
+                return t, name, True, hashed
+
+            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="rpc-seed") as pool:
+                for future in as_completed([pool.submit(one, t) for t in tensors]):
+                    t, name, written, hashed = future.result()
+                    result.files[t.name] = name
+                    result.bytes_hashed += t.size if hashed else 0
+                    if written:
+                        result.written.append(name)
+                        result.bytes_written += t.size
+                    else:
+                        result.skipped.append(name)
+                        result.bytes_skipped += t.size
+        finally:
+            view.release()
+            del array
+            mm.close()
+    if result.written:
+        dir_fd = os.open(files_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    if result.bytes_hashed:
+        _atomic_write_json(manifest_path, {**_load_manifest(manifest_path), **result.files})
+    result.seconds = time.perf_counter() - started
+    log.info(
+        "seeded rpc cache %s from %s: %d written (%.1f MB), %d present (%.1f MB), %.1f MB hashed in %.1fs (%s)",
+        files_dir,
+        gguf_path.name,
+        len(result.written),
+        result.bytes_written / 1e6,
+        len(result.skipped),
+        result.bytes_skipped / 1e6,
+        result.bytes_hashed / 1e6,
+        result.seconds,
+        result.hasher,
+    )
+    return result
