@@ -31,23 +31,33 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--posts", type=int, default=100)
     ap.add_argument("--gap", type=float, default=0.2, help="seconds between posts")
+    ap.add_argument("--debug", action="store_true", help="debug logs on the nodes; print failed pushes at the end")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         nodes: list[NodeProcess] = []
+        extra = ["-v"] if args.debug else []
         try:
-            first = NodeProcess(Path(tmp) / "n0", ["--mesh-host", "127.0.0.2", "--blackboard", "--name", "n0"]).start()
+            args0 = ["--mesh-host", "127.0.0.2", "--blackboard", "--name", "n0", *extra]
+            first = NodeProcess(Path(tmp) / "n0", args0).start()
             nodes.append(first)
             token = first.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
             for i in range(1, args.nodes):
                 ip = f"127.0.0.{2 + i}"
-                nodes.append(NodeProcess(Path(tmp) / f"n{i}", ["--mesh-host", ip, "--join", token, "--name", f"n{i}"]))
+                argv = ["--mesh-host", ip, "--join", token, "--name", f"n{i}", *extra]
+                nodes.append(NodeProcess(Path(tmp) / f"n{i}", argv))
                 nodes[-1].start()
             t0 = time.monotonic()
             for node in nodes:
                 node.wait_for("mesh", lambda s: len(s.get("peers", [])) >= args.nodes, timeout=120)
             print(f"{args.nodes} nodes up and meshed in {time.monotonic() - t0:.1f} s", flush=True)
-            time.sleep(3)  # scrubbers loaded everywhere
+            for node in nodes:  # scrubbers loaded everywhere
+                node.wait_for("blackboard", lambda s: (s.get("blackboard") or {}).get("state") == "ready", timeout=120)
             latencies = run(nodes, args.posts, args.gap)
+            if args.debug:
+                for node in nodes:
+                    for line in node.log().splitlines():
+                        if any(w in line for w in ("failed", "refused", "dropped", "synced", "WARNING")):
+                            print(node.home.name, line)
         finally:
             for node in nodes:
                 node.stop()

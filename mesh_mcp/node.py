@@ -154,7 +154,7 @@ class Node:
             if self.mesh is not None:
                 await tg.start(self.mesh.run)
             if self.board is not None and self.board_link is not None:
-                tg.start_soon(self.board.run)
+                tg.start_soon(self._run_board, self.board)
                 tg.start_soon(self.board_link.run)
             api = build_api(self.state, self.mesh)
             if self.mesh is not None:
@@ -215,6 +215,13 @@ class Node:
     async def _model_task(self, spec: str) -> None:
         with anyio.CancelScope() as scope:
             await self._serve_model(spec, scope)
+
+    async def _run_board(self, board: Board) -> None:
+        self.state.set_info(blackboard={"state": "loading"})
+        async with anyio.create_task_group() as tg:
+            await tg.start(board.run)  # started once the scrubber is loaded
+            self.state.set_info(blackboard={"state": "ready"})
+            log.info("blackboard ready (%s)", self.config.home / BLACKBOARD_DB)
 
     def drop(self, requested: str) -> str:
         """Stop serving a model (its llama-server is terminated); returns its name."""

@@ -59,6 +59,7 @@ class NodeState:
     invite_token: str | None = None
     models_on_disk: tuple[str, ...] = ()
     mesh_id: str | None = None
+    blackboard: dict[str, Any] | None = None  # {"state": "loading" | "ready"} when carried
     peers: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
 
@@ -102,6 +103,7 @@ class NodeState:
             "invite_token": self.invite_token,
             "peers": self.peers(),
             "models": [m.public() for m in self.models.values()],
+            "blackboard": self.blackboard,
         }
 
     def publish(self) -> None:

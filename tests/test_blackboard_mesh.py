@@ -30,8 +30,13 @@ Spawn = Callable[..., NodeProcess]
 
 def board_node(spawn: Spawn, name: str, ip: str, *args: str) -> NodeProcess:
     node = spawn("--mesh-host", ip, "--name", name, *args, name=name)
-    node.wait_for("up", lambda s: bool(s.get("invite_token")), timeout=60)
+    node.wait_for("blackboard", lambda s: bool(s.get("invite_token")) and _ready(s), timeout=60)
     return node
+
+
+def _ready(status: dict[str, Any]) -> bool:
+    """The blackboard reports its state: ready once its scrubber is loaded (clients without one: None)."""
+    return (status.get("blackboard") or {}).get("state") == "ready"
 
 
 def cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -47,6 +47,7 @@ log = logging.getLogger("mesh_llm.blackboard")
 
 WATCH_S = 0.5  # how often membership is checked for nodes to sync with
 SUBSCRIPTION_S = 30.0  # a client stays subscribed this long after its last sync
+PUSH_RETRY_S = (0.1, 0.4, 0.0)  # a failed push is tried three times
 
 
 class BoardLink:
@@ -104,15 +105,18 @@ class BoardLink:
             self._tg.start_soon(self._push, node_id, post)
 
     async def _push(self, node_id: str, post: Post) -> None:
-        try:
-            with anyio.fail_after(SEND_TIMEOUT_S):
-                conn = await self._connect(node_id)
-                for batch in batches([post]):
-                    _, writer = await conn.open_stream({"t": "bb", "posts": batch})
-                    close_quietly(writer)
-                conn.transmit()
-        except (OSError, TimeoutError, MeshLLMError, ConnectionError) as exc:
-            log.debug("blackboard push to %s failed: %s", node_id, exc)
+        for attempt, pause in enumerate(PUSH_RETRY_S):
+            try:
+                with anyio.fail_after(SEND_TIMEOUT_S):
+                    conn = await self._connect(node_id)
+                    for batch in batches([post]):
+                        _, writer = await conn.open_stream({"t": "bb", "posts": batch})
+                        close_quietly(writer)
+                    conn.transmit()
+                return
+            except (OSError, TimeoutError, MeshLLMError, ConnectionError) as exc:
+                log.debug("blackboard push %d of %s to %s failed: %s", attempt + 1, post.id, node_id, exc)
+            await anyio.sleep(pause)  # then the anti-entropy sync is the safety net
 
     async def _on_push(
         self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
