@@ -26,12 +26,16 @@ src/llama-model.cpp, tools/rpc/rpc-server.cpp; llama.cpp b11434, RPC protocol 7.
   token_embd.weight as a duplicate when the model ties embeddings (no output.weight).
 - The host still needs the whole GGUF: it hashes every large tensor it offers.
 
-The tensor directory comes from gguf-py's `GGUFReader` (absolute `data_offset`, `n_bytes`); it could switch
-to `inference.gguf_facts` once that module has a tensor directory. The hash runs in a tiny C function
-(`llama.cpp/fnv1a.c`), compiled lazily with the system C compiler into the llama.cpp build cache under a file
-lock; without a compiler a pure-Python fallback (about 10 MB/s) is used and a warning logged. FNV-1a is a
-serial chain (xor, then a 64-bit multiply per byte), so one tensor hashes at one core's speed; tensors are
-hashed in parallel on all cores.
+The tensor directory (`read_tensor_infos`) is a header walk that skips metadata values; it gives the same
+absolute offsets and sizes as gguf-py's `GGUFReader` (`data_offset`, `n_bytes`; a test checks it), which parses
+every value into numpy views and needs 4 s for SmolLM2's 49k-token vocabulary. It could switch to
+`inference.gguf_facts` once that module has a tensor directory. The hash runs in a tiny C function
+(`llama.cpp/fnv1a.c`), compiled lazily on first use with the system C compiler (`$CC`, cc, gcc or clang) into
+the llama.cpp build cache (`<cache>/llama.cpp/fnv1a/fnv1a-<digest>.so`) under a file lock; without a compiler
+a pure-Python fallback (1-10 MB/s) is used and a warning logged. FNV-1a is a serial chain (xor, then a
+64-bit multiply per byte: about 4 cycles a byte, 0.3-0.6 GB/s on this machine's cores), so one tensor hashes
+at one core's speed; tensors are hashed in parallel on all cores. llama-server hashes on the host the same
+way, serially, during every load: the cache pays off where the network is slower than that.
 """
 
 from __future__ import annotations

@@ -293,7 +293,7 @@ class RpcServer:
     endpoint: str | None = None
     port: int | None = None  # the port in use, or the one a restart tries first
     pid: int | None = None
-    info: RpcInfo | None = None
+    info: RpcInfo | None = None  # from the readiness probe; None if a client held the server before it
     restarts: int = 0
     _ready_at: float | None = None
 
@@ -398,28 +398,33 @@ class RpcServer:
                 code = await proc.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self.endpoint = None
             with anyio.CancelScope(shield=True):
                 await terminate(proc)
+            self.pid = None
         bind_lost = self._ready_at is None and BIND_FAILED in _read_from(self.log_path, offset)
         return code, bind_lost
 
     async def _watch_ready(self, proc: Process, port: int, on_ready: Callable[[], None]) -> None:
         deadline = time.monotonic() + self.settings.ready_timeout_s
         while time.monotonic() < deadline and proc.returncode is None:
+            info: RpcInfo | None = None
             try:
                 info = await probe("127.0.0.1", port, self.settings.probe_timeout_s)
+            except RpcBusy:
+                pass  # a client (a restarted host reusing this port) got in first: fine if the socket is ours
             except (RpcError, ProtocolError):
-                pass  # not listening yet, or someone else's socket (then our bind fails and we exit)
-            else:
-                # A HELLO answered on our port proves nothing until the listening socket is our process's.
-                owns = listening_pid_owns(proc.pid, port)
-                if owns is None:
-                    await anyio.sleep(0.2)  # cannot tell: a lost bind exits within milliseconds
-                    owns = proc.returncode is None
-                if owns:
-                    self.info, self.endpoint = info, f"127.0.0.1:{port}"
-                    on_ready()
-                    return
+                await anyio.sleep(0.1)  # not listening yet, or someone else's socket (then our bind fails)
+                continue
+            # An answer on our port proves nothing until the listening socket is our process's.
+            owns = listening_pid_owns(proc.pid, port)
+            if owns is None:
+                await anyio.sleep(0.2)  # cannot tell here: a lost bind exits within milliseconds
+                owns = proc.returncode is None
+            if owns:
+                self.info, self.endpoint = info, f"127.0.0.1:{port}"
+                on_ready()
+                return
             await anyio.sleep(0.1)
         if proc.returncode is None:
             log.error("rpc-server not ready after %.0fs; stopping it", self.settings.ready_timeout_s)

@@ -32,6 +32,11 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
     expected = {
         str(p.relative_to(ROOT)) for pkg in ("mesh_mcp", "inference", "blackboard") for p in (ROOT / pkg).rglob("*.py")
     }
-    expected |= {"mesh_llamacpp/__init__.py", "mesh_llamacpp/pin.toml", "mesh_mcp/static/index.html"}
+    expected |= {
+        "mesh_llamacpp/__init__.py",
+        "mesh_llamacpp/pin.toml",
+        "mesh_llamacpp/fnv1a.c",
+        "mesh_mcp/static/index.html",
+    }
     missing = expected - names
     assert not missing, f"not in the wheel: {sorted(missing)}"
