@@ -185,8 +185,11 @@ class GGUFFacts:
 
     @cached_property
     def n_layers(self) -> int:
-        seen = [t.layer for t in self.tensors if t.layer is not None]
-        return max(self.block_count or 0, max(seen, default=-1) + 1)
+        """`block_count`; else counted from `blk.N` tensors. llama.cpp puts `blk.N` with N ≥ block_count (next-token
+        prediction heads) with the output layer: they count as non-layer bytes here."""
+        if self.block_count:
+            return self.block_count
+        return max((t.layer for t in self.tensors if t.layer is not None), default=-1) + 1
 
     @property
     def n_embd(self) -> int:
@@ -201,7 +204,7 @@ class GGUFFacts:
     def layer_bytes(self) -> tuple[int, ...]:
         per = [0] * self.n_layers
         for t in self.tensors:
-            if t.layer is not None:
+            if t.layer is not None and t.layer < self.n_layers:
                 per[t.layer] += t.n_bytes
         return tuple(per)
 
@@ -388,14 +391,19 @@ def _read_file(path: Path, shard: int = 0) -> _File:
             raise CorruptModel(f"{path}: unsupported GGUF version {version}")
         n_tensors, n_kv = r.u64(), r.u64()
         # Each key/value takes >= 13 bytes and each directory entry >= 24: more than fits is corrupt.
-        if n_kv > 100_000 or n_tensors > 1_000_000 or 13 * n_kv + 24 * n_tensors > size:
+        if n_kv > 100_000 or n_tensors > 1_000_000:
             raise CorruptModel(f"{path}: corrupt GGUF header ({n_kv} keys, {n_tensors} tensors)")
+        if 13 * n_kv + 24 * n_tensors > size:
+            raise CorruptModel(
+                f"{path} is truncated or corrupt: its header claims {n_kv} keys and {n_tensors} tensors, "
+                f"more than fit in {size} bytes; re-download it"
+            )
         meta: dict[str, object] = {}
         for _ in range(n_kv):
             key = r.string()
             meta[key] = r.value(r.u32(), key)
         alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise CorruptModel(f"{path}: corrupt GGUF header (general.alignment = {alignment!r}, not a power of two)")
         tensors = _tensor_directory(r, n_tensors, alignment, shard)
     return _File(version, meta, r.array_lengths, tensors, alignment, size)
@@ -512,25 +520,40 @@ def kv_cache_bytes(facts: ModelShape, ctx_tokens: int, type_bytes: int = 2, laye
     return sum(picked) * _padded(ctx_tokens) * type_bytes
 
 
-def memory_need(
-    facts: ModelShape, ctx_tokens: int, slots: int, *, layers: range | None = None, host: bool = True
+def stage_memory(
+    facts: ModelShape, ctx_tokens: int, slots: int, *, layer_bytes: int, kv_elements: int, host: bool
 ) -> MemoryNeed:
-    """Memory one device needs to serve `layers` (default: all) with `slots` × `ctx_tokens` of unified KV cache.
+    """`memory_need` from sums already taken: the layers' weight bytes and KV elements per token.
 
-    weights = Σ layer weights + (host: every non-layer tensor, plus the output copy of token_embd when tied —
+    weights = layer_bytes + (host: every non-layer tensor, plus the output copy of token_embd when tied —
               llama.cpp keeps the input embedding on the host CPU and duplicates a tied output onto the last device)
-    kv      = kv_cache_bytes(layers, slots × ctx_tokens)
-    compute = 64 MiB + 5 % of weights + 4 × 512 × 16 × n_embd + 2 × 512 × n_ctx  (+ host: 4 × n_vocab × slots)
+    kv      = kv_elements × pad256(slots × ctx_tokens) × 2 (f16 K and V)
+    compute = 64 MiB + 5 % of weights + 4 × 512 × 16 × n_embd + 2 × 512 × pad256(n_ctx)  (+ host: 4 × n_vocab × slots)
     The compute term is measured (see above) and rounded up; the margins are not measured and are kept small."""
-    n_ctx = slots * ctx_tokens
-    span = range(facts.n_layers) if layers is None else layers
-    weights = sum(facts.layer_bytes[i] for i in span)
-    compute = MARGIN_FIXED + 4 * N_UBATCH * 16 * facts.n_embd + 2 * N_UBATCH * _padded(n_ctx)
+    n_ctx = _padded(slots * ctx_tokens)
+    weights = layer_bytes
+    compute = MARGIN_FIXED + 4 * N_UBATCH * 16 * facts.n_embd + 2 * N_UBATCH * n_ctx
     if host:
         weights += facts.non_layer_bytes + (facts.output_bytes if facts.output_tied else 0)
         compute += 4 * facts.vocab_size * slots
     compute += int(weights * MARGIN_SHARE)
-    return MemoryNeed(weights=weights, kv=kv_cache_bytes(facts, n_ctx, layers=span), compute=compute)
+    return MemoryNeed(weights=weights, kv=kv_elements * n_ctx * 2, compute=compute)
+
+
+def memory_need(
+    facts: ModelShape, ctx_tokens: int, slots: int, *, layers: range | None = None, host: bool = True
+) -> MemoryNeed:
+    """Memory one device needs to serve `layers` (default: all) with `slots` × `ctx_tokens` of unified KV cache;
+    `host` adds what only the host (last) stage holds. The formula is `stage_memory`'s."""
+    span = range(facts.n_layers) if layers is None else layers
+    return stage_memory(
+        facts,
+        ctx_tokens,
+        slots,
+        layer_bytes=sum(facts.layer_bytes[i] for i in span),
+        kv_elements=sum(facts.kv_elements_per_token[i] for i in span),
+        host=host,
+    )
 
 
 def model_need_bytes(facts: ModelShape, ctx_tokens: int, slots: int) -> int:

@@ -148,8 +148,10 @@ def parse_sysctl_memsize(output: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def parse_device(device: str | int | None) -> int | None | str:
-    """`--device` → a GPU position (int), "cpu", or None (all GPUs). Accepts 1, "1", "cuda:1", "CUDA1", "gpu1", "MTL0"."""
+def parse_device(device: str | int | None) -> int | str | None:
+    """`--device` → a GPU position (int), "cpu", or None (all GPUs).
+
+    Accepts 1, "1", "cuda:1", "CUDA1", "gpu1", "MTL0" (positions count as llama.cpp does: visible GPUs only)."""
     if device is None or isinstance(device, int):
         return device
     text = device.strip().lower()

@@ -26,7 +26,7 @@ from typing import TextIO
 import anyio
 from anyio.streams.text import TextReceiveStream
 
-from mesh_llamacpp import Pin, load_pin
+from mesh_llamacpp import Pin, SourceEdit, load_pin
 
 from . import paths
 from .errors import BuildError, ConfigError, ToolchainMissing
@@ -95,7 +95,8 @@ def plan_build(pin: Pin, backend: str, extra_flags: tuple[str, ...] = ()) -> Bui
         choices = ", ".join(sorted(pin.backend_flags))
         raise ConfigError(f"unknown backend {backend!r}; choose one of {choices}")
     flags = pin.common_flags + pin.backend_flags[backend] + extra_flags
-    digest = hashlib.sha256("\0".join(flags + pin.targets).encode()).hexdigest()[:10]
+    edits = tuple(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits)
+    digest = hashlib.sha256("\0".join(flags + pin.targets + edits).encode()).hexdigest()[:10]
     return BuildPlan(
         key=f"{pin.version}-{backend}-{digest}", backend=backend, configure_flags=flags, targets=pin.targets
     )
@@ -193,6 +194,21 @@ async def _fetch_sdist(pin: Pin, progress: BuildProgress) -> Path:
     return dest
 
 
+def apply_edits(source: Path, edits: tuple[SourceEdit, ...]) -> None:
+    """Apply the pin's literal source edits (idempotent: an edited tree is left as it is)."""
+    for edit in edits:
+        path = source / edit.file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BuildError(f"cannot edit {path}: {exc}") from exc
+        if edit.replace in text and edit.find not in text:
+            continue
+        if text.count(edit.find) != 1:
+            raise BuildError(f"{path}: expected exactly one {edit.find!r} to edit; is the pin's source what it says?")
+        path.write_text(text.replace(edit.find, edit.replace), encoding="utf-8")
+
+
 def _unpack(sdist: Path, src_root: Path) -> None:
     tmp = src_root.with_name(src_root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,6 +251,7 @@ async def _build(pin: Pin, plan: BuildPlan, progress: BuildProgress) -> LlamaCpp
     if not (source / "CMakeLists.txt").is_file():
         progress("unpacking source", 0.0)
         await anyio.to_thread.run_sync(_unpack, sdist, src_root)
+    apply_edits(source, pin.edits)
     build_dir = root / "build" / plan.key
     log_path = root / f"{plan.key}.build.log"
     jobs = str(os.cpu_count() or 2)

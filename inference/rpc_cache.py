@@ -6,8 +6,10 @@ files ahead of time from the worker's local GGUF, only for the layers the worker
 
 Facts checked in the pinned source (ggml/src/ggml-rpc/ggml-rpc.cpp, src/llama-model-loader.cpp,
 src/llama-model.cpp, tools/rpc/rpc-server.cpp; llama.cpp b11434, RPC protocol 7.0.0):
-- A tensor goes by hash first (SET_TENSOR_HASH) when `size > HASH_THRESHOLD` (10 MiB = 10485760 bytes,
-  strictly greater) and it lives in a weights buffer (`rpc_use_hash_cache`). On a miss the client sends the
+- A tensor goes by hash first (SET_TENSOR_HASH) when `size > HASH_THRESHOLD`, strictly greater. Upstream
+  says 10 MiB; our build edits it to 64 KiB (llama.cpp/pin.toml `[[edits]]`, `[rpc] hash_threshold`) so
+  that every weight matrix of a layer, not only the largest tensors, can come from a worker's own cache)
+  and it lives in a weights buffer (`rpc_use_hash_cache`). On a miss the client sends the
   full tensor with cache_flag=1 and the server writes the file itself (a plain ofstream, not atomic).
 - The hash is `fnv_hash`: FNV-1a 64 (offset basis 0xcbf29ce484222325, prime 0x100000001b3) over exactly the
   bytes of that one `set_tensor` call. The model loader uploads each weight whole,
@@ -61,12 +63,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mesh_llamacpp import load_pin
+
 from .errors import CorruptModel
 from .llamacpp import build_root
 
 log = logging.getLogger("mesh_llm.rpc_cache")
 
-HASH_THRESHOLD = 10 * 1024 * 1024  # bytes; a tensor strictly larger is offered by hash
+HASH_THRESHOLD = load_pin().rpc_hash_threshold  # bytes; a tensor strictly larger is offered by hash (our build)
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 _MASK = (1 << 64) - 1

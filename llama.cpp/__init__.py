@@ -11,6 +11,16 @@ from importlib import resources
 
 
 @dataclass(frozen=True)
+class SourceEdit:
+    """A literal edit of the pinned source, applied after unpacking; `find` must occur exactly once."""
+
+    file: str  # relative to the llama.cpp tree
+    find: str
+    replace: str
+    why: str
+
+
+@dataclass(frozen=True)
 class Pin:
     package: str
     version: str
@@ -21,6 +31,8 @@ class Pin:
     common_flags: tuple[str, ...]
     targets: tuple[str, ...]
     backend_flags: dict[str, tuple[str, ...]]
+    edits: tuple[SourceEdit, ...] = ()
+    rpc_hash_threshold: int = 10 * 1024 * 1024  # what our build's RPC client sends by hash (> this many bytes)
 
 
 def load_pin() -> Pin:
@@ -36,4 +48,6 @@ def load_pin() -> Pin:
         common_flags=tuple(cm["common"]),
         targets=tuple(cm["targets"]),
         backend_flags={name: tuple(b["flags"]) for name, b in raw["backends"].items()},
+        edits=tuple(SourceEdit(e["file"], e["find"], e["replace"], e["why"]) for e in raw.get("edits", [])),
+        rpc_hash_threshold=int(raw.get("rpc", {}).get("hash_threshold", 10 * 1024 * 1024)),
     )

@@ -32,7 +32,7 @@ CHATML = (
 
 def _byte_chars() -> list[str]:
     """GPT-2's byte → printable character table (byte-level BPE stores bytes as these characters)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     out, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -75,7 +75,9 @@ class Dims:
         return self.n_embd // self.n_head
 
 
-def _dims(n_layers: int, n_embd: int, vocab: int, n_head: int, n_head_kv: int | None, n_ff: int | None, ctx: int) -> Dims:
+def _dims(
+    n_layers: int, n_embd: int, vocab: int, n_head: int, n_head_kv: int | None, n_ff: int | None, ctx: int
+) -> Dims:
     if n_layers < 1 or n_embd < 1 or n_head < 1 or n_embd % n_head:
         raise ValueError(f"bad shape: n_layers={n_layers}, n_embd={n_embd} must divide by n_head={n_head}")
     kv = n_head if n_head_kv is None else n_head_kv
@@ -149,8 +151,11 @@ def _write(
     n_expert: int,
     n_expert_used: int,
     split_max_tensors: int,
+    alignment: int | None,
 ) -> list[Path]:
     w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     _header(w, d, name, wtype)
     if n_expert:
         w.add_expert_count(n_expert)
@@ -194,8 +199,10 @@ def write_dense(
     seed: int = 0,
     name: str = "tiny-dense",
     split_max_tensors: int = 0,
+    alignment: int | None = None,
 ) -> Path:
-    """A dense `llama` model llama.cpp can load; returns `path` (or its first shard when split)."""
+    """A dense `llama` model llama.cpp can load; returns `path`, or its first shard when `split_max_tensors`
+    splits it (gguf-py names shards `<stem>-0000i-of-0000N.gguf`)."""
     d = _dims(n_layers, n_embd, vocab, n_head, n_head_kv, n_ff, ctx)
     return _write(
         path,
@@ -207,6 +214,7 @@ def write_dense(
         n_expert=0,
         n_expert_used=0,
         split_max_tensors=split_max_tensors,
+        alignment=alignment,
     )[0]
 
 
@@ -241,6 +249,7 @@ def write_moe(
         n_expert=n_expert,
         n_expert_used=n_expert_used,
         split_max_tensors=0,
+        alignment=None,
     )[0]
 
 

@@ -29,6 +29,7 @@ from inference.rpc_cache import (
     read_tensor_infos,
     seed,
 )
+from mesh_llamacpp import load_pin
 
 T = TypeVar("T")
 VECTORS = [(b"", 0xCBF29CE484222325), (b"a", 0xAF63DC4C8601EC8C), (b"foobar", 0x85944171F73967E8)]
@@ -129,7 +130,7 @@ def test_threshold_is_strict(tmp_path: Path) -> None:
         "output.weight", "blk.0.ffn_up.weight", "blk.1.ffn_up.weight",
     ]  # fmt: skip
     assert hashed_tensors(path, None, threshold=4096) == []
-    assert HASH_THRESHOLD == 10 * 1024 * 1024
+    assert HASH_THRESHOLD == load_pin().rpc_hash_threshold == 64 * 1024  # our build's edit (llama.cpp/pin.toml)
 
 
 def test_seed_writes_atomically_skips_and_repairs(tmp_path: Path) -> None:
@@ -217,11 +218,15 @@ def _check_against_llama(
 
 @pytest.mark.slow
 def test_seed_matches_llama_cpp_smollm(llama: LlamaCpp, smollm: Path, tmp_path: Path) -> None:
-    """SmolLM2: the only tensor over 10 MiB is token_embd (Q8_0, 30 MB), sent as the tied output projection."""
-    cold, warm, big_bytes = _check_against_llama(llama, smollm, tmp_path, gpu_layers=999, layers=None)
-    assert [t.name for t in hashed_tensors(smollm)] == ["token_embd.weight"]
-    assert cold.traffic.to_server > 0.95 * smollm.stat().st_size  # every block tensor is below the threshold...
-    assert warm.traffic.to_server < cold.traffic.to_server - big_bytes  # ...so only the output layer is saved
+    """SmolLM2 with every layer on the rpc-server: cold, the whole model crosses; seeded, under 1 % of it
+    (every weight matrix is over our build's 64 KiB threshold; only norms and the protocol cross)."""
+    cold, warm, _ = _check_against_llama(llama, smollm, tmp_path, gpu_layers=999, layers=None)
+    names = [t.name for t in hashed_tensors(smollm)]
+    assert "token_embd.weight" in names and "blk.0.ffn_down.weight" in names and len(names) > 200
+    assert cold.traffic.to_server > 0.95 * smollm.stat().st_size
+    size = smollm.stat().st_size
+    assert warm.traffic.summary()["set_tensor_bytes"] < 0.01 * size, warm.traffic  # tensor data: norms only
+    assert warm.traffic.to_server < 0.015 * size, warm.traffic  # everything, protocol (graphs, hashes) included
 
 
 @pytest.mark.slow
@@ -230,10 +235,12 @@ def test_seed_matches_llama_cpp_per_layer(llama: LlamaCpp, tmp_path: Path) -> No
     and the output layer (layers n_layer + 1 - 2 ..= n_layer); seeding exactly range(2, 4) covers it."""
     model = write_test_model(tmp_path / "p4.gguf", n_layer=3)
     _, warm, big_bytes = _check_against_llama(llama, model, tmp_path, gpu_layers=2, layers=range(2, 4))
-    assert big_bytes == 3 * 512 * 5200 * 4
+    assert big_bytes >= 2 * 512 * 5200 * 4  # at least block 2's FFN and the output
     # what still crosses: the offloaded layers' tensors under the threshold (attention, norms, output), and
     # well under 1 MB of protocol (graphs, buffers, inputs)
     small = sum(t.size for t in read_directory(model).tensors if t.layer >= 2 and t.size <= HASH_THRESHOLD)
     assert small < warm.traffic.to_server < small + 1_000_000
     other = seed(model, tmp_path / "other", range(0, 2))
-    assert len(other.written) == 6 and not set(other.written) & set(_llama_files(tmp_path / "cold"))
+    assert len(other.written) == len(hashed_tensors(model, range(0, 2))) and not set(other.written) & set(
+        _llama_files(tmp_path / "cold")
+    )
