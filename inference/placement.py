@@ -286,8 +286,10 @@ def plan(
     force_split: int | None = None,
     rtt_cap_ms: float = 80.0,
     headroom: float = 1.1,
+    host: str | None = None,
 ) -> Plan:
-    """Where to serve `model` with `slots` × `ctx_tokens` of context (see the module rules)."""
+    """Where to serve `model` with `slots` × `ctx_tokens` of context (see the module rules). `host` pins
+    the host of a split (the node a user asked to serve the model: it has the file and runs llama-server)."""
     ordered = sorted(nodes, key=lambda n: n.node_id)
     ids = [n.node_id for n in ordered]
     if len(set(ids)) != len(ids):
@@ -318,12 +320,17 @@ def plan(
     else:
         reasons.append(f"split forced over {force_split} nodes")
 
-    host = min(servers, key=lambda n: (-n.capacity_bytes, not n.has_file, n.node_id))
-    near = _by_rtt(host, servers, rtt_cap_ms, reasons)
+    pinned = [n for n in servers if n.node_id == host]
+    if pinned:
+        chosen = pinned[0]
+        reasons.append(f"host {chosen.node_id}: asked to serve it")
+    else:
+        chosen = min(servers, key=lambda n: (-n.capacity_bytes, not n.has_file, n.node_id))
+    near = _by_rtt(chosen, servers, rtt_cap_ms, reasons)
     max_stages = min(MAX_STAGES, facts.n_layers)
     if max_stages < 2:
         reasons.append(f"a model of {facts.n_layers} layer(s) cannot be split")
-        return _none(model, reasons, 0 if force_split else max(target - host.capacity_bytes, 1))
+        return _none(model, reasons, 0 if force_split else max(target - chosen.capacity_bytes, 1))
     usable = near[: max_stages - 1]
     if len(near) > len(usable):
         reasons.append(f"at most {max_stages} stages ({facts.n_layers} layers, llama.cpp's {MAX_STAGES} devices)")
@@ -332,7 +339,7 @@ def plan(
         if force_split - 1 > len(usable):
             reasons.append(f"--split {force_split} impossible: {len(usable) + 1} node(s) usable")
             return _none(model, reasons, 0)
-        found, over = _split(model, m, host, usable[: force_split - 1], reasons)
+        found, over = _split(model, m, chosen, usable[: force_split - 1], reasons)
         if found:
             return found
         reasons.append(f"the {force_split} nodes lack {_gib(over)} for their stages")
@@ -340,12 +347,12 @@ def plan(
 
     over = 0
     for k in range(1, len(usable) + 1):
-        if host.capacity_bytes + sum(n.capacity_bytes for _, n in usable[:k]) < target:
+        if chosen.capacity_bytes + sum(n.capacity_bytes for _, n in usable[:k]) < target:
             continue
-        found, over = _split(model, m, host, usable[:k], reasons)
+        found, over = _split(model, m, chosen, usable[:k], reasons)
         if found:
             return found
-    reachable = host.capacity_bytes + sum(n.capacity_bytes for _, n in usable)
+    reachable = chosen.capacity_bytes + sum(n.capacity_bytes for _, n in usable)
     missing = max(target - reachable, over, 1)
     reasons.append(
         f"nothing fits: {len(usable) + 1} node(s) within {rtt_cap_ms:.0f} ms offer {_gib(reachable)}, "

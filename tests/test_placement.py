@@ -254,6 +254,15 @@ def test_forced_split_even_when_it_fits() -> None:
     check_invariants(three, MODEL, nodes)
 
 
+def test_pinned_host_hosts_even_with_less_capacity() -> None:
+    """The node a user asked to serve the model runs llama-server (it has the file)."""
+    nodes = mesh({"h": 5 * NEED, "w1": NEED, "w2": NEED}, {("h", "w1"): 30, ("h", "w2"): 3, ("w1", "w2"): 1})
+    p = go(nodes, force_split=2, host="w1")
+    assert p.kind == "split" and p.host == "w1" and p.workers == ("w2",)
+    assert any("asked to serve it" in r for r in p.reasons)
+    check_invariants(p, MODEL, nodes)
+
+
 def test_forced_split_needs_enough_nodes() -> None:
     nodes = mesh({"h": 5 * NEED, "w1": NEED, "w2": NEED}, {("h", "w1"): 30, ("h", "w2"): 300})
     p = go(nodes, force_split=3)
