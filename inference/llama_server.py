@@ -125,7 +125,7 @@ class LlamaServer:
             self.on_state(LOADING, "starting llama-server" if not self.restarts else "restarting llama-server")
             ready_at: float | None = None
             try:
-                code = await self._run_once(functools.partial(self._ready, task_status, started))
+                code = await self.run_once(functools.partial(self._ready, task_status, started))
                 ready_at = self._ready_at
             except OSError as exc:
                 code, detail = -1, f"could not start {self.llama.server}: {exc}"
@@ -172,7 +172,7 @@ class LlamaServer:
         if not already:
             task_status.started()
 
-    async def _run_once(self, on_ready: Callable[[], None]) -> int:
+    async def run_once(self, on_ready: Callable[[], None]) -> int:
         """Start llama-server, wait for readiness, then wait for it to exit; return its exit code."""
         self._ready_at = None
         port = free_port()

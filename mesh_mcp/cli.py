@@ -60,6 +60,12 @@ def _node_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--client", action="store_true", help="join without serving: API only, no GPU needed")
     p.add_argument(
+        "--split",
+        type=int,
+        metavar="N",
+        help="serve each --model as a pipeline split over N nodes of the mesh, even when it fits one",
+    )
+    p.add_argument(
         "--blackboard",
         action="store_true",
         help="carry the agents' blackboard (members always do; a --client only with this flag)",
@@ -147,6 +153,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.ctx_size < 256 or args.parallel < 1:
         print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
         return 2
+    if args.split is not None and args.split < 2:
+        print("mesh-llm: --split N needs N ≥ 2 nodes", file=sys.stderr)
+        return 2
     if args.client and args.model:
         print("mesh-llm: --client nodes serve no models; drop --model or --client", file=sys.stderr)
         return 2
@@ -168,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         advertise=tuple(args.advertise),
         blackboard=args.blackboard,
         author=args.name,
+        split=args.split,
     )
     bars = Bars(console)
     try:

@@ -23,7 +23,7 @@ from blackboard.scrub import default_scrubber
 from blackboard.store import Store
 from inference import hardware, models
 from inference.errors import ConfigError, MeshLLMError
-from inference.gguf_facts import read_facts
+from inference.gguf_facts import memory_need, read_facts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp, ensure_llama_cpp
 
@@ -38,9 +38,11 @@ from .mesh import meshfile
 from .mesh.board_link import BoardLink
 from .mesh.gossip import GossipConfig
 from .mesh.meshfile import MeshConfig
+from .mesh.rpc_link import RpcLink
 from .mesh.runtime import Mesh, MeshSettings
 from .mesh.tokens import InviteToken
 from .mesh.tokens import decode as decode_token
+from .split import SplitModel
 from .state import NodeState
 from .ui import Bars
 
@@ -72,6 +74,7 @@ class NodeConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blackboard: bool = False  # --blackboard: members always carry it; clients only when asked
     author: str | None = None  # default author of posts written here (--name, else $USER)
+    split: int | None = None  # --split N: serve every model split over N nodes even when it fits one
 
     @property
     def in_mesh(self) -> bool:
@@ -137,6 +140,10 @@ class Node:
                 scrubber=default_scrubber,
             )
             self.board_link = BoardLink(self.mesh, self.board)
+        self.rpc_link: RpcLink | None = None
+        if self.mesh is not None and not config.client:
+            self.rpc_link = RpcLink(self.mesh, config.models_dir, config.home)
+            self.rpc_link.threads = self.hardware.cpu_cores
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -153,6 +160,8 @@ class Node:
         async with mcp_http as mcp, anyio.create_task_group() as tg:
             if self.mesh is not None:
                 await tg.start(self.mesh.run)
+            if self.rpc_link is not None:
+                await tg.start(self.rpc_link.run)
             if self.board is not None and self.board_link is not None:
                 tg.start_soon(self._run_board, self.board)
                 tg.start_soon(self.board_link.run)
@@ -184,7 +193,11 @@ class Node:
                 print(self.mesh.invite_token(), flush=True)
                 log.info("invite token printed above: `mesh-llm --join TOKEN` adds a machine")
             task_status.started()
-            if cfg.client or (cfg.joins and not cfg.models):
+            if cfg.client:
+                await anyio.sleep_forever()
+            if not cfg.models and self.rpc_link is not None:
+                log.info("no model given: offering this node's capacity to the mesh (pipeline splits)")
+                await self._build_llama()
                 await anyio.sleep_forever()
             if not cfg.models:
                 log.info(
@@ -208,6 +221,8 @@ class Node:
                 self.state.update_model(name, state="failed", detail=f"llama.cpp is unavailable: {exc}")
             raise
         self._llama = llama
+        if self.rpc_link is not None:
+            self.rpc_link.llama = llama  # this node can lend rpc-servers from now on
         self.state.set_info(llama_cpp={"version": llama.version, "backend": llama.backend, "state": "ready"})
         log.info("llama.cpp %s (%s) in %s", llama.version, llama.backend, llama.bin_dir)
         self._llama_ready.set()
@@ -284,10 +299,29 @@ class Node:
             embeddings=embeddings,
             detail="waiting for llama.cpp" if not self._llama_ready.is_set() else "starting llama-server",
         )
-        decision = _placement(facts.file_size, self.hardware)
-        log.info("placement for %s: %s", name, decision)
+        need = memory_need(facts, self.config.server.ctx_per_slot, self.config.server.slots).total
+        capacity = self.hardware.capacity_bytes
+        split = self.mesh is not None and (self.config.split is not None or need > capacity)
+        log.info("placement for %s: %s", name, _placement(need, capacity, self.hardware, self.config.split))
         await self._llama_ready.wait()
         assert self._llama is not None
+        if split:
+            assert self.mesh is not None
+            runner = SplitModel(
+                mesh=self.mesh,
+                llama=self._llama,
+                home=self.config.home,
+                model_path=local.path,
+                alias=name,
+                facts=facts,
+                settings=replace(self.config.server, embeddings=embeddings),
+                capacity_bytes=capacity,
+                force_split=self.config.split,
+                threads=self.hardware.cpu_cores,
+                on_state=lambda **changes: self.state.update_model(name, **changes),
+            )
+            await runner.run()
+            return
         gpu_layers = 999 if self.hardware.gpus and self._llama.backend != "cpu" else 0
         settings = replace(self.config.server, gpu_layers=gpu_layers, embeddings=embeddings)
         server = LlamaServer(
@@ -360,11 +394,14 @@ def _with_mcp(api: ASGIApp, mcp: McpHttp) -> ASGIApp:
     return app
 
 
-def _placement(model_bytes: int, hw: hardware.Hardware) -> str:
-    cap = hw.capacity_bytes
+def _placement(need: int, cap: int, hw: hardware.Hardware, split: int | None) -> str:
     where = f"{len(hw.gpus)} GPU(s)" if hw.gpus else "CPU"
-    fits = "fits" if model_bytes <= cap else "does NOT fit (pipeline split arrives with the mesh)"
-    return f"solo on this node: model {model_bytes / 2**30:.2f} GiB {fits} in {cap / 2**30:.1f} GiB capacity ({where})"
+    sizes = f"needs {need / 2**30:.2f} GiB (weights + KV + compute), this node offers {cap / 2**30:.1f} GiB ({where})"
+    if split is not None:
+        return f"split over {split} nodes (--split); it {sizes}"
+    if need <= cap:
+        return f"solo on this node: it {sizes}"
+    return f"too big for this node: it {sizes}; planning a pipeline split over the mesh"
 
 
 def _describe_hw(hw: hardware.Hardware) -> str:

@@ -37,6 +37,7 @@ class ModelStatus:
     in_flight: int = 0
     pid: int | None = None  # llama-server's process id while it runs
     restarts: int = 0
+    placement: dict[str, Any] | None = None  # solo/split plan: stages, reasons, predicted tok/s
     updated_at: float = 0.0
 
     def public(self) -> dict[str, Any]:

@@ -1,0 +1,217 @@
+"""Serving one model as a pipeline split, on the host: plan, lease, relay, launch, watch, re-plan.
+
+Decide, then do: `placement.plan()` (pure) says which workers take which layers from what the mesh
+gossips (capacity, the file on disk) and the RTTs this node measures; this module acts on it:
+
+1. lease an rpc-server on every worker (`rpc_link.lease`; the worker pre-seeds its cache for its
+   layers from its own copy of the GGUF, so no weight crosses the network at load);
+2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server);
+3. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
+   and llama.cpp puts the output layer on the last device, so the host's own rpc-server listed last
+   keeps the output layer here and only hidden states cross the network;
+4. start llama-server with `--rpc` (workers in plan order, then the local one) and `-ts` from the plan;
+5. watch: llama-server exiting (a dead worker makes it abort) or a worker leaving the mesh ends the
+   group; everything is torn down and planned again after a short pause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from inference.errors import MeshLLMError
+from inference.gguf_facts import GGUFFacts
+from inference.llama_server import LlamaServer, ServerSettings
+from inference.llamacpp import LlamaCpp
+from inference.placement import NodeCap, Plan, plan
+from inference.rpc_server import RpcServer, RpcSettings
+
+from .mesh.dataplane import Relay
+from .mesh.rpc_link import lease, ping
+from .mesh.runtime import Mesh
+
+log = logging.getLogger("mesh_llm.split")
+
+REPLAN_PAUSE_S = 2.0
+WAIT_FOR_CAPACITY_S = 5.0
+WATCH_S = 0.5
+
+
+@dataclass
+class SplitModel:
+    mesh: Mesh
+    llama: LlamaCpp
+    home: Path
+    model_path: Path
+    alias: str
+    facts: GGUFFacts
+    settings: ServerSettings
+    capacity_bytes: int
+    force_split: int | None = None
+    threads: int | None = None
+    on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
+    rtt_cap_ms: float = 80.0
+
+    async def run(self) -> None:
+        """Serve until cancelled, re-planning whenever the group fails."""
+        while True:
+            current = await self.plan()
+            self.on_state(placement=_describe(current))
+            log.info("placement for %s: %s", self.alias, "; ".join(current.reasons))
+            if current.kind == "none":
+                self.on_state(state="loading", detail="waiting for capacity: " + current.reasons[-1])
+                await anyio.sleep(WAIT_FOR_CAPACITY_S)
+                continue
+            started = time.monotonic()
+            try:
+                await self._serve(current)
+            except* (MeshLLMError, OSError, TimeoutError) as group:
+                exc = _first(group)
+                log.warning("split of %s failed: %s", self.alias, exc)
+                self.on_state(state="loading", detail=f"re-planning: {exc}", upstream=None, pid=None)
+            log.info("split of %s ended after %.0f s; planning again", self.alias, time.monotonic() - started)
+            await anyio.sleep(REPLAN_PAUSE_S)
+
+    async def plan(self) -> Plan:
+        me = self.mesh.identity.node_id
+        rtts: dict[str, float] = {}
+        nodes = []
+        for record in self.mesh.members():
+            if record.node_id == me or record.role == "client" or record.leaving:
+                continue
+            try:
+                with anyio.fail_after(3):
+                    rtts[record.node_id] = await ping(self.mesh, record.node_id)
+            except (OSError, TimeoutError, MeshLLMError) as exc:
+                log.info("no RTT to %s (%s): left out of the plan", record.node_id, exc)
+                continue
+            has_file = self.model_path.name.removesuffix(".gguf") in record.models_on_disk
+            nodes.append(NodeCap(record.node_id, record.capacity_bytes, has_file=has_file))
+        nodes.append(NodeCap(me, self.capacity_bytes, rtt_ms=rtts, has_file=True))
+        return plan(
+            self.alias,
+            self.facts,
+            nodes,
+            requester=me,
+            host=me,
+            ctx_tokens=self.settings.ctx_per_slot,
+            slots=self.settings.slots,
+            force_split=self.force_split,
+            rtt_cap_ms=self.rtt_cap_ms,
+        )
+
+    async def _serve(self, current: Plan) -> None:
+        split_id = f"{self.alias[:40]}-{uuid.uuid4().hex[:8]}"
+        workers = [s for s in current.stages if s.node_id != self.mesh.identity.node_id]
+        async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            endpoints = []
+            for stage in workers if current.kind == "split" else []:
+                self.on_state(state="loading", detail=f"leasing an rpc-server on {stage.node_id}")
+                held = await stack.enter_async_context(
+                    lease(self.mesh, stage.node_id, split_id, self.model_path, (stage.first_layer, stage.last_layer))
+                )
+                relay = Relay(
+                    self.mesh.identity,
+                    lambda: self.mesh.transport.creds,
+                    held.address,
+                    held.target,
+                    expect_node_id=stage.node_id,
+                    bind_host=None if self.mesh.settings.host in ("0.0.0.0", "::") else self.mesh.settings.host,
+                )
+                port = await relay.start()
+                stack.push_async_callback(relay.close)
+                endpoints.append(f"127.0.0.1:{port}")
+                log.info(
+                    "split %s: %s holds layers %d-%d (%d tensors already in its cache), via relay 127.0.0.1:%d",
+                    split_id,
+                    stage.node_id,
+                    stage.first_layer,
+                    stage.last_layer,
+                    held.seeded,
+                    port,
+                )
+            extra: tuple[str, ...] = ()
+            if current.kind == "split":
+                local = RpcServer(
+                    self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split_id}"
+                )
+                await tg.start(local.run)
+                if local.endpoint is None:
+                    raise MeshLLMError(f"the host's own rpc-server did not start; see {local.log_path}")
+                endpoints.append(local.endpoint)
+                ts = ",".join(f"{v:g}" for v in current.tensor_split)
+                extra = ("--rpc", ",".join(endpoints), "--tensor-split", ts)
+            server = LlamaServer(
+                llama=self.llama,
+                model_path=self.model_path,
+                alias=self.alias,
+                log_path=self.home / "logs" / f"llama-server-{_safe(self.alias)}.log",
+                settings=replace(
+                    self.settings, gpu_layers=999, extra_args=(*self.settings.extra_args, *extra), max_start_failures=1
+                ),
+            )
+
+            def on_ready() -> None:
+                self.on_state(
+                    state="serving",
+                    detail=f"{current.kind} over {len(current.stages)} node(s); llama-server pid {server.pid}",
+                    upstream=server.base_url,
+                    pid=server.pid,
+                )
+
+            self.on_state(state="loading", detail=f"starting llama-server ({current.kind})")
+            tg.start_soon(self._watch_workers, [s.node_id for s in workers], tg.cancel_scope)
+            code = await server.run_once(on_ready)
+            self.on_state(state="loading", detail=f"llama-server exited ({code}); re-planning", upstream=None, pid=None)
+            log.warning("llama-server for %s exited with %d; re-planning", self.alias, code)
+            tg.cancel_scope.cancel()
+
+    async def _watch_workers(self, workers: list[str], scope: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(WATCH_S)
+            alive = {r.node_id for r in self.mesh.members() if not r.leaving}
+            gone = [w for w in workers if w not in alive]
+            if gone:
+                log.warning("split of %s: worker(s) %s left the mesh; re-planning", self.alias, ", ".join(gone))
+                self.on_state(state="loading", detail=f"worker {gone[0]} left; re-planning", upstream=None)
+                scope.cancel()
+                return
+
+
+def _describe(p: Plan) -> dict[str, Any]:
+    return {
+        "kind": p.kind,
+        "host": p.host,
+        "stages": [
+            {"node_id": s.node_id, "layers": [s.first_layer, s.last_layer], "bytes": s.bytes, "output": s.output}
+            for s in p.stages
+        ],
+        "tensor_split": list(p.tensor_split),
+        "predicted_tok_s": p.predicted_tok_s,
+        "reasons": list(p.reasons),
+        "missing_bytes": p.missing_bytes,
+    }
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
