@@ -49,6 +49,9 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, default=4096, help="context tokens per request slot (default 4096)")
     p.add_argument("--parallel", type=int, default=4, help="concurrent request slots per model (default 4)")
     p.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for llama-server and rpc-server (default: all)"
+    )
+    p.add_argument(
         "--llama-arg",
         action="append",
         default=[],
@@ -169,7 +172,12 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         name=args.name,
         max_vram_gb=args.max_vram,
-        server=ServerSettings(ctx_per_slot=args.ctx_size, slots=args.parallel, extra_args=tuple(args.llama_arg)),
+        server=ServerSettings(
+            ctx_per_slot=args.ctx_size,
+            slots=args.parallel,
+            extra_args=(*(("--threads", str(args.threads)) if args.threads else ()), *args.llama_arg),
+        ),
+        threads=args.threads,
         joins=tuple(args.join),
         client=args.client,
         mesh_host=args.mesh_host,

@@ -75,6 +75,7 @@ class NodeConfig:
     blackboard: bool = False  # --blackboard: members always carry it; clients only when asked
     author: str | None = None  # default author of posts written here (--name, else $USER)
     split: int | None = None  # --split N: serve every model split over N nodes even when it fits one
+    threads: int | None = None  # --threads: CPU threads of llama-server and rpc-servers (default: all cores)
 
     @property
     def in_mesh(self) -> bool:
@@ -143,7 +144,7 @@ class Node:
         self.rpc_link: RpcLink | None = None
         if self.mesh is not None and not config.client:
             self.rpc_link = RpcLink(self.mesh, config.models_dir, config.home)
-            self.rpc_link.threads = self.hardware.cpu_cores
+            self.rpc_link.threads = config.threads or self.hardware.cpu_cores
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -317,7 +318,7 @@ class Node:
                 settings=replace(self.config.server, embeddings=embeddings),
                 capacity_bytes=capacity,
                 force_split=self.config.split,
-                threads=self.hardware.cpu_cores,
+                threads=self.config.threads or self.hardware.cpu_cores,
                 on_state=lambda **changes: self.state.update_model(name, **changes),
             )
             await runner.run()

@@ -1,0 +1,185 @@
+"""P3/P5: pipeline-split decode speed on one machine, against the fair references.
+
+On one machine a single stream's stages run one after another, so the reference is solo with one
+node's threads (here 1), not all of them. For N = 2 and 3 it measures, with every process at
+`--threads 1`:
+
+- solo: `mesh-llm --model M --threads 1`;
+- mesh: `mesh-llm --model M --split N --threads 1` on 127.0.0.2 plus N-1 workers joined on
+  127.0.0.3.., asked through a *worker's* API (one mesh hop on top of the split);
+- stock: llama-server `--rpc` straight to N local ggml-rpc-servers (`-t 1`), the same `-ts` as the
+  mesh's plan, no relays, no TLS — what the mesh adds is the difference;
+- P5: bytes per generated token across each stage boundary, counted by a byte-counting proxy in
+  front of each stock rpc-server (requests + responses), against 2 × n_embd × 4.
+
+Tokens/s is llama-server's own `timings.predicted_per_second` for each request (median of runs).
+
+    python bench/p3_split.py --model SmolLM2-135M-Instruct-Q4_1 --runs 5 --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from inference import paths
+from inference.gguf_facts import read_facts
+from inference.llamacpp import ensure_llama_cpp
+from tests.harness import NodeProcess, free_port
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def tok_s(api: str, model: str, tokens: int, runs: int) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    out = []
+    for i in range(runs + 1):
+        r = None
+        for _ in range(150):
+            r = httpx2.post(api + "/v1/completions", json=body, timeout=600)
+            if r.status_code != 503:
+                break
+            time.sleep(0.2)
+        assert r is not None and r.status_code == 200, r.text if r is not None else "no answer"
+        if i:  # the first run warms up
+            out.append(float(r.json()["timings"]["predicted_per_second"]))
+    return statistics.median(out)
+
+
+class Counter:
+    """A TCP proxy counting bytes both ways (127.0.0.1:port → target)."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.up, self.down = target, 0, 0
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result()
+
+    async def _serve(self) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        tr, tw = await asyncio.open_connection("127.0.0.1", self.target)
+        for s in (w, tw):
+            s.transport.get_extra_info("socket").setsockopt(6, 1, 1)  # TCP_NODELAY
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            while data := await src.read(1 << 16):
+                if up:
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(r, tw, True), pipe(tr, w, False), return_exceptions=True)
+
+
+def stock(llama: Any, model: Path, n: int, ts: list[float], tokens: int, runs: int) -> tuple[float, list[float]]:
+    procs = []
+    try:
+        ports = [free_port() for _ in range(n)]
+        for p in ports:
+            cmd = [str(llama.rpc_server), "-t", "1", "-p", str(p)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+        counters = [Counter(p) for p in ports]
+        api_port = free_port()
+        rpc = ",".join(f"127.0.0.1:{c.port}" for c in counters)
+        cmd = [str(llama.server), "-m", str(model), "--rpc", rpc, "-ngl", "999", "-ts", ",".join(map(str, ts))]
+        cmd += ["--threads", "1", "--port", str(api_port), "-c", "4096", "-np", "1", "--fit", "off", "--alias", "m"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        api = f"http://127.0.0.1:{api_port}"
+        for _ in range(600):
+            try:
+                if httpx2.get(api + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            time.sleep(0.1)
+        speed = tok_s(api, "m", tokens, runs)
+        # P5: bytes per token at each boundary, over one more request of `tokens` tokens
+        before = [(c.up, c.down) for c in counters]
+        body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+        httpx2.post(api + "/v1/completions", json=body, timeout=600).raise_for_status()
+        per_token = [((c.up - u) + (c.down - d)) / tokens for c, (u, d) in zip(counters, before, strict=True)]
+        return speed, per_token
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def mesh(tmp: Path, model: str, n: int, tokens: int, runs: int, models_dir: Path) -> tuple[float, dict[str, Any]]:
+    env = {"MESH_LLM_MODELS": str(models_dir)}
+    nodes = []
+    try:
+        host = NodeProcess(tmp / f"h{n}", ["--mesh-host", "127.0.0.2", "--model", model, "--split", str(n),
+                                            "--threads", "1", "--parallel", "1"], env=env).start()  # fmt: skip
+        nodes.append(host)
+        token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
+        for i in range(1, n):
+            w = NodeProcess(tmp / f"w{n}{i}", ["--mesh-host", f"127.0.0.{2 + i}", "--join", token, "--threads", "1"],
+                            env=env).start()  # fmt: skip
+            nodes.append(w)
+        status = host.wait_model_state(model, "serving", timeout=600)
+        return tok_s(nodes[-1].api, model, tokens, runs), status["placement"]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def solo(tmp: Path, model: str, tokens: int, runs: int, models_dir: Path) -> float:
+    node = NodeProcess(tmp / "solo", ["--model", model, "--threads", "1", "--parallel", "1"],
+                       env={"MESH_LLM_MODELS": str(models_dir)}).start()  # fmt: skip
+    try:
+        node.wait_model_state(model, "serving", timeout=600)
+        return tok_s(node.api, model, tokens, runs)
+    finally:
+        node.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct-Q4_1")
+    ap.add_argument("--models-dir", type=Path, default=paths.cache_dir() / "test-models")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    llama = anyio.run(ensure_llama_cpp)
+    path = args.models_dir / f"{args.model}.gguf"
+    facts = read_facts(path)
+    floor = 2 * facts.n_embd * 4
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        base = solo(tmp, args.model, args.tokens, args.runs, args.models_dir)
+        print(f"solo, 1 thread: {base:.1f} tok/s", flush=True)
+        for n in (2, 3):
+            speed, placement = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir)
+            ref, per_token = stock(llama, path, n, placement["tensor_split"], args.tokens, args.runs)
+            stages = ", ".join(f"{s['layers'][0]}-{s['layers'][1]}" for s in placement["stages"])
+            print(
+                f"{n} nodes (layers {stages}): mesh {speed:.1f} tok/s = {speed / base:.3f} × solo, "
+                f"{speed / ref:.3f} × stock --rpc ({ref:.1f} tok/s); P5 bytes/token per boundary "
+                + ", ".join(f"{b:.0f}" for b in per_token)
+                + f" (2 × n_embd × 4 = {floor})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
