@@ -24,7 +24,8 @@ Implementations (relay sides of the prototypes live in this file; `dataplane` is
     c-threads         the same plain relay in C (needs `cc`): the floor of any relay on this machine
     dataplane         mesh_mcp.mesh.dataplane (DataPlaneServer + Relay, with authentication)
 
-    python bench/p2_dataplane.py [--rounds 8] [--pings 400] [--mib 1024] [--impls a,b,...]
+    python bench/p2_dataplane.py [--rounds 8] [--pings 400] [--mib 1024] [--impls a,b,...] [--busy]
+    python bench/p2_dataplane.py --llama [--rounds 5] [--tokens 64]   # real llama.cpp, direct vs relayed
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,7 @@ class BioTls:
                     raw.sendall(self.out.read())
                 data = raw.recv(CHUNK)
                 if not data:
-                    raise ConnectionError("closed in handshake")
+                    raise ConnectionError("closed in handshake") from None
                 self.inc.write(data)
         if self.out.pending:
             raw.sendall(self.out.read())
@@ -364,7 +364,7 @@ async def relay_asyncio_main(side: str, to_port: int, impl: str) -> None:
             def connection_made(self, transport: Any) -> None:
                 super().connection_made(transport)
                 transport.pause_reading()
-                loop.create_task(self.dial())
+                self.dialing = loop.create_task(self.dial())
 
             async def dial(self) -> None:
                 _, out = await loop.create_connection(Pipe, "127.0.0.1", to_port, ssl=out_ssl)
@@ -397,6 +397,15 @@ async def relay_dataplane_main(side: str, to_port: int) -> None:
 
 
 def relay_main(impl: str, side: str, to_port: int) -> None:
+    if os.environ.get("P2_SWITCH_US"):
+        sys.setswitchinterval(int(os.environ["P2_SWITCH_US"]) / 1e6)
+    if os.environ.get("P2_BUSY"):  # the node's event loop busy with Python work (worst case)
+
+        def spin() -> None:
+            while True:
+                sum(range(1000))
+
+        threading.Thread(target=spin, daemon=True).start()
     if impl == "dataplane":
         asyncio.run(relay_dataplane_main(side, to_port))
     elif impl.startswith("asyncio"):
@@ -499,6 +508,85 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+def llama_main(runs: int, tokens: int) -> None:
+    """Real llama.cpp: all of SmolLM2 on one ggml-rpc-server (`-ngl 99`; this llama.cpp offloads the
+    output layer first, so each token fetches the logits, 49152×4 bytes, where a split that keeps
+    the output layer on the host fetches one hidden state), llama-server connected directly or
+    through the two relays (each its own process, as on two machines): load time and tokens/s."""
+    import anyio
+    import httpx2
+
+    from inference.llamacpp import ensure_llama_cpp
+    from inference.models import ensure_model
+    from inference.paths import cache_dir
+    from tests.harness import free_port
+
+    llama = anyio.run(ensure_llama_cpp)
+    model = anyio.run(lambda: ensure_model("SmolLM2-135M-Instruct-Q4_1", models_dir=cache_dir() / "test-models")).path
+    rpc_port = free_port()
+    rpc = subprocess.Popen(
+        [str(llama.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    worker = Proc("_relay", "dataplane", "worker", str(rpc_port))
+    host = Proc("_relay", "dataplane", "host", str(worker.port))
+    results: dict[str, list[tuple[float, float]]] = {"direct": [], "relayed": []}
+    relay_cpu: list[float] = []  # relay CPU seconds per generated token
+    try:
+        for _ in range(runs):
+            for mode, port in (("direct", rpc_port), ("relayed", host.port)):
+                http = free_port()
+                t0 = time.perf_counter()
+                ls = subprocess.Popen(
+                    [
+                        str(llama.server), "-m", str(model), "--rpc", f"127.0.0.1:{port}", "-ngl", "99",
+                        "--host", "127.0.0.1", "--port", str(http), "-c", "1024", "-np", "1", "--fit", "off",
+                        "--no-webui",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                try:
+                    url = f"http://127.0.0.1:{http}"
+                    while True:
+                        if ls.poll() is not None or time.perf_counter() - t0 > 60:
+                            raise SystemExit(f"llama-server ({mode}) did not start: exit {ls.poll()}")
+                        try:
+                            if httpx2.get(url + "/health", timeout=5).status_code == 200:
+                                break
+                        except httpx2.TransportError:
+                            time.sleep(0.02)
+                    load_s = time.perf_counter() - t0
+                    speeds = []
+                    c0 = cpu_of([worker.p.pid, host.p.pid])
+                    for _ in range(3):
+                        body = {"prompt": "Once upon a time", "n_predict": tokens, "ignore_eos": True, "temperature": 0}
+                        out = httpx2.post(url + "/completion", json=body, timeout=120).json()
+                        speeds.append(out["timings"]["predicted_per_second"])
+                    if mode == "relayed":
+                        relay_cpu.append((cpu_of([worker.p.pid, host.p.pid]) - c0) / (3 * tokens))
+                    results[mode].append((load_s, statistics.median(speeds)))
+                finally:
+                    ls.terminate()
+                    ls.wait()
+                time.sleep(0.3)
+    finally:
+        host.stop()
+        worker.stop()
+        rpc.terminate()
+        rpc.wait()
+    print(f"load average {os.getloadavg()[0]:.2f}; {runs} interleaved runs, {tokens} tokens, median of 3 per run")
+    print("| path | load (to /health 200) | tokens/s | ms per token | relay CPU per token |")
+    print("|---|---|---|---|---|")
+    for mode, rows in results.items():
+        load = statistics.median(r[0] for r in rows)
+        tps = statistics.median(r[1] for r in rows)
+        cpu = f"{statistics.median(relay_cpu) * 1e3:.2f} ms" if mode == "relayed" else "—"
+        print(f"| {mode} | {load:.2f} s | {tps:.1f} | {1000 / tps:.1f} | {cpu} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=8)
@@ -506,7 +594,18 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024, help="MiB per throughput run")
     ap.add_argument("--tput-rounds", type=int, default=3)
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--busy", action="store_true", help="relay processes also run a Python thread that never sleeps")
+    ap.add_argument("--switch-us", type=int, help="sys.setswitchinterval in the relay processes (default 5000 µs)")
+    ap.add_argument("--llama", action="store_true", help="instead: real llama.cpp, direct vs relayed")
+    ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
+    if args.llama:
+        llama_main(args.rounds, args.tokens)
+        return
+    if args.switch_us:
+        os.environ["P2_SWITCH_US"] = str(args.switch_us)
+    if args.busy:
+        os.environ["P2_BUSY"] = "1"
     impls = [i for i in args.impls.split(",") if i]
     sink = Proc("_sink")
     procs = [sink]
@@ -550,11 +649,15 @@ def main() -> None:
         for p in procs:
             p.stop()
     base = {sz: statistics.median(rtt["direct", sz]) for sz in SIZES}
-    print(f"load average {os.getloadavg()[0]:.2f}; {args.rounds}×{args.pings} pings per size; {args.mib} MiB puts")
     print(
-        f"| impl | RTT {SIZES[0]} B (p50 / p90) | added | RTT {SIZES[1]} B (p50 / p90) | added | MB/s | relay CPU s/GiB |"
+        f"load average {os.getloadavg()[0]:.2f}; {args.rounds}×{args.pings} pings per size; "
+        f"{args.mib} MiB puts; busy={args.busy}"
     )
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| impl | RTT {SIZES[0]} B p50 / p90 | added | RTT {SIZES[1]} B p50 / p90 | added "
+        "| relay CPU µs per ping | MB/s (1 MiB writes) | relay CPU s/GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         cells = []
         for sz in SIZES:

@@ -24,17 +24,33 @@ Each tunnel is one TCP connection (TCP_NODELAY everywhere: RPC is small-message 
 4. Splice both ways until either side closes or fails; then both sockets close, so rpc-server
    sees its client go (and frees its memory) and llama-server sees its worker go.
 
-Why threads with blocking sockets and `ssl.SSLObject` over memory BIOs (measured on loopback,
-2-core VM, `bench/p2_dataplane.py`, table in bench/RESULTS.md): per tunnel and side two threads
-copy, one per direction, each blocked in `recv` until bytes arrive. Asyncio pays its event loop
-for each of the four relay hops of a round trip and added 3-4× the latency of threads
-(streams and protocols alike) at half the throughput; one thread polling both directions cost
-more too. Two threads reading and writing one `ssl.SSLSocket` were fastest, but OpenSSL forbids
-using an SSL object from two threads at once and CPython does not lock it (a known crash), so the
-TLS state lives in an `SSLObject` over memory BIOs: the socket I/O happens outside a lock, only
-the in-memory encrypt/decrypt inside it. The reading thread never sends (whatever TLS would send
-in answer stays in the BIO for the writing thread): a full send buffer can never block the
-reader. Nothing here runs on the event loop except accepting connections and closing.
+Why threads with blocking sockets and `ssl.SSLObject` over memory BIOs: measured with
+`bench/p2_dataplane.py` (loopback, 2-core VM; bench/RESULTS.md, P2). Per tunnel and side two
+threads copy, one per direction, each blocked in `recv` until bytes arrive. Round trip added to a
+GET_TENSOR-like ping (40-byte request, 2304/8192-byte answer) by both relays, and throughput of
+1 GiB in 1 MiB writes, on a quiet machine (under load: the same order, up to +60 µs and -50 %):
+
+    asyncio streams + ssl          +318/+284 µs    331 MB/s
+    asyncio protocols + ssl        +232/+240 µs    453 MB/s
+    one thread, poll(), SSLSocket  +150/+167 µs    577 MB/s   (+205/+216 µs under load)
+    two threads, one SSLSocket     +144/+159 µs    530 MB/s   (unsafe, see below)
+    two threads, SSLObject + BIO   +159/+170 µs    722 MB/s   (this module)
+    two threads, no TLS             +76/+86 µs    1103 MB/s
+    the same relay in C, no TLS     +50/+65 µs    1634 MB/s   (the floor: 4 more TCP hops, 4 wakeups)
+
+Asyncio pays its event loop on each of the four relay hops of a round trip. Two threads on one
+`ssl.SSLSocket` are as fast, but OpenSSL forbids using an SSL object from two threads at once
+and CPython does not lock it (cpython#151508: a crash), so the TLS state lives in an `SSLObject`
+over memory BIOs: socket I/O outside the lock, only the in-memory encrypt/decrypt inside it. The
+reading thread never sends (what TLS would send in answer waits in the BIO for the writing
+thread), so a full send buffer can never block the reader. Nothing runs on the event loop but
+accepting and closing. Opening a tunnel (TCP, TLS, handshake, target) takes 5.5 ms on loopback;
+llama-server opens about 12 while it loads.
+
+The GIL is shared with the rest of the process: a Python thread that computes without pause
+(scrubbing, a busy event loop) makes each relay hop wait up to `sys.getswitchinterval()` (5 ms),
+measured +20–26 ms per round trip. Host a data plane whose round trips matter in a process of its
+own (the classes need only an `Identity` and credentials).
 
 Counters (`ByteCounters`): bytes of RPC requests (`to_rpc_server`, host → worker: all the
 weights at load without a cache) and responses (`from_rpc_server`), per relay and per target.
@@ -159,6 +175,7 @@ class _Tls:
         self._buf = memoryview(bytearray(CHUNK))
         self._plain = bytearray()  # plaintext read ahead by the control-frame reader
         self._more = False
+        self._deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S  # for everything before the splice
 
     def handshake(self) -> None:
         while True:
@@ -167,7 +184,8 @@ class _Tls:
                 break
             except ssl.SSLWantReadError:
                 self._flush()
-                self._feed()
+                if not self._feed():
+                    raise ProtocolError("peer closed the connection during the TLS handshake") from None
         self._flush()
         if self._obj.selected_alpn_protocol() != ALPN:
             raise ProtocolError("peer does not speak the mesh-llm RPC data plane (ALPN)")
@@ -183,6 +201,10 @@ class _Tls:
             self.sock.sendall(self._out.read())
 
     def _feed(self) -> bool:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete handshake within {HANDSHAKE_TIMEOUT_S:.0f}s")
+        self.sock.settimeout(left)
         n = self.sock.recv_into(self._buf)
         if n:
             self._in.write(self._buf[:n])
@@ -284,7 +306,12 @@ class _Tunnel:
         for s in (local, tls.sock):
             s.settimeout(None)
         meter = counters._opened()
-        other = threading.Thread(target=self._net_to_local, args=(local, tls, meter, host_side), daemon=True)
+        other = threading.Thread(
+            target=self._net_to_local,
+            args=(local, tls, meter, host_side),
+            name=threading.current_thread().name + "-in",
+            daemon=True,
+        )
         self.threads.append(other)
         try:
             other.start()
@@ -391,7 +418,9 @@ class _Listener:
                 self._pending += 1
                 tunnel = _Tunnel(self, conn, None)
                 self._tunnels.add(tunnel)
-                thread = threading.Thread(target=self._run_tunnel, args=(tunnel, conn, addr), daemon=True)
+                thread = threading.Thread(
+                    target=self._run_tunnel, args=(tunnel, conn, addr), name=f"dataplane-{self.port}", daemon=True
+                )
                 self._threads.add(thread)
             thread.start()
 
@@ -559,7 +588,7 @@ class DataPlaneServer(_Listener):
         tls.send_json({"type": "ok"})
         self._done_pending(pending)
         counters = self.counter(name)
-        log.info("data plane: %s → target %r", who, name)
+        log.debug("data plane: %s → target %r", who, name)
         tunnel.splice(local, tls, counters, host_side=False)
 
     def _authenticate(self, tls: _Tls) -> hs.Peer:
@@ -631,15 +660,10 @@ class Relay(_Listener):
     def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any, pending: list[bool]) -> None:
         self._done_pending(pending)  # a local client: not counted against authenticating peers
         try:
-            net = socket.create_connection(
-                (self.remote_host, self.remote_port),
-                timeout=HANDSHAKE_TIMEOUT_S,
-                source_address=(self.bind_host, 0) if self.bind_host not in (None, "", "0.0.0.0", "::") else None,
-            )
+            net = self._dial(tunnel)
         except OSError as exc:
             self._fail(f"cannot reach {self.remote}: {exc}")
             return
-        tunnel.add_socket(net)
         _nodelay(net)
         tls = _Tls(net, self._ctx, server_side=False)
         try:
@@ -655,6 +679,20 @@ class Relay(_Listener):
             self._fail(f"no tunnel to {self.target!r} at {self.remote}: {exc or type(exc).__name__}")
             return
         tunnel.splice(conn, tls, self.counters, host_side=True)
+
+    def _dial(self, tunnel: _Tunnel) -> socket.socket:
+        """Connect to the worker with a socket the tunnel already owns, so `close()` interrupts a
+        connect that hangs (Linux: shutdown() of a connecting socket ends the connect)."""
+        family, kind, proto, _, addr = socket.getaddrinfo(self.remote_host, self.remote_port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        net = socket.socket(family, kind, proto)
+        tunnel.add_socket(net)
+        if self.bind_host not in (None, "", "0.0.0.0", "::"):
+            net.bind((self.bind_host, 0))
+        net.settimeout(HANDSHAKE_TIMEOUT_S)
+        net.connect(addr)
+        return net
 
     def _fail(self, reason: str) -> None:
         with self._lock:
