@@ -8,7 +8,6 @@ server cannot even load, and always terminates and reaps the process when cancel
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import subprocess
@@ -23,11 +22,14 @@ import httpx2
 from anyio.abc import Process, TaskStatus
 
 from .llamacpp import LlamaCpp
+from .supervise import FAILED as FAILED  # the model states, re-exported
+from .supervise import LOADING as LOADING
+from .supervise import SERVING, supervise
 
 log = logging.getLogger("mesh_llm.llama_server")
 
 # Model states as the console and API report them.
-DOWNLOADING, LOADING, SERVING, FAILED, STOPPED = "downloading", "loading", "serving", "failed", "stopped"
+DOWNLOADING, STOPPED = "downloading", "stopped"  # and LOADING, SERVING, FAILED (supervise.py)
 
 StateFn = Callable[[str, str], None]  # (state, human-readable detail)
 
@@ -74,17 +76,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - 16384))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _explain_exit(code: int) -> str:
     if code == 1:
         return "exit 1: llama-server could not load the model or rejected a flag"
@@ -108,7 +99,6 @@ class LlamaServer:
     base_url: str | None = None
     pid: int | None = None
     restarts: int = 0
-    _ready_at: float | None = None
 
     def command(self, port: int) -> list[str]:
         args = server_args(self.llama.server, self.model_path, self.alias, port, self.settings)
@@ -117,64 +107,39 @@ class LlamaServer:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep llama-server serving until cancelled. Signals `started` once it first serves."""
-        failures = 0
-        backoff = self.settings.backoff_initial_s
-        started = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            self.on_state(LOADING, "starting llama-server" if not self.restarts else "restarting llama-server")
-            ready_at: float | None = None
-            try:
-                code = await self.run_once(functools.partial(self._ready, task_status, started))
-                ready_at = self._ready_at
-            except OSError as exc:
-                code, detail = -1, f"could not start {self.llama.server}: {exc}"
-            else:
-                detail = _explain_exit(code)
-            self.base_url, self.pid = None, None
-            if ready_at is not None:
-                started = True
-                failures = 0
-                if time.monotonic() - ready_at > self.settings.healthy_reset_s:
-                    backoff = self.settings.backoff_initial_s
-            else:
-                failures += 1
-            tail = _tail(self.log_path, 8)
-            if failures >= self.settings.max_start_failures:
-                log.error(
-                    "llama-server for %s failed %d times (%s); giving up. Log %s:\n%s",
-                    self.alias,
-                    failures,
-                    detail,
-                    self.log_path,
-                    tail,
-                )
-                self.on_state(FAILED, f"{detail}; see {self.log_path}")
-                if not started:
-                    task_status.started()  # let the caller go on; the state says failed
-                return
-            self.restarts += 1
-            log.warning(
-                "llama-server for %s crashed (%s); restarting in %.1fs. Log %s:\n%s",
-                self.alias,
-                detail,
-                backoff,
-                self.log_path,
-                tail,
-            )
-            self.on_state(LOADING, f"llama-server crashed ({detail}); restarting in {backoff:.1f}s")
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, self.settings.backoff_max_s)
 
-    def _ready(self, task_status: TaskStatus[None], already: bool) -> None:
-        self._ready_at = time.monotonic()
-        self.on_state(SERVING, f"llama-server pid {self.pid} at {self.base_url}")
-        if not already:
-            task_status.started()
+        async def attempt(ready: Callable[[], None]) -> str:
+            def serving() -> None:
+                self.on_state(SERVING, f"llama-server pid {self.pid} at {self.base_url}")
+                ready()
+
+            try:
+                return _explain_exit(await self.run_once(serving))
+            except OSError as exc:
+                return f"could not start {self.llama.server}: {exc}"
+            finally:
+                self.base_url, self.pid = None, None
+
+        await supervise(
+            noun="llama-server",
+            label=f"llama-server for {self.alias}",
+            verb="crashed",
+            attempt=attempt,
+            policy=self.settings,
+            on_state=self.on_state,
+            on_restart=self._count_restart,
+            restarts=self.restarts,
+            log_path=self.log_path,
+            task_status=task_status,
+        )
+
+    def _count_restart(self) -> int:
+        self.restarts += 1
+        return self.restarts
 
     async def run_once(self, on_ready: Callable[[], None]) -> int:
         """Start llama-server, wait for readiness, then wait for it to exit; return its exit code."""
-        self._ready_at = None
         port = free_port()
         cmd = self.command(port)
         with open(self.log_path, "ab") as logf:

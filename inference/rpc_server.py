@@ -30,7 +30,6 @@ Protocol facts (ggml/src/ggml-rpc/ggml-rpc.cpp and tools/rpc/rpc-server.cpp, pro
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -48,8 +47,9 @@ from anyio.abc import Process, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import BackendError, ProtocolError
-from .llama_server import FAILED, LOADING, SERVING, StateFn, free_port, terminate
+from .llama_server import StateFn, free_port, terminate
 from .llamacpp import LlamaCpp
+from .supervise import SERVING, supervise
 
 log = logging.getLogger("mesh_llm.rpc_server")
 
@@ -242,15 +242,6 @@ def _read_from(path: Path, offset: int) -> bytes:
         return b""
 
 
-def _tail(path: Path, lines: int = 8) -> str:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return ""
-    text = _read_from(path, max(0, size - 16384)).decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _explain_exit(code: int) -> str:
     if code == 0:
         return "exit 0: rpc-server stopped on its own (bind, device or transport failure; see the log)"
@@ -318,50 +309,41 @@ class RpcServer:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep rpc-server serving until cancelled. Signals `started` once it first serves (or has failed)."""
-        failures = 0
-        backoff = self.settings.backoff_initial_s
-        started = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            self.on_state(LOADING, "starting rpc-server" if not self.restarts else "restarting rpc-server")
-            ready_at: float | None = None
-            try:
-                _, detail = await self._run_once(functools.partial(self._ready, task_status, started))
-                ready_at = self._ready_at
-            except OSError as exc:
-                detail = f"could not start {self.llama.rpc_server}: {exc}"
-            self.endpoint, self.pid = None, None
-            if ready_at is not None:
-                started = True
-                failures = 0
-                if time.monotonic() - ready_at > self.settings.healthy_reset_s:
-                    backoff = self.settings.backoff_initial_s
-            else:
-                failures += 1
-            tail = _tail(self.log_path)
-            if failures >= self.settings.max_start_failures:
-                log.error(
-                    "rpc-server failed %d times (%s); giving up. Log %s:\n%s", failures, detail, self.log_path, tail
-                )
-                self.on_state(FAILED, f"{detail}; see {self.log_path}")
-                if not started:
-                    task_status.started()  # let the caller go on; the state says failed
-                return
-            self.restarts += 1
-            log.warning("rpc-server died (%s); restarting in %.1fs. Log %s:\n%s", detail, backoff, self.log_path, tail)
-            self.on_state(LOADING, f"rpc-server died ({detail}); restarting in {backoff:.1f}s")
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, self.settings.backoff_max_s)
 
-    def _ready(self, task_status: TaskStatus[None], already: bool) -> None:
-        self._ready_at = time.monotonic()
-        info = self.info
-        version = info.version if info else "?"
-        memory = f", {info.free / 2**30:.1f}/{info.total / 2**30:.1f} GiB free" if info else ""
-        self.on_state(SERVING, f"rpc-server pid {self.pid} at {self.endpoint} (protocol {version}{memory})")
-        if not already:
-            task_status.started()
+        async def attempt(ready: Callable[[], None]) -> str:
+            def serving() -> None:
+                self._ready_at = time.monotonic()
+                info = self.info
+                version = info.version if info else "?"
+                memory = f", {info.free / 2**30:.1f}/{info.total / 2**30:.1f} GiB free" if info else ""
+                self.on_state(SERVING, f"rpc-server pid {self.pid} at {self.endpoint} (protocol {version}{memory})")
+                ready()
+
+            try:
+                return (await self._run_once(serving))[1]
+            except OSError as exc:
+                return f"could not start {self.llama.rpc_server}: {exc}"
+            finally:
+                self.endpoint, self.pid = None, None
+
+        await supervise(
+            noun="rpc-server",
+            label="rpc-server",
+            verb="died",
+            attempt=attempt,
+            policy=self.settings,
+            on_state=self.on_state,
+            on_restart=self._count_restart,
+            restarts=self.restarts,
+            log_path=self.log_path,
+            task_status=task_status,
+        )
+
+    def _count_restart(self) -> int:
+        self.restarts += 1
+        return self.restarts
 
     async def _run_once(self, on_ready: Callable[[], None]) -> tuple[int, str]:
         """Start rpc-server (new port on a lost bind race), wait for readiness, then for its exit."""

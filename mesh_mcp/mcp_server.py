@@ -257,24 +257,22 @@ def _check_reply_to(reply_to: str | None) -> str | None:
     return normal
 
 
+def _bounded(value: str, name: str, max_bytes: int, empty: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidArgument(empty)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidArgument(f"{name} is at most {max_bytes} bytes of UTF-8; this one is {size}")
+    return value
+
+
 def _check_query(query: str) -> str:
-    query = query.strip()
-    if not query:
-        raise InvalidArgument("query needs at least one word to search for")
-    size = len(query.encode("utf-8", "surrogatepass"))
-    if size > MAX_QUERY_BYTES:
-        raise InvalidArgument(f"query is at most {MAX_QUERY_BYTES} bytes of UTF-8; this one is {size}")
-    return query
+    return _bounded(query, "query", MAX_QUERY_BYTES, "query needs at least one word to search for")
 
 
 def _check_question(question: str) -> str:
-    question = question.strip()
-    if not question:
-        raise InvalidArgument("question is empty")
-    size = len(question.encode("utf-8", "surrogatepass"))
-    if size > MAX_QUESTION_BYTES:
-        raise InvalidArgument(f"question is at most {MAX_QUESTION_BYTES} bytes of UTF-8; this one is {size}")
-    return question
+    return _bounded(question, "question", MAX_QUESTION_BYTES, "question is empty")
 
 
 def _check_model(model: str | None) -> str | None:

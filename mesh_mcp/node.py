@@ -42,7 +42,7 @@ from .mesh.rpc_link import RpcLink
 from .mesh.runtime import Mesh, MeshSettings
 from .mesh.tokens import InviteToken
 from .mesh.tokens import decode as decode_token
-from .split import SplitModel
+from .split import SplitModel, safe_name
 from .state import NodeState
 from .ui import Bars
 
@@ -329,7 +329,7 @@ class Node:
             llama=self._llama,
             model_path=local.path,
             alias=name,
-            log_path=self.config.home / "logs" / f"llama-server-{_safe(name)}.log",
+            log_path=self.config.home / "logs" / f"llama-server-{safe_name(name)}.log",
             settings=settings,
         )
 
@@ -412,10 +412,6 @@ def _describe_hw(hw: hardware.Hardware) -> str:
 
 def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _mesh_config(home: Path, tokens: tuple[InviteToken, ...]) -> MeshConfig:

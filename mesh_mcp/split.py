@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -154,7 +153,7 @@ class SplitModel:
                 llama=self.llama,
                 model_path=self.model_path,
                 alias=self.alias,
-                log_path=self.home / "logs" / f"llama-server-{_safe(self.alias)}.log",
+                log_path=self.home / "logs" / f"llama-server-{safe_name(self.alias)}.log",
                 settings=replace(
                     self.settings, gpu_layers=999, extra_args=(*self.settings.extra_args, *extra), max_start_failures=1
                 ),
@@ -209,9 +208,6 @@ def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
     return exc
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A model name as a file name (logs)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def default_threads() -> int:
-    return os.cpu_count() or 1

@@ -1,0 +1,96 @@
+"""The restart loop shared by llama-server and rpc-server supervisors: start, report state, restart
+a process that dies with exponential backoff, give up (state `failed`) after repeated failures to
+ever become ready, and signal `started` to the caller once it first serves (or has failed).
+
+A unit says how to run its process once (`attempt`, which calls `ready()` once serving and returns
+a human-readable exit detail) and what it is called; the policy is its settings' four numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+log = logging.getLogger("mesh_llm.supervise")
+
+LOADING, SERVING, FAILED = "loading", "serving", "failed"
+
+
+class RestartPolicy(Protocol):
+    @property
+    def max_start_failures(self) -> int: ...  # consecutive failures before ever becoming ready → failed
+
+    @property
+    def backoff_initial_s(self) -> float: ...
+
+    @property
+    def backoff_max_s(self) -> float: ...
+
+    @property
+    def healthy_reset_s(self) -> float: ...  # after this long serving, a crash starts the backoff afresh
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log file (its last 16 KiB at most), for error messages."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _ready(ready_at: list[float], task_status: TaskStatus[None], already: bool) -> None:
+    ready_at.append(time.monotonic())
+    if not already:
+        task_status.started()
+
+
+async def supervise(
+    *,
+    noun: str,  # "llama-server": states say "starting llama-server", "llama-server crashed (…)"
+    label: str,  # logs say "<label> failed 3 times"
+    verb: str,  # "crashed" / "died"
+    attempt: Callable[[Callable[[], None]], Awaitable[str]],
+    policy: RestartPolicy,
+    on_state: Callable[[str, str], None],
+    on_restart: Callable[[], int],  # counts a restart; returns how many so far
+    restarts: int = 0,  # restarts before this call
+    log_path: Path,
+    task_status: TaskStatus[None],
+) -> None:
+    failures = 0
+    backoff = policy.backoff_initial_s
+    started = False
+    while True:
+        on_state(LOADING, f"starting {noun}" if not restarts else f"restarting {noun}")
+        ready_at: list[float] = []
+        detail = await attempt(functools.partial(_ready, ready_at, task_status, started))
+        if ready_at:
+            started = True
+            failures = 0
+            if time.monotonic() - ready_at[0] > policy.healthy_reset_s:
+                backoff = policy.backoff_initial_s
+        else:
+            failures += 1
+        last = tail(log_path)
+        if failures >= policy.max_start_failures:
+            log.error("%s failed %d times (%s); giving up. Log %s:\n%s", label, failures, detail, log_path, last)
+            on_state(FAILED, f"{detail}; see {log_path}")
+            if not started:
+                task_status.started()  # let the caller go on; the state says failed
+            return
+        restarts = on_restart()
+        log.warning("%s %s (%s); restarting in %.1fs. Log %s:\n%s", label, verb, detail, backoff, log_path, last)
+        on_state(LOADING, f"{noun} {verb} ({detail}); restarting in {backoff:.1f}s")
+        await anyio.sleep(backoff)
+        backoff = min(backoff * 2, policy.backoff_max_s)
