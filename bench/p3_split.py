@@ -9,8 +9,9 @@ node's threads (here 1), not all of them. For N = 2 and 3 it measures, with ever
   127.0.0.3.., asked through a *worker's* API (one mesh hop on top of the split);
 - stock: llama-server `--rpc` straight to N local ggml-rpc-servers (`-t 1`), the same `-ts` as the
   mesh's plan, no relays, no TLS — what the mesh adds is the difference;
-- P5: bytes per generated token across each stage boundary, counted by a byte-counting proxy in
-  front of each stock rpc-server (requests + responses), against 2 × n_embd × 4.
+- P5: bytes per generated token across each stage boundary (requests + responses, prompt included,
+  divided by the tokens generated), counted by byte-counting proxies in front of the stock
+  rpc-servers in a second load (not in the speed run), against 2 × n_embd × 4.
 
 Tokens/s is llama-server's own `timings.predicted_per_second` for each request (median of runs).
 
@@ -89,7 +90,31 @@ class Counter:
         await asyncio.gather(pipe(r, tw, True), pipe(tr, w, False), return_exceptions=True)
 
 
+def _launch(llama: Any, model: Path, ports: list[int], ts: list[float]) -> tuple[subprocess.Popen[bytes], str]:
+    api_port = free_port()
+    rpc = ",".join(f"127.0.0.1:{p}" for p in ports)
+    cmd = [str(llama.server), "-m", str(model), "--rpc", rpc, "-ngl", "999", "-ts", ",".join(map(str, ts))]
+    cmd += ["--threads", "1", "--port", str(api_port), "-c", "4096", "-np", "1", "--fit", "off", "--alias", "m"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{api_port}"
+    for _ in range(600):
+        try:
+            if httpx2.get(api + "/health", timeout=1).status_code == 200:
+                break
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.1)
+    return proc, api
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
 def stock(llama: Any, model: Path, n: int, ts: list[float], tokens: int, runs: int) -> tuple[float, list[float]]:
+    """Speed with llama-server straight on the rpc-servers; then P5 bytes through counting proxies
+    in a second load (the proxies cost time, so they are not in the speed run)."""
     procs = []
     try:
         ports = [free_port() for _ in range(n)]
@@ -97,31 +122,21 @@ def stock(llama: Any, model: Path, n: int, ts: list[float], tokens: int, runs: i
             cmd = [str(llama.rpc_server), "-t", "1", "-p", str(p)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
-        counters = [Counter(p) for p in ports]
-        api_port = free_port()
-        rpc = ",".join(f"127.0.0.1:{c.port}" for c in counters)
-        cmd = [str(llama.server), "-m", str(model), "--rpc", rpc, "-ngl", "999", "-ts", ",".join(map(str, ts))]
-        cmd += ["--threads", "1", "--port", str(api_port), "-c", "4096", "-np", "1", "--fit", "off", "--alias", "m"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        api = f"http://127.0.0.1:{api_port}"
-        for _ in range(600):
-            try:
-                if httpx2.get(api + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.1)
+        server, api = _launch(llama, model, ports, ts)
         speed = tok_s(api, "m", tokens, runs)
-        # P5: bytes per token at each boundary, over one more request of `tokens` tokens
-        before = [(c.up, c.down) for c in counters]
+        _stop(server)
+        counters = [Counter(p) for p in ports]
+        server, api = _launch(llama, model, [c.port for c in counters], ts)
+        procs.append(server)
         body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+        httpx2.post(api + "/v1/completions", json=body, timeout=600).raise_for_status()  # warm
+        before = [(c.up, c.down) for c in counters]
         httpx2.post(api + "/v1/completions", json=body, timeout=600).raise_for_status()
         per_token = [((c.up - u) + (c.down - d)) / tokens for c, (u, d) in zip(counters, before, strict=True)]
         return speed, per_token
     finally:
         for p in procs:
-            p.kill()
-            p.wait()
+            _stop(p)
 
 
 def mesh(tmp: Path, model: str, n: int, tokens: int, runs: int, models_dir: Path) -> tuple[float, dict[str, Any]]:
