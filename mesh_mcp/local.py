@@ -33,8 +33,6 @@ from anyio.abc import Process
 
 from inference.errors import MeshLLMError
 
-from .mcp_server import HttpTools, api_root, build_server
-
 log = logging.getLogger("mesh_llm.mcp")
 
 RUNTIME_FILE = "node.json"
@@ -44,6 +42,14 @@ DEFAULT_CONSOLE_PORT = 3131
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 PROBE_TIMEOUT_S = 3.0
+
+
+MCP_PATHS = frozenset({"/mcp", "/mcp/"})  # where a node's API port serves MCP (streamable HTTP)
+
+
+def api_root(api_url: str) -> str:
+    """`http://127.0.0.1:9337/v1/` → `http://127.0.0.1:9337` (the node reports its API with /v1)."""
+    return api_url.rstrip("/").removesuffix("/v1")
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,8 @@ async def run_stdio(home: Path, join: Sequence[str] = (), name: str | None = Non
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_signal, tg.cancel_scope)
             async with attach_or_start(home, join, name) as info:
+                from .mcp_server import HttpTools, build_server  # the MCP SDK: ~0.8 s to import, only here
+
                 server = build_server(HttpTools(info.console_url, info.api_url))
                 log.info("serving MCP over stdio for node %s", info.node_id)
                 await server.run_stdio_async()

@@ -39,6 +39,7 @@ from blackboard.post import KNOWN_KINDS, MAX_AUTHOR, MAX_TEXT_BYTES, TTL_S, chec
 from inference.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 
 from . import __version__
+from .local import MCP_PATHS, api_root
 
 log = logging.getLogger("mesh_llm.mcp")
 
@@ -481,11 +482,6 @@ def build_server(tools: MeshTools, *, name: str = "mesh-llm") -> MCPServer:
 # MeshTools over a running node's HTTP endpoints
 
 
-def api_root(api_url: str) -> str:
-    """`http://127.0.0.1:9337/v1/` → `http://127.0.0.1:9337` (the node reports its API with /v1)."""
-    return api_url.rstrip("/").removesuffix("/v1")
-
-
 class HttpTools:
     """`MeshTools` for a node running on this machine, through its console (`/api/*`) and API (`/v1/*`).
 
@@ -692,7 +688,6 @@ def _http_error(resp: httpx2.Response, base: str, blackboard: bool) -> MeshLLMEr
 # ---------------------------------------------------------------------------------------------
 # Streamable HTTP at /mcp, for the node's own ASGI app
 
-MCP_PATHS = frozenset({"/mcp", "/mcp/"})
 LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _LOCAL_HOSTNAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 

@@ -9,13 +9,15 @@ downloads and loads as they happen; models become `serving` one by one. Cancelli
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blackboard.board import Board
@@ -32,8 +34,7 @@ from .api import build_api
 from .console import build_console
 from .httpserve import serve_http
 from .identity import load_or_create
-from .local import RuntimeInfo, remove_runtime, write_runtime
-from .mcp_server import HttpTools, McpHttp
+from .local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
 from .mesh import meshfile
 from .mesh.board_link import BoardLink
 from .mesh.gossip import GossipConfig
@@ -45,6 +46,9 @@ from .mesh.tokens import decode as decode_token
 from .split import SplitModel, safe_name
 from .state import NodeState
 from .ui import Bars
+
+if TYPE_CHECKING:
+    from .mcp_server import HttpTools
 
 log = logging.getLogger("mesh_llm.node")
 
@@ -157,8 +161,7 @@ class Node:
         cfg = self.config
         # MCP's session manager outlives the HTTP servers that route to it (they stop first); its
         # tools find this node's ports once they listen.
-        mcp_http = McpHttp(_OwnTools(self.state), allow_remote=cfg.host in ("0.0.0.0", "::"))
-        async with mcp_http as mcp, anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:
             if self.mesh is not None:
                 await tg.start(self.mesh.run)
             if self.rpc_link is not None:
@@ -169,7 +172,9 @@ class Node:
             api = build_api(self.state, self.mesh)
             if self.mesh is not None:
                 self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only
-            api_port = await tg.start(serve_http, _with_mcp(api, mcp), cfg.host, cfg.api_port)
+            mount = _McpMount(api, self.state, allow_remote=cfg.host in ("0.0.0.0", "::"))
+            tg.start_soon(mount.run)
+            api_port = await tg.start(serve_http, mount, cfg.host, cfg.api_port)
             console_port = await tg.start(
                 serve_http, build_console(self.state, self, self.board), cfg.host, cfg.console_port
             )
@@ -358,6 +363,8 @@ class _OwnTools:
         self._state = state
 
     def _http(self) -> HttpTools:
+        from .mcp_server import HttpTools
+
         return HttpTools(self._state.console_url, self._state.api_url)
 
     async def post(self, text: str, reply_to: str | None, author: str | None) -> dict[str, Any]:
@@ -383,16 +390,39 @@ class _OwnTools:
         return await self._http().ask(question, model, max_tokens)
 
 
-def _with_mcp(api: ASGIApp, mcp: McpHttp) -> ASGIApp:
-    """The API port's app: MCP (streamable HTTP) at /mcp, the OpenAI/Anthropic API elsewhere."""
+class _McpMount:
+    """The API port's app: MCP (streamable HTTP) at /mcp, the OpenAI/Anthropic API elsewhere.
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if McpHttp.handles(scope):
-            await mcp(scope, receive, send)
+    The MCP SDK takes ~0.8 s of CPU to import, so it is loaded in a worker thread once the node runs
+    (joining the mesh and serving models do not wait for it); an early /mcp request waits for it."""
+
+    LOAD_WAIT_S = 30.0
+
+    def __init__(self, api: ASGIApp, state: NodeState, *, allow_remote: bool) -> None:
+        self.api, self.state, self.allow_remote = api, state, allow_remote
+        self.mcp: ASGIApp | None = None
+        self._loaded = anyio.Event()
+
+    async def run(self) -> None:
+        module = await anyio.to_thread.run_sync(importlib.import_module, "mesh_mcp.mcp_server")
+        async with module.McpHttp(_OwnTools(self.state), allow_remote=self.allow_remote) as mcp:
+            self.mcp = mcp
+            self._loaded.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.mcp = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in MCP_PATHS:
+            await self.api(scope, receive, send)
+            return
+        with anyio.move_on_after(self.LOAD_WAIT_S):
+            await self._loaded.wait()
+        if self.mcp is not None:
+            await self.mcp(scope, receive, send)
         else:
-            await api(scope, receive, send)
-
-    return app
+            await JSONResponse({"error": "MCP is starting; retry"}, 503, {"Retry-After": "1"})(scope, receive, send)
 
 
 def _placement(need: int, cap: int, hw: hardware.Hardware, split: int | None) -> str:

@@ -30,7 +30,6 @@ import anyio
 
 from inference.errors import BackendError, MeshLLMError, ProtocolError
 from inference.llamacpp import LlamaCpp
-from inference.rpc_cache import seed
 from inference.rpc_server import RpcServer, RpcSettings
 
 from . import wire
@@ -103,6 +102,8 @@ class RpcLink:
             path = self.models_dir / name
             if not path.is_file() or path.stat().st_size != size:
                 raise BackendError(f"this node does not have {name} ({size} bytes) in {self.models_dir}")
+            from inference.rpc_cache import seed  # numpy: loaded when a host first asks, not at start-up
+
             span = range(layers[0], layers[1] + 1) if layers else None
             t0 = time.monotonic()
             seeded = await anyio.to_thread.run_sync(lambda: seed(path, self.home / "rpc-cache", span))
