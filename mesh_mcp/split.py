@@ -5,7 +5,8 @@ gossips (capacity, the file on disk) and the RTTs this node measures; this modul
 
 1. lease an rpc-server on every worker (`rpc_link.lease`; the worker pre-seeds its cache for its
    layers from its own copy of the GGUF, so no weight crosses the network at load);
-2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server);
+2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
+   HELLO the worker's rpc-server through it: a build speaking another RPC protocol is named before launch;
 3. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
    and llama.cpp puts the output layer on the last device, so the host's own rpc-server listed last
    keeps the output layer here and only hidden states cross the network;
@@ -32,7 +33,7 @@ from inference.gguf_facts import GGUFFacts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.placement import NodeCap, Plan, plan
-from inference.rpc_server import RpcServer, RpcSettings
+from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe, require_compatible
 
 from .mesh.dataplane import Relay
 from .mesh.rpc_link import lease, ping
@@ -128,6 +129,7 @@ class SplitModel:
                 )
                 port = await relay.start()
                 stack.push_async_callback(relay.close)
+                await _check_worker(stage.node_id, port)
                 endpoints.append(f"127.0.0.1:{port}")
                 log.info(
                     "split %s: %s holds layers %d-%d (%d tensors already in its cache), via relay 127.0.0.1:%d",
@@ -184,6 +186,15 @@ class SplitModel:
                 self.on_state(state="loading", detail=f"worker {gone[0]} left; re-planning", upstream=None)
                 scope.cancel()
                 return
+
+
+async def _check_worker(node_id: str, port: int) -> None:
+    """Before launch: HELLO the worker's rpc-server through its relay. Proves the data plane carries
+    llama.cpp RPC end to end and that the worker's build speaks a protocol our llama-server accepts
+    (a mismatch is reported here by name, not as llama-server aborting at load)."""
+    info = await probe("127.0.0.1", port, timeout_s=10)
+    require_compatible(PROTOCOL_VERSION, info.version, where=f"the rpc-server on worker {node_id}")
+    log.info("worker %s: rpc-server reachable through the data plane, RPC protocol %s", node_id, info.version)
 
 
 def _describe(p: Plan) -> dict[str, Any]:

