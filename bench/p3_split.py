@@ -13,15 +13,22 @@ node's threads (here 1), not all of them. For N = 2 and 3 it measures, with ever
   divided by the tokens generated), counted by byte-counting proxies in front of the stock
   rpc-servers in a second load (not in the speed run), against 2 × n_embd × 4.
 
+`--rtt-ms 5,20` repeats mesh and stock with that round trip added between the host and every worker
+(half each way): for the mesh, each worker binds 127.0.0.(2+i) and advertises 127.0.0.(12+i), where a
+UDP link (QUIC control plane) and a TCP link (the RPC data plane, same port number) add the delay;
+for stock, a TCP link in front of each worker's rpc-server. The floor is 1 / (Σ compute + Σ RTT) with
+Σ compute = 1 / solo and one round trip per worker per token.
+
 Tokens/s is llama-server's own `timings.predicted_per_second` for each request (median of runs).
 
-    python bench/p3_split.py --model SmolLM2-135M-Instruct-Q4_1 --runs 5 --tokens 64
+    python bench/p3_split.py --model SmolLM2-135M-Instruct-Q4_1 --runs 5 --tokens 64 [--rtt-ms 5,20]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -39,6 +46,7 @@ from inference import paths
 from inference.gguf_facts import read_facts
 from inference.llamacpp import ensure_llama_cpp
 from tests.harness import NodeProcess, free_port
+from tests.netproxy import LinkProxy, TcpLink
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -112,19 +120,31 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def stock(llama: Any, model: Path, n: int, ts: list[float], tokens: int, runs: int) -> tuple[float, list[float]]:
-    """Speed with llama-server straight on the rpc-servers; then P5 bytes through counting proxies
-    in a second load (the proxies cost time, so they are not in the speed run)."""
-    procs = []
-    try:
+def stock(
+    llama: Any, model: Path, n: int, ts: list[float], tokens: int, runs: int, rtt_ms: float = 0.0
+) -> tuple[float, list[float]]:
+    """Speed with llama-server straight on the rpc-servers (through a delaying TCP link in front of
+    each worker's when `rtt_ms`); then, without delay, P5 bytes through counting proxies in a second
+    load (the proxies cost time, so they are not in the speed run)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as links:
+        links.callback(lambda: [_stop(proc) for proc in procs])
         ports = [free_port() for _ in range(n)]
         for p in ports:
             cmd = [str(llama.rpc_server), "-t", "1", "-p", str(p)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
-        server, api = _launch(llama, model, ports, ts)
+        via = list(ports)
+        if rtt_ms:  # the last rpc-server is the host's own: no link in front of it
+            for i, p in enumerate(ports[:-1]):
+                link = links.enter_context(TcpLink(("127.0.0.1", 0), ("127.0.0.1", p), delay_ms=rtt_ms / 2).start())
+                via[i] = link.port
+        server, api = _launch(llama, model, via, ts)
+        procs.append(server)
         speed = tok_s(api, "m", tokens, runs)
         _stop(server)
+        if rtt_ms:
+            return speed, []
         counters = [Counter(p) for p in ports]
         server, api = _launch(llama, model, [c.port for c in counters], ts)
         procs.append(server)
@@ -134,28 +154,33 @@ def stock(llama: Any, model: Path, n: int, ts: list[float], tokens: int, runs: i
         httpx2.post(api + "/v1/completions", json=body, timeout=600).raise_for_status()
         per_token = [((c.up - u) + (c.down - d)) / tokens for c, (u, d) in zip(counters, before, strict=True)]
         return speed, per_token
-    finally:
-        for p in procs:
-            _stop(p)
 
 
-def mesh(tmp: Path, model: str, n: int, tokens: int, runs: int, models_dir: Path) -> tuple[float, dict[str, Any]]:
+def mesh(
+    tmp: Path, model: str, n: int, tokens: int, runs: int, models_dir: Path, rtt_ms: float = 0.0
+) -> tuple[float, dict[str, Any]]:
     env = {"MESH_LLM_MODELS": str(models_dir)}
     nodes = []
-    try:
-        host = NodeProcess(tmp / f"h{n}", ["--mesh-host", "127.0.0.2", "--model", model, "--split", str(n),
-                                            "--threads", "1", "--parallel", "1"], env=env).start()  # fmt: skip
-        nodes.append(host)
-        token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
-        for i in range(1, n):
-            w = NodeProcess(tmp / f"w{n}{i}", ["--mesh-host", f"127.0.0.{2 + i}", "--join", token, "--threads", "1"],
-                            env=env).start()  # fmt: skip
-            nodes.append(w)
-        status = host.wait_model_state(model, "serving", timeout=600)
-        return tok_s(nodes[-1].api, model, tokens, runs), status["placement"]
-    finally:
-        for node in nodes:
-            node.stop()
+    with contextlib.ExitStack() as links:
+        try:
+            host = NodeProcess(tmp / f"h{n}-{rtt_ms:g}", ["--mesh-host", "127.0.0.2", "--model", model, "--split",
+                               str(n), "--threads", "1", "--parallel", "1"], env=env).start()  # fmt: skip
+            nodes.append(host)
+            token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
+            for i in range(1, n):
+                ip, args = f"127.0.0.{2 + i}", ["--join", token, "--threads", "1"]
+                if rtt_ms:  # behind links that add the delay: QUIC (UDP) and the data plane (TCP), one port
+                    port, link_ip = free_port(), f"127.0.0.{12 + i}"
+                    links.enter_context(LinkProxy((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
+                    links.enter_context(TcpLink((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
+                    args += ["--bind-port", str(port), "--advertise", link_ip]
+                w = NodeProcess(tmp / f"w{n}{i}-{rtt_ms:g}", ["--mesh-host", ip, *args], env=env).start()
+                nodes.append(w)
+            status = host.wait_model_state(model, "serving", timeout=600)
+            return tok_s(nodes[-1].api, model, tokens, runs), status["placement"]
+        finally:
+            for node in nodes:
+                node.stop()
 
 
 def solo(tmp: Path, model: str, tokens: int, runs: int, models_dir: Path) -> float:
@@ -174,7 +199,10 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=paths.cache_dir() / "test-models")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rtt-ms", default="", help="also measure with these round trips added, e.g. 5,20")
+    ap.add_argument("--nodes", default="2,3")
     args = ap.parse_args()
+    rtts = [float(x) for x in args.rtt_ms.split(",") if x]
     llama = anyio.run(ensure_llama_cpp)
     path = args.models_dir / f"{args.model}.gguf"
     facts = read_facts(path)
@@ -183,7 +211,7 @@ def main() -> None:
         tmp = Path(t)
         base = solo(tmp, args.model, args.tokens, args.runs, args.models_dir)
         print(f"solo, 1 thread: {base:.1f} tok/s", flush=True)
-        for n in (2, 3):
+        for n in [int(x) for x in args.nodes.split(",")]:
             speed, placement = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir)
             ref, per_token = stock(llama, path, n, placement["tensor_split"], args.tokens, args.runs)
             stages = ", ".join(f"{s['layers'][0]}-{s['layers'][1]}" for s in placement["stages"])
@@ -194,6 +222,15 @@ def main() -> None:
                 + f" (2 × n_embd × 4 = {floor})",
                 flush=True,
             )
+            for rtt in rtts:
+                slow, _ = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir, rtt)
+                ref_slow, _ = stock(llama, path, n, placement["tensor_split"], args.tokens, args.runs, rtt)
+                bound = 1 / (1 / base + (n - 1) * rtt / 1000)
+                print(
+                    f"{n} nodes, +{rtt:g} ms RTT per worker: mesh {slow:.1f} tok/s = {slow / bound:.3f} × floor "
+                    f"({bound:.1f} tok/s), {slow / ref_slow:.3f} × stock --rpc ({ref_slow:.1f} tok/s)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

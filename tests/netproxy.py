@@ -11,12 +11,16 @@ by the thread on every datagram. Loopback only: the proxy binds its listen host 
     with LinkProxy(listen=("127.0.0.12", port), target=("127.0.0.2", port)) as link:
         link.delay_ms = 50      # +100 ms round trip
         link.drop = True        # partition
+
+`TcpLink` does the same delay for TCP (the RPC data plane in benchmarks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import queue
 import random
 import selectors
 import socket
@@ -195,3 +199,100 @@ class LinkProxy:
             except OSError:  # a full buffer or an unreachable port: the datagram is lost, as on a wire
                 self.stats.forwarded -= 1
                 self.stats.dropped += 1
+
+
+class TcpLink:
+    """The TCP twin of `LinkProxy` for latency only: every accepted connection is forwarded to
+    `target`, and every chunk waits `delay_ms` (read live) before it is sent on, in order, each way.
+    Threads, blocking sockets: one reader and one sender per direction per connection.
+
+        with TcpLink(listen=("127.0.0.12", port), target=("127.0.0.2", port), delay_ms=2.5) as link:
+            ...  # +5 ms round trip on every connection through it
+    """
+
+    def __init__(self, listen: Address, target: Address, *, delay_ms: float = 0.0) -> None:
+        self.target, self.delay_ms = target, delay_ms
+        self.bytes_forwarded = 0
+        self._listen = socket.create_server(listen)
+        self._listen.settimeout(POLL_S)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return int(self._listen.getsockname()[1])
+
+    def start(self) -> TcpLink:
+        self._spawn(self._accept)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        for thread in list(self._threads):
+            thread.join(timeout=5)
+        self._listen.close()
+
+    def __enter__(self) -> TcpLink:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _spawn(self, fn: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listen.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._socks += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                pending: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+                self._spawn(self._read, src, pending)
+                self._spawn(self._send, dst, pending)
+
+    def _read(self, src: socket.socket, pending: queue.SimpleQueue[tuple[float, bytes] | None]) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                pending.put((time.monotonic() + self.delay_ms / 1000, data))
+        except OSError:
+            pass
+        pending.put(None)
+
+    def _send(self, dst: socket.socket, pending: queue.SimpleQueue[tuple[float, bytes] | None]) -> None:
+        while (item := pending.get()) is not None:
+            due, data = item
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+            self.bytes_forwarded += len(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess
-from tests.netproxy import Address, LinkProxy
+from tests.netproxy import Address, LinkProxy, TcpLink
 
 Spawn = Callable[..., NodeProcess]
 # one llama.cpp thread: three nodes share 2 cores, and oversubscribed llama.cpp threads crawl
@@ -381,3 +381,31 @@ def test_healed_partition_reconverges(mesh: dict[str, Linked]) -> None:
         f"\nB and C dropped A {dropped:.1f}s after the cut; listed it again {healed:.1f}s after the heal "
         f"(chat at {time.monotonic() - t1:.1f}s)"
     )
+
+
+def test_tcp_link_delays_each_way_and_keeps_order() -> None:
+    with socket.create_server((ECHO_IP, 0)) as server:
+        with TcpLink(listen=(LINK_IP, 0), target=server.getsockname(), delay_ms=0).start() as link:
+            client = socket.create_connection((LINK_IP, link.port), timeout=5)
+            conn, _ = server.accept()
+            with client, conn:
+
+                def rtt() -> float:
+                    t0 = time.monotonic()
+                    client.sendall(b"x")
+                    conn.sendall(conn.recv(1))
+                    assert client.recv(1) == b"x"
+                    return time.monotonic() - t0
+
+                base = min(rtt() for _ in range(3))
+                link.delay_ms = 30
+                slow = min(rtt() for _ in range(3))
+                assert 0.06 <= slow < base + 1.0
+                payload = bytes(range(256)) * 4096  # 1 MiB in many chunks, order kept
+                client.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    got += conn.recv(1 << 16)
+                assert got == payload
+                client.shutdown(socket.SHUT_WR)
+                assert conn.recv(1) == b"", "EOF passes through"
