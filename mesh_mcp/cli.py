@@ -73,7 +73,12 @@ def _node_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="carry the agents' blackboard (members always do; a --client only with this flag)",
     )
-    p.add_argument("--bind-port", type=int, default=0, help="UDP port of the mesh listener (default: any)")
+    p.add_argument(
+        "--bind-port",
+        type=int,
+        default=0,
+        help="UDP port of the mesh listener; the RPC data plane takes the same number on TCP (default: any)",
+    )
     p.add_argument("--mesh-host", default="0.0.0.0", help="interface the mesh listener binds (default: all)")
     p.add_argument(
         "--advertise", action="append", default=[], metavar="HOST", help="address to put in invite tokens (repeatable)"

@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import httpx2
 import pytest
 
 from tests.conftest import GEMMA, SMOLLM
-from tests.harness import NodeProcess
+from tests.harness import NodeProcess, free_port
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., NodeProcess]
@@ -131,3 +132,18 @@ def test_gemma_two_node_split_answers_like_solo(spawn: Spawn, gemma: Path) -> No
     model = host.wait_model_state(GEMMA, "serving", timeout=240)
     assert model["placement"]["kind"] == "split" and len(model["placement"]["stages"]) == 2
     assert [complete(w1, p, model=GEMMA) for p in PROMPTS] == expected
+
+
+def test_the_data_plane_takes_the_mesh_port_number_on_tcp(spawn: Spawn) -> None:
+    """One number to open in a firewall: `--bind-port P` is UDP P for the mesh and TCP P for splits;
+    when TCP P is taken the data plane takes another port (leases carry it)."""
+    port = free_port("127.0.0.6")
+    node = spawn("--mesh-host", "127.0.0.6", "--bind-port", str(port), "--model", SMOLLM, name="pinned")
+    node.wait_log(rf"RPC data plane listening on TCP {port}\b", timeout=60)
+    token = node.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
+    with socket.create_server(("127.0.0.7", 0)) as taken:
+        busy = taken.getsockname()[1]
+        other = spawn("--mesh-host", "127.0.0.7", "--bind-port", str(busy), "--join", token, name="busy")
+        found = other.wait_log(r"RPC data plane listening on TCP (\d+)", timeout=60)
+        assert int(found.group(1)) != busy
+        assert "the data plane takes another port" in other.log()

@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 
-from inference.errors import BackendError, MeshLLMError, ProtocolError
+from inference.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import RpcServer, RpcSettings
 
@@ -65,7 +65,7 @@ class RpcLink:
         mesh.transport.handlers.update({"ping": self._on_ping, "rpc-lease": self._on_lease})
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.port = await self.dataplane.start()
+        self.port = await self._listen()
         log.info("RPC data plane listening on TCP %d", self.port)
         try:
             async with anyio.create_task_group() as tg:
@@ -75,6 +75,20 @@ class RpcLink:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.dataplane.close()
+
+    async def _listen(self) -> int:
+        """The data plane takes the mesh's UDP port number on TCP when it is free — one number to open
+        in a firewall (UDP for the mesh, TCP for splits), pinned by `--bind-port` — else any port
+        (the lease reply carries it)."""
+        mesh_port = self.mesh.transport.port
+        if mesh_port:
+            self.dataplane.requested_port = mesh_port
+            try:
+                return await self.dataplane.start()
+            except ConfigError as exc:
+                log.info("%s; the data plane takes another port", exc)
+        self.dataplane.requested_port = 0
+        return await self.dataplane.start()
 
     async def _on_ping(
         self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
