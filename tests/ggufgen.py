@@ -6,6 +6,10 @@ BPE vocabulary: 256 byte tokens, 4 merges, 4 control tokens, pre-tokenizer `gpt-
 `blk.N.ffn_{gate,up,down}_exps`). Weights are small seeded random numbers: the output is gibberish,
 deterministic for a seed. `vocab` larger than 264 pads with UNUSED tokens, so any size loads.
 
+`write_skewed_moe` writes a `qwen3moe` (router weights renormalised over the chosen top-k) or `olmoe` (softmax over
+every expert present, no renormalisation) model whose routing is skewed by construction: in each layer a seeded set
+of "hot" experts always outranks the rest (see `SkewedMoe`), so a test knows which experts every token uses.
+
 Shapes follow gguf-py (numpy) order, which is GGML order reversed: `token_embd` is (vocab, n_embd) here and
 `[n_embd, vocab]` in the file's tensor directory.
 """
@@ -21,6 +25,7 @@ import gguf
 import numpy as np
 
 WeightType = Literal["f32", "f16", "q8_0"]
+SkewedArch = Literal["qwen3moe", "olmoe"]
 BASE_VOCAB = 264
 _MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"))
 _CONTROL = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
@@ -104,6 +109,19 @@ class _Writer:
 
     def norm(self, name: str, n: int) -> None:
         self.w.add_tensor(name, np.ones(n, dtype=np.float32))
+
+    def random(self, *shape: int, std: float = 0.02) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * std).astype(np.float32)
+
+    def array(self, name: str, data: np.ndarray) -> None:
+        """Add `data` (float32) in the writer's weight type."""
+        if self.wtype == "f16":
+            self.w.add_tensor(name, data.astype(np.float16))
+        elif self.wtype == "q8_0":
+            q = gguf.GGMLQuantizationType.Q8_0
+            self.w.add_tensor(name, gguf.quants.quantize(data, q), raw_dtype=q)
+        else:
+            self.w.add_tensor(name, data.astype(np.float32))
 
 
 def _header(w: gguf.GGUFWriter, d: Dims, name: str, wtype: WeightType) -> None:
@@ -258,3 +276,125 @@ def dense_tensor_names(n_layers: int, *, tied: bool = False) -> Sequence[str]:
     per = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
     names = ["token_embd.weight"] + [f"blk.{i}.{p}.weight" for i in range(n_layers) for p in per]
     return [*names, "output_norm.weight", *([] if tied else ["output.weight"])]
+
+
+# --- MoE models with routing skewed by construction -------------------------------------------------------------
+#
+# Dimension 0 of the residual stream is a constant "routing channel": every token embedding has `_CHANNEL` there,
+# and no attention or expert output projection writes to it (their row 0 is zero), so after each RMS norm the
+# router sees x[0] ≈ _CHANNEL / rms(h) > 0 in every layer. Router row e is `level_e` on dimension 0 plus small
+# noise elsewhere: hot experts' levels sit `gap` above the cold ones' (graded a little within each set, so the
+# routing mass is skewed inside the sets too), and the noise decides which hot experts a token takes. The output
+# layer uses dimension 0 only to push tokens that are not printable ASCII far down, so completions are text whose
+# tokens /v1/completions logprobs list one by one (a partial UTF-8 byte would be merged with the next). Expert
+# weights are large enough that the experts' mixture changes the next token.
+_CHANNEL = 4.0
+
+
+@dataclass(frozen=True)
+class SkewedMoe:
+    """A model written by `write_skewed_moe`; `hot[layer]` (sorted ids) are the experts that outrank the others for
+    every token, so each token's top-k lies inside them (llama-imatrix confirms it: tests/test_moe_shard.py)."""
+
+    path: Path
+    arch: SkewedArch
+    n_layers: int
+    n_expert: int
+    n_expert_used: int
+    hot: tuple[tuple[int, ...], ...]
+    n_ff: int
+
+    def cold(self, layer: int) -> tuple[int, ...]:
+        return tuple(e for e in range(self.n_expert) if e not in self.hot[layer])
+
+
+def hot_experts(n_layers: int, n_expert: int, n_hot: int, seed: int = 0) -> tuple[tuple[int, ...], ...]:
+    """The hot experts of each layer: a seeded choice, different per layer."""
+    rng = np.random.default_rng(seed + 7919)
+    return tuple(tuple(sorted(int(e) for e in rng.permutation(n_expert)[:n_hot])) for _ in range(n_layers))
+
+
+def write_skewed_moe(
+    path: Path,
+    arch: SkewedArch,
+    n_layers: int,
+    n_embd: int,
+    n_expert: int,
+    vocab: int = BASE_VOCAB,
+    *,
+    n_expert_used: int = 2,
+    n_hot: int | None = None,
+    gap: float = 3.0,
+    n_head: int = 4,
+    n_head_kv: int | None = None,
+    n_ff: int | None = None,
+    ctx: int = 2048,
+    wtype: WeightType = "f32",
+    seed: int = 0,
+    name: str | None = None,
+    split_max_tensors: int = 0,
+) -> SkewedMoe:
+    """A `qwen3moe` or `olmoe` model llama.cpp loads, with routing skewed as described above: `n_hot` experts per
+    layer (default 2 × n_expert_used) outrank the rest by `gap` / rms(residual) router logits (3 keeps them apart
+    while the cold experts still hold some softmax mass, which olmoe's gating counts). `n_ff` is the expert FFN width
+    (`expert_feed_forward_length` for qwen3moe, `feed_forward_length` for olmoe). `split_max_tensors` writes a
+    split set (returned `path` is then the first shard)."""
+    hot_n = 2 * n_expert_used if n_hot is None else n_hot
+    if not 1 <= n_expert_used <= hot_n <= n_expert:
+        raise ValueError(f"need 1 <= n_expert_used ({n_expert_used}) <= n_hot ({hot_n}) <= n_expert ({n_expert})")
+    d = _dims(n_layers, n_embd, vocab, n_head, n_head_kv, n_ff, ctx)
+    if arch == "olmoe" and d.n_head_kv != d.n_head:
+        raise ValueError("olmoe's k-norm spans n_embd: it needs n_head_kv == n_head")
+    hot = hot_experts(n_layers, n_expert, hot_n, seed)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    _header(w, d, name or f"tiny-{arch}", wtype)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(n_expert_used)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(d.n_ff)
+    t = _Writer(w, wtype, seed)
+    emb = t.random(d.vocab, d.n_embd, std=0.5)
+    emb[:, 0] = _CHANNEL
+    t.array("token_embd.weight", emb)
+    hd, kv = d.head_dim, d.n_head_kv * d.head_dim
+    qk_norm = hd if arch == "qwen3moe" else d.n_embd
+    for i in range(n_layers):
+        t.norm(f"blk.{i}.attn_norm.weight", d.n_embd)
+        t.array(f"blk.{i}.attn_q.weight", t.random(d.n_embd, d.n_embd, std=0.1))
+        t.array(f"blk.{i}.attn_k.weight", t.random(kv, d.n_embd, std=0.1))
+        t.array(f"blk.{i}.attn_v.weight", t.random(kv, d.n_embd, std=0.1))
+        out = t.random(d.n_embd, d.n_embd, std=0.05)
+        out[0, :] = 0.0
+        t.array(f"blk.{i}.attn_output.weight", out)
+        t.norm(f"blk.{i}.attn_q_norm.weight", qk_norm)
+        t.norm(f"blk.{i}.attn_k_norm.weight", qk_norm)
+        t.norm(f"blk.{i}.ffn_norm.weight", d.n_embd)
+        t.array(f"blk.{i}.ffn_gate_inp.weight", _router(t, d.n_embd, n_expert, hot[i], gap))
+        t.array(f"blk.{i}.ffn_gate_exps.weight", t.random(n_expert, d.n_ff, d.n_embd, std=1.0 / np.sqrt(d.n_embd)))
+        t.array(f"blk.{i}.ffn_up_exps.weight", t.random(n_expert, d.n_ff, d.n_embd, std=1.0 / np.sqrt(d.n_embd)))
+        down = t.random(n_expert, d.n_embd, d.n_ff, std=2.0 / np.sqrt(d.n_ff))
+        down[:, 0, :] = 0.0
+        t.array(f"blk.{i}.ffn_down_exps.weight", down)
+    t.norm("output_norm.weight", d.n_embd)
+    head = t.random(d.vocab, d.n_embd, std=0.3)
+    head[:, 0] = -8.0  # through the channel: a large negative logit for tokens that are not printable ASCII ...
+    head[[*range(32, 127), *range(256, 256 + len(_MERGES))], 0] = 0.0  # ... so completions are readable text
+    t.array("output.weight", head)
+    shards = w.format_shard_names(path)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return SkewedMoe(shards[0], arch, n_layers, n_expert, n_expert_used, hot, d.n_ff)
+
+
+def _router(t: _Writer, n_embd: int, n_expert: int, hot: Sequence[int], gap: float) -> np.ndarray:
+    """Router rows: level on the routing channel, small noise elsewhere. x[0] after the norm is about
+    _CHANNEL / rms ≥ 1 here, so levels are in logits per unit of x[0]; the noise spreads choices inside a set."""
+    r = t.random(n_expert, n_embd, std=0.15 / np.sqrt(n_embd))
+    cold = [e for e in range(n_expert) if e not in hot]
+    for rank, e in enumerate(hot):
+        r[e, 0] = (gap + 0.3 * (len(hot) - rank) / len(hot)) / _CHANNEL
+    for rank, e in enumerate(cold):
+        r[e, 0] = (0.6 * (len(cold) - rank) / max(len(cold), 1)) / _CHANNEL
+    return r
