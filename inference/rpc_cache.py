@@ -28,6 +28,11 @@ src/llama-model.cpp, tools/rpc/rpc-server.cpp; llama.cpp b11434, RPC protocol 7.
   token_embd.weight as a duplicate when the model ties embeddings (no output.weight).
 - The host still needs the whole GGUF: it hashes every large tensor it offers.
 
+A worker without the file gets the same entries from a peer that has it (`mesh_mcp/mesh/tensor_fetch.py`):
+the peer lists each tensor's hash (`tensor_hashes`, remembered in the same per-GGUF manifest `seed` keeps) and
+the worker writes what arrives through `IncomingTensor` — the same temporary name, fsync and rename as `seed`,
+and a rename only when the bytes hash to the name announced (`CorruptTransfer` otherwise, and no file).
+
 The tensor directory (`read_tensor_infos`) is a header walk that skips metadata values; it gives the same
 absolute offsets and sizes as gguf-py's `GGUFReader` (`data_offset`, `n_bytes`; a test checks it), which parses
 every value into numpy views and needs 4 s for SmolLM2's 49k-token vocabulary. It could switch to
@@ -64,7 +69,7 @@ import numpy as np
 
 from mesh_llamacpp import load_pin
 
-from .errors import CorruptModel
+from .errors import CorruptModel, ModelError
 from .gguf_facts import read_facts
 from .llamacpp import build_root
 
@@ -85,6 +90,10 @@ CC_FLAGS = ("-O3", "-shared", "-fPIC")
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
+class CorruptTransfer(ModelError):
+    """Bytes received for a cache entry are not the tensor announced (size or FNV-1a-64 hash)."""
+
+
 def cache_files_dir(cache_dir: Path) -> Path:
     """Where rpc-server looks for cached tensors, given its `LLAMA_CACHE` directory."""
     return cache_dir / "rpc"
@@ -92,6 +101,10 @@ def cache_files_dir(cache_dir: Path) -> Path:
 
 def cache_file_name(digest: int) -> str:
     return f"{digest:016x}"
+
+
+def is_cache_file_name(name: object) -> bool:
+    return isinstance(name, str) and len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 # --- FNV-1a 64 -------------------------------------------------------------------------------------
@@ -356,6 +369,131 @@ class _Job:
         os.replace(tmp, dest)
 
 
+def tensor_hashes(
+    gguf_path: Path,
+    cache_dir: Path,
+    tensors: list[HashedTensor],
+    on_progress: Progress | None = None,
+    *,
+    workers: int | None = None,
+) -> dict[str, str]:
+    """The cache file name (FNV-1a-64, 16 hex) of each of `tensors` of `gguf_path`, by tensor name: from
+    the seed manifest in `cache_dir` (`seed` writes the same one) where known, the rest hashed now on all
+    cores and remembered there. `on_progress(done, total)` counts bytes hashed. Blocking, CPU-bound."""
+    gguf_path = Path(gguf_path)
+    manifest_path = _manifest_path(cache_dir, gguf_path)
+    known = _load_manifest(manifest_path)
+    todo = sorted((t for t in tensors if t.name not in known), key=lambda t: -t.size)
+    if not todo:
+        return {t.name: known[t.name] for t in tensors}
+    total, done, lock = sum(t.size for t in todo), [0], threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            done[0] += n
+            if on_progress is not None:
+                on_progress(done[0], total)
+
+    found: dict[str, str] = {}
+    with open(gguf_path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if any(t.offset + t.size > size for t in todo):
+            raise CorruptModel(f"{gguf_path}: tensor data runs past the end of the file ({size} bytes)")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        array = np.frombuffer(mm, dtype=np.uint8)
+        view = memoryview(mm)
+        try:
+            job = _Job(fh.fileno(), array.ctypes.data, view, progress)
+            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="rpc-hash") as pool:
+                for t, h in zip(todo, pool.map(job.hash, todo), strict=True):
+                    found[t.name] = cache_file_name(h)
+        finally:
+            view.release()
+            del array
+            mm.close()
+    _atomic_write_json(manifest_path, {**_load_manifest(manifest_path), **found})
+    return {t.name: known.get(t.name) or found[t.name] for t in tensors}
+
+
+class IncomingTensor:
+    """One cache entry written as its bytes arrive (from a peer, say), exactly as `seed` writes it: a
+    temporary file in the cache directory, FNV-1a-64 computed on the way, fsync, and a rename to its
+    name only when the size and the hash match what was announced. Anything else (an error, a short
+    or altered transfer, leaving the `with` block without `commit`) removes the temporary file, so a
+    broken transfer never leaves an entry rpc-server would trust."""
+
+    def __init__(self, files_dir: Path, name: str, size: int) -> None:
+        if not is_cache_file_name(name):
+            raise CorruptTransfer(f"{name!r} is not a cache entry name (16 lower-case hex digits)")
+        self.dest = files_dir / name
+        self.name, self.size = name, size
+        self.received = 0
+        self._hash = FNV_OFFSET
+        self._tmp = files_dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, data: memoryview) -> None:
+        if self._fd is None:
+            raise ValueError("this entry is closed")
+        if self.received + len(data) > self.size:
+            raise CorruptTransfer(f"more than the {self.size} bytes announced for {self.name}")
+        self._hash = fnv1a64(data, self._hash)
+        done = 0
+        while done < len(data):
+            done += os.write(self._fd, data[done:])
+        self.received += len(data)
+
+    def verify(self) -> None:
+        """CorruptTransfer (and the temporary file removed) unless every byte announced arrived and
+        they hash to the entry's name."""
+        problem = None
+        if self.received != self.size:
+            problem = f"{self.name}: {self.received} bytes arrived, not {self.size}"
+        elif cache_file_name(self._hash) != self.name:
+            problem = f"hash mismatch: the bytes sent as {self.name} hash to {cache_file_name(self._hash)}"
+        if problem is not None:
+            self.discard()
+            raise CorruptTransfer(problem)
+
+    def finish(self) -> None:
+        """After `verify`: fsync and rename into place (may run on another thread)."""
+        if self._fd is None:
+            raise ValueError("this entry is closed")
+        try:
+            os.fsync(self._fd)
+        except BaseException:
+            self.discard()
+            raise
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self._tmp, self.dest)
+
+    def commit(self) -> None:
+        """Verify, fsync and rename into place; CorruptTransfer (and no file) when it is not the tensor."""
+        self.verify()
+        self.finish()
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> IncomingTensor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()  # after commit: nothing left to do
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def seed(
     gguf_path: Path,
     cache_dir: Path,
@@ -448,11 +586,7 @@ def seed(
             del array
             mm.close()
     if result.written:
-        dir_fd = os.open(files_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(files_dir)
     if result.bytes_hashed:
         _atomic_write_json(manifest_path, {**_load_manifest(manifest_path), **result.files})
     result.seconds = time.perf_counter() - started

@@ -149,6 +149,7 @@ class Node:
         if self.mesh is not None and not config.client:
             self.rpc_link = RpcLink(self.mesh, config.models_dir, config.home)
             self.rpc_link.threads = config.threads or self.hardware.cpu_cores
+            self.rpc_link.on_fetch_progress = lambda done, total: self.bars.download("layers from a peer", done, total)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -270,6 +271,9 @@ class Node:
                 "addresses": list(r.addresses),
                 "models": [m.name for m in r.models_served],
                 "self": r.node_id == self.identity.node_id,
+                "rtt_ms": None if (ms := self.mesh.rtt.get(r.node_id)) is None else round(ms, 1),
+                "rtt_gossiped": {peer: tenths / 10 for peer, tenths in r.rtt},
+                "llama_cpp": r.llama_cpp,
             }
             for r in self.mesh.members()
         ]
@@ -325,6 +329,7 @@ class Node:
                 force_split=self.config.split,
                 threads=self.config.threads or self.hardware.cpu_cores,
                 on_state=lambda **changes: self.state.update_model(name, **changes),
+                dataplane_port=self.rpc_link.port if self.rpc_link is not None else 0,
             )
             await runner.run()
             return

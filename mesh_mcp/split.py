@@ -1,18 +1,20 @@
 """Serving one model as a pipeline split, on the host: plan, lease, relay, launch, watch, re-plan.
 
 Decide, then do: `placement.plan()` (pure) says which workers take which layers from what the mesh
-gossips (capacity, the file on disk) and the RTTs this node measures; this module acts on it:
+gossips (capacity, the file on disk, llama.cpp build, RTT maps); this module acts on it:
 
 1. lease an rpc-server on every worker (`rpc_link.lease`; the worker pre-seeds its cache for its
-   layers from its own copy of the GGUF, so no weight crosses the network at load);
+   layers from its own copy of the GGUF, or fetches just those tensors from this node's data plane,
+   so no weight crosses the network at load);
 2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
    HELLO the worker's rpc-server through it: a build speaking another RPC protocol is named before launch;
 3. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
    and llama.cpp puts the output layer on the last device, so the host's own rpc-server listed last
    keeps the output layer here and only hidden states cross the network;
 4. start llama-server with `--rpc` (workers in plan order, then the local one) and `-ts` from the plan;
-5. watch: llama-server exiting (a dead worker makes it abort) or a worker leaving the mesh ends the
-   group; everything is torn down and planned again after a short pause.
+5. watch: llama-server exiting (a dead worker makes it abort), a worker leaving the mesh, or a
+   worker's RTT staying above the cap ends the group; everything is torn down and planned again
+   after a short pause (the re-plan leaves the far worker out).
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ from inference.placement import NodeCap, Plan, plan
 from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe, require_compatible
 
 from .mesh.dataplane import Relay
-from .mesh.rpc_link import lease, ping
-from .mesh.runtime import Mesh
+from .mesh.rpc_link import lease
+from .mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
+from .mesh.runtime import Mesh, llama_cpp_identity
 
 log = logging.getLogger("mesh_llm.split")
 
 REPLAN_PAUSE_S = 2.0
 WAIT_FOR_CAPACITY_S = 5.0
 WATCH_S = 0.5
+RTT_CHECK_S = KEEP_EVERY_S  # a worker's RTT above the cap on 2 checks this far apart: re-plan
 
 
 @dataclass
@@ -60,6 +64,7 @@ class SplitModel:
     threads: int | None = None
     on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
     rtt_cap_ms: float = 80.0
+    dataplane_port: int = 0  # this node's data plane: workers without the file fetch their tensors there
 
     async def run(self) -> None:
         """Serve until cancelled, re-planning whenever the group fails."""
@@ -82,21 +87,28 @@ class SplitModel:
             await anyio.sleep(REPLAN_PAUSE_S)
 
     async def plan(self) -> Plan:
+        """The plan from gossiped state: capacities, files, llama.cpp builds, and every member's RTT map
+        (placement takes the worse direction); a member with no RTT either way yet is pinged once here."""
         me = self.mesh.identity.node_id
-        rtts: dict[str, float] = {}
+        mine = self.mesh.rtt.measured(time.time())
         nodes = []
         for record in self.mesh.members():
             if record.node_id == me or record.role == "client" or record.leaving:
                 continue
-            try:
-                with anyio.fail_after(3):
-                    rtts[record.node_id] = await ping(self.mesh, record.node_id)
-            except (OSError, TimeoutError, MeshLLMError) as exc:
-                log.info("no RTT to %s (%s): left out of the plan", record.node_id, exc)
-                continue
+            theirs = as_ms(record.rtt)
+            if record.node_id not in mine and me not in theirs:
+                try:
+                    with anyio.fail_after(3):
+                        mine[record.node_id] = await self.mesh.ping(record.node_id)
+                except (OSError, TimeoutError, MeshLLMError) as exc:
+                    log.info("no RTT to %s (%s): left out of the plan", record.node_id, exc)
+                    continue
+                self.mesh.rtt.observe(record.node_id, mine[record.node_id], time.time())
             has_file = self.model_path.name.removesuffix(".gguf") in record.models_on_disk
-            nodes.append(NodeCap(record.node_id, record.capacity_bytes, has_file=has_file))
-        nodes.append(NodeCap(me, self.capacity_bytes, rtt_ms=rtts, has_file=True))
+            nodes.append(
+                NodeCap(record.node_id, record.capacity_bytes, theirs, has_file=has_file, llama_cpp=record.llama_cpp)
+            )
+        nodes.append(NodeCap(me, self.capacity_bytes, rtt_ms=mine, has_file=True, llama_cpp=llama_cpp_identity()))
         return plan(
             self.alias,
             self.facts,
@@ -114,10 +126,18 @@ class SplitModel:
         workers = [s for s in current.stages if s.node_id != self.mesh.identity.node_id]
         async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
             endpoints = []
+            relays: list[tuple[str, Relay]] = []
             for stage in workers if current.kind == "split" else []:
                 self.on_state(state="loading", detail=f"leasing an rpc-server on {stage.node_id}")
                 held = await stack.enter_async_context(
-                    lease(self.mesh, stage.node_id, split_id, self.model_path, (stage.first_layer, stage.last_layer))
+                    lease(
+                        self.mesh,
+                        stage.node_id,
+                        split_id,
+                        self.model_path,
+                        (stage.first_layer, stage.last_layer),
+                        source_port=self.dataplane_port,
+                    )
                 )
                 relay = Relay(
                     self.mesh.identity,
@@ -131,6 +151,7 @@ class SplitModel:
                 stack.push_async_callback(relay.close)
                 await _check_worker(stage.node_id, port)
                 endpoints.append(f"127.0.0.1:{port}")
+                relays.append((stage.node_id, relay))
                 log.info(
                     "split %s: %s holds layers %d-%d (%d tensors already in its cache), via relay 127.0.0.1:%d",
                     split_id,
@@ -162,6 +183,14 @@ class SplitModel:
             )
 
             def on_ready() -> None:
+                for node_id, relay in relays:
+                    log.info(
+                        "split %s: loaded; %.2f MB sent to worker %s over the data plane (weights it did not "
+                        "have, and commands)",
+                        split_id,
+                        relay.counters.to_rpc_server / 1e6,
+                        node_id,
+                    )
                 self.on_state(
                     state="serving",
                     detail=f"{current.kind} over {len(current.stages)} node(s); llama-server pid {server.pid}",
@@ -177,15 +206,46 @@ class SplitModel:
             tg.cancel_scope.cancel()
 
     async def _watch_workers(self, workers: list[str], scope: anyio.CancelScope) -> None:
-        while True:
-            await anyio.sleep(WATCH_S)
-            alive = {r.node_id for r in self.mesh.members() if not r.leaving}
-            gone = [w for w in workers if w not in alive]
-            if gone:
-                log.warning("split of %s: worker(s) %s left the mesh; re-planning", self.alias, ", ".join(gone))
-                self.on_state(state="loading", detail=f"worker {gone[0]} left; re-planning", upstream=None)
-                scope.cancel()
-                return
+        """End the group (re-plan) when a worker leaves the mesh, or when its RTT to this node — the
+        worse of our live measurement and the one it gossips, as placement reads it — is above
+        `rtt_cap_ms` on two consecutive checks `RTT_CHECK_S` apart (the re-plan leaves it out)."""
+        me = self.mesh.identity.node_id
+        over = OverCap(self.rtt_cap_ms)
+        next_rtt_check = time.monotonic() + RTT_CHECK_S
+        with self.mesh.keep_measuring(workers):
+            while True:
+                await anyio.sleep(WATCH_S)
+                records = {r.node_id: r for r in self.mesh.members() if not r.leaving}
+                gone = [w for w in workers if w not in records]
+                if gone:
+                    log.warning("split of %s: worker(s) %s left the mesh; re-planning", self.alias, ", ".join(gone))
+                    self.on_state(state="loading", detail=f"worker {gone[0]} left; re-planning", upstream=None)
+                    scope.cancel()
+                    return
+                if time.monotonic() < next_rtt_check:
+                    continue
+                next_rtt_check = time.monotonic() + RTT_CHECK_S
+                seen = {w: (self.mesh.rtt.get(w), as_ms(records[w].rtt).get(me)) for w in workers}
+                far = over.check({w: worse(*pair) for w, pair in seen.items()})
+                if far:
+                    w, (ours, theirs) = far[0], seen[far[0]]
+                    log.warning(
+                        "split of %s: RTT to worker %s above the %.0f ms cap on %d checks %.0f s apart "
+                        "(now: %s measured here, %s gossiped by the worker); re-planning without it",
+                        self.alias,
+                        w,
+                        self.rtt_cap_ms,
+                        over.checks,
+                        RTT_CHECK_S,
+                        _ms(ours),
+                        _ms(theirs),
+                    )
+                    rtt = worse(ours, theirs) or 0.0
+                    self.on_state(
+                        state="loading", detail=f"worker {w} is {rtt:.0f} ms away; re-planning", upstream=None
+                    )
+                    scope.cancel()
+                    return
 
 
 async def _check_worker(node_id: str, port: int) -> None:
@@ -222,3 +282,7 @@ def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
 def safe_name(name: str) -> str:
     """A model name as a file name (logs)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _ms(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1f} ms"

@@ -1,4 +1,5 @@
-"""The RPC data plane: real TCP + TLS on loopback, a stand-in rpc-server, and one real llama.cpp run.
+"""The RPC data plane: real TCP + TLS on loopback, a stand-in rpc-server, a request/answer service,
+and one real llama.cpp run.
 
 Every test checks that nothing is left behind: no tunnel thread, no file descriptor."""
 
@@ -21,10 +22,11 @@ import anyio
 import httpx2
 import pytest
 
+from inference.errors import AuthError
 from inference.llamacpp import LlamaCpp
 from mesh_mcp.identity import Identity, load_or_create
 from mesh_mcp.mesh import dataplane
-from mesh_mcp.mesh.dataplane import DataPlaneServer, Relay, open_relay
+from mesh_mcp.mesh.dataplane import DataPlaneServer, Relay, Stream, connect, open_relay
 from mesh_mcp.mesh.quic import Credentials
 from mesh_mcp.mesh.wire import encode
 from tests.harness import free_port
@@ -368,6 +370,49 @@ def test_close_does_not_wait_for_a_worker_that_never_answers(host: Identity) -> 
                 t0 = time.monotonic()
                 await relay.close()
                 assert time.monotonic() - t0 < 1
+
+    run(main)
+
+
+# --- request/answer services (the tensor fetch) -------------------------------------------------------
+
+
+def test_a_service_answers_an_authenticated_peer_and_no_one_else(worker: Identity, host: Identity) -> None:
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def upper(request: dict[str, Any], stream: Stream) -> None:
+        seen.append((stream.peer.node_id, request))
+        stream.send_json({"type": "answer", "n": len(request["text"])})
+        stream.send(request["text"].upper().encode())
+        stream.wait_closed()
+
+    def ask(
+        port: int, ident: Identity, secret: bytes = SECRET, expect: str | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        req = {"type": "upper", "text": "tensor bytes"}
+        with connect(ident, creds(ident, secret), f"127.0.0.1:{port}", req, expect_node_id=expect) as stream:
+            head = stream.read_json()
+            return head, stream.read_exactly(head["n"])
+
+    def unknown(port: int) -> dict[str, Any]:
+        with connect(host, creds(host), f"127.0.0.1:{port}", {"type": "nope"}) as stream:
+            return stream.read_json()
+
+    async def main() -> None:
+        async with DataPlaneServer(worker, creds(worker), "127.0.0.1") as server:
+            server.services["upper"] = upper
+            head, body = await anyio.to_thread.run_sync(ask, server.port, host)
+            assert head == {"type": "answer", "n": 12} and body == b"TENSOR BYTES"
+            assert seen == [(host.node_id, {"type": "upper", "text": "tensor bytes"})]
+            with pytest.raises(AuthError, match=r"mesh secret|refused"):
+                await anyio.to_thread.run_sync(lambda: ask(server.port, host, b"z" * 32))
+            with pytest.raises(AuthError, match="not 0000000000000000"):
+                await anyio.to_thread.run_sync(lambda: ask(server.port, host, SECRET, "0" * 16))
+            assert await anyio.to_thread.run_sync(unknown, server.port) == {
+                "type": "refused",
+                "reason": "no service 'nope' on this node",
+            }
+            assert len(seen) == 1 and server.refused == 3  # the secret, the node id (we hung up), the service
 
     run(main)
 

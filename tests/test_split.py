@@ -5,6 +5,7 @@ worker ends in-flight requests with a clear error and the model serves again."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -18,8 +19,10 @@ from typing import Any
 import httpx2
 import pytest
 
+from mesh_mcp.mesh import tokens
 from tests.conftest import GEMMA, SMOLLM
 from tests.harness import NodeProcess, free_port
+from tests.netproxy import LinkProxy
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., NodeProcess]
@@ -147,3 +150,39 @@ def test_the_data_plane_takes_the_mesh_port_number_on_tcp(spawn: Spawn) -> None:
         found = other.wait_log(r"RPC data plane listening on TCP (\d+)", timeout=60)
         assert int(found.group(1)) != busy
         assert "the data plane takes another port" in other.log()
+
+
+def test_a_worker_whose_rtt_rises_above_the_cap_is_replaced_at_the_re_plan(spawn: Spawn) -> None:
+    """W1 reaches the host only through a `LinkProxy` (its invite token names the link, and the one
+    connection between them is reused both ways); W2 is direct. When the link slows down (+100 ms
+    round trip, over the 80 ms cap), the host measures it, re-plans, and W2 takes W1's place."""
+    port = free_port("127.0.0.2")
+    host = spawn(
+        "--mesh-host", "127.0.0.2", "--bind-port", str(port), "--model", SMOLLM, "--split", "2", "--name", "host",
+        name="host",
+    )  # fmt: skip
+    token = tokens.decode(host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"])
+    with LinkProxy(listen=("127.0.0.12", 0), target=("127.0.0.2", port)) as link:
+        via_link = tokens.encode(dataclasses.replace(token, addresses=(link.address,)))
+        w1 = member(spawn, "w1", "127.0.0.3", via_link)
+        w1_id = w1.status()["node_id"]
+        assert serving(host)["placement"]["stages"][0]["node_id"] == w1_id
+        w2 = member(spawn, "w2", "127.0.0.4", tokens.encode(token))
+        w2_id = w2.status()["node_id"]
+        link.delay_ms = 50
+        found = host.wait_log(rf"RTT to worker {w1_id} above the 80 ms cap on 2 checks .*\(now: ([\d.]+) ms", 60)
+        assert float(found.group(1)) > 80
+        model = host.wait_for(
+            "re-planned with W2",
+            lambda s: (
+                (m := host.model(s, SMOLLM)) is not None
+                and m["state"] == "serving"
+                and m["placement"]["stages"][0]["node_id"] == w2_id
+            ),
+            timeout=120,
+        )
+        replanned = host.model(model, SMOLLM)
+        assert replanned is not None
+        reasons = " ".join(replanned["placement"]["reasons"])
+        assert f"above 80 ms: {w1_id}" in reasons, reasons
+        assert complete(host, "Hello", 4)

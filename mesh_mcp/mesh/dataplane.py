@@ -52,6 +52,13 @@ The GIL is shared with the rest of the process: a Python thread that computes wi
 measured +20–26 ms per round trip. Host a data plane whose round trips matter in a process of its
 own (the classes need only an `Identity` and credentials).
 
+Services: instead of a target, an authenticated peer may name a request `type` registered in
+`services` (name → a blocking function of the request and a `Stream`). It runs on that connection's
+thread; the `Stream` carries frames and raw bytes inside TLS, one thread at a time, each socket
+operation bounded by `IO_TIMEOUT_S` of silence. `connect()` is the client: dial, TLS, handshake,
+send the request, and hand back the `Stream` to read the answer from. `tensor_fetch.py` serves a
+model's tensors to workers that lack the file this way.
+
 Counters (`ByteCounters`): bytes of RPC requests (`to_rpc_server`, host → worker: all the
 weights at load without a cache) and responses (`from_rpc_server`), per relay and per target.
 
@@ -93,6 +100,7 @@ CLOSE_TIMEOUT_S = 5.0
 FRAME_LIMIT = 64 << 10  # control frames before the splice
 CHUNK = 256 << 10  # bytes per recv while splicing
 MAX_PENDING = 32  # connections still authenticating, per listener; more are dropped at once
+IO_TIMEOUT_S = 30.0  # silence that ends a service's stream (a stalled transfer)
 
 CredentialsProvider = Callable[[], Credentials]
 
@@ -367,6 +375,120 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+# --- request/answer services: one authenticated connection, one thread ---------------------------------
+
+
+class Stream:
+    """An authenticated data-plane connection used by one thread at a time for a request and its
+    answer (a `Service` on the server, `connect()` on the client), instead of a spliced tunnel:
+    frames (`u32 big-endian length | JSON`) and raw bytes, both inside TLS.
+
+    Every socket operation is bounded by `timeout` seconds of silence. `abort()` (any thread) ends it:
+    a blocked read or write raises OSError."""
+
+    def __init__(self, tls: _Tls, peer: hs.Peer, tunnel: _Tunnel | None = None, timeout: float = IO_TIMEOUT_S) -> None:
+        self.peer = peer
+        self._tls, self._tunnel = tls, tunnel
+        self._raw = memoryview(bytearray(CHUNK))
+        self.aborted = False
+        tls.sock.settimeout(timeout)
+        tls._more = True  # look into the TLS object before the socket: the frame reader may have read ahead
+
+    def send(self, data: bytes | memoryview) -> None:
+        self._tls.send(data)
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self._tls.send(encode_json(obj))
+
+    def read_into(self, out: memoryview) -> int:
+        """Up to len(out) bytes into `out`; 0 at the end of the stream."""
+        plain = self._tls._plain
+        if plain:
+            n = min(len(out), len(plain))
+            out[:n] = plain[:n]
+            del plain[:n]
+            return n
+        return self._tls.recv_into(self._raw, out)
+
+    def read_exactly(self, size: int) -> bytes:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = self.read_into(view[got:])
+            if not n:
+                raise ProtocolError(f"the peer closed the connection {size - got} bytes short of a message")
+            got += n
+        return bytes(buf)
+
+    def read_json(self, limit: int = FRAME_LIMIT) -> dict[str, Any]:
+        size = int.from_bytes(self.read_exactly(4), "big")
+        if size > limit:
+            raise ProtocolError(f"frame of {size} bytes exceeds {limit}")
+        return decode_json(self.read_exactly(size))
+
+    def wait_closed(self) -> None:
+        """Read until the peer closes (the end of a request: it has everything it asked for)."""
+        buf = memoryview(bytearray(4096))
+        while self.read_into(buf):
+            pass
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self._tunnel is not None:
+            self._tunnel.abort()
+        else:
+            _shutdown(self._tls.sock)
+
+    def close(self) -> None:
+        self._tls.sock.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Service = Callable[[dict[str, Any], Stream], None]  # (the request, its authenticated stream); blocking
+
+
+def connect(
+    identity: Identity,
+    credentials: CredentialsProvider,
+    remote: str,
+    request: dict[str, Any],
+    *,
+    expect_node_id: str | None = None,
+    bind_host: str | None = None,
+    timeout: float = IO_TIMEOUT_S,
+) -> Stream:
+    """Open an authenticated connection to the data plane at `remote` and send `request` (its `type`
+    names a service there). Blocking; the caller reads the answer and closes the stream.
+
+    Raises OSError when `remote` cannot be reached, AuthError/ProtocolError when the handshake fails."""
+    host, port = split_address(remote)
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if bind_host not in (None, "", "0.0.0.0", "::"):
+            sock.bind((bind_host, 0))
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        sock.connect(addr)
+        _nodelay(sock)
+        tls = _Tls(sock, _client_context(), server_side=False)
+        tls.handshake()
+        peer = _authenticate_server(tls, identity, credentials(), remote, expect_node_id)
+        tls.send_json(request)
+        return Stream(tls, peer, timeout=timeout)
+    except ssl.SSLError as exc:
+        sock.close()
+        raise ProtocolError(f"TLS with {remote} failed: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+
+
 # --- the shared listener machinery --------------------------------------------------------------------
 
 
@@ -533,6 +655,7 @@ class DataPlaneServer(_Listener):
         self.host = host
         self.requested_port = port
         self.targets: dict[str, int] = targets if targets is not None else {}
+        self.services: dict[str, Service] = {}
         self.counters: dict[str, ByteCounters] = {}
         self.refused = 0
         self._ctx = _server_context(identity)
@@ -566,15 +689,23 @@ class DataPlaneServer(_Listener):
             peer = self._authenticate(tls)
             who = f"node {peer.node_id} at {who}"
             request = tls.read_json()
-            if request.get("type") != "target":
-                raise ProtocolError("expected a target")
-            name = msg_field(request, "target", str, 256)
-            port = self.targets.get(name)
-            if port is None:
-                tls.send_json(hs.refused(f"no target {name!r} on this node"))
-                raise AuthError(f"asked for unknown target {name!r}")
+            kind = request.get("type")
+            service = self.services.get(kind) if isinstance(kind, str) and kind != "target" else None
+            if service is None:
+                if kind != "target":
+                    tls.send_json(hs.refused(f"no service {kind!r} on this node"))
+                    raise ProtocolError(f"asked for unknown service {kind!r}")
+                name = msg_field(request, "target", str, 256)
+                port = self.targets.get(name)
+                if port is None:
+                    tls.send_json(hs.refused(f"no target {name!r} on this node"))
+                    raise AuthError(f"asked for unknown target {name!r}")
         except (AuthError, ProtocolError, ssl.SSLError, OSError) as exc:
             self._refuse(who, exc if str(exc) else type(exc).__name__)
+            return
+        if service is not None:
+            self._done_pending(pending)
+            self._run_service(service, request, Stream(tls, peer, tunnel), who)
             return
         try:
             local = socket.create_connection(("127.0.0.1", port), timeout=HANDSHAKE_TIMEOUT_S)
@@ -590,6 +721,14 @@ class DataPlaneServer(_Listener):
         counters = self.counter(name)
         log.debug("data plane: %s → target %r", who, name)
         tunnel.splice(local, tls, counters, host_side=False)
+
+    def _run_service(self, service: Service, request: dict[str, Any], stream: Stream, who: str) -> None:
+        log.debug("data plane: %s asks for %r", who, request.get("type"))
+        try:
+            service(request, stream)
+        except (ProtocolError, ssl.SSLError, OSError) as exc:
+            if not stream.aborted:
+                log.info("data plane: %r for %s ended: %s", request.get("type"), who, exc or type(exc).__name__)
 
     def _authenticate(self, tls: _Tls) -> hs.Peer:
         creds, me = self.credentials(), self.identity
@@ -700,19 +839,25 @@ class Relay(_Listener):
         log.warning("data plane: %s", reason)
 
     def _authenticate(self, tls: _Tls) -> hs.Peer:
-        creds, me = self.credentials(), self.identity
-        nonce_c = hs.nonce()
-        tls.send_json(hs.hello(creds.mesh_id, nonce_c))
-        nonce_s = hs.check_challenge(tls.read_json())
-        server_pub = tls.peer_public_key()
-        t = _transcript(creds.mesh_id, nonce_c, nonce_s, server_pub, me.public_bytes)
-        tls.send_json(hs.proof("auth", me.key, me.public_bytes, creds.secret, t))
-        peer = hs.check_proof("welcome", tls.read_json(), creds.accepted(None) or (creds.secret,), t)
-        if peer.public_key != server_pub:
-            raise AuthError("worker's handshake key differs from its TLS certificate")
-        if self.expect_node_id is not None and peer.node_id != self.expect_node_id:
-            raise AuthError(f"{self.remote} is node {peer.node_id}, not {self.expect_node_id}")
-        return peer
+        return _authenticate_server(tls, self.identity, self.credentials(), self.remote, self.expect_node_id)
+
+
+def _authenticate_server(
+    tls: _Tls, me: Identity, creds: Credentials, remote: str, expect_node_id: str | None
+) -> hs.Peer:
+    """The connecting side of the mesh handshake: prove ourselves, check the server's proof and key."""
+    nonce_c = hs.nonce()
+    tls.send_json(hs.hello(creds.mesh_id, nonce_c))
+    nonce_s = hs.check_challenge(tls.read_json())
+    server_pub = tls.peer_public_key()
+    t = _transcript(creds.mesh_id, nonce_c, nonce_s, server_pub, me.public_bytes)
+    tls.send_json(hs.proof("auth", me.key, me.public_bytes, creds.secret, t))
+    peer = hs.check_proof("welcome", tls.read_json(), creds.accepted(None) or (creds.secret,), t)
+    if peer.public_key != server_pub:
+        raise AuthError("worker's handshake key differs from its TLS certificate")
+    if expect_node_id is not None and peer.node_id != expect_node_id:
+        raise AuthError(f"{remote} is node {peer.node_id}, not {expect_node_id}")
+    return peer
 
 
 @contextlib.asynccontextmanager

@@ -10,6 +10,9 @@ old version, still supersedes its old records.
 
 `from_wire` is strict: unknown or missing fields, wrong types and oversized strings or lists are
 `ProtocolError`s. Local mistakes (signing a record that breaks the same limits) are `ValueError`s.
+The optional fields (`rtt`: the origin's measured round trips to its nearest peers, in tenths of a
+ms; `llama_cpp`: its llama.cpp build identity) are left out of the wire form when empty, so records
+without them keep their encoding and signature.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ MAX_ADDRESS = 255  # "host:port"
 MAX_ADDRESSES = 16
 MAX_MODELS = 256  # each of models_on_disk, models_served
 MAX_SOFTWARE = 128
+MAX_RTT = 32  # peers in a record's RTT map (the nearest)
+MAX_RTT_TENTHS = 10_000_000  # 1000 s
 MAX_INT = (1 << 63) - 1
 NODE_ID_LEN = 16  # hex chars: sha256(public key)[:8 bytes]
 PUBLIC_KEY_LEN = 32
@@ -59,6 +64,7 @@ _FIELDS = frozenset(
         "signature",
     }
 )
+_OPTIONAL = frozenset({"rtt", "llama_cpp"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
 
 
@@ -84,6 +90,8 @@ class NodeRecord:
     software: str = ""
     leaving: bool = False
     signature: bytes = b""
+    rtt: tuple[tuple[str, int], ...] = ()  # (peer node id, round trip in tenths of a ms), sorted by id
+    llama_cpp: str = ""  # llama.cpp build identity: nodes of one split must share it
 
 
 def next_version(previous: int, now: float) -> int:
@@ -196,7 +204,7 @@ def unb64(text: object, what: str, size: int | None = None, max_size: int | None
 
 
 def _wire_body(record: NodeRecord) -> dict[str, Any]:
-    return {
+    body = {
         "node_id": record.node_id,
         "public_key": b64(record.public_key),
         "name": record.name,
@@ -210,6 +218,11 @@ def _wire_body(record: NodeRecord) -> dict[str, Any]:
         "software": record.software,
         "leaving": record.leaving,
     }
+    if record.rtt:
+        body["rtt"] = dict(record.rtt)
+    if record.llama_cpp:
+        body["llama_cpp"] = record.llama_cpp
+    return body
 
 
 def to_wire(record: NodeRecord) -> dict[str, Any]:
@@ -266,13 +279,13 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
     for m in obj["models_served"]:
         if type(m["in_flight"]) is not int:
             return False
-    return True
+    return all(type(v) is int for v in obj.get("rtt", {}).values())
 
 
 def _parse(obj: dict[str, Any]) -> NodeRecord:
     keys = obj.keys()
-    if keys != _FIELDS:
-        unknown, missing = sorted(keys - _FIELDS), sorted(_FIELDS - keys)
+    if not _FIELDS <= keys <= _FIELDS | _OPTIONAL:
+        unknown, missing = sorted(keys - _FIELDS - _OPTIONAL), sorted(_FIELDS - keys)
         raise ProtocolError(f"node record fields: unknown {unknown}, missing {missing}")
     node_id = obj["node_id"]
     if not is_node_id(node_id):
@@ -292,6 +305,8 @@ def _parse(obj: dict[str, Any]) -> NodeRecord:
         software=_str(obj, "software", MAX_SOFTWARE),
         leaving=_bool(obj, "leaving"),
         signature=unb64(obj["signature"], "signature", SIGNATURE_LEN),
+        rtt=_rtt(obj["rtt"]) if "rtt" in obj else (),
+        llama_cpp=_str(obj, "llama_cpp", MAX_SOFTWARE) if "llama_cpp" in obj else "",
     )
     problem = _problem(record)
     if problem:
@@ -303,6 +318,15 @@ def _served(obj: object) -> ServedModel:
     if not isinstance(obj, dict) or obj.keys() != _SERVED_FIELDS:
         raise ProtocolError(f"a served model must be an object with exactly {sorted(_SERVED_FIELDS)}")
     return ServedModel(name=_str(obj, "name", MAX_NAME), state=_str(obj, "state", 16), in_flight=_int(obj, "in_flight"))
+
+
+def _rtt(obj: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(obj, dict) or not obj or len(obj) > MAX_RTT:
+        raise ProtocolError(f"node record: rtt must be a non-empty object of at most {MAX_RTT} peers")
+    for peer, tenths in obj.items():
+        if not is_node_id(peer) or type(tenths) is not int or not 0 <= tenths <= MAX_RTT_TENTHS:
+            raise ProtocolError("node record: rtt maps node ids to round trips in tenths of a ms")
+    return tuple(sorted(obj.items()))
 
 
 def _str(obj: dict[str, Any], key: str, max_len: int) -> str:
@@ -382,6 +406,13 @@ def _problem(r: NodeRecord) -> str:
             return f"{key} must be a non-negative 64-bit integer"
     if not isinstance(r.software, str) or len(r.software) > MAX_SOFTWARE:
         return f"software must be a string of at most {MAX_SOFTWARE} chars"
+    if not isinstance(r.llama_cpp, str) or len(r.llama_cpp) > MAX_SOFTWARE:
+        return f"llama_cpp must be a string of at most {MAX_SOFTWARE} chars"
+    if len(r.rtt) > MAX_RTT or list(r.rtt) != sorted(dict(r.rtt).items()):
+        return f"rtt holds at most {MAX_RTT} peers, one entry each, sorted by node id"
+    for peer, tenths in r.rtt:
+        if not is_node_id(peer) or type(tenths) is not int or not 0 <= tenths <= MAX_RTT_TENTHS:
+            return "rtt maps node ids to round trips in tenths of a ms"
     if not isinstance(r.leaving, bool):
         return "leaving must be a boolean"
     return ""

@@ -1,26 +1,31 @@
 """Pipeline splits over the mesh: a worker lends an rpc-server to a host for as long as the host
-holds a lease on it, and either side measures its RTT to a peer.
+holds a lease on it.
 
 Streams (QUIC control plane):
-- `ping`: answered at once with `{"t": "pong"}`; RTT samples for placement.
 - `rpc-lease`: the host asks `{"t": "rpc-lease", "split": ID, "file": NAME, "size": BYTES,
-  "layers": [FIRST, LAST] | null}`. The worker finds the GGUF in its models directory (same name and
-  size), pre-seeds its rpc cache with the tensors of those layers (so no weight crosses the network
-  at load), starts a ggml-rpc-server on 127.0.0.1, registers it with its data plane under `ID`, and
-  answers `{"ok": true, "port": DATA_PLANE_PORT, "target": ID, "seeded": N}` (or `{"ok": false,
-  "error": ...}`). The stream stays open: it *is* the lease. When the host ends it (or its
-  connection dies) the worker stops that rpc-server.
+  "layers": [FIRST, LAST] | null, "source_port": PORT?}`. The worker finds the GGUF in its models
+  directory (same name and size) and pre-seeds its rpc cache with the tensors of those layers (so no
+  weight crosses the network at load). Without the file it fetches just those tensors into the cache
+  (`tensor_fetch.py`) from a peer that has it: the host first, at `source_port` (its data plane;
+  absent: the host's mesh port number), then members whose records list the file. Then it starts a
+  ggml-rpc-server on 127.0.0.1, registers it with its data plane under `ID`, and answers
+  `{"ok": true, "port": DATA_PLANE_PORT, "target": ID, "seeded": N}` (or `{"ok": false, "error": ...}`).
+  The stream stays open: it *is* the lease. When the host ends it (or its connection dies) the
+  worker stops that rpc-server.
 
-The bytes of llama.cpp RPC never travel here: they go over the data plane (`dataplane.py`).
+Every node's data plane also serves its models' tensors to peers that lack them
+(`tensor_fetch.TensorService`, the data-plane service `tensors`). The bytes of llama.cpp RPC and of
+tensors never travel on QUIC: they go over the data plane (`dataplane.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,9 @@ from . import wire
 from .dataplane import DataPlaneServer
 from .quic import Connection, close_quietly
 from .runtime import Mesh
+from .tensor_fetch import REQUEST as TENSORS
+from .tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
+from .tokens import split_address
 from .wire import encode_json, read_json
 
 log = logging.getLogger("mesh_llm.split")
@@ -53,16 +61,19 @@ class Lease:
 
 
 class RpcLink:
-    """The worker's half (and the ping answer). Needs llama.cpp built before it can lend."""
+    """The worker's half. Needs llama.cpp built before it can lend."""
 
     def __init__(self, mesh: Mesh, models_dir: Path, home: Path) -> None:
         self.mesh, self.models_dir, self.home = mesh, models_dir, home
         self.llama: LlamaCpp | None = None
         self.threads: int | None = None
+        self.on_fetch_progress: Callable[[int, int], None] | None = None  # (bytes done, total) of a fetch
         self.dataplane = DataPlaneServer(mesh.identity, lambda: mesh.transport.creds, host=mesh.settings.host)
+        self.tensors = TensorService(models_dir, home / "rpc-cache")  # peers without a file fetch from us
+        self.dataplane.services[TENSORS] = self.tensors
         self.port = 0
         self._tg: anyio.abc.TaskGroup | None = None
-        mesh.transport.handlers.update({"ping": self._on_ping, "rpc-lease": self._on_lease})
+        mesh.transport.handlers.update({"rpc-lease": self._on_lease})
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.port = await self._listen()
@@ -90,12 +101,6 @@ class RpcLink:
         self.dataplane.requested_port = 0
         return await self.dataplane.start()
 
-    async def _on_ping(
-        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        writer.write(encode_json({"t": "pong"}))
-        writer.write_eof()
-
     async def _on_lease(
         self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -114,29 +119,19 @@ class RpcLink:
             if self.llama is None:
                 raise BackendError("llama.cpp is not built on this node yet")
             path = self.models_dir / name
-            if not path.is_file() or path.stat().st_size != size:
-                raise BackendError(f"this node does not have {name} ({size} bytes) in {self.models_dir}")
-            from inference.rpc_cache import seed  # numpy: loaded when a host first asks, not at start-up
-
-            span = range(layers[0], layers[1] + 1) if layers else None
-            t0 = time.monotonic()
-            seeded = await anyio.to_thread.run_sync(lambda: seed(path, self.home / "rpc-cache", span))
-            log.info(
-                "split %s for %s: cache has %d tensor(s) of layers %s (%d written, %.1f s)",
-                split,
-                conn.peer.node_id,
-                len(seeded.files),
-                layers,
-                len(seeded.written),
-                time.monotonic() - t0,
-            )
+            if path.is_file() and path.stat().st_size == size:
+                n_cached = await self._seed(split, conn.peer.node_id, path, layers)
+            else:
+                source_port = header.get("source_port")
+                port = source_port if isinstance(source_port, int) and 0 < source_port < 65536 else 0
+                n_cached = await self._fetch(split, conn.peer.node_id, name, size, layers, port)
             server = RpcServer(self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split}")
             async with anyio.create_task_group() as tg:
                 await tg.start(server.run)
                 if server.endpoint is None or server.port is None:
                     raise BackendError(f"rpc-server did not start; see {server.log_path}")
                 self.dataplane.targets[split] = server.port
-                writer.write(encode_json({"ok": True, "port": self.port, "target": split, "seeded": len(seeded.files)}))
+                writer.write(encode_json({"ok": True, "port": self.port, "target": split, "seeded": n_cached}))
                 log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, conn.peer.node_id)
                 try:
                     await _until_closed(reader)  # the lease: held while the host keeps this stream open
@@ -148,34 +143,111 @@ class RpcLink:
             writer.write(encode_json({"ok": False, "error": str(exc)}))
             writer.write_eof()
 
+    async def _seed(self, split: str, host: str, path: Path, layers: list[int] | None) -> int:
+        from inference.rpc_cache import seed  # numpy: loaded when a host first asks, not at start-up
+
+        span = range(layers[0], layers[1] + 1) if layers else None
+        t0 = time.monotonic()
+        seeded = await anyio.to_thread.run_sync(lambda: seed(path, self.home / "rpc-cache", span))
+        log.info(
+            "split %s for %s: cache has %d tensor(s) of layers %s (%d written, %.1f s)",
+            split,
+            host,
+            len(seeded.files),
+            layers,
+            len(seeded.written),
+            time.monotonic() - t0,
+        )
+        return len(seeded.files)
+
+    async def _fetch(
+        self, split: str, host: str, name: str, size: int, layers: list[int] | None, host_port: int
+    ) -> int:
+        """Without the file: the tensors of `layers` from a peer that has it (`tensor_fetch.py`) into our
+        rpc cache — the host first (its data plane at `host_port`), then members that gossip the file."""
+        span = (layers[0], layers[1]) if layers else None
+        what = f"layers {span[0]}-{span[1]}" if span else "all layers"
+        bind_host = None if self.mesh.settings.host in ("0.0.0.0", "::") else self.mesh.settings.host
+        errors = []
+        for node_id, remote in self._sources(host, host_port, name):
+            log.info("split %s: %s is not on this node; fetching the tensors of %s from %s", split, name, what, node_id)
+            job = TensorFetch(
+                self.mesh.identity,
+                lambda: self.mesh.transport.creds,
+                remote,
+                file=name,
+                size=size,
+                layers=span,
+                cache_dir=self.home / "rpc-cache",
+                expect_node_id=node_id,
+                bind_host=bind_host,
+                on_progress=self.on_fetch_progress,
+            )
+            try:
+                got: FetchResult = await fetch(job)
+            except MeshLLMError as exc:
+                log.warning("split %s: no tensors from %s at %s: %s", split, node_id, remote, exc)
+                errors.append(f"{node_id} at {remote}: {exc}")
+                continue
+            log.info(
+                "split %s: fetched %d tensor(s) of %s (%.1f MB) from %s in %.1f s (%.0f MB/s); %d (%.1f MB) were "
+                "already in the cache",
+                split,
+                got.fetched,
+                what,
+                got.fetched_bytes / 1e6,
+                node_id,
+                got.seconds,
+                got.mb_s,
+                got.present,
+                got.present_bytes / 1e6,
+            )
+            return len(got.files)
+        raise BackendError(
+            f"this node does not have {name} ({size} bytes) in {self.models_dir}, and no peer sent the tensors of "
+            f"{what}: " + ("; ".join(errors) or "no member of the mesh gossips that it has the file")
+        )
+
+    def _sources(self, host: str, host_port: int, name: str) -> list[tuple[str, str]]:
+        """(node id, data-plane address) to fetch `name` from, best first: the host that asked (at the
+        port its lease gave), then live members whose records list the file (at their mesh port number:
+        a data plane takes it on TCP when it is free), each at every address it gossips."""
+        gossip = self.mesh.gossip
+        stem = name.removesuffix(".gguf")
+        nodes = [(host, host_port)] + [
+            (r.node_id, 0)
+            for r in self.mesh.members()
+            if r.node_id not in (host, self.mesh.identity.node_id)
+            and stem in r.models_on_disk
+            and not r.leaving
+            and r.role != "client"
+        ]
+        out: list[tuple[str, str]] = []
+        for node_id, port in nodes:
+            record = gossip.record(node_id) if gossip is not None else None
+            for address in record.addresses if record is not None else ():
+                try:
+                    ip, mesh_port = split_address(address)
+                except MeshLLMError:
+                    continue
+                remote = f"[{ip}]:{port or mesh_port}" if ":" in ip else f"{ip}:{port or mesh_port}"
+                if (node_id, remote) not in out:
+                    out.append((node_id, remote))
+        return out
+
 
 async def _until_closed(reader: asyncio.StreamReader) -> None:
-    while await reader.read(4096):
-        pass
-
-
-async def ping(mesh: Mesh, node_id: str, samples: int = 3) -> float:
-    """Median round trip to `node_id` over the mesh, in ms (a fresh connection is dialled first)."""
-    record = mesh.gossip.record(node_id) if mesh.gossip is not None else None
-    conn = await mesh.transport.connect_any(node_id, record.addresses if record else ())
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        reader, writer = await conn.open_stream({"t": "ping"})
-        writer.write_eof()
-        reply = await read_json(reader)
-        times.append((time.perf_counter() - t0) * 1000)
-        close_quietly(writer)
-        if reply.get("t") != "pong":
-            raise ProtocolError("a ping was not answered with a pong")
-    return sorted(times)[len(times) // 2]
+    with contextlib.suppress(ConnectionError):  # a reset (the host shutting down) ends the lease too
+        while await reader.read(4096):
+            pass
 
 
 @asynccontextmanager
 async def lease(
-    mesh: Mesh, node_id: str, split: str, model: Path, layers: tuple[int, int] | None
+    mesh: Mesh, node_id: str, split: str, model: Path, layers: tuple[int, int] | None, *, source_port: int = 0
 ) -> AsyncIterator[Lease]:
-    """Hold an rpc-server on `node_id` for the duration of the context."""
+    """Hold an rpc-server on `node_id` for the duration of the context. `source_port`: this node's
+    data plane, where a worker without the file fetches its layers' tensors."""
     record = mesh.gossip.record(node_id) if mesh.gossip is not None else None
     if record is None:
         raise BackendError(f"node {node_id} is not in the mesh")
@@ -187,6 +259,7 @@ async def lease(
             "file": model.name,
             "size": model.stat().st_size,
             "layers": list(layers) if layers else None,
+            **({"source_port": source_port} if source_port else {}),
         }
     )
     try:

@@ -7,19 +7,25 @@ Streams it serves on authenticated connections:
   a member that missed a key rotation gets the current secret);
 - `gossip`: one gossip message (`{"t": "gossip", "m": ...}`), answered on new streams;
 - `rotate`: the mesh secret after `mesh-llm rotate-key`, from a member;
-- `http`: an API request tunnelled to this node (see `tunnel.py`).
+- `http`: an API request tunnelled to this node (see `tunnel.py`);
+- `ping`: answered at once with `{"t": "pong"}`. Every non-client node pings a few live members each
+  second (`RttTable.due` says which: bounded, connected peers first) and publishes the nearest
+  in its record (`rtt`); the record also carries this node's llama.cpp build (`llama_cpp_identity`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from starlette.types import ASGIApp
 
 from inference.errors import MeshLLMError, ProtocolError
+from mesh_llamacpp import Pin, load_pin
 
 from ..directory import RemoteModel
 from ..identity import Identity
@@ -39,6 +46,7 @@ from .gossip import Delta, Gossip, GossipConfig, Outgoing, message_to_wire
 from .meshfile import MeshConfig
 from .quic import Connection, Credentials, MeshTransport, close_quietly
 from .records import NodeRecord, ServedModel, from_wire, to_wire, unsigned, verify
+from .rtt import TICK_S, RttTable
 from .tokens import InviteToken, encode
 from .wire import encode_json, read_json
 
@@ -61,6 +69,21 @@ class MeshSettings:
     gossip: GossipConfig = field(default_factory=GossipConfig)
 
 
+def build_identity(pin: Pin) -> str:
+    """What every node of one pipeline split must share: the pinned source (package version + a digest
+    of its sha256 and our edits, which change RPC behaviour), not the backend (CUDA hosts take CPU
+    workers). Gossiped in each record (`llama_cpp`); placement leaves out nodes on another build."""
+    edits = "\0".join(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits)
+    digest = hashlib.sha256(f"{pin.sha256}\0{edits}\0{pin.rpc_hash_threshold}".encode()).hexdigest()[:10]
+    return f"{pin.package} {pin.version}+{digest}"
+
+
+@functools.cache
+def llama_cpp_identity() -> str:
+    """This node's build identity (`build_identity` of the installed pin)."""
+    return build_identity(load_pin())
+
+
 def local_hosts(bound: str) -> tuple[str, ...]:
     """Addresses other machines may reach this node on (best effort, no network traffic)."""
     if bound not in ("0.0.0.0", "::", ""):
@@ -81,7 +104,13 @@ class Mesh:
         self.api_app: ASGIApp | None = None
         self.transport = MeshTransport(
             Credentials(identity, config.mesh_id, config.secret, self._accepted),
-            {"gossip": self._on_gossip, "record": self._on_record, "rotate": self._on_rotate, "http": self._on_http},
+            {
+                "gossip": self._on_gossip,
+                "record": self._on_record,
+                "rotate": self._on_rotate,
+                "http": self._on_http,
+                "ping": self._on_ping,
+            },
             host=settings.host,
             port=settings.port,
         )
@@ -90,6 +119,8 @@ class Mesh:
         self._tg: TaskGroup | None = None
         self._published_in_flight = 0.0
         self._saved_peers: list[str] = []
+        self.rtt = RttTable()  # smoothed RTT to peers (ping streams); the nearest published in our record
+        self._rtt_keep: Counter[str] = Counter()  # peers a split watches: measured every few seconds
         self.ready = anyio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -118,6 +149,7 @@ class Mesh:
                 role=self.settings.role,
                 capacity_bytes=int(self.state.hardware.get("capacity_bytes", 0)),
                 software=f"mesh-llm {self.state.version}",
+                llama_cpp=llama_cpp_identity(),
                 models_served=self._served(),
                 models_on_disk=self.state.models_on_disk[:256],
             )
@@ -133,6 +165,8 @@ class Mesh:
                 tg.start_soon(self._join, token.addresses)
             tg.start_soon(self._ticker)
             tg.start_soon(self._rejoin)
+            if self.settings.role != "client":
+                tg.start_soon(self._pinger)
             self.ready.set()
             task_status.started()
 
@@ -300,6 +334,61 @@ class Mesh:
         return tuple(
             ServedModel(m.name[:128], m.state, m.in_flight) for m in self.state.models.values() if m.state != "stopped"
         )[:256]
+
+    async def _pinger(self) -> None:
+        """Measure RTT to a few live members each tick; publish the nearest when they changed enough."""
+        assert self.gossip is not None
+        while True:
+            await anyio.sleep(TICK_S)
+            now = time.time()
+            alive = [r.node_id for r in self.gossip.alive(now) if r.node_id != self.identity.node_id]
+            self.rtt.prune(alive)
+            batch = self.rtt.due(alive, self.transport.connections, now, keep=self._rtt_keep)
+            async with anyio.create_task_group() as tg:
+                for node_id in batch:
+                    tg.start_soon(self._sample_rtt, node_id)
+            if (rtt := self.rtt.report(time.time(), len(alive) + 1)) is not None:
+                self.gossip.update_self(time.time(), rtt=rtt)
+
+    @contextlib.contextmanager
+    def keep_measuring(self, peers: Iterable[str]) -> Iterator[None]:
+        """Measure `peers` every few seconds for as long as this is held (a split's workers)."""
+        peers = list(peers)
+        self._rtt_keep.update(peers)
+        try:
+            yield
+        finally:
+            self._rtt_keep.subtract(peers)
+            self._rtt_keep = +self._rtt_keep
+
+    async def _sample_rtt(self, node_id: str) -> None:
+        try:
+            with anyio.fail_after(SEND_TIMEOUT_S):
+                self.rtt.observe(node_id, await self.ping(node_id), time.time())
+        except (OSError, TimeoutError, MeshLLMError) as exc:
+            log.debug("ping %s failed: %s", node_id, exc)
+
+    async def ping(self, node_id: str, samples: int = 3) -> float:
+        """Median round trip to `node_id` over the mesh (application level: a stream each), in ms."""
+        record = self.gossip.record(node_id) if self.gossip is not None else None
+        conn = await self.transport.connect_any(node_id, record.addresses if record else ())
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            reader, writer = await conn.open_stream({"t": "ping"})
+            writer.write_eof()
+            reply = await read_json(reader)
+            times.append((time.perf_counter() - t0) * 1000)
+            close_quietly(writer)
+            if reply.get("t") != "pong":
+                raise ProtocolError("a ping was not answered with a pong")
+        return sorted(times)[len(times) // 2]
+
+    async def _on_ping(
+        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(encode_json({"t": "pong"}))
+        writer.write_eof()
 
     def _sync_record(self, now: float) -> None:
         """Re-sign our record when what we serve changed (in-flight counts at most once a second)."""
