@@ -11,40 +11,25 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 
 from inference.rpc_cache import CorruptTransfer, cache_files_dir, hashed_tensors, seed
 from mesh_mcp.identity import Identity, load_or_create
 from mesh_mcp.mesh.dataplane import DataPlaneServer, Stream
-from mesh_mcp.mesh.quic import Credentials
 from mesh_mcp.mesh.tensor_fetch import REQUEST, FetchError, FetchResult, TensorFetch, TensorService
 from tests.conftest import SMOLLM
 from tests.ggufgen import write_dense
 from tests.harness import NodeProcess
+from tests.test_dataplane import SECRET, creds, run
+from tests.test_split import complete
 
-MESH = b"m" * 16
-SECRET = b"s" * 32
 LAYERS = (1, 2)
 Spawn = Callable[..., NodeProcess]
-
-
-def creds(ident: Identity, secret: bytes = SECRET) -> Callable[[], Credentials]:
-    c = Credentials(identity=ident, mesh_id=MESH, secret=secret, accepted=lambda node_id: (secret,))
-    return lambda: c
-
-
-def run(fn: Callable[[], Awaitable[Any]], limit: float = 30) -> Any:
-    async def main() -> Any:
-        with anyio.fail_after(limit):
-            return await fn()
-
-    return anyio.run(main)
 
 
 @pytest.fixture
@@ -100,7 +85,7 @@ def fetch_from(
             )
             return await anyio.to_thread.run_sync(job.run)
 
-    result: FetchResult = run(main)
+    result: FetchResult = run(main, 30)
     return result
 
 
@@ -249,23 +234,11 @@ def test_abort_ends_a_transfer_at_once(model: Path, peer: Identity, worker: Iden
                     finally:
                         done.set()
 
-    run(main)
+    run(main, 30)
     assert not list(cache_files_dir(tmp_path / "c").iterdir())
 
 
 # --- end to end ---------------------------------------------------------------------------------------
-
-
-def complete(node: NodeProcess, prompt: str, n: int = 32) -> str:
-    body = {"model": SMOLLM, "prompt": prompt, "max_tokens": n, "temperature": 0, "top_k": 1, "seed": 1}
-    deadline = time.monotonic() + 30
-    while True:
-        r = httpx2.post(node.api + "/v1/completions", json=body, timeout=120)
-        if r.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert r.status_code == 200, r.text
-    return str(r.json()["choices"][0]["text"])
 
 
 @pytest.fixture
