@@ -556,6 +556,12 @@ def shard_path(cache_dir: Path, source: Path, model_key: str, experts: Experts, 
     return cache_dir / model_key[:16] / f"{stem}.{k}of{n_expert}-{expert_set_key(experts)[:16]}.gguf"
 
 
+def expert_axis_layer(name: str) -> int | None:
+    """The layer of a tensor cut along the expert axis (expert weights, router, expert bias), else None."""
+    m = _EXPERT_AXIS.match(name)
+    return int(m.group(1)) if m else None
+
+
 @contextmanager
 def _flock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
