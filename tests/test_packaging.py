@@ -37,6 +37,7 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
         "mesh_llamacpp/pin.toml",
         "mesh_llamacpp/fnv1a.c",
         "mesh_mcp/static/index.html",
+        "inference/data/calibration.txt",
     }
     missing = expected - names
     assert not missing, f"not in the wheel: {sorted(missing)}"
