@@ -168,6 +168,13 @@ class GGUFFacts:
     def is_moe(self) -> bool:
         return self.expert_count > 1
 
+    @property
+    def template_calls_tools(self) -> bool:
+        """Whether the embedded chat template renders tools and tool calls (a guess from its text; the
+        serving llama-server's `/props` `chat_template_caps` is the authority, see `LlamaServer.tool_calls`)."""
+        template = self.metadata.get("tokenizer.chat_template")
+        return isinstance(template, str) and "tools" in template and "tool_call" in template
+
     def _num(self, key: str) -> int | None:
         v = self.metadata.get(f"{self.architecture}.{key}")
         return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None

@@ -99,6 +99,7 @@ class LlamaServer:
     base_url: str | None = None
     pid: int | None = None
     restarts: int = 0
+    tool_calls: bool | None = None  # /props chat_template_caps.supports_tool_calls of the running server
 
     def command(self, port: int) -> list[str]:
         args = server_args(self.llama.server, self.model_path, self.alias, port, self.settings)
@@ -169,6 +170,7 @@ class LlamaServer:
                 try:
                     resp = await client.get(url + "/health")
                     if resp.status_code == 200:
+                        self.tool_calls = await _tool_calls(client, url)
                         self.base_url = url
                         on_ready()
                         return
@@ -177,6 +179,18 @@ class LlamaServer:
                 await anyio.sleep(0.1)
         log.error("llama-server for %s not ready after %.0fs; stopping it", self.alias, self.settings.load_timeout_s)
         proc.terminate()
+
+
+async def _tool_calls(client: httpx2.AsyncClient, url: str) -> bool | None:
+    """Whether the chat template llama-server actually uses (its own, or `--chat-template-file`) can call
+    tools: `/props` `chat_template_caps.supports_tool_calls`, found by rendering the template; None if unknown."""
+    try:
+        resp = await client.get(url + "/props")
+        caps = resp.json().get("chat_template_caps") if resp.status_code == 200 else None
+    except (httpx2.HTTPError, ValueError, AttributeError):
+        return None
+    value = caps.get("supports_tool_calls") if isinstance(caps, dict) else None
+    return value if isinstance(value, bool) else None
 
 
 async def terminate(proc: Process, grace_s: float = 10.0) -> None:

@@ -256,11 +256,13 @@ def build_api(node: NodeState, directory: Directory | None = None, max_body: int
         for m in node.models.values():
             if m.state != "stopped":
                 out[m.name] = _model_entry(m.name, node.started_at, m.state, [node.node_id])
+                _add_facts(out[m.name], m.tools, m.size_bytes or 0)
         for r in mesh.remote_models():
             entry = out.setdefault(r.name, _model_entry(r.name, node.started_at, r.state, []))
             entry["nodes"].append(r.node_id)
             if r.state == SERVING:
                 entry["state"] = SERVING
+            _add_facts(entry, r.tools, r.size_bytes)
         return out
 
     async def models(request: Request) -> HTTPResponse:
@@ -320,4 +322,14 @@ def _model_entry(name: str, created: float, state: str, nodes: list[str]) -> dic
         "owned_by": "mesh-llm",
         "state": state,
         "nodes": nodes,
+        "capabilities": {},
     }
+
+
+def _add_facts(entry: dict[str, Any], tools: bool | None, size_bytes: int) -> None:
+    """What a server of the model knows of it: `capabilities.tools` (its chat template can call tools,
+    true if any server says so) and `size_bytes` (its GGUF size), each only once known."""
+    if tools is not None:
+        entry["capabilities"]["tools"] = tools or entry["capabilities"].get("tools", False)
+    if size_bytes and "size_bytes" not in entry:
+        entry["size_bytes"] = size_bytes

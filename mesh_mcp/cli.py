@@ -3,6 +3,7 @@
 mesh-llm [--model X ...]            run a node (console only when no model is given)
 mesh-llm download [NAME ...] [--draft]   list the catalog, or fetch models
 mesh-llm blackboard [TEXT | --search Q | --mcp | install-skill]   the agents' blackboard
+mesh-llm goose | claude [--model M] [--join TOKEN] [-- ARGS]   run a coding agent on the mesh's models
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _node_parser() -> argparse.ArgumentParser:
         prog="mesh-llm",
         description="Serve LLMs from the pooled capacity of your machines behind OpenAI/Anthropic APIs.",
         epilog="Subcommands: `mesh-llm download [NAME ...] [--draft]` lists the catalog or fetches models; "
-        "`mesh-llm blackboard --help`: the agents' blackboard (post, search, MCP server).",
+        "`mesh-llm blackboard --help`: the agents' blackboard (post, search, MCP server); "
+        "`mesh-llm goose` / `mesh-llm claude`: run Goose or Claude Code on the mesh's models.",
     )
     p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
     p.add_argument(
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             from .cmd_blackboard import main as blackboard
 
             return blackboard(argv[1:])
+        if argv[:1] in (["goose"], ["claude"]):
+            from .cmd_agents import main as run_agent
+
+            return run_agent(argv[0], argv[1:])
         if argv[:1] in (["drop"], ["rotate-key"]):
             return _control(argv[0], _control_parser(argv[0]).parse_args(argv[1:]))
         return _run(_node_parser().parse_args(argv))

@@ -19,6 +19,8 @@ class RemoteModel:
     node_id: str
     state: str
     in_flight: int
+    tools: bool | None = None  # its chat template can call tools; None: not known
+    size_bytes: int = 0  # its GGUF size; 0: not known
 
 
 class Directory(Protocol):

@@ -1,14 +1,16 @@
-"""The node running on this machine, as `mesh-llm blackboard --mcp` finds it, or starts one.
+"""The node running on this machine, as `mesh-llm blackboard --mcp` and the agent launchers
+(`mesh-llm goose`, `mesh-llm claude`) find it, or start one.
 
 A running node announces itself in `HOME/node.json` (`write_runtime` after it listens,
 `remove_runtime` when it stops): its pid, node id and URLs. `read_runtime` trusts that file only
 while its process lives. `attach_or_start` uses the node it describes if that node answers, and
 otherwise starts a client node (`--client --blackboard`) in the background for as long as it is
-needed, and stops it afterwards, also when cancelled. `run_stdio` serves the MCP tools over stdio
-on top of that.
+needed, and stops it afterwards, also when cancelled. Without `--join` the started node uses this
+home's `mesh.toml` (the mesh it last joined or created) and dials the members listed in `peers.json`,
+i.e. it rejoins the last mesh this machine used. `run_stdio` serves the MCP tools over stdio on top.
 
 In stdio mode stdout carries the MCP protocol: nothing here prints; logs go to stderr (logging)
-and the started node's output to `HOME/logs/mcp-node.log`.
+and the started node's output to `HOME/logs/mcp-node.log` (`agent-node.log` for the launchers).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = logging.getLogger("mesh_llm.mcp")
 
 RUNTIME_FILE = "node.json"
 LOG_FILE = "mcp-node.log"
+AGENT_LOG_FILE = "agent-node.log"
 DEFAULT_API_PORT = 9337
 DEFAULT_CONSOLE_PORT = 3131
 START_TIMEOUT_S = 60.0
@@ -165,16 +168,50 @@ async def find_running(home: Path) -> RuntimeInfo | None:
     return info
 
 
+async def node_on_port(api_port: int) -> str | None:
+    """The id of the mesh-llm node whose API answers on 127.0.0.1:`api_port` (its `/health`), or None."""
+    try:
+        async with httpx2.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            resp = await client.get(f"http://127.0.0.1:{api_port}/health")
+        data = resp.json() if resp.status_code == 200 else None
+    except (httpx2.HTTPError, ValueError):
+        return None
+    node_id = data.get("node_id") if isinstance(data, dict) else None
+    return node_id if isinstance(node_id, str) and node_id else None
+
+
+def _port_of(url: str) -> int | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
+
+
 @asynccontextmanager
 async def attach_or_start(
-    home: Path, join: Sequence[str] = (), name: str | None = None, *, start_timeout: float = START_TIMEOUT_S
+    home: Path,
+    join: Sequence[str] = (),
+    name: str | None = None,
+    *,
+    start_timeout: float = START_TIMEOUT_S,
+    api_port: int | None = None,
+    purpose: str = "blackboard --mcp",
 ) -> AsyncIterator[RuntimeInfo]:
     """The local node: the running one, or a client node started now and stopped on exit.
 
-    A started node runs `python -m mesh_mcp.cli --client --blackboard` with this `home`, on the default
-    ports when they are free (else on two free ports picked now), joining the mesh of `join`, logging
-    to `home/logs/mcp-node.log`; it dies with this process even if this one is killed (Linux)."""
+    With `api_port`, only a node whose API is on that port counts as running: the one announced in
+    `home`, or any mesh-llm node answering there (then `pid` is 0 and `console_url` empty: it belongs to
+    another home). A started node runs `python -m mesh_mcp.cli --client --blackboard` with this `home`, on
+    `api_port` or the default ports when they are free (else on free ports picked now), joining the mesh
+    of `join` (else the home's last mesh), logging to `home/logs/` (`mcp-node.log`, or `agent-node.log`
+    when started for an agent launcher); it dies with this process even if this one is killed (Linux)."""
     running = await find_running(home)
+    if running is not None and api_port is not None and _port_of(running.api_url) != api_port:
+        running = None
+    if running is None and api_port is not None and (node_id := await node_on_port(api_port)) is not None:
+        running = RuntimeInfo(pid=0, node_id=node_id, api_url=f"http://127.0.0.1:{api_port}", console_url="")
     if running is not None:
         if join or name:
             log.warning(
@@ -185,7 +222,7 @@ async def attach_or_start(
         log.info("using the running node %s (console %s)", running.node_id, running.console_url)
         yield running
         return
-    async with _started_node(home, list(join), name, start_timeout) as info:
+    async with _started_node(home, list(join), name, start_timeout, api_port, purpose) as info:
         yield info
 
 
@@ -217,20 +254,29 @@ def node_command(join: Sequence[str], name: str | None, api_port: int, console_p
 
 
 @asynccontextmanager
-async def _started_node(home: Path, join: list[str], name: str | None, wait_s: float) -> AsyncIterator[RuntimeInfo]:
-    if port_is_free(DEFAULT_API_PORT) and port_is_free(DEFAULT_CONSOLE_PORT):
+async def _started_node(
+    home: Path, join: list[str], name: str | None, wait_s: float, wanted_port: int | None, purpose: str
+) -> AsyncIterator[RuntimeInfo]:
+    if wanted_port is not None:
+        if not port_is_free(wanted_port):
+            raise MeshLLMError(
+                f"port {wanted_port} is taken by something that is not a mesh-llm node; pick another --port"
+            )
+        api_port = wanted_port
+        console_port = DEFAULT_CONSOLE_PORT if port_is_free(DEFAULT_CONSOLE_PORT) else free_port()
+    elif port_is_free(DEFAULT_API_PORT) and port_is_free(DEFAULT_CONSOLE_PORT):
         api_port, console_port = DEFAULT_API_PORT, DEFAULT_CONSOLE_PORT
     else:
         api_port, console_port = free_port(), free_port()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / LOG_FILE
+    log_path = logs / (LOG_FILE if purpose == "blackboard --mcp" else AGENT_LOG_FILE)
     cmd = node_command(join, name, api_port, console_port)
     env = {**os.environ, "MESH_LLM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     log.info("no node is running here: starting a client node (log: %s)", log_path)
     with open(log_path, "ab") as out:
         shown = " ".join("***" if arg in join else arg for arg in cmd[6:])  # invite tokens are secrets
-        out.write(f"\n--- started by mesh-llm blackboard --mcp: {shown}\n".encode())
+        out.write(f"\n--- started by mesh-llm {purpose}: {shown}\n".encode())
         out.flush()
         process = await anyio.open_process(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

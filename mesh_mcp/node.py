@@ -307,6 +307,7 @@ class Node:
             architecture=facts.architecture,
             layers=facts.block_count,
             embeddings=embeddings,
+            tools=None if embeddings else facts.template_calls_tools,  # until llama-server's /props says
             detail="waiting for llama.cpp" if not self._llama_ready.is_set() else "starting llama-server",
         )
         need = memory_need(facts, self.config.server.ctx_per_slot, self.config.server.slots).total
@@ -344,8 +345,15 @@ class Node:
         )
 
         def on_state(state: str, detail: str) -> None:
+            tools = {} if server.tool_calls is None or embeddings else {"tools": server.tool_calls}
             self.state.update_model(
-                name, state=state, detail=detail, upstream=server.base_url, pid=server.pid, restarts=server.restarts
+                name,
+                state=state,
+                detail=detail,
+                upstream=server.base_url,
+                pid=server.pid,
+                restarts=server.restarts,
+                **tools,
             )
 
         server.on_state = on_state

@@ -120,6 +120,39 @@ def test_models_endpoint_shows_states() -> None:
     assert get(make_node(a="serving"), "/v1/models/b").status_code == 404
 
 
+class FactsDirectory:
+    """Remote servers that report what they know of their models (gossiped tools flag and size)."""
+
+    def remote_models(self) -> list[RemoteModel]:
+        return [
+            RemoteModel("coder", "n2", "serving", 0, tools=True, size_bytes=1_117_320_768),
+            RemoteModel("coder", "n3", "loading", 0),  # an older node: knows neither
+            RemoteModel("old", "n3", "serving", 0),
+        ]
+
+    async def open(
+        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        raise UpstreamUnavailable("not used")
+
+
+def test_models_show_tool_capability_and_size_once_known() -> None:
+    node = make_node(chat="serving", emb="loading")
+    node.update_model("chat", tools=False, size_bytes=98_362_432)
+
+    async def go() -> httpx2.Response:
+        transport = httpx2.ASGITransport(app=build_api(node, FactsDirectory()))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://n") as c:
+            return await c.get("/v1/models")
+
+    data = {m["id"]: m for m in anyio.run(go).json()["data"]}
+    assert data["chat"]["capabilities"] == {"tools": False} and data["chat"]["size_bytes"] == 98_362_432
+    assert data["emb"]["capabilities"] == {} and "size_bytes" not in data["emb"]
+    assert data["coder"]["capabilities"] == {"tools": True} and data["coder"]["size_bytes"] == 1_117_320_768
+    assert data["coder"]["nodes"] == ["n2", "n3"] and data["coder"]["state"] == "serving"
+    assert data["old"]["capabilities"] == {} and "size_bytes" not in data["old"]
+
+
 def test_backend_gone_between_check_and_request_is_503() -> None:
     node = make_node(m="serving")
     node.update_model("m", upstream="http://127.0.0.1:9")  # nothing listens on the discard port

@@ -118,3 +118,64 @@ def test_readme_keeps_two_setup_commands() -> None:
     commands = blocks(section("## Two commands"), "bash")
     assert len(commands) == 2
     assert all(len(c.strip().splitlines()) == 1 for c in commands)
+
+
+# --- coding agents on the mesh's models: the launchers, pi and opencode ------------------------------------------
+
+AGENTS_SECTION = "## Coding agents on the mesh's models"
+OPENAI_ROOT = "http://127.0.0.1:9337/v1"  # a node's OpenAI-compatible API (default port)
+
+
+def agent_configs() -> dict[str, dict[str, Any]]:
+    """The section's JSON blocks, keyed by the agent they configure (pi: `providers`, opencode: `provider`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for body in blocks(section(AGENTS_SECTION), "json"):
+        config = json.loads(body)
+        out["pi" if "providers" in config else "opencode"] = config
+    return out
+
+
+def test_agents_section_has_the_snippets() -> None:
+    text = section(AGENTS_SECTION)
+    assert len(blocks(text, "bash")) == 1
+    assert set(agent_configs()) == {"pi", "opencode"}
+    assert "~/.pi/agent/models.json" in text and "opencode.json" in text
+
+
+def test_the_launcher_commands_parse_with_the_real_cli() -> None:
+    from mesh_mcp.cmd_agents import AGENTS, parser
+
+    (body,) = blocks(section(AGENTS_SECTION), "bash")
+    commands = [shlex.split(line.split("  #")[0]) for line in body.splitlines() if line.startswith("mesh-llm ")]
+    assert {argv[1] for argv in commands} == set(AGENTS)
+    for argv in commands:
+        own = argv[2 : argv.index("--")] if "--" in argv else argv[2:]
+        parser(argv[1]).parse_args(own)
+
+
+def test_pi_snippet_is_an_openai_completions_provider_for_the_node() -> None:
+    from inference.catalog import by_name
+    from mesh_mcp.local import DEFAULT_API_PORT
+
+    config = agent_configs()["pi"]
+    assert set(config) == {"providers"}
+    ((name, provider),) = config["providers"].items()
+    assert provider["baseUrl"] == OPENAI_ROOT and f":{DEFAULT_API_PORT}/" in provider["baseUrl"]
+    assert provider["api"] == "openai-completions"
+    assert isinstance(provider["apiKey"], str) and provider["apiKey"]  # pi requires one; the mesh ignores it
+    assert provider["models"] and all(by_name(m["id"]) is not None for m in provider["models"])
+    assert all(isinstance(m.get("contextWindow", 1), int) for m in provider["models"])
+    assert f"pi --provider {name} --model" in section(AGENTS_SECTION)
+
+
+def test_opencode_snippet_is_an_openai_compatible_provider_for_the_node() -> None:
+    from inference.catalog import by_name
+
+    config = agent_configs()["opencode"]
+    assert config["$schema"] == "https://opencode.ai/config.json"
+    ((name, provider),) = config["provider"].items()
+    assert provider["npm"] == "@ai-sdk/openai-compatible"
+    assert provider["options"]["baseURL"] == OPENAI_ROOT
+    assert provider["models"] and all(by_name(model) is not None for model in provider["models"])
+    for model in provider["models"]:
+        assert f"opencode -m {name}/{model}" in section(AGENTS_SECTION)

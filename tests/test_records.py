@@ -231,7 +231,14 @@ def test_supersedes_orders_by_version_then_signature() -> None:
 
 
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=MAX_NAME)
-served = st.builds(ServedModel, names, st.sampled_from(sorted(records.MODEL_STATES)), st.integers(0, 1 << 40))
+served = st.builds(
+    ServedModel,
+    names,
+    st.sampled_from(sorted(records.MODEL_STATES)),
+    st.integers(0, 1 << 40),
+    st.sampled_from([None, False, True]),
+    st.integers(0, 1 << 45),
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -339,3 +346,61 @@ def test_build_identity_is_the_source_and_our_edits_not_the_backend() -> None:
     assert build_identity(dataclasses.replace(pin, edits=())) != ours
     assert build_identity(dataclasses.replace(pin, version="1.0.0")) != ours
     assert build_identity(dataclasses.replace(pin, sha256="0" * 64)) != ours
+
+
+# --- a served model's optional fields: tools and bytes ----------------------------------------------------------
+
+
+def test_served_model_tools_and_size_round_trip_signed() -> None:
+    qwen = ServedModel("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "serving", 0, tools=True, size_bytes=1_117_320_768)
+    smol = ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 1, tools=False, size_bytes=98_000_000)
+    record = make(models_served=(qwen, smol, ServedModel("Loading-1B", "loading")))
+    wire = json.loads(json.dumps(to_wire(record)))
+    assert wire["models_served"] == [
+        {"name": qwen.name, "state": "serving", "in_flight": 0, "tools": True, "bytes": 1_117_320_768},
+        {"name": smol.name, "state": "serving", "in_flight": 1, "tools": False, "bytes": 98_000_000},
+        {"name": "Loading-1B", "state": "loading", "in_flight": 0},  # unknown: left out, old encoding
+    ]
+    back = from_wire(wire)
+    assert back == record
+    verify(back)
+
+
+def test_served_models_without_the_optional_fields_keep_their_encoding() -> None:
+    wire = to_wire(make())
+    assert wire["models_served"] == [{"name": "SmolLM2-135M-Instruct-Q4_1", "state": "serving", "in_flight": 2}]
+    assert from_wire(wire).models_served[0].tools is None
+
+
+def test_tampered_tools_breaks_the_signature() -> None:
+    wire = to_wire(make(models_served=(ServedModel("m", "serving", 0, tools=False),)))
+    wire = json.loads(json.dumps(wire))
+    wire["models_served"][0]["tools"] = True
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify(from_wire(wire))
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"tools": 1}, "tools must be a boolean"),
+        ({"tools": "yes"}, "tools must be a boolean"),
+        ({"bytes": -1}, "bytes must be a non-negative"),
+        ({"bytes": 1.5}, "bytes must be a non-negative"),
+        ({"bytes": 0}, "left out when 0"),
+        ({"context": 4096}, "optionally"),
+    ],
+)
+def test_garbage_served_fields_are_protocol_errors(extra: dict[str, Any], match: str) -> None:
+    wire = json.loads(json.dumps(to_wire(make())))
+    wire["models_served"][0].update(extra)
+    with pytest.raises(ProtocolError, match=match):
+        from_wire(wire)
+
+
+def test_the_parse_cache_does_not_blur_tools_with_one() -> None:
+    wire = json.loads(json.dumps(to_wire(make(models_served=(ServedModel("m", "serving", 0, tools=True),)))))
+    from_wire(wire)  # cached
+    wire["models_served"][0]["tools"] = 1  # == True in Python
+    with pytest.raises(ProtocolError, match="tools must be a boolean"):
+        from_wire(wire)

@@ -12,7 +12,9 @@ old version, still supersedes its old records.
 `ProtocolError`s. Local mistakes (signing a record that breaks the same limits) are `ValueError`s.
 The optional fields (`rtt`: the origin's measured round trips to its nearest peers, in tenths of a
 ms; `llama_cpp`: its llama.cpp build identity) are left out of the wire form when empty, so records
-without them keep their encoding and signature.
+without them keep their encoding and signature. A served model's optional fields follow the same rule:
+`tools` (whether its chat template lets it call tools, as the serving llama-server reports it; absent
+while unknown) and `bytes` (its GGUF size, the launchers' measure of strength; absent when 0).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
+_SERVED_OPTIONAL = frozenset({"tools", "bytes"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,8 @@ class ServedModel:
     name: str
     state: str  # one of MODEL_STATES
     in_flight: int = 0
+    tools: bool | None = None  # its chat template can call tools; None: not known (yet)
+    size_bytes: int = 0  # the model's GGUF size (all shards); 0: not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +217,7 @@ def _wire_body(record: NodeRecord) -> dict[str, Any]:
         "role": record.role,
         "capacity_bytes": record.capacity_bytes,
         "models_on_disk": list(record.models_on_disk),
-        "models_served": [{"name": m.name, "state": m.state, "in_flight": m.in_flight} for m in record.models_served],
+        "models_served": [_served_wire(m) for m in record.models_served],
         "in_flight": record.in_flight,
         "version": record.version,
         "software": record.software,
@@ -223,6 +228,15 @@ def _wire_body(record: NodeRecord) -> dict[str, Any]:
     if record.llama_cpp:
         body["llama_cpp"] = record.llama_cpp
     return body
+
+
+def _served_wire(m: ServedModel) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": m.name, "state": m.state, "in_flight": m.in_flight}
+    if m.tools is not None:
+        out["tools"] = m.tools
+    if m.size_bytes:
+        out["bytes"] = m.size_bytes
+    return out
 
 
 def to_wire(record: NodeRecord) -> dict[str, Any]:
@@ -277,7 +291,9 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
     if type(obj["capacity_bytes"]) is not int:
         return False
     for m in obj["models_served"]:
-        if type(m["in_flight"]) is not int:
+        if type(m["in_flight"]) is not int or type(m.get("bytes", 0)) is not int:
+            return False
+        if "tools" in m and type(m["tools"]) is not bool:
             return False
     return all(type(v) is int for v in obj.get("rtt", {}).values())
 
@@ -315,9 +331,25 @@ def _parse(obj: dict[str, Any]) -> NodeRecord:
 
 
 def _served(obj: object) -> ServedModel:
-    if not isinstance(obj, dict) or obj.keys() != _SERVED_FIELDS:
-        raise ProtocolError(f"a served model must be an object with exactly {sorted(_SERVED_FIELDS)}")
-    return ServedModel(name=_str(obj, "name", MAX_NAME), state=_str(obj, "state", 16), in_flight=_int(obj, "in_flight"))
+    if not isinstance(obj, dict) or not _SERVED_FIELDS <= obj.keys() <= _SERVED_FIELDS | _SERVED_OPTIONAL:
+        raise ProtocolError(
+            f"a served model must have exactly {sorted(_SERVED_FIELDS)}, optionally {sorted(_SERVED_OPTIONAL)}"
+        )
+    return ServedModel(
+        name=_str(obj, "name", MAX_NAME),
+        state=_str(obj, "state", 16),
+        in_flight=_int(obj, "in_flight"),
+        tools=_bool(obj, "tools") if "tools" in obj else None,
+        size_bytes=_positive(obj, "bytes") if "bytes" in obj else 0,
+    )
+
+
+def _positive(obj: dict[str, Any], key: str) -> int:
+    """An optional count that is left out when 0: present, it must be > 0 (one encoding per record)."""
+    value = _int(obj, key)
+    if value == 0:
+        raise ProtocolError(f"node record: {key} is left out when 0, never sent as 0")
+    return value
 
 
 def _rtt(obj: object) -> tuple[tuple[str, int], ...]:
@@ -398,6 +430,9 @@ def _problem(r: NodeRecord) -> str:
             or m.state not in MODEL_STATES
             or type(m.in_flight) is not int
             or not 0 <= m.in_flight <= MAX_INT
+            or (m.tools is not None and type(m.tools) is not bool)
+            or type(m.size_bytes) is not int
+            or not 0 <= m.size_bytes <= MAX_INT
         ):
             return f"served model {m!r:.160} is invalid (state must be one of {sorted(MODEL_STATES)})"
     for key in ("capacity_bytes", "in_flight", "version"):
