@@ -212,13 +212,15 @@ class Proxy:
                 tg.cancel_scope.cancel()
                 return
             try:
-                await self._relay(resp, send)
+                await self._relay(resp, send, route.node_id)
             finally:
                 await resp.aclose()
                 tg.cancel_scope.cancel()
 
-    async def _relay(self, resp: Response, send: Send) -> None:
+    async def _relay(self, resp: Response, send: Send, node_id: str) -> None:
         out_headers = [(k, v) for k, v in resp.headers if k not in _HOP]
+        if not any(k == SERVED_BY for k, _ in out_headers):  # a peer that served it has named itself
+            out_headers.append((SERVED_BY, node_id.encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         is_sse = (resp.header(b"content-type") or b"").startswith(b"text/event-stream")
         try:
@@ -243,6 +245,9 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+SERVED_BY = b"x-mesh-node"  # response header: the node whose llama-server answered
 
 
 def build_api(node: NodeState, directory: Directory | None = None, max_body: int = MAX_BODY_BYTES) -> Starlette:

@@ -41,6 +41,7 @@ from .mesh.gossip import GossipConfig
 from .mesh.meshfile import MeshConfig
 from .mesh.rpc_link import RpcLink
 from .mesh.runtime import Mesh, MeshSettings
+from .mesh.shard_link import ShardLink
 from .mesh.tokens import InviteToken
 from .mesh.tokens import decode as decode_token
 from .split import SplitModel, safe_name
@@ -134,6 +135,7 @@ class Node:
                 ),
             )
             self.state.peers = self._peers
+            self.state.traffic = self._traffic
         self.board: Board | None = None
         self.board_link: BoardLink | None = None
         if self.mesh is not None and config.carries_blackboard:
@@ -146,10 +148,13 @@ class Node:
             )
             self.board_link = BoardLink(self.mesh, self.board)
         self.rpc_link: RpcLink | None = None
+        self.shard_link: ShardLink | None = None
         if self.mesh is not None and not config.client:
             self.rpc_link = RpcLink(self.mesh, config.models_dir, config.home)
             self.rpc_link.threads = config.threads or self.hardware.cpu_cores
             self.rpc_link.on_fetch_progress = lambda done, total: self.bars.download("layers from a peer", done, total)
+            self.shard_link = ShardLink(self.mesh, self.state, config.models_dir, config.home)
+            self.shard_link.threads = self.rpc_link.threads
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -230,6 +235,8 @@ class Node:
         self._llama = llama
         if self.rpc_link is not None:
             self.rpc_link.llama = llama  # this node can lend rpc-servers from now on
+        if self.shard_link is not None:
+            self.shard_link.llama = llama  # and serve expert shards
         self.state.set_info(llama_cpp={"version": llama.version, "backend": llama.backend, "state": "ready"})
         log.info("llama.cpp %s (%s) in %s", llama.version, llama.backend, llama.bin_dir)
         self._llama_ready.set()
@@ -261,6 +268,18 @@ class Node:
             raise ConfigError("this node is in no mesh")
         return self.mesh.rotate()
 
+    def _traffic(self) -> dict[str, int]:
+        """Bytes between this node and its peers: QUIC datagrams (gossip, control, tunnelled API requests) and
+        llama.cpp RPC carried by this node's data plane for pipeline splits it works in."""
+        assert self.mesh is not None
+        t = self.mesh.transport.traffic
+        out = {"quic_bytes_in": t.bytes_in, "quic_bytes_out": t.bytes_out}
+        if self.rpc_link is not None:
+            counters = list(self.rpc_link.dataplane.counters.values())
+            out["rpc_bytes_in"] = sum(c.to_rpc_server for c in counters)
+            out["rpc_bytes_out"] = sum(c.from_rpc_server for c in counters)
+        return out
+
     def _peers(self) -> list[dict[str, object]]:
         assert self.mesh is not None
         return [
@@ -270,6 +289,7 @@ class Node:
                 "role": r.role,
                 "addresses": list(r.addresses),
                 "models": [m.name for m in r.models_served],
+                "serving": [m.name for m in r.models_served if m.state == "serving"],
                 "self": r.node_id == self.identity.node_id,
                 "rtt_ms": None if (ms := self.mesh.rtt.get(r.node_id)) is None else round(ms, 1),
                 "rtt_gossiped": {peer: tenths / 10 for peer, tenths in r.rtt},
@@ -313,9 +333,36 @@ class Node:
         need = memory_need(facts, self.config.server.ctx_per_slot, self.config.server.slots).total
         capacity = self.hardware.capacity_bytes
         split = self.mesh is not None and (self.config.split is not None or need > capacity)
-        log.info("placement for %s: %s", name, _placement(need, capacity, self.hardware, self.config.split))
+        log.info(
+            "placement for %s: %s", name, _placement(need, capacity, self.hardware, self.config.split, facts.is_moe)
+        )
         await self._llama_ready.wait()
         assert self._llama is not None
+        if split and facts.is_moe:
+            assert self.mesh is not None
+            from .moe_serve import ShardedModel, ShardingRefused
+
+            sharded = ShardedModel(
+                mesh=self.mesh,
+                llama=self._llama,
+                home=self.config.home,
+                model_path=local.path,
+                alias=name,
+                facts=facts,
+                settings=self.config.server,
+                capacity_bytes=capacity,
+                force=self.config.split,
+                threads=self.config.threads or self.hardware.cpu_cores,
+                on_state=lambda **changes: self.state.update_model(name, **changes),
+            )
+            try:
+                await sharded.run()
+                return
+            except ShardingRefused as exc:
+                log.warning("%s: not served as expert shards (%s); falling back to a pipeline split", name, exc)
+                self.state.update_model(
+                    name, state="loading", detail=f"expert shards refused: {exc}; pipeline split", upstream=None
+                )
         if split:
             assert self.mesh is not None
             runner = SplitModel(
@@ -438,14 +485,15 @@ class _McpMount:
             await JSONResponse({"error": "MCP is starting; retry"}, 503, {"Retry-After": "1"})(scope, receive, send)
 
 
-def _placement(need: int, cap: int, hw: hardware.Hardware, split: int | None) -> str:
+def _placement(need: int, cap: int, hw: hardware.Hardware, split: int | None, moe: bool = False) -> str:
     where = f"{len(hw.gpus)} GPU(s)" if hw.gpus else "CPU"
     sizes = f"needs {need / 2**30:.2f} GiB (weights + KV + compute), this node offers {cap / 2**30:.1f} GiB ({where})"
+    how = "expert shards (a mixture-of-experts model; a pipeline split if they fail the quality gate)"
     if split is not None:
-        return f"split over {split} nodes (--split); it {sizes}"
+        return f"split over {split} nodes (--split) as {how if moe else 'a pipeline'}; it {sizes}"
     if need <= cap:
         return f"solo on this node: it {sizes}"
-    return f"too big for this node: it {sizes}; planning a pipeline split over the mesh"
+    return f"too big for this node: it {sizes}; planning {how if moe else 'a pipeline split'} over the mesh"
 
 
 def _describe_hw(hw: hardware.Hardware) -> str:

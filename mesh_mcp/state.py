@@ -63,6 +63,7 @@ class NodeState:
     mesh_id: str | None = None
     blackboard: dict[str, Any] | None = None  # {"state": "loading" | "ready"} when carried
     peers: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
+    traffic: Callable[[], dict[str, int]] = field(default=lambda: {}, repr=False)  # bytes this node moved to peers
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
 
     def update_model(self, name: str, **changes: Any) -> ModelStatus:
@@ -104,6 +105,7 @@ class NodeState:
             "mesh_id": self.mesh_id,
             "invite_token": self.invite_token,
             "peers": self.peers(),
+            "traffic": self.traffic(),
             "models": [m.public() for m in self.models.values()],
             "blackboard": self.blackboard,
         }

@@ -149,6 +149,17 @@ class Connection(QuicConnectionProtocol):
         self._writers: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self.exit_stack: AsyncExitStack | None = None  # client side: closes the UDP socket
 
+    # --- bytes on the wire: every UDP datagram of this connection, counted on its transport's `traffic` ---------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(_CountingTransport(transport, self))  # type: ignore[arg-type]
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        owner = getattr(self, "transport_owner", None)
+        if owner is not None:
+            owner.traffic.add_in(len(data))
+        super().datagram_received(data, addr)
+
     def _create_stream(self, stream_id: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = super()._create_stream(stream_id)
         self._writers.add(writer)
@@ -229,6 +240,40 @@ class Connection(QuicConnectionProtocol):
         return reader, writer
 
 
+@dataclass
+class Traffic:
+    """Bytes of UDP datagrams (QUIC: control plane, gossip, tunnelled API requests) a transport sent and received."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+
+    def add_in(self, n: int) -> None:
+        self.bytes_in += n
+        self.datagrams_in += 1
+
+    def add_out(self, n: int) -> None:
+        self.bytes_out += n
+        self.datagrams_out += 1
+
+
+class _CountingTransport:
+    """A datagram transport that counts what its connection sends (everything else is delegated)."""
+
+    def __init__(self, inner: asyncio.BaseTransport, conn: Connection) -> None:
+        self._inner, self._conn = inner, conn
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        owner = getattr(self._conn, "transport_owner", None)
+        if owner is not None:
+            owner.traffic.add_out(len(data))
+        self._inner.sendto(data, addr)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class MeshTransport:
     def __init__(
         self,
@@ -247,6 +292,7 @@ class MeshTransport:
         key = creds.identity.key
         self._cert = make_certificate(key, creds.identity.node_id)
         self.connections: dict[str, list[Connection]] = {}
+        self.traffic = Traffic()
         self._server: QuicServer | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._dialing: dict[str, asyncio.Future[Connection]] = {}

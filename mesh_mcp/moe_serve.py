@@ -1,0 +1,338 @@
+"""Serving a mixture-of-experts model as expert shards, on the coordinator: plan, statistics, assignment, reference,
+leases, the quality gate, serve, watch, re-plan.
+
+Decide, then do:
+1. `moe_plan.plan_shards` (pure) picks N nodes and K experts per layer from gossiped capacity, files and builds;
+2. routing statistics (`moe_stats.ensure_stats`: llama-imatrix over calibration text, cached by the model's sha256)
+   and `moe_assign.assign` choose each shard's experts: the most-used ones on every shard, the rest dealt out;
+3. the full model's reference on held-out prompts (`moe_quality.reference_for`, cached the same way);
+4. every shard node — this one included — writes its shard from its own copy of the GGUF, loads it and scores it
+   against the reference (top-1 agreement, KL) over a `moe-shard` lease (`mesh/shard_link.py`);
+5. only when **every** shard passes the gate are they opened to sessions (`serve`); the router then hashes each
+   session to one shard node (rendezvous on the session key: a node joining or leaving moves only its share).
+   If one fails, all leases end and `ShardingRefused` tells the node to serve the model as a pipeline split,
+   with the reason in the log and `/api/status`;
+6. watch: a shard node leaving the mesh or its lease breaking ends the group; it is planned again.
+
+Nothing crosses the network per token: each shard node runs its own complete llama-server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from inference.errors import MeshLLMError
+from inference.gguf_facts import GGUFFacts
+from inference.llama_server import ServerSettings
+from inference.llamacpp import LlamaCpp
+from inference.moe_plan import ShardPlan, expert_bytes, plan_shards
+from inference.placement import NodeCap
+
+from .mesh.runtime import Mesh, llama_cpp_identity
+from .mesh.shard_link import ShardReport, lease_shard, serve_shard
+from .mesh.wire import encode_json
+
+log = logging.getLogger("mesh_llm.moe")
+
+REPLAN_PAUSE_S = 2.0
+WAIT_FOR_NODES_S = 5.0
+WATCH_S = 0.5
+
+
+class ShardingRefused(MeshLLMError):
+    """Expert shards cannot serve this model well (the gate refused a shard, or the trunk fits no node): serve it
+    as a pipeline split instead."""
+
+
+@dataclass
+class ShardedModel:
+    mesh: Mesh
+    llama: LlamaCpp
+    home: Path
+    model_path: Path
+    alias: str
+    facts: GGUFFacts
+    settings: ServerSettings
+    capacity_bytes: int
+    force: int | None = None
+    threads: int | None = None
+    on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
+    gate: Any = None  # moe_quality.Gate; None = DEFAULT_GATE
+    _stats: Any = field(default=None, repr=False)
+    _reference: Any = field(default=None, repr=False)
+    _model_key: str | None = field(default=None, repr=False)
+
+    async def run(self) -> None:
+        """Serve until cancelled; `ShardingRefused` when this model must be a pipeline split instead."""
+        from inference.moe_quality import DEFAULT_GATE
+
+        gate = self.gate or DEFAULT_GATE
+        sizes = expert_bytes(self.facts, self.settings.ctx_per_slot, self.settings.slots)
+        if sizes.experts_that_fit(self.capacity_bytes) < sizes.n_expert_used:
+            raise ShardingRefused(
+                f"this node cannot hold the trunk of {self.alias} and {sizes.n_expert_used} experts per layer "
+                f"({sizes.shard_need(sizes.n_expert_used) / 2**30:.2f} GiB > {self.capacity_bytes / 2**30:.2f} GiB)"
+            )
+        while True:
+            current = self.plan(sizes)
+            log.info("placement for %s: %s", self.alias, "; ".join(current.reasons))
+            self.on_state(placement=_describe(current, gate))
+            if current.kind == "none":
+                self.on_state(state="loading", detail="waiting for nodes for expert shards: " + current.reasons[-1])
+                await anyio.sleep(WAIT_FOR_NODES_S)
+                continue
+            started = time.monotonic()
+            refused: BaseException | None = None
+            try:
+                await self._serve(current, gate)
+            except* ShardingRefused as group:
+                refused = _first(group)
+            except* (MeshLLMError, OSError, TimeoutError) as group:
+                exc = _first(group)
+                log.warning("expert shards of %s failed: %s", self.alias, exc)
+                self.on_state(state="loading", detail=f"re-planning: {exc}", upstream=None, pid=None)
+            if refused is not None:
+                raise refused
+            log.info("expert shards of %s ended after %.0f s; planning again", self.alias, time.monotonic() - started)
+            await anyio.sleep(REPLAN_PAUSE_S)
+
+    def plan(self, sizes: Any) -> ShardPlan:
+        me = self.mesh.identity.node_id
+        stem = self.model_path.name.removesuffix(".gguf")
+        nodes = [NodeCap(me, self.capacity_bytes, has_file=True, llama_cpp=llama_cpp_identity())]
+        for r in self.mesh.members():
+            if r.node_id == me or r.leaving:
+                continue
+            nodes.append(
+                NodeCap(
+                    r.node_id,
+                    r.capacity_bytes,
+                    has_file=stem in r.models_on_disk,
+                    client=r.role == "client",
+                    llama_cpp=r.llama_cpp,
+                )
+            )
+        return plan_shards(self.alias, sizes, nodes, me=me, force=self.force, build=llama_cpp_identity())
+
+    async def _prepare(self) -> tuple[str, Any, Any]:
+        """(model key, routing statistics, reference), each computed once per model file and cached."""
+        from inference.moe_quality import reference_for
+        from inference.moe_shard import model_hash
+        from inference.moe_stats import ensure_stats
+
+        if self._model_key is None:
+            self.on_state(state="loading", detail="hashing the model (the key of its statistics and shards)")
+            self._model_key = await anyio.to_thread.run_sync(
+                lambda: model_hash(self.facts, self.home / "moe-shards" / "hashes")
+            )
+        key = self._model_key
+        if self._stats is None:
+            self.on_state(state="loading", detail="measuring expert routing (llama-imatrix over calibration text)")
+            t0 = time.monotonic()
+            self._stats = await ensure_stats(
+                self.llama, self.model_path, cache_dir=self.home / "moe-stats", model_key=key, threads=self.threads
+            )
+            log.info("%s: expert statistics (%s) in %.1f s", self.alias, self._stats.source, time.monotonic() - t0)
+        if self._reference is None:
+            self.on_state(state="loading", detail="recording the full model's answers to held-out prompts")
+            t0 = time.monotonic()
+            self._reference = await reference_for(
+                self.llama, self.model_path, cache_dir=self.home / "moe-stats", model_key=key, threads=self.threads
+            )
+            log.info("%s: quality reference in %.1f s", self.alias, time.monotonic() - t0)
+        return key, self._stats, self._reference
+
+    def _assign(self, current: ShardPlan, stats: Any) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Per shard, per `blk.N` layer, the kept experts (() for layers without experts)."""
+        from inference.moe_assign import AssignmentError, assign
+        from inference.moe_shard import moe_layout
+
+        layout = moe_layout(self.facts)
+        mass = stats.mass()
+        try:
+            a = assign(
+                layout.n_expert,
+                max(self.facts.expert_used_count, 1),
+                mass,
+                current.n_shards,
+                capacity=current.per_shard,
+                n_group=layout.n_group,
+            )
+        except AssignmentError as exc:
+            raise ShardingRefused(f"no expert assignment for {current.n_shards} shards: {exc}") from exc
+        log.info("%s: expert assignment: %s", self.alias, a.summary())
+        rows = list(layout.moe_layers)
+        if len(rows) != a.n_layers:
+            raise ShardingRefused(
+                f"the routing statistics cover {a.n_layers} layers, the model has {len(rows)} MoE layers"
+            )
+        out = []
+        for shard in a.shards:
+            per_layer: list[tuple[int, ...]] = [()] * layout.n_layers
+            for row, layer in enumerate(rows):
+                per_layer[layer] = tuple(shard[row])
+            out.append(tuple(per_layer))
+        return tuple(out)
+
+    async def _serve(self, current: ShardPlan, gate: Any) -> None:
+        key, stats, reference = await self._prepare()
+        experts = self._assign(current, stats)
+        lease_id = f"{self.alias[:40]}-{uuid.uuid4().hex[:8]}"
+        me = self.mesh.identity.node_id
+        reports: dict[int, ShardReport] = {}
+        base = {
+            "id": lease_id,
+            "model": self.alias,
+            "file": self.model_path.name,
+            "size": self.model_path.stat().st_size,
+            "model_key": key,
+            "reference": _json_obj(reference),
+            "gate": {"min_agreement": gate.min_agreement, "max_kl": gate.max_kl},
+            "ctx": self.settings.ctx_per_slot,
+            "slots": self.settings.slots,
+            "of": current.n_shards,
+        }
+        async with contextlib.AsyncExitStack() as stack:
+            self.on_state(state="loading", detail=f"starting {current.n_shards} expert shards")
+            # This node's shard, and every worker's lease, load and score side by side.
+            own = await stack.enter_async_context(
+                serve_shard(
+                    self.llama,
+                    _Relay(self.on_state),  # type: ignore[arg-type]
+                    self.home,
+                    alias=self.alias,
+                    source=self.model_path,
+                    model_key=key,
+                    experts=experts[0],
+                    settings=_with_threads(self.settings, self.threads),
+                    where=f"expert shard 1/{current.n_shards} of {self.alias}",
+                    coordinator=me,
+                )
+            )
+            streams = []
+
+            async def take(i: int, node_id: str) -> None:
+                report, writer, reader = await stack.enter_async_context(
+                    lease_shard(self.mesh, node_id, {**base, "experts": [list(e) for e in experts[i]], "shard": i})
+                )
+                reports[i] = report
+                streams.append((node_id, writer, reader))
+
+            async with anyio.create_task_group() as leases:
+                for i, node_id in enumerate(current.nodes[1:], start=1):
+                    leases.start_soon(take, i, node_id)
+                quality = await own.check(reference)
+                reports[0] = ShardReport(me, 0, quality.passes(gate), asdict(quality), own.n_bytes)
+            table = [reports[i] for i in sorted(reports)]
+            self.on_state(placement=_describe(current, gate, table))
+            for r in table:
+                log.info(
+                    "%s shard %d/%d on %s: %s — %s",
+                    self.alias,
+                    r.shard + 1,
+                    current.n_shards,
+                    r.node_id,
+                    _quality_text(r.quality),
+                    "passed" if r.passed else "below the gate",
+                )
+            failed = [r for r in table if not r.passed]
+            if failed:
+                r = failed[0]
+                reason = (
+                    f"expert shard {r.shard + 1}/{current.n_shards} on {r.node_id} fails the quality gate "
+                    f"({_quality_text(r.quality)}; gate: agreement ≥ {gate.min_agreement}, KL ≤ {gate.max_kl})"
+                )
+                log.warning("%s: %s; serving it as a pipeline split instead", self.alias, reason)
+                raise ShardingRefused(reason)
+            for _, writer, _ in streams:
+                writer.write(encode_json({"t": "serve"}))
+            own.go()
+            log.info(
+                "%s: serving as %d expert shards on %s; sessions are hashed to one shard each",
+                self.alias,
+                current.n_shards,
+                ", ".join(current.nodes),
+            )
+            await self._watch(list(current.nodes[1:]), streams)
+
+    async def _watch(self, workers: list[str], streams: list[Any]) -> None:
+        """Return (ending the group) when a shard node leaves the mesh or its lease stream ends."""
+        while True:
+            await anyio.sleep(WATCH_S)
+            alive = {r.node_id for r in self.mesh.members() if not r.leaving}
+            gone = [w for w in workers if w not in alive]
+            broken = [node_id for node_id, _, reader in streams if reader.at_eof()]
+            if gone or broken:
+                who = (gone or broken)[0]
+                log.warning("expert shards of %s: shard node %s is gone; re-planning", self.alias, who)
+                self.on_state(state="loading", detail=f"shard node {who} is gone; re-planning", upstream=None)
+                return
+
+
+class _Relay:
+    """NodeState's `update_model` for one model, as `serve_shard` calls it on the coordinator."""
+
+    def __init__(self, on_state: Callable[..., object]) -> None:
+        self.on_state = on_state
+
+    def update_model(self, name: str, **changes: Any) -> None:
+        self.on_state(**changes)
+
+
+def _with_threads(settings: ServerSettings, threads: int | None) -> ServerSettings:
+    from dataclasses import replace
+
+    if not threads:
+        return settings
+    return replace(settings, extra_args=(*settings.extra_args, "--threads", str(threads)))
+
+
+def _json_obj(obj: Any) -> Any:
+    import json
+
+    return json.loads(obj.to_json())
+
+
+def _quality_text(q: dict[str, Any]) -> str:
+    if not q:
+        return "no quality measured"
+    return f"top-1 agreement {q.get('agreement', 0):.3f}, KL {q.get('kl', 0):.4f} over {q.get('positions', 0)} tokens"
+
+
+def _describe(p: ShardPlan, gate: Any, reports: list[ShardReport] | None = None) -> dict[str, Any]:
+    by_shard = {r.shard: r for r in reports or []}
+    return {
+        "kind": "expert-shards" if p.kind == "shards" else "none",
+        "experts_per_shard": p.per_shard,
+        "shard_bytes": p.shard_bytes,
+        "gate": {"min_agreement": gate.min_agreement, "max_kl": gate.max_kl},
+        "shards": [
+            {
+                "node_id": node_id,
+                "shard": i,
+                **(
+                    {"quality": by_shard[i].quality, "passed": by_shard[i].passed, "bytes": by_shard[i].bytes}
+                    if i in by_shard
+                    else {}
+                ),
+            }
+            for i, node_id in enumerate(p.nodes)
+        ],
+        "reasons": list(p.reasons),
+    }
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

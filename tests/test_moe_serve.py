@@ -1,0 +1,136 @@
+"""Expert shards end to end on one machine: a generated mixture-of-experts model forced (`--split 3`) over three
+real nodes with capped capacity, so each shard holds half the experts. Every shard is scored against the full model
+before anything is routed to it; sessions are hashed to one shard and stay there; a generated token moves no byte
+between nodes; a model whose shards fail the quality gate is served as a pipeline split instead."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from inference.gguf_facts import read_facts
+from inference.llamacpp import LlamaCpp
+from inference.moe_plan import expert_bytes
+from tests.harness import NodeProcess
+from tests.test_moe_shard import PROMPTS, completions, tiny
+
+pytestmark = pytest.mark.slow
+Spawn = Callable[..., NodeProcess]
+CTX, SLOTS = 256, 1
+
+
+def capacity_gb(model: Path, experts: int) -> str:
+    """--max-vram (GiB) under which a node holds exactly `experts` experts per layer of `model`."""
+    sizes = expert_bytes(read_facts(model), CTX, SLOTS)
+    cap = sizes.shard_need(experts) + sizes.expert_bytes // 2
+    assert sizes.experts_that_fit(cap) == experts
+    return f"{cap / 2**30:.9f}"
+
+
+def node_args(models: Path, model: Path, experts: int) -> list[str]:
+    return [
+        "--models-dir", str(models), "--max-vram", capacity_gb(model, experts), "--threads", "1",
+        "--ctx-size", str(CTX), "--parallel", str(SLOTS),
+    ]  # fmt: skip
+
+
+def start_mesh(spawn: Spawn, model: Path, n: int, experts: int) -> tuple[NodeProcess, list[NodeProcess]]:
+    args = node_args(model.parent, model, experts)
+    host = spawn(
+        "--mesh-host", "127.0.0.2", "--model", str(model), "--split", str(n), *args, "--name", "host", name="host"
+    )
+    token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
+    workers = []
+    for i in range(1, n):
+        w = spawn("--mesh-host", f"127.0.0.{2 + i}", "--join", token, *args, "--name", f"w{i}", name=f"w{i}")
+        workers.append(w)
+    for w in workers:
+        w.wait_for("joined", lambda s: len(s.get("peers", [])) >= n, timeout=60)
+    return host, workers
+
+
+def complete(node: NodeProcess, prompt: str, user: str, n: int = 24) -> tuple[str, str]:
+    """(text, the node that answered) — the same request `completions` makes, with a session key."""
+    body = {"model": "moe", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "user": user}
+    r = httpx2.post(node.api + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"]), r.headers["x-mesh-node"]
+
+
+def status(node: NodeProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(node.console + "/api/status", timeout=10) as r:
+        return dict(json.load(r))
+
+
+def test_three_expert_shards_answer_like_the_full_model_with_no_traffic_per_token(
+    spawn: Spawn, llama: LlamaCpp, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    m = tiny(models / "moe.gguf", "qwen3moe")  # 16 experts per layer, top-2, 4 hot ones that win every routing
+    full = completions(llama, m.path)
+    host, workers = start_mesh(spawn, m.path, 3, experts=8)
+    model = host.wait_model_state("moe", "serving", timeout=300)
+    placement = model["placement"]
+    assert placement["kind"] == "expert-shards" and placement["experts_per_shard"] == 8
+    shards = placement["shards"]
+    ids = {n.status()["node_id"]: n for n in [host, *workers]}
+    assert shards[0]["node_id"] == host.status()["node_id"] and {s["node_id"] for s in shards} == set(ids)
+    for s in shards:  # every shard was scored against the full model before serving, and passed
+        assert s["passed"] and s["quality"]["agreement"] == 1.0 and s["quality"]["positions"] > 0, s
+    for w in workers:
+        mine = w.model(w.status(), "moe")
+        assert mine is not None and mine["state"] == "serving" and mine["placement"]["kind"] == "expert-shard"
+        assert w.wait_log(r"expert shard \d/3 of moe for \w+: top-1 agreement 100\.0%")
+    host.wait_log(r"shard 3/3 on \w+: top-1 agreement")
+    for n in (host, *workers):  # every node sees every shard serving (gossip), so all rank the same servers
+        n.wait_for("3 shards", lambda s: sum("moe" in p.get("serving", []) for p in s["peers"]) == 3, timeout=30)
+    # the coordinator kept the hot experts (the most-used) on every shard: each answers like the full model
+    seen: dict[str, str] = {}
+    for i, (prompt, (text, _)) in enumerate(zip(PROMPTS * 3, full * 3, strict=True)):
+        got, served_by = complete(workers[i % 2], prompt, user=f"user{i}")
+        assert got == text, f"{prompt!r} on {served_by}"
+        seen[f"user{i}"] = served_by
+    assert len(set(seen.values())) >= 2, f"sessions are spread over the shards: {seen}"
+    # a session stays on its shard, whichever node it enters by
+    for user, node_id in seen.items():
+        for entry in (host, *workers):
+            assert complete(entry, "abc", user=user, n=2)[1] == node_id
+    # nothing crosses the network per token: a long answer served where it enters moves no more than a short one
+    host_id = host.status()["node_id"]
+    local_user = next((u for u, n in seen.items() if n == host_id), None)
+    assert local_user is not None, seen
+    before = status(host)["traffic"]
+    text, by = complete(host, "the thin", user=local_user, n=192)
+    after = status(host)["traffic"]
+    assert by == host_id and len(text) > 0
+    moved = after["quic_bytes_in"] + after["quic_bytes_out"] - before["quic_bytes_in"] - before["quic_bytes_out"]
+    n_embd = read_facts(m.path).n_embd
+    assert moved < 192 * n_embd * 4 / 4, f"{moved} bytes crossed while generating 192 tokens (gossip only expected)"
+    for n in (host, *workers):
+        t = status(n)["traffic"]
+        assert t.get("rpc_bytes_in", 0) == 0 and t.get("rpc_bytes_out", 0) == 0, t
+
+
+def test_shards_below_the_quality_gate_are_never_served_and_the_model_is_split_by_layers(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Two shards of 9 of 16 experts leave room to replicate only 2 of the 4 hot experts every token uses: each lacks
+    some of them and answers differently from the full model — the gate refuses both, the node falls back."""
+    models = tmp_path / "models"
+    models.mkdir()
+    m = tiny(models / "moe.gguf", "qwen3moe")
+    host, workers = start_mesh(spawn, m.path, 2, experts=9)
+    model = host.wait_model_state("moe", "serving", timeout=300)
+    assert model["placement"]["kind"] == "split", model["placement"]
+    host.wait_log(r"fails the quality gate .*; serving it as a pipeline split instead")
+    for w in workers:
+        assert w.wait_log(r"expert shard 2/2 of moe for \w+: .* REFUSED")
+        assert "serving sessions the mesh routes here" not in w.log()
+    assert complete(workers[0], "the thin", user="u", n=4)[0]
