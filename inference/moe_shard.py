@@ -57,6 +57,21 @@ _EXPERT_AXIS = re.compile(
 _UNSUPPORTED = re.compile(r"_chexps\.")  # grovemoe's chunk experts: a second expert axis
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _COPY_CHUNK = 4 << 20
+_GATING = {1: "softmax", 2: "sigmoid", 3: "softmax over the chosen"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE
+# What build_moe_ffn is called with per architecture when the GGUF has no `expert_weights_norm` /
+# `expert_gating_func` (the `norm_w` and gating arguments in src/models/*.cpp, b11434; the arch-specific code
+# ignores the keys for these). Archs absent here (deepseek2, glm4moe, bailingmoe, ...) read both keys.
+_RENORMALISES = {
+    **dict.fromkeys(
+        (
+            "llama", "qwen3moe", "qwen3vlmoe", "qwen3next", "granitemoe", "granitehybrid", "dbrx", "phimoe",
+            "arctic", "grok", "hunyuan-moe", "ernie4_5-moe", "mistral3", "minimax-m2",
+        ),
+        True,
+    ),
+    **dict.fromkeys(("qwen2moe", "olmoe", "deepseek", "jamba", "llada-moe", "nomic-bert-moe", "llama4"), False),
+}  # fmt: skip
+_ARCH_GATING = {"gpt-oss": "softmax over the chosen", "llama4": "sigmoid", "mimo2": "sigmoid"}
 
 Experts = tuple[tuple[int, ...], ...]  # [layer] -> sorted expert ids; () for layers without experts
 ProgressFn = Callable[[int, int], None]  # (bytes written, total bytes)
@@ -78,6 +93,43 @@ class MoeLayout:
     moe_layers: tuple[int, ...]  # layers with expert tensors
     sliced: frozenset[str]  # tensors cut on the expert axis
     n_group: int  # `expert_group_count`; 1 = no groups
+    shared_experts: int = 0  # `expert_shared_count` (always-on experts: part of the trunk, never cut)
+    gating: str = "softmax"  # "softmax" | "sigmoid" | "softmax over the chosen" (`expert_gating_func` 1/2/3)
+    renormalises: bool | None = None  # the chosen experts' weights are renormalised (None: unknown for this arch)
+
+    @property
+    def leading_dense(self) -> int:
+        """Layers before the first MoE layer (DeepSeek's `leading_dense_block_count`)."""
+        return self.moe_layers[0] if self.moe_layers else self.n_layers
+
+    @property
+    def exact_with_top_k(self) -> bool | None:
+        """Whether a shard holding a token's top-k experts computes exactly what the full model does: yes when the
+        chosen experts' weights do not depend on the experts left out (renormalised softmax, sigmoid, softmax over
+        the chosen); no for softmax without renormalisation (the kept experts' weights inflate)."""
+        if self.gating != "softmax":
+            return True
+        return self.renormalises
+
+    def describe(self) -> str:
+        exact = {
+            True: "a shard holding a token's top-k experts computes exactly what the full model does",
+            False: "softmax without renormalisation: a shard's kept experts weigh more than in the full model "
+            "(the quality gate measures it)",
+            None: "renormalisation unknown for this architecture (the quality gate measures it)",
+        }[self.exact_with_top_k]
+        parts = [f"{self.architecture}: {self.n_expert} experts per layer in {len(self.moe_layers)} MoE layers"]
+        if self.expert_used:
+            parts.append(f"{self.expert_used} used per token")
+        if self.shared_experts:
+            parts.append(f"{self.shared_experts} shared expert(s) kept whole")
+        if self.leading_dense:
+            parts.append(f"{self.leading_dense} leading dense layer(s)")
+        if self.n_group > 1:
+            parts.append(f"{self.n_group} expert groups kept whole")
+        norm = {True: ", renormalised", False: ", not renormalised", None: ""}[self.renormalises]
+        parts.append(f"{self.gating} gating{norm if self.gating == 'softmax' else ''}: {exact}")
+        return "; ".join(parts)
 
 
 def _int_key(meta: dict[str, object], key: str) -> int | None:
@@ -114,6 +166,8 @@ def moe_layout(facts: GGUFFacts) -> MoeLayout:
     n_group = _int_key(facts.metadata, f"{arch}.expert_group_count") or 1
     if n_group > 1 and n_expert % n_group:
         raise CorruptModel(f"{path}: {n_expert} experts do not divide into expert_group_count {n_group}")
+    gating_func = _int_key(facts.metadata, f"{arch}.expert_gating_func")
+    norm = facts.metadata.get(f"{arch}.expert_weights_norm")
     return MoeLayout(
         architecture=arch,
         n_expert=n_expert,
@@ -122,6 +176,9 @@ def moe_layout(facts: GGUFFacts) -> MoeLayout:
         moe_layers=tuple(sorted({t.layer for t in sliced if t.layer is not None})),
         sliced=frozenset(names),
         n_group=n_group,
+        shared_experts=_int_key(facts.metadata, f"{arch}.expert_shared_count") or 0,
+        gating=_GATING.get(gating_func, "") if gating_func else _ARCH_GATING.get(arch, "softmax"),
+        renormalises=norm if isinstance(norm, bool) else _RENORMALISES.get(arch),
     )
 
 

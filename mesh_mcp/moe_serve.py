@@ -70,12 +70,20 @@ class ShardedModel:
     _stats: Any = field(default=None, repr=False)
     _reference: Any = field(default=None, repr=False)
     _model_key: str | None = field(default=None, repr=False)
+    _moe: str = field(default="", repr=False)  # what the GGUF header says about its experts and gating
 
     async def run(self) -> None:
         """Serve until cancelled; `ShardingRefused` when this model must be a pipeline split instead."""
         from inference.moe_quality import DEFAULT_GATE
+        from inference.moe_shard import ShardError, moe_layout
 
         gate = self.gate or DEFAULT_GATE
+        try:
+            layout = moe_layout(self.facts)
+        except ShardError as cannot:
+            raise ShardingRefused(str(cannot)) from cannot
+        log.info("%s: %s", self.alias, layout.describe())
+        self._moe = layout.describe()
         sizes = expert_bytes(self.facts, self.settings.ctx_per_slot, self.settings.slots)
         if sizes.experts_that_fit(self.capacity_bytes) < sizes.n_expert_used:
             raise ShardingRefused(
@@ -85,7 +93,7 @@ class ShardedModel:
         while True:
             current = self.plan(sizes)
             log.info("placement for %s: %s", self.alias, "; ".join(current.reasons))
-            self.on_state(placement=_describe(current, gate))
+            self.on_state(placement=_describe(current, gate, moe=self._moe))
             if current.kind == "none":
                 self.on_state(state="loading", detail="waiting for nodes for expert shards: " + current.reasons[-1])
                 await anyio.sleep(WAIT_FOR_NODES_S)
@@ -233,7 +241,7 @@ class ShardedModel:
                 quality = await own.check(reference)
                 reports[0] = ShardReport(me, 0, quality.passes(gate), asdict(quality), own.n_bytes)
             table = [reports[i] for i in sorted(reports)]
-            self.on_state(placement=_describe(current, gate, table))
+            self.on_state(placement=_describe(current, gate, table, moe=self._moe))
             for r in table:
                 log.info(
                     "%s shard %d/%d on %s: %s — %s",
@@ -308,10 +316,11 @@ def _quality_text(q: dict[str, Any]) -> str:
     return f"top-1 agreement {q.get('agreement', 0):.3f}, KL {q.get('kl', 0):.4f} over {q.get('positions', 0)} tokens"
 
 
-def _describe(p: ShardPlan, gate: Any, reports: list[ShardReport] | None = None) -> dict[str, Any]:
+def _describe(p: ShardPlan, gate: Any, reports: list[ShardReport] | None = None, *, moe: str = "") -> dict[str, Any]:
     by_shard = {r.shard: r for r in reports or []}
     return {
         "kind": "expert-shards" if p.kind == "shards" else "none",
+        "moe": moe,
         "experts_per_shard": p.per_shard,
         "shard_bytes": p.shard_bytes,
         "gate": {"min_agreement": gate.min_agreement, "max_kl": gate.max_kl},

@@ -6,6 +6,9 @@ between nodes; a model whose shards fail the quality gate is served as a pipelin
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +43,14 @@ def node_args(models: Path, model: Path, experts: int) -> list[str]:
     ]  # fmt: skip
 
 
-def start_mesh(spawn: Spawn, model: Path, n: int, experts: int) -> tuple[NodeProcess, list[NodeProcess]]:
+def start_mesh(
+    spawn: Spawn, model: Path, n: int, experts: int, split: int | None = None
+) -> tuple[NodeProcess, list[NodeProcess]]:
+    """A coordinator serving `model` with `--split` (default n) and n − 1 members, all capped to hold `experts`."""
     args = node_args(model.parent, model, experts)
+    forced = str(split or n)
     host = spawn(
-        "--mesh-host", "127.0.0.2", "--model", str(model), "--split", str(n), *args, "--name", "host", name="host"
+        "--mesh-host", "127.0.0.2", "--model", str(model), "--split", forced, *args, "--name", "host", name="host"
     )
     token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
     workers = []
@@ -134,3 +141,31 @@ def test_shards_below_the_quality_gate_are_never_served_and_the_model_is_split_b
         assert w.wait_log(r"expert shard 2/2 of moe for \w+: .* REFUSED")
         assert "serving sessions the mesh routes here" not in w.log()
     assert complete(workers[0], "the thin", user="u", n=4)[0]
+
+
+def test_a_dead_shard_node_is_replaced_and_the_model_serves_again(spawn: Spawn, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    m = tiny(models / "moe.gguf", "qwen3moe")
+    host, workers = start_mesh(spawn, m.path, 3, experts=10, split=2)  # 2 shards of 10: the 4 hot ones on both
+    shards = host.wait_model_state("moe", "serving", timeout=300)["placement"]["shards"]
+    by_id = {w.status()["node_id"]: w for w in workers}
+    victim_id = shards[1]["node_id"]
+    spare_id = next(i for i in by_id if i != victim_id)
+    victim = by_id[victim_id]
+    assert victim.proc is not None
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    host.wait_log(rf"shard node {victim_id} is gone; re-planning", timeout=30)
+    deadline = time.monotonic() + 120
+    while True:
+        model = host.model(host.status(), "moe")
+        assert model is not None
+        nodes = [s["node_id"] for s in model["placement"].get("shards", [])]
+        if model["state"] == "serving" and spare_id in nodes:
+            break
+        assert time.monotonic() < deadline, model
+        time.sleep(0.5)
+    assert victim_id not in nodes and all(s["passed"] for s in model["placement"]["shards"])
+    by_id[spare_id].wait_for("2 shards", lambda s: sum("moe" in p.get("serving", []) for p in s["peers"]) == 2, 30)
+    for i in range(4):
+        assert complete(by_id[spare_id], "the thin", user=f"after{i}", n=4)[1] in (spare_id, host.status()["node_id"])

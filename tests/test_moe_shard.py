@@ -6,6 +6,7 @@ shards cut from routing counts measured by llama-imatrix and dealt by `moe_assig
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -506,3 +507,24 @@ def test_shards_dealt_from_measured_routing_answer_like_the_full_model(
         shard = ensure_shard(m.path, shard_experts, cache_dir=tmp_path / "cache")
         assert shard.expert_count == 10
         assert completions(llama, shard.path) == full["qwen3moe"]
+
+
+@pytest.mark.parametrize(("arch", "renormalises"), [("qwen3moe", True), ("olmoe", False)])
+def test_the_header_says_how_experts_are_gated(tmp_path: Path, arch: str, renormalises: bool) -> None:
+    layout = moe_layout(read_facts(tiny(tmp_path / "m.gguf", arch).path))
+    assert (layout.n_expert, layout.expert_used, layout.leading_dense, layout.shared_experts) == (16, 2, 0, 0)
+    assert layout.gating == "softmax" and layout.renormalises is renormalises
+    assert layout.exact_with_top_k is renormalises
+    text = layout.describe()
+    assert f"{arch}: 16 experts per layer in 3 MoE layers; 2 used per token; softmax gating" in text
+    assert ("computes exactly" in text) is renormalises and ("weigh more" in text) is not renormalises
+
+
+def test_gating_that_ignores_the_experts_left_out_is_exact_whatever_the_renormalisation(tmp_path: Path) -> None:
+    """gpt-oss takes the softmax over the chosen experts only; sigmoid gating weighs each expert alone."""
+    layout = moe_layout(read_facts(write_synthetic(tmp_path / "g.gguf")))
+    assert layout.gating == "softmax over the chosen" and layout.exact_with_top_k is True
+    sig = dataclasses.replace(layout, gating="sigmoid", renormalises=False, shared_experts=1)
+    assert sig.exact_with_top_k is True and "1 shared expert(s) kept whole" in sig.describe()
+    soft = dataclasses.replace(layout, gating="softmax", renormalises=None)
+    assert soft.exact_with_top_k is None and "unknown" in soft.describe()
