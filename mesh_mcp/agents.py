@@ -24,6 +24,9 @@ SERVING = "serving"
 GOOSE_PROVIDER = "mesh"  # ~/.config/goose/custom_providers/mesh.json, selected with GOOSE_PROVIDER=mesh
 GOOSE_KEY_ENV = "MESH_LLM_API_KEY"  # the provider's api_key_env; the mesh needs no key, older goose wants one
 DEFAULT_CONTEXT = 4096  # tokens: mesh-llm's default --ctx-size per slot, unless the user's file says otherwise
+# Claude Code sends its instructions and tool definitions with every request: 20,310 tokens measured with
+# Claude Code 2.1.197 `-p` (24 tools), before the user's first word.
+CLAUDE_PROMPT_TOKENS = 20_310
 DUMMY_KEY = "mesh-llm"  # the mesh's API takes no key; clients that insist on one get this
 
 INSTALL = {
@@ -43,6 +46,7 @@ class MeshModel:
     state: str
     tools: bool | None  # its chat template can call tools; None: not known
     size_bytes: int  # 0: not known
+    context: int = 0  # tokens one request may hold (`context_length`); 0: not known
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ def parse_models(body: object) -> list[MeshModel]:
                 state=str(entry.get("state", SERVING)),
                 tools=tools if isinstance(tools, bool) else None,
                 size_bytes=size if type(size) is int and size > 0 else 0,
+                context=ctx if type(ctx := entry.get("context_length")) is int and ctx > 0 else 0,
             )
         )
     return out
@@ -113,6 +118,18 @@ def pick_model(models: list[MeshModel], requested: str | None) -> Picked | NotYe
     )
 
 
+def context_warning(agent: str, model: MeshModel | None) -> str | None:
+    """Why the agent's requests will not fit the model's context, when the mesh says how much one request holds."""
+    if agent != "claude" or model is None or not model.context or model.context >= CLAUDE_PROMPT_TOKENS * 1.2:
+        return None
+    return (
+        f"{model.name} holds {model.context} tokens per request, and Claude Code sends about {CLAUDE_PROMPT_TOKENS} "
+        "before your first word: its requests will fail with a context error. Serve a model trained for a long "
+        "context with a larger slot (e.g. `--ctx-size 32768 --parallel 1`; llama-server caps it at the model's "
+        "training context)"
+    )
+
+
 def listing(models: list[MeshModel]) -> str:
     if not models:
         return "no models"
@@ -138,7 +155,9 @@ def goose_config_dir(env: Mapping[str, str], home: Path) -> Path:
     return (Path(xdg) if xdg else home / ".config") / "goose"
 
 
-def goose_provider(existing: Mapping[str, Any] | None, api_root: str, models: list[str]) -> dict[str, Any]:
+def goose_provider(
+    existing: Mapping[str, Any] | None, api_root: str, models: list[str], contexts: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """Goose's declarative provider for the mesh (`custom_providers/mesh.json`), merged into the user's
     copy: our keys are set, every other key is kept, and a model's own settings (say `context_limit`) survive.
 
@@ -154,7 +173,10 @@ def goose_provider(existing: Mapping[str, Any] | None, api_root: str, models: li
             "description": out.get("description") or "Models served by the mesh-llm mesh, through the local node",
             "api_key_env": GOOSE_KEY_ENV,
             "base_url": api_root.rstrip("/") + "/v1/chat/completions",
-            "models": [{"context_limit": DEFAULT_CONTEXT, **old_models.get(n, {}), "name": n} for n in models],
+            "models": [
+                {"context_limit": (contexts or {}).get(n) or DEFAULT_CONTEXT, **old_models.get(n, {}), "name": n}
+                for n in models
+            ],
             "requires_auth": False,
             "supports_streaming": True,
         }

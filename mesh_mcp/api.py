@@ -11,6 +11,7 @@ still loading 503 with Retry-After. Errors use each API's own error shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -51,6 +52,29 @@ def error_body(flavor: Flavor, status: int, message: str, code: str | None = Non
         return {"type": "error", "error": {"type": kind, "message": message, **extra}}
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
+
+
+MAX_ERROR_BODY = 64 << 10
+
+
+def anthropic_error_body(status: int, raw: bytes) -> bytes:
+    """An upstream error body in Anthropic's shape (see `Proxy._anthropic_error`); the message is kept."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
+        return raw
+    message = raw.decode("utf-8", "replace").strip()[:4096] or f"upstream error {status}"
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(parsed.get("message"), str):
+            message = parsed["message"]
+    return json.dumps(error_body("anthropic", status, message)).encode()
 
 
 def error_response(
@@ -221,6 +245,9 @@ class Proxy:
         out_headers = [(k, v) for k, v in resp.headers if k not in _HOP]
         if not any(k == SERVED_BY for k, _ in out_headers):  # a peer that served it has named itself
             out_headers.append((SERVED_BY, node_id.encode()))
+        if self.flavor == "anthropic" and resp.status >= 400:
+            await self._anthropic_error(resp, out_headers, send)
+            return
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         is_sse = (resp.header(b"content-type") or b"").startswith(b"text/event-stream")
         try:
@@ -231,6 +258,22 @@ class Proxy:
             if is_sse:
                 await send({"type": "http.response.body", "body": self._sse_error(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _anthropic_error(self, resp: Response, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """llama-server answers errors on /v1/messages in OpenAI's shape (`{"error": {"code", "type", ...}}`);
+        Anthropic clients expect `{"type": "error", "error": {"type", "message"}}`. Rewritten here, once: a body
+        already in Anthropic's shape (a peer rewrote it) passes unchanged."""
+        raw = b""
+        with contextlib.suppress(UpstreamBroken):
+            async for chunk in resp.chunks():
+                raw += chunk
+                if len(raw) > MAX_ERROR_BODY:
+                    break
+        body = anthropic_error_body(resp.status, raw)
+        out = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type")]
+        out += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _sse_error(self) -> bytes:
         msg = "the model's server failed mid-stream; the response is incomplete"
@@ -261,13 +304,13 @@ def build_api(node: NodeState, directory: Directory | None = None, max_body: int
         for m in node.models.values():
             if m.state != "stopped":
                 out[m.name] = _model_entry(m.name, node.started_at, m.state, [node.node_id])
-                _add_facts(out[m.name], m.tools, m.size_bytes or 0)
+                _add_facts(out[m.name], m.tools, m.size_bytes or 0, m.context or 0)
         for r in mesh.remote_models():
             entry = out.setdefault(r.name, _model_entry(r.name, node.started_at, r.state, []))
             entry["nodes"].append(r.node_id)
             if r.state == SERVING:
                 entry["state"] = SERVING
-            _add_facts(entry, r.tools, r.size_bytes)
+            _add_facts(entry, r.tools, r.size_bytes, r.ctx)
         return out
 
     async def models(request: Request) -> HTTPResponse:
@@ -331,10 +374,13 @@ def _model_entry(name: str, created: float, state: str, nodes: list[str]) -> dic
     }
 
 
-def _add_facts(entry: dict[str, Any], tools: bool | None, size_bytes: int) -> None:
+def _add_facts(entry: dict[str, Any], tools: bool | None, size_bytes: int, ctx: int = 0) -> None:
     """What a server of the model knows of it: `capabilities.tools` (its chat template can call tools,
-    true if any server says so) and `size_bytes` (its GGUF size), each only once known."""
+    true if any server says so), `size_bytes` (its GGUF size) and `context_length` (tokens one request may hold:
+    the least any server gives), each only once known."""
     if tools is not None:
         entry["capabilities"]["tools"] = tools or entry["capabilities"].get("tools", False)
     if size_bytes and "size_bytes" not in entry:
         entry["size_bytes"] = size_bytes
+    if ctx:
+        entry["context_length"] = min(ctx, entry.get("context_length", ctx))

@@ -143,6 +143,9 @@ class Launch:
                 self.status = 1
                 return
             print(f"mesh-llm: {self.agent} on {choice.why}", file=sys.stderr)
+            chosen = next((m for m in models if m.name == choice.name), None)
+            if (warning := agents.context_warning(self.agent, chosen)) is not None:
+                print(f"mesh-llm: warning: {warning}", file=sys.stderr)
             cmd = [self.binary, *(DEFAULT_ARGS[self.agent] if self.extra is None else self.extra)]
             if self.agent == "goose":
                 env = self._goose(root, choice, models)
@@ -155,7 +158,8 @@ class Launch:
         path = agents.goose_config_dir(self.env, home) / "custom_providers" / f"{agents.GOOSE_PROVIDER}.json"
         others = [m.name for m in sorted(models, key=agents.strength, reverse=True) if m.state == agents.SERVING]
         names = [choice.name, *(n for n in others if n != choice.name)]
-        write_json(path, agents.goose_provider(read_json(path), root, names))
+        contexts = {m.name: m.context for m in models if m.context}
+        write_json(path, agents.goose_provider(read_json(path), root, names, contexts))
         log.info("Goose provider %r (%s) in %s", agents.GOOSE_PROVIDER, root, path)
         return agents.goose_env(self.env, choice.name)
 

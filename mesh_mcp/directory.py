@@ -21,6 +21,7 @@ class RemoteModel:
     in_flight: int
     tools: bool | None = None  # its chat template can call tools; None: not known
     size_bytes: int = 0  # its GGUF size; 0: not known
+    ctx: int = 0  # tokens one request may hold there; 0: not known
 
 
 class Directory(Protocol):

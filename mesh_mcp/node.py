@@ -318,10 +318,22 @@ class Node:
             self.state.update_model(name, state="failed", detail=str(exc), progress=None)
             return
         embeddings = facts.architecture in EMBEDDING_ARCHS
+        context = self.config.server.ctx_per_slot
+        if facts.context_length and context > facts.context_length:
+            log.warning(
+                "%s was trained with a %d-token context: llama-server caps each request at %d tokens, not the %d "
+                "asked with --ctx-size",
+                name,
+                facts.context_length,
+                facts.context_length,
+                context,
+            )
+            context = facts.context_length
         self.state.update_model(
             name,
             state="loading",
             progress=None,
+            context=context,
             path=str(local.path),
             size_bytes=facts.file_size,
             architecture=facts.architecture,

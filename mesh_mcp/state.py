@@ -38,6 +38,7 @@ class ModelStatus:
     in_flight: int = 0
     pid: int | None = None  # llama-server's process id while it runs
     restarts: int = 0
+    context: int | None = None  # tokens one request may hold (slot context, capped at the training context)
     placement: dict[str, Any] | None = None  # solo/split plan: stages, reasons, predicted tok/s
     updated_at: float = 0.0
 

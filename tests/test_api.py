@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import anyio
 import httpx2
 import pytest
 
-from mesh_mcp.api import build_api
+from mesh_mcp.api import anthropic_error_body, build_api
 from mesh_mcp.directory import RemoteModel
 from mesh_mcp.state import NodeState
 from mesh_mcp.upstream import Response, UpstreamUnavailable
@@ -125,8 +126,9 @@ class FactsDirectory:
 
     def remote_models(self) -> list[RemoteModel]:
         return [
-            RemoteModel("coder", "n2", "serving", 0, tools=True, size_bytes=1_117_320_768),
-            RemoteModel("coder", "n3", "loading", 0),  # an older node: knows neither
+            RemoteModel("coder", "n2", "serving", 0, tools=True, size_bytes=1_117_320_768, ctx=32768),
+            RemoteModel("coder", "n3", "loading", 0, ctx=8192),  # the least context any server gives counts
+            RemoteModel("coder", "n4", "loading", 0),  # an older node: knows neither
             RemoteModel("old", "n3", "serving", 0),
         ]
 
@@ -149,8 +151,9 @@ def test_models_show_tool_capability_and_size_once_known() -> None:
     assert data["chat"]["capabilities"] == {"tools": False} and data["chat"]["size_bytes"] == 98_362_432
     assert data["emb"]["capabilities"] == {} and "size_bytes" not in data["emb"]
     assert data["coder"]["capabilities"] == {"tools": True} and data["coder"]["size_bytes"] == 1_117_320_768
-    assert data["coder"]["nodes"] == ["n2", "n3"] and data["coder"]["state"] == "serving"
-    assert data["old"]["capabilities"] == {} and "size_bytes" not in data["old"]
+    assert data["coder"]["nodes"] == ["n2", "n3", "n4"] and data["coder"]["state"] == "serving"
+    assert data["coder"]["context_length"] == 8192
+    assert data["old"]["capabilities"] == {} and "size_bytes" not in data["old"] and "context_length" not in data["old"]
 
 
 def test_backend_gone_between_check_and_request_is_503() -> None:
@@ -245,3 +248,28 @@ def test_upstream_failing_mid_stream_ends_the_sse_stream_with_an_error_event() -
     events = [line for line in r.text.split("\n\n") if line]
     assert events[0] == 'data: {"a": 1}'
     assert "failed mid-stream" in events[-1] and events[-1].startswith("data: ")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            b'{"error":{"code":400,"message":"request (20310 tokens) exceeds the available context size",'
+            b'"type":"exceed_context_size_error"}}',
+            "request (20310 tokens) exceeds",
+        ),
+        (b'{"error":"bad thing"}', "bad thing"),
+        (b'{"message":"plain"}', "plain"),
+        (b"not json at all", "not json at all"),
+        (b"", "upstream error 400"),
+    ],
+)
+def test_upstream_errors_are_rewritten_in_anthropic_shape(raw: bytes, message: str) -> None:
+    body = json.loads(anthropic_error_body(400, raw))
+    assert body == {"type": "error", "error": {"type": "invalid_request_error", "message": body["error"]["message"]}}
+    assert body["error"]["message"].startswith(message)
+
+
+def test_an_anthropic_shaped_error_passes_unchanged() -> None:
+    raw = b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'
+    assert anthropic_error_body(529, raw) == raw

@@ -98,6 +98,25 @@ def test_models_are_read_from_the_api_leniently() -> None:
 # --- the config and environment each agent gets ---------------------------------------------------------------
 
 
+def test_claude_is_warned_when_the_model_cannot_hold_its_prompt() -> None:
+    small = MeshModel("SmolLM2", "serving", True, 98_000_000, context=8192)
+    big = MeshModel("Qwen", "serving", True, 1_117_320_768, context=32768)
+    unknown = MeshModel("Old", "serving", True, 1)
+    warning = agents.context_warning("claude", small)
+    assert warning is not None and "8192 tokens per request" in warning and "--ctx-size 32768" in warning
+    assert agents.context_warning("claude", big) is None and agents.context_warning("claude", unknown) is None
+    assert agents.context_warning("goose", small) is None
+    models = agents.parse_models({"data": [{"id": "q", "state": "serving", "context_length": 32768}, {"id": "o"}]})
+    assert [m.context for m in models] == [32768, 0]
+
+
+def test_goose_gets_each_models_context_unless_the_user_set_one() -> None:
+    out = agents.goose_provider(
+        {"models": [{"name": "a", "context_limit": 2000}]}, "http://n/v1", ["a", "b", "c"], {"a": 9000, "b": 32768}
+    )
+    assert [(m["name"], m["context_limit"]) for m in out["models"]] == [("a", 2000), ("b", 32768), ("c", 4096)]
+
+
 def test_goose_provider_merge_keeps_what_the_user_has(tmp_path: Path) -> None:
     mine = {
         "name": "mesh",

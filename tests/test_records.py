@@ -352,12 +352,14 @@ def test_build_identity_is_the_source_and_our_edits_not_the_backend() -> None:
 
 
 def test_served_model_tools_and_size_round_trip_signed() -> None:
-    qwen = ServedModel("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "serving", 0, tools=True, size_bytes=1_117_320_768)
+    qwen = ServedModel(
+        "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "serving", 0, tools=True, size_bytes=1_117_320_768, ctx=32768
+    )
     smol = ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 1, tools=False, size_bytes=98_000_000)
     record = make(models_served=(qwen, smol, ServedModel("Loading-1B", "loading")))
     wire = json.loads(json.dumps(to_wire(record)))
     assert wire["models_served"] == [
-        {"name": qwen.name, "state": "serving", "in_flight": 0, "tools": True, "bytes": 1_117_320_768},
+        {"name": qwen.name, "state": "serving", "in_flight": 0, "tools": True, "bytes": 1_117_320_768, "ctx": 32768},
         {"name": smol.name, "state": "serving", "in_flight": 1, "tools": False, "bytes": 98_000_000},
         {"name": "Loading-1B", "state": "loading", "in_flight": 0},  # unknown: left out, old encoding
     ]
@@ -370,6 +372,15 @@ def test_served_models_without_the_optional_fields_keep_their_encoding() -> None
     wire = to_wire(make())
     assert wire["models_served"] == [{"name": "SmolLM2-135M-Instruct-Q4_1", "state": "serving", "in_flight": 2}]
     assert from_wire(wire).models_served[0].tools is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4096"])
+def test_a_served_model_context_is_a_positive_int_or_absent(bad: object) -> None:
+    wire = json.loads(json.dumps(to_wire(make(models_served=(ServedModel("m", "serving", 0, ctx=4096),)))))
+    assert wire["models_served"][0]["ctx"] == 4096
+    wire["models_served"][0]["ctx"] = bad
+    with pytest.raises(ProtocolError):
+        from_wire(wire)
 
 
 def test_tampered_tools_breaks_the_signature() -> None:

@@ -146,6 +146,22 @@ def test_anthropic_messages_stream(node: NodeProcess) -> None:
     assert final.stop_reason in ("max_tokens", "end_turn")
 
 
+def test_llama_server_errors_reach_anthropic_clients_in_anthropic_shape(node: NodeProcess) -> None:
+    """llama-server answers /v1/messages errors in OpenAI's shape; the node rewrites them (here: a prompt longer than
+    the 2048-token slot) so the SDK raises its typed error with llama-server's message."""
+    client = anthropic.Anthropic(base_url=node.api, api_key="unused", max_retries=0)
+    long = "word " * 3000
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(model=SMOLLM, max_tokens=4, messages=[{"role": "user", "content": long}])
+    body = err.value.body
+    assert isinstance(body, dict) and body["type"] == "error", body
+    assert body["error"]["type"] == "invalid_request_error" and "context" in body["error"]["message"], body
+    r = httpx2.post(
+        node.api + "/v1/chat/completions", json={"model": SMOLLM, "messages": [{"role": "user", "content": long}]}
+    )
+    assert r.status_code == 400 and "type" not in r.json(), "OpenAI clients keep llama-server's OpenAI shape"
+
+
 def test_unknown_model_is_404_listing_available(node: NodeProcess) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         oa(node).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

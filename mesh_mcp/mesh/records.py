@@ -14,7 +14,8 @@ The optional fields (`rtt`: the origin's measured round trips to its nearest pee
 ms; `llama_cpp`: its llama.cpp build identity) are left out of the wire form when empty, so records
 without them keep their encoding and signature. A served model's optional fields follow the same rule:
 `tools` (whether its chat template lets it call tools, as the serving llama-server reports it; absent
-while unknown) and `bytes` (its GGUF size, the launchers' measure of strength; absent when 0).
+while unknown), `bytes` (its GGUF size, the launchers' measure of strength; absent when 0) and `ctx` (tokens one
+request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
-_SERVED_OPTIONAL = frozenset({"tools", "bytes"})
+_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class ServedModel:
     in_flight: int = 0
     tools: bool | None = None  # its chat template can call tools; None: not known (yet)
     size_bytes: int = 0  # the model's GGUF size (all shards); 0: not known
+    ctx: int = 0  # tokens one request may hold on this server; 0: not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,8 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
         out["tools"] = m.tools
     if m.size_bytes:
         out["bytes"] = m.size_bytes
+    if m.ctx:
+        out["ctx"] = m.ctx
     return out
 
 
@@ -291,7 +295,7 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
     if type(obj["capacity_bytes"]) is not int:
         return False
     for m in obj["models_served"]:
-        if type(m["in_flight"]) is not int or type(m.get("bytes", 0)) is not int:
+        if type(m["in_flight"]) is not int or type(m.get("bytes", 0)) is not int or type(m.get("ctx", 0)) is not int:
             return False
         if "tools" in m and type(m["tools"]) is not bool:
             return False
@@ -341,6 +345,7 @@ def _served(obj: object) -> ServedModel:
         in_flight=_int(obj, "in_flight"),
         tools=_bool(obj, "tools") if "tools" in obj else None,
         size_bytes=_positive(obj, "bytes") if "bytes" in obj else 0,
+        ctx=_positive(obj, "ctx") if "ctx" in obj else 0,
     )
 
 
@@ -433,6 +438,8 @@ def _problem(r: NodeRecord) -> str:
             or (m.tools is not None and type(m.tools) is not bool)
             or type(m.size_bytes) is not int
             or not 0 <= m.size_bytes <= MAX_INT
+            or type(m.ctx) is not int
+            or not 0 <= m.ctx <= MAX_INT
         ):
             return f"served model {m!r:.160} is invalid (state must be one of {sorted(MODEL_STATES)})"
     for key in ("capacity_bytes", "in_flight", "version"):

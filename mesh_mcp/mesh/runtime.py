@@ -332,7 +332,7 @@ class Mesh:
 
     def _served(self) -> tuple[ServedModel, ...]:
         return tuple(
-            ServedModel(m.name[:128], m.state, m.in_flight, m.tools, m.size_bytes or 0)
+            ServedModel(m.name[:128], m.state, m.in_flight, m.tools, m.size_bytes or 0, m.context or 0)
             for m in self.state.models.values()
             if m.state != "stopped"
         )[:256]
@@ -402,7 +402,8 @@ class Mesh:
         current = self.gossip.me.models_served
         if served == current:
             return
-        states_changed = [(m.name, m.state, m.tools) for m in served] != [(m.name, m.state, m.tools) for m in current]
+        facts = [(m.name, m.state, m.tools, m.ctx) for m in served]
+        states_changed = facts != [(m.name, m.state, m.tools, m.ctx) for m in current]
         if states_changed or now - self._published_in_flight >= IN_FLIGHT_PUBLISH_S:
             self._published_in_flight = now
             self.gossip.update_self(now, models_served=served, in_flight=sum(m.in_flight for m in served))
@@ -457,7 +458,7 @@ class Mesh:
             if record.node_id == self.identity.node_id or record.leaving:
                 continue
             out.extend(
-                RemoteModel(m.name, record.node_id, m.state, m.in_flight, m.tools, m.size_bytes)
+                RemoteModel(m.name, record.node_id, m.state, m.in_flight, m.tools, m.size_bytes, m.ctx)
                 for m in record.models_served
             )
         return out
