@@ -4,8 +4,10 @@ No mixture-of-experts GGUF ships on PyPI, so the model is generated (`tests/gguf
 default: random weights, routing skewed onto `--hot` experts per layer, a real byte-level tokenizer). Its numbers say
 what sharding costs and preserves for a model whose routing is that skewed, not for a trained model.
 
-1. Speed: llama-server (`-t 1`, ctx 512, 1 slot) on the full model and on one shard of each layout; tok/s is
-   llama-server's own `timings.predicted_per_second` (median of runs). Target: shard ÷ full ≥ 1.0.
+1. Speed: llama-server (`-t 1`, ctx 512, 1 slot) on the full model and on each shard, both loaded, asked in turn
+   (full, shard, full, shard, …) so both see the same machine; tok/s is llama-server's own
+   `timings.predicted_per_second`; the ratio is the median shard run over the median full run of the same pairs.
+   Target: shard ÷ full ≥ 1.0.
 2. Quality: for 2-, 3- and 4-way shards, the experts each shard keeps come from llama-imatrix counts over the
    bundled calibration text (`moe_stats`) dealt by `moe_assign` with K experts per layer: K = ⌈n/N⌉ (no room to
    replicate: the hot experts are split) and K = ⌈n/N⌉ + hot (room for the hot core on every shard). Every shard is
@@ -13,8 +15,9 @@ what sharding costs and preserves for a model whose routing is that skewed, not 
    uses `DEFAULT_GATE`.
 3. Bytes per token: `mesh-llm --model M --split 3` on 127.0.0.2 plus two members (capped with `--max-vram` so each
    holds the ⌈n/3⌉ + hot layout), sessions routed to the coordinator's own shard; QUIC bytes in + out on every node
-   during a `--tokens` generation minus the same nodes' bytes over an idle window of the same length, divided by the
-   tokens. Target: 0.
+   during a generation minus the same nodes' bytes over an idle window as long; per token = the difference between
+   a 1536- and a 16-token answer over 1520 (what a request costs once — its in-flight count is gossiped — cancels).
+   Target: 0.
 
     python bench/p7_moe.py [--layers 8 --embd 512 --experts 32 --used 4 --hot 8 --wtype f16] [--runs 3 --tokens 128]
 """
@@ -46,6 +49,7 @@ from tests.ggufgen import write_skewed_moe
 from tests.harness import NodeProcess
 
 PROMPT = "the thin house in the world, "
+MESH_TOKENS = 1536  # a long answer (the generated model is trained for 2048), so gossip noise per token is small
 
 
 async def tok_s(url: str, tokens: int, runs: int) -> float:
@@ -55,9 +59,18 @@ async def tok_s(url: str, tokens: int, runs: int) -> float:
         for i in range(runs + 1):
             r = await client.post(url + "/completion", json=body)
             r.raise_for_status()
-            if i:  # the first run warms up
+            if i or not runs:  # the first of several runs warms up
                 out.append(float(r.json()["timings"]["predicted_per_second"]))
     return statistics.median(out)
+
+
+async def paired(full_url: str, url: str, tokens: int, runs: int) -> tuple[float, float]:
+    """(shard tok/s, full tok/s): medians of runs taken in turn, after one warm-up each."""
+    shard, full = [], []
+    for _ in range(runs):
+        full.append(await tok_s(full_url, tokens, 0 if full else 1))
+        shard.append(await tok_s(url, tokens, 0 if shard else 1))
+    return statistics.median(shard), statistics.median(full)
 
 
 async def with_server(llama: LlamaCpp, model: Path, work: Any) -> Any:
@@ -87,8 +100,34 @@ async def shards_table(llama: LlamaCpp, path: Path, tmp: Path, args: argparse.Na
     ref = await reference_for(llama, path, cache_dir=tmp / "stats", model_key=key, threads=1)
     t_ref = time.monotonic() - t0
     print(f"statistics {t_stats:.1f} s ({stats.source}); reference {t_ref:.1f} s", flush=True)
-    full = await with_server(llama, path, lambda url: tok_s(url, args.tokens, args.runs))
-    print(f"full model: {full:.1f} tok/s ({facts.file_size / 1e6:.0f} MB)", flush=True)
+    full_server = LlamaServer(
+        llama=llama,
+        model_path=path,
+        alias="full",
+        log_path=path.with_suffix(".full.log"),
+        settings=ServerSettings(ctx_per_slot=512, slots=1, extra_args=("--threads", "1"), max_start_failures=1),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(full_server.run)
+        assert full_server.base_url is not None
+        rows = await _table(llama, path, tmp, args, layout, key, stats, ref, full_server.base_url)
+        tg.cancel_scope.cancel()
+    return rows
+
+
+async def _table(
+    llama: LlamaCpp,
+    path: Path,
+    tmp: Path,
+    args: argparse.Namespace,
+    layout: Any,
+    key: str,
+    stats: Any,
+    ref: Any,
+    full_url: str,
+) -> list[dict[str, Any]]:
+    full = await tok_s(full_url, args.tokens, args.runs)
+    print(f"full model: {full:.1f} tok/s ({path.stat().st_size / 1e6:.0f} MB)", flush=True)
     rows: list[dict[str, Any]] = []
     n = layout.n_expert
     for n_shards in (2, 3, 4):
@@ -100,10 +139,10 @@ async def shards_table(llama: LlamaCpp, path: Path, tmp: Path, args: argparse.Na
                     per_layer[layer] = shard[row]
                 out = write_shard(path, per_layer, tmp / f"s{n_shards}-{k}-{i}.gguf", source_key=key)
 
-                async def measure(url: str) -> tuple[Any, float]:
-                    return await score(url, ref), await tok_s(url, args.tokens, args.runs)
+                async def measure(url: str) -> tuple[Any, float, float]:
+                    return (await score(url, ref), *await paired(full_url, url, args.tokens, args.runs))
 
-                quality, speed = await with_server(llama, out.path, measure)
+                quality, speed, full = await with_server(llama, out.path, measure)
                 row = {
                     "shards": n_shards,
                     "k": k,
@@ -138,10 +177,10 @@ def quic(nodes: list[NodeProcess]) -> int:
 
 def mesh_bytes(path: Path, tmp: Path, args: argparse.Namespace) -> None:
     facts = read_facts(path)
-    sizes = expert_bytes(facts, 512, 1)
+    sizes = expert_bytes(facts, 4096, 1)
     k = min(sizes.n_expert, math.ceil(sizes.n_expert / 3) + args.hot)
     cap = f"{(sizes.shard_need(k) + sizes.expert_bytes // 2) / 2**30:.9f}"
-    common = ["--models-dir", str(path.parent), "--max-vram", cap, "--threads", "1", "--ctx-size", "512"]
+    common = ["--models-dir", str(path.parent), "--max-vram", cap, "--threads", "1", "--ctx-size", "4096"]
     common += ["--parallel", "1"]
     nodes: list[NodeProcess] = []
     try:
@@ -172,24 +211,29 @@ def mesh_bytes(path: Path, tmp: Path, args: argparse.Namespace) -> None:
             ]
             == host_id
         )
-        per_token = []
-        for _ in range(args.runs):
+
+        def extra(tokens: int) -> float:
+            """Bytes on the mesh while the request runs, less the same nodes' bytes over an idle window as long."""
             before, t0 = quic(nodes), time.monotonic()
             r = httpx2.post(
-                host.api + "/v1/completions", json={**body, "max_tokens": args.tokens, "user": user}, timeout=600
+                host.api + "/v1/completions", json={**body, "max_tokens": tokens, "user": user}, timeout=600
             )
             took, gen = time.monotonic() - t0, quic(nodes) - before
-            assert r.headers["x-mesh-node"] == host_id
+            assert r.headers["x-mesh-node"] == host_id and r.json()["usage"]["completion_tokens"] == tokens
             before = quic(nodes)
             time.sleep(took)
             idle = quic(nodes) - before
-            per_token.append((gen - idle) / args.tokens)
-            print(
-                f"{args.tokens} tokens in {took:.2f} s: {gen} B on the mesh; idle {idle} B over the same time; "
-                f"{(gen - idle) / args.tokens:+.1f} B/token",
-                flush=True,
-            )
-        print(f"cross-node bytes per generated token (median): {statistics.median(per_token):+.1f}")
+            print(f"{tokens} tokens in {took:.2f} s: {gen} B on the mesh, idle {idle} B over as long", flush=True)
+            return gen - idle
+
+        # Per request (the node publishes its in-flight count) vs per token: the slope between short and long.
+        short, long = 16, MESH_TOKENS
+        slopes = [(extra(long) - extra(short)) / (long - short) for _ in range(args.runs)]
+        print(
+            "cross-node bytes per generated token, (long − short) / (tokens − tokens): "
+            + ", ".join(f"{x:+.1f}" for x in slopes)
+            + f"; median {statistics.median(slopes):+.1f}"
+        )
     finally:
         for n in nodes:
             n.stop()
@@ -208,6 +252,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--skip-mesh", action="store_true")
+    p.add_argument("--only-mesh", action="store_true", help="skip the speed and quality table")
     args = p.parse_args()
     llama = anyio.run(ensure_llama_cpp)
     with tempfile.TemporaryDirectory(prefix="p7-") as d:
@@ -227,7 +272,8 @@ def main() -> None:
             wtype=args.wtype,  # type: ignore[arg-type]
         )
         print(f"generated {path.name}: {path.stat().st_size / 1e6:.0f} MB in {time.monotonic() - t0:.1f} s", flush=True)
-        anyio.run(shards_table, llama, path, tmp, args)
+        if not args.only_mesh:
+            anyio.run(shards_table, llama, path, tmp, args)
         if not args.skip_mesh:
             mesh_bytes(path, tmp, args)
 

@@ -204,6 +204,7 @@ class ShardedModel:
             "size": self.model_path.stat().st_size,
             "model_key": key,
             "reference": _json_obj(reference),
+            "stats": _json_obj(stats),  # shared: a node that coordinates this model later need not measure again
             "gate": {"min_agreement": gate.min_agreement, "max_kl": gate.max_kl},
             "ctx": self.settings.ctx_per_slot,
             "slots": self.settings.slots,

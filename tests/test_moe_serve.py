@@ -101,6 +101,9 @@ def test_three_expert_shards_answer_like_the_full_model_with_no_traffic_per_toke
         assert mine is not None and mine["state"] == "serving" and mine["placement"]["kind"] == "expert-shard"
         assert w.wait_log(r"expert shard \d/3 of moe for \w+: top-1 agreement 100\.0%")
     host.wait_log(r"shard 3/3 on \w+: top-1 agreement")
+    for n in (host, *workers):  # measured once, on the coordinator; every shard node keeps a copy
+        cached = {p.name.split(".", 1)[1] for p in (n.home / "moe-stats").glob("*.json")}
+        assert cached == {"json", "reference.json"}, cached
     for n in (host, *workers):  # every node sees every shard serving (gossip), so all rank the same servers
         n.wait_for("3 shards", lambda s: sum("moe" in p.get("serving", []) for p in s["peers"]) == 3, timeout=30)
     # the coordinator kept the hot experts (the most-used) on every shard: each answers like the full model

@@ -4,8 +4,11 @@ coordinator holds a lease on it — and only once every shard has passed the qua
 Stream `moe-shard` (QUIC control plane), coordinator → shard node:
 
     {"t": "moe-shard", "id": ID, "model": ALIAS, "file": NAME, "size": BYTES, "model_key": SHA256,
-     "experts": [[ids of layer 0], ...], "reference": REFERENCE, "gate": {"min_agreement": A, "max_kl": K},
-     "ctx": TOKENS_PER_SLOT, "slots": N, "shard": I, "of": N}
+     "experts": [[ids of layer 0], ...], "reference": REFERENCE, "stats": EXPERT_STATS?,
+     "gate": {"min_agreement": A, "max_kl": K}, "ctx": TOKENS_PER_SLOT, "slots": N, "shard": I, "of": N}
+
+The node keeps the model's reference and routing statistics in its own cache (`HOME/moe-stats`, by model sha256),
+validated, so whichever node coordinates this model next measures nothing again: computed once for the mesh.
 
 The node finds the GGUF in its models directory (same name and size), writes (or reuses from its cache) its shard
 (`moe_shard.ensure_shard`: trunk + the listed experts), starts llama-server on it — the model shows as `loading`,
@@ -98,6 +101,9 @@ class ShardLink:
             raise ProtocolError(f"bad reference: {exc}") from exc
         if not (0 <= shard < of <= 64 and 256 <= ctx <= 1 << 20 and 1 <= slots <= 256):
             raise ProtocolError("shard/of/ctx/slots out of range")
+        if ref.model_key != model_key:
+            raise ProtocolError("the reference is for another model")
+        await self._keep(model_key, ref, header.get("stats"))
         where = f"expert shard {shard + 1}/{of} of {alias}"
         try:
             if self.llama is None:
@@ -146,6 +152,26 @@ class ShardLink:
             log.warning("%s for %s: %s", where, coordinator, exc)
             writer.write(encode_json({"ok": False, "error": str(exc)}))
             writer.write_eof()
+
+    async def _keep(self, model_key: str, ref: Any, stats: object) -> None:
+        """Cache what the coordinator measured (reference, statistics) unless this node has it already."""
+        from inference.moe_quality import reference_path
+        from inference.moe_stats import ExpertStats, stats_path, write_atomic
+
+        cache = self.home / "moe-stats"
+        todo: list[tuple[Path, bytes]] = []
+        if not reference_path(cache, model_key).exists():
+            todo.append((reference_path(cache, model_key), ref.to_json()))
+        if stats is not None and not stats_path(cache, model_key).exists():
+            try:
+                parsed = ExpertStats.from_json(json.dumps(stats).encode())
+            except (MeshLLMError, ValueError, TypeError) as exc:
+                raise ProtocolError(f"bad expert statistics: {exc}") from exc
+            if parsed.model_key != model_key:
+                raise ProtocolError("the expert statistics are for another model")
+            todo.append((stats_path(cache, model_key), parsed.to_json()))
+        for path, data in todo:
+            await anyio.to_thread.run_sync(write_atomic, path, data)
 
 
 class ShardServer:
