@@ -73,14 +73,18 @@ async def paired(full_url: str, url: str, tokens: int, runs: int) -> tuple[float
     return statistics.median(shard), statistics.median(full)
 
 
-async def with_server(llama: LlamaCpp, model: Path, work: Any) -> Any:
-    server = LlamaServer(
+def one_thread_server(llama: LlamaCpp, model: Path, alias: str) -> LlamaServer:
+    return LlamaServer(
         llama=llama,
         model_path=model,
-        alias="bench",
-        log_path=model.with_suffix(".bench.log"),
+        alias=alias,
+        log_path=model.with_suffix(f".{alias}.log"),
         settings=ServerSettings(ctx_per_slot=512, slots=1, extra_args=("--threads", "1"), max_start_failures=1),
     )
+
+
+async def with_server(llama: LlamaCpp, model: Path, work: Any) -> Any:
+    server = one_thread_server(llama, model, "bench")
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
         assert server.base_url is not None
@@ -100,13 +104,7 @@ async def shards_table(llama: LlamaCpp, path: Path, tmp: Path, args: argparse.Na
     ref = await reference_for(llama, path, cache_dir=tmp / "stats", model_key=key, threads=1)
     t_ref = time.monotonic() - t0
     print(f"statistics {t_stats:.1f} s ({stats.source}); reference {t_ref:.1f} s", flush=True)
-    full_server = LlamaServer(
-        llama=llama,
-        model_path=path,
-        alias="full",
-        log_path=path.with_suffix(".full.log"),
-        settings=ServerSettings(ctx_per_slot=512, slots=1, extra_args=("--threads", "1"), max_start_failures=1),
-    )
+    full_server = one_thread_server(llama, path, "full")
     async with anyio.create_task_group() as tg:
         await tg.start(full_server.run)
         assert full_server.base_url is not None

@@ -75,3 +75,18 @@ class RateLimited(BlackboardError):
 
 class PostTooLarge(BlackboardError):
     """A post's text is over the size limit."""
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups — what a task group's failure was about."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def user_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The MeshLLMError a task group wrapped, when that is all it holds (its message is for the user); else None."""
+    matched, rest = group.split(MeshLLMError)
+    if rest is not None or matched is None:
+        return None
+    return first_leaf(matched)

@@ -34,7 +34,7 @@ import httpx2
 from anyio.abc import Process
 
 from inference import paths
-from inference.errors import MeshLLMError
+from inference.errors import MeshLLMError, user_error
 
 from . import agents
 from .agents import MeshModel, NotYet, Picked
@@ -124,12 +124,8 @@ class Launch:
                 await self._launch()
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # the task group wraps a failed start: show the user its message
-            matched, rest = group.split(MeshLLMError)
-            if rest is not None or matched is None:
+            if (first := user_error(group)) is None:
                 raise
-            first: BaseException = matched
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
             raise first from None
         return self.status
 

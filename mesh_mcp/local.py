@@ -33,7 +33,7 @@ import anyio
 import httpx2
 from anyio.abc import Process
 
-from inference.errors import MeshLLMError
+from inference.errors import MeshLLMError, user_error
 
 log = logging.getLogger("mesh_llm.mcp")
 
@@ -369,12 +369,8 @@ async def run_stdio(home: Path, join: Sequence[str] = (), name: str | None = Non
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The task group wraps what failed; a MeshLLMError (the node could not start) is for the user.
-        matched, rest = group.split(MeshLLMError)
-        if rest is not None or matched is None:
+        if (first := user_error(group)) is None:
             raise
-        first: BaseException = matched
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
         raise first from None
 
 

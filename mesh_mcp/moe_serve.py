@@ -25,21 +25,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-from inference.errors import MeshLLMError
-from inference.gguf_facts import GGUFFacts
+from inference.errors import MeshLLMError, first_leaf
 from inference.llama_server import ServerSettings
-from inference.llamacpp import LlamaCpp
 from inference.moe_plan import ShardPlan, expert_bytes, plan_shards
 from inference.placement import NodeCap
 
-from .mesh.runtime import Mesh, llama_cpp_identity
+from .mesh.runtime import llama_cpp_identity
 from .mesh.shard_link import ShardReport, lease_shard, serve_shard
 from .mesh.wire import encode_json
+from .split import ModelRun
 
 log = logging.getLogger("mesh_llm.moe")
 
@@ -54,18 +52,8 @@ class ShardingRefused(MeshLLMError):
 
 
 @dataclass
-class ShardedModel:
-    mesh: Mesh
-    llama: LlamaCpp
-    home: Path
-    model_path: Path
-    alias: str
-    facts: GGUFFacts
-    settings: ServerSettings
-    capacity_bytes: int
+class ShardedModel(ModelRun):
     force: int | None = None
-    threads: int | None = None
-    on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
     gate: Any = None  # moe_quality.Gate; None = DEFAULT_GATE
     _stats: Any = field(default=None, repr=False)
     _reference: Any = field(default=None, repr=False)
@@ -103,9 +91,9 @@ class ShardedModel:
             try:
                 await self._serve(current, gate)
             except* ShardingRefused as group:
-                refused = _first(group)
+                refused = first_leaf(group)
             except* (MeshLLMError, OSError, TimeoutError) as group:
-                exc = _first(group)
+                exc = first_leaf(group)
                 log.warning("expert shards of %s failed: %s", self.alias, exc)
                 self.on_state(state="loading", detail=f"re-planning: {exc}", upstream=None, pid=None)
             if refused is not None:
@@ -339,10 +327,3 @@ def _describe(p: ShardPlan, gate: Any, reports: list[ShardReport] | None = None,
         ],
         "reasons": list(p.reasons),
     }
-
-
-def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

@@ -44,7 +44,7 @@ from .mesh.runtime import Mesh, MeshSettings
 from .mesh.shard_link import ShardLink
 from .mesh.tokens import InviteToken
 from .mesh.tokens import decode as decode_token
-from .split import SplitModel, safe_name
+from .split import ModelRun, SplitModel, safe_name
 from .state import NodeState
 from .ui import Bars
 
@@ -318,16 +318,20 @@ class Node:
             self.state.update_model(name, state="failed", detail=str(exc), progress=None)
             return
         embeddings = facts.architecture in EMBEDDING_ARCHS
-        context = self.config.server.ctx_per_slot
+        # The KV cache is unified: one request may fill all of it (--ctx-size × --parallel), up to the model's
+        # training context, where llama-server caps a slot silently.
+        asked = self.config.server.ctx_per_slot
+        context = asked * self.config.server.slots
         if facts.context_length and context > facts.context_length:
-            log.warning(
-                "%s was trained with a %d-token context: llama-server caps each request at %d tokens, not the %d "
-                "asked with --ctx-size",
-                name,
-                facts.context_length,
-                facts.context_length,
-                context,
-            )
+            if asked > facts.context_length:
+                log.warning(
+                    "%s was trained with a %d-token context: llama-server caps each request at %d tokens, not the %d "
+                    "asked with --ctx-size",
+                    name,
+                    facts.context_length,
+                    facts.context_length,
+                    asked,
+                )
             context = facts.context_length
         self.state.update_model(
             name,
@@ -350,34 +354,9 @@ class Node:
         )
         await self._llama_ready.wait()
         assert self._llama is not None
-        if split and facts.is_moe:
-            assert self.mesh is not None
-            from .moe_serve import ShardedModel, ShardingRefused
-
-            sharded = ShardedModel(
-                mesh=self.mesh,
-                llama=self._llama,
-                home=self.config.home,
-                model_path=local.path,
-                alias=name,
-                facts=facts,
-                settings=self.config.server,
-                capacity_bytes=capacity,
-                force=self.config.split,
-                threads=self.config.threads or self.hardware.cpu_cores,
-                on_state=lambda **changes: self.state.update_model(name, **changes),
-            )
-            try:
-                await sharded.run()
-                return
-            except ShardingRefused as exc:
-                log.warning("%s: not served as expert shards (%s); falling back to a pipeline split", name, exc)
-                self.state.update_model(
-                    name, state="loading", detail=f"expert shards refused: {exc}; pipeline split", upstream=None
-                )
         if split:
             assert self.mesh is not None
-            runner = SplitModel(
+            run = ModelRun(
                 mesh=self.mesh,
                 llama=self._llama,
                 home=self.config.home,
@@ -386,12 +365,23 @@ class Node:
                 facts=facts,
                 settings=replace(self.config.server, embeddings=embeddings),
                 capacity_bytes=capacity,
-                force_split=self.config.split,
                 threads=self.config.threads or self.hardware.cpu_cores,
                 on_state=lambda **changes: self.state.update_model(name, **changes),
-                dataplane_port=self.rpc_link.port if self.rpc_link is not None else 0,
             )
-            await runner.run()
+        if split and facts.is_moe:
+            from .moe_serve import ShardedModel, ShardingRefused
+
+            try:
+                await ShardedModel.of(run, force=self.config.split).run()
+                return
+            except ShardingRefused as exc:
+                log.warning("%s: not served as expert shards (%s); falling back to a pipeline split", name, exc)
+                self.state.update_model(
+                    name, state="loading", detail=f"expert shards refused: {exc}; pipeline split", upstream=None
+                )
+        if split:
+            dataplane = self.rpc_link.port if self.rpc_link is not None else 0
+            await SplitModel.of(run, force_split=self.config.split, dataplane_port=dataplane).run()
             return
         gpu_layers = 999 if self.hardware.gpus and self._llama.backend != "cpu" else 0
         settings = replace(self.config.server, gpu_layers=gpu_layers, embeddings=embeddings)

@@ -24,13 +24,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
-from inference.errors import MeshLLMError
+from inference.errors import MeshLLMError, first_leaf
 from inference.gguf_facts import GGUFFacts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
@@ -50,8 +50,13 @@ WATCH_S = 0.5
 RTT_CHECK_S = KEEP_EVERY_S  # a worker's RTT above the cap on 2 checks this far apart: re-plan
 
 
+T = TypeVar("T", bound="ModelRun")
+
+
 @dataclass
-class SplitModel:
+class ModelRun:
+    """What serving one model over several nodes needs, whatever the way (layers here, experts in moe_serve)."""
+
     mesh: Mesh
     llama: LlamaCpp
     home: Path
@@ -60,9 +65,18 @@ class SplitModel:
     facts: GGUFFacts
     settings: ServerSettings
     capacity_bytes: int
-    force_split: int | None = None
     threads: int | None = None
     on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
+
+    @classmethod
+    def of(cls: type[T], run: ModelRun, **extra: Any) -> T:
+        """This kind of run of `run`'s model, with its own settings `extra`."""
+        return cls(**{f.name: getattr(run, f.name) for f in fields(ModelRun)}, **extra)
+
+
+@dataclass
+class SplitModel(ModelRun):
+    force_split: int | None = None
     rtt_cap_ms: float = 80.0
     dataplane_port: int = 0  # this node's data plane: workers without the file fetch their tensors there
 
@@ -80,7 +94,7 @@ class SplitModel:
             try:
                 await self._serve(current)
             except* (MeshLLMError, OSError, TimeoutError) as group:
-                exc = _first(group)
+                exc = first_leaf(group)
                 log.warning("split of %s failed: %s", self.alias, exc)
                 self.on_state(state="loading", detail=f"re-planning: {exc}", upstream=None, pid=None)
             log.info("split of %s ended after %.0f s; planning again", self.alias, time.monotonic() - started)
@@ -270,13 +284,6 @@ def _describe(p: Plan) -> dict[str, Any]:
         "reasons": list(p.reasons),
         "missing_bytes": p.missing_bytes,
     }
-
-
-def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def safe_name(name: str) -> str:

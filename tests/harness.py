@@ -153,3 +153,13 @@ class NodeProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=10)
+
+
+def post_served(url: str, body: dict[str, Any], wait: float = 30) -> httpx2.Response:
+    """POST, retrying while the model answers 503 (another node's state arrives by gossip within a round or two)."""
+    deadline = time.monotonic() + wait
+    while True:
+        r = httpx2.post(url, json=body, timeout=120)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)

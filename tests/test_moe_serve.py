@@ -14,13 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 
 from inference.gguf_facts import read_facts
 from inference.llamacpp import LlamaCpp
 from inference.moe_plan import expert_bytes
-from tests.harness import NodeProcess
+from tests.harness import NodeProcess, post_served
 from tests.test_moe_shard import PROMPTS, completions, tiny
 
 pytestmark = pytest.mark.slow
@@ -65,12 +64,7 @@ def start_mesh(
 def complete(node: NodeProcess, prompt: str, user: str, n: int = 24) -> tuple[str, str]:
     """(text, the node that answered) — the same request `completions` makes, with a session key."""
     body = {"model": "moe", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "user": user}
-    deadline = time.monotonic() + 30
-    while True:
-        r = httpx2.post(node.api + "/v1/completions", json=body, timeout=120)
-        if r.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # another node's state arrives by gossip, within a round or two
+    r = post_served(node.api + "/v1/completions", body)
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["text"]), r.headers["x-mesh-node"]
 

@@ -148,9 +148,10 @@ def test_anthropic_messages_stream(node: NodeProcess) -> None:
 
 def test_llama_server_errors_reach_anthropic_clients_in_anthropic_shape(node: NodeProcess) -> None:
     """llama-server answers /v1/messages errors in OpenAI's shape; the node rewrites them (here: a prompt longer than
-    the 2048-token slot) so the SDK raises its typed error with llama-server's message."""
+    the whole context: 2048 × 4 slots of unified KV = SmolLM2's 8192 training context) so the SDK raises its typed
+    error with llama-server's message."""
     client = anthropic.Anthropic(base_url=node.api, api_key="unused", max_retries=0)
-    long = "word " * 3000
+    long = "word " * 9000
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(model=SMOLLM, max_tokens=4, messages=[{"role": "user", "content": long}])
     body = err.value.body
@@ -160,6 +161,8 @@ def test_llama_server_errors_reach_anthropic_clients_in_anthropic_shape(node: No
         node.api + "/v1/chat/completions", json={"model": SMOLLM, "messages": [{"role": "user", "content": long}]}
     )
     assert r.status_code == 400 and "type" not in r.json(), "OpenAI clients keep llama-server's OpenAI shape"
+    entry = httpx2.get(node.api + "/v1/models").json()["data"][0]
+    assert entry["context_length"] == 8192, entry  # what one request may hold, as the node publishes it
 
 
 def test_unknown_model_is_404_listing_available(node: NodeProcess) -> None:

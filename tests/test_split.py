@@ -21,7 +21,7 @@ import pytest
 
 from mesh_mcp.mesh import tokens
 from tests.conftest import GEMMA, SMOLLM
-from tests.harness import NodeProcess, free_port
+from tests.harness import NodeProcess, free_port, post_served
 from tests.netproxy import LinkProxy
 
 pytestmark = pytest.mark.slow
@@ -32,12 +32,7 @@ TOKENS = 32
 
 def complete(node: NodeProcess, prompt: str, n: int = TOKENS, model: str = SMOLLM) -> str:
     body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "top_k": 1, "seed": 1}
-    deadline = time.monotonic() + 30
-    while True:
-        r = httpx2.post(node.api + "/v1/completions", json=body, timeout=120)
-        if r.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # another node's state arrives by gossip, within a round or two
+    r = post_served(node.api + "/v1/completions", body)
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["text"])
 
