@@ -74,6 +74,22 @@ class ShardPlan:
         return len(self.nodes)
 
 
+def spare_for(sizes: ExpertBytes, k: int, nodes: Sequence[NodeCap], *, taken: set[str], build: str = "") -> str | None:
+    """A node to take over a shard of K experts per layer: not already serving one, a server (not a client) on the
+    same llama.cpp build with the file and room for the shard; the largest such, ties by node id. None: no spare."""
+    need = sizes.shard_need(k)
+    fit = [
+        n
+        for n in nodes
+        if n.node_id not in taken
+        and not n.client
+        and n.has_file
+        and not (build and n.llama_cpp and n.llama_cpp != build)
+        and n.capacity_bytes >= need
+    ]
+    return min(fit, key=lambda n: (-n.capacity_bytes, n.node_id)).node_id if fit else None
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 

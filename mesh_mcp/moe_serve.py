@@ -12,7 +12,8 @@ Decide, then do:
    session to one shard node (rendezvous on the session key: a node joining or leaving moves only its share).
    If one fails, all leases end and `ShardingRefused` tells the node to serve the model as a pipeline split,
    with the reason in the log and `/api/status`;
-6. watch: a shard node leaving the mesh or its lease breaking ends the group; it is planned again.
+6. watch: a shard node leaving the mesh or its lease breaking is left behind (its sessions move to the other shards)
+   and its shard is offered to a spare node; the rest of the group keeps serving untouched.
 
 Nothing crosses the network per token: each shard node runs its own complete llama-server.
 """
@@ -24,14 +25,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import anyio
 
 from inference.errors import MeshLLMError, first_leaf
 from inference.llama_server import ServerSettings
-from inference.moe_plan import ShardPlan, expert_bytes, plan_shards
+from inference.moe_plan import ShardPlan, expert_bytes, plan_shards, spare_for
 from inference.placement import NodeCap
 
 from .mesh.runtime import llama_cpp_identity
@@ -44,6 +45,7 @@ log = logging.getLogger("mesh_llm.moe")
 REPLAN_PAUSE_S = 2.0
 WAIT_FOR_NODES_S = 5.0
 WATCH_S = 0.5
+SPARE_RETRY_S = 5.0  # a lost shard with no spare node: look again this often
 
 
 class ShardingRefused(MeshLLMError):
@@ -102,6 +104,13 @@ class ShardedModel(ModelRun):
             await anyio.sleep(REPLAN_PAUSE_S)
 
     def plan(self, sizes: Any) -> ShardPlan:
+        return plan_shards(
+            self.alias, sizes, self.plan_nodes(), me=self.mesh.identity.node_id, force=self.force,
+            build=llama_cpp_identity(),
+        )  # fmt: skip
+
+    def plan_nodes(self) -> list[NodeCap]:
+        """This node and the live members, as placement sees them (gossiped capacity, files, build)."""
         me = self.mesh.identity.node_id
         stem = self.model_path.name.removesuffix(".gguf")
         nodes = [NodeCap(me, self.capacity_bytes, has_file=True, llama_cpp=llama_cpp_identity())]
@@ -117,7 +126,7 @@ class ShardedModel(ModelRun):
                     llama_cpp=r.llama_cpp,
                 )
             )
-        return plan_shards(self.alias, sizes, nodes, me=me, force=self.force, build=llama_cpp_identity())
+        return nodes
 
     async def _prepare(self) -> tuple[str, Any, Any]:
         """(model key, routing statistics, reference), each computed once per model file and cached."""
@@ -215,14 +224,14 @@ class ShardedModel(ModelRun):
                     coordinator=me,
                 )
             )
-            streams = []
+            streams: dict[int, tuple[str, Any, Any]] = {}  # shard → (node, lease writer, lease reader)
 
             async def take(i: int, node_id: str) -> None:
                 report, writer, reader = await stack.enter_async_context(
                     lease_shard(self.mesh, node_id, {**base, "experts": [list(e) for e in experts[i]], "shard": i})
                 )
                 reports[i] = report
-                streams.append((node_id, writer, reader))
+                streams[i] = (node_id, writer, reader)
 
             async with anyio.create_task_group() as leases:
                 for i, node_id in enumerate(current.nodes[1:], start=1):
@@ -250,7 +259,7 @@ class ShardedModel(ModelRun):
                 )
                 log.warning("%s: %s; serving it as a pipeline split instead", self.alias, reason)
                 raise ShardingRefused(reason)
-            for _, writer, _ in streams:
+            for _, writer, _ in streams.values():
                 writer.write(encode_json({"t": "serve"}))
             own.go()
             log.info(
@@ -259,20 +268,91 @@ class ShardedModel(ModelRun):
                 current.n_shards,
                 ", ".join(current.nodes),
             )
-            await self._watch(list(current.nodes[1:]), streams)
+            group = _Group(current, gate, base, experts, reports, streams)
+            await self._watch(stack, group)
 
-    async def _watch(self, workers: list[str], streams: list[Any]) -> None:
-        """Return (ending the group) when a shard node leaves the mesh or its lease stream ends."""
+    async def _watch(self, stack: contextlib.AsyncExitStack, group: _Group) -> None:
+        """Keep the group serving. A shard node that leaves the mesh (or whose lease breaks) is left behind: its
+        sessions move to the other shards — each a complete model that passed the gate — by the router's rendezvous
+        hashing, and its shard (the same experts) is offered to a spare node, scored there before it serves."""
+        lost: dict[int, float] = {}  # shard → when to look for a spare next
         while True:
             await anyio.sleep(WATCH_S)
             alive = {r.node_id for r in self.mesh.members() if not r.leaving}
-            gone = [w for w in workers if w not in alive]
-            broken = [node_id for node_id, _, reader in streams if reader.at_eof()]
-            if gone or broken:
-                who = (gone or broken)[0]
-                log.warning("expert shards of %s: shard node %s is gone; re-planning", self.alias, who)
-                self.on_state(state="loading", detail=f"shard node {who} is gone; re-planning", upstream=None)
-                return
+            for i, (node_id, _, reader) in list(group.streams.items()):
+                if node_id in alive and not reader.at_eof():
+                    continue
+                del group.streams[i]
+                lost[i] = 0.0
+                log.warning(
+                    "expert shards of %s: shard node %s (shard %d/%d) is gone; its sessions move to the other shards",
+                    self.alias,
+                    node_id,
+                    i + 1,
+                    group.plan.n_shards,
+                )
+            for i, when in list(lost.items()):
+                if time.monotonic() >= when and await self._replace(stack, group, i):
+                    del lost[i]
+                else:
+                    lost[i] = max(when, time.monotonic() + SPARE_RETRY_S)
+
+    async def _replace(self, stack: contextlib.AsyncExitStack, group: _Group, i: int) -> bool:
+        """Offer shard `i` to a spare node; True once one serves it."""
+        taken = {node_id for node_id, _, _ in group.streams.values()} | {self.mesh.identity.node_id}
+        sizes = expert_bytes(self.facts, self.settings.ctx_per_slot, self.settings.slots)
+        nodes = self.plan_nodes()
+        spare = spare_for(sizes, group.plan.per_shard, nodes, taken=taken, build=llama_cpp_identity())
+        if spare is None:
+            return False
+        request = {**group.base, "experts": [list(e) for e in group.experts[i]], "shard": i}
+        held = lease_shard(self.mesh, spare, request)
+        try:
+            report, writer, reader = await held.__aenter__()
+        except (MeshLLMError, OSError, TimeoutError) as exc:
+            log.warning("%s: spare %s cannot take shard %d: %s", self.alias, spare, i + 1, exc)
+            return False
+        if not report.passed:
+            await held.__aexit__(None, None, None)
+            log.warning("%s: spare %s scored below the gate on shard %d", self.alias, spare, i + 1)
+            return False
+        stack.push_async_exit(held)
+        writer.write(encode_json({"t": "serve"}))
+        group.streams[i] = (spare, writer, reader)
+        group.reports[i] = report
+        group.nodes[i] = spare
+        log.info(
+            "%s: shard %d/%d now on %s (%s)",
+            self.alias,
+            i + 1,
+            group.plan.n_shards,
+            spare,
+            _quality_text(report.quality),
+        )
+        self.on_state(placement=_describe(group.current(), group.gate, group.table(), moe=self._moe))
+        return True
+
+
+@dataclass
+class _Group:
+    """A serving group of expert shards, as the coordinator keeps it while nodes come and go."""
+
+    plan: ShardPlan
+    gate: Any
+    base: dict[str, Any]  # the lease request without a shard's experts
+    experts: tuple[tuple[tuple[int, ...], ...], ...]  # [shard][layer] → kept experts
+    reports: dict[int, ShardReport]
+    streams: dict[int, tuple[str, Any, Any]]
+    nodes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.nodes = self.nodes or list(self.plan.nodes)
+
+    def current(self) -> ShardPlan:
+        return replace(self.plan, nodes=tuple(self.nodes))
+
+    def table(self) -> list[ShardReport]:
+        return [self.reports[i] for i in sorted(self.reports)]
 
 
 class _Relay:
@@ -286,8 +366,6 @@ class _Relay:
 
 
 def _with_threads(settings: ServerSettings, threads: int | None) -> ServerSettings:
-    from dataclasses import replace
-
     if not threads:
         return settings
     return replace(settings, extra_args=(*settings.extra_args, "--threads", str(threads)))

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inference.gguf_facts import read_facts
-from inference.moe_plan import ExpertBytes, expert_bytes, plan_shards
+from inference.moe_plan import ExpertBytes, expert_bytes, plan_shards, spare_for
 from inference.moe_shard import write_shard
 from inference.placement import NodeCap
 from tests.ggufgen import write_skewed_moe
@@ -110,3 +110,19 @@ def test_expert_bytes_from_a_real_gguf_match_what_the_shard_writer_removes(tmp_p
 def test_the_coordinator_must_be_a_node(force: int | None) -> None:
     with pytest.raises(ValueError):
         plan_shards("m", SIZES, [node("a", 500)], me="me", force=force)
+
+
+def test_a_spare_takes_over_a_shard_only_if_it_can_hold_it() -> None:
+    nodes = [
+        node("me", 180),
+        node("b", 180),
+        node("small", 120),
+        node("nofile", 900, has_file=False),
+        node("client", 900, client=True),
+        node("other", 900, llama_cpp="B"),
+        node("c", 200),
+        node("d", 200),
+    ]
+    assert spare_for(SIZES, 8, nodes, taken={"me", "b"}, build="A") == "c"  # largest that fits, ties by id
+    assert spare_for(SIZES, 8, nodes, taken={"me", "b", "c", "d"}, build="A") is None  # small holds 2, not 8
+    assert spare_for(SIZES, 2, nodes, taken={"me", "b", "c", "d"}, build="A") == "small"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -145,29 +144,29 @@ def test_shards_below_the_quality_gate_are_never_served_and_the_model_is_split_b
     assert complete(workers[0], "the thin", user="u", n=4)[0]
 
 
-def test_a_dead_shard_node_is_replaced_and_the_model_serves_again(spawn: Spawn, tmp_path: Path) -> None:
+def test_a_dead_shard_node_is_replaced_while_the_other_shards_keep_serving(spawn: Spawn, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     m = tiny(models / "moe.gguf", "qwen3moe")
     host, workers = start_mesh(spawn, m.path, 3, experts=10, split=2)  # 2 shards of 10: the 4 hot ones on both
     shards = host.wait_model_state("moe", "serving", timeout=300)["placement"]["shards"]
+    host_id = host.status()["node_id"]
+    host_pid = host.model(host.status(), "moe")["pid"]  # type: ignore[index]
     by_id = {w.status()["node_id"]: w for w in workers}
     victim_id = shards[1]["node_id"]
     spare_id = next(i for i in by_id if i != victim_id)
     victim = by_id[victim_id]
     assert victim.proc is not None
     os.killpg(victim.proc.pid, signal.SIGKILL)
-    host.wait_log(rf"shard node {victim_id} is gone; re-planning", timeout=30)
-    deadline = time.monotonic() + 120
-    while True:
-        model = host.model(host.status(), "moe")
-        assert model is not None
-        nodes = [s["node_id"] for s in model["placement"].get("shards", [])]
-        if model["state"] == "serving" and spare_id in nodes:
-            break
-        assert time.monotonic() < deadline, model
-        time.sleep(0.5)
-    assert victim_id not in nodes and all(s["passed"] for s in model["placement"]["shards"])
+    # sessions keep being answered by the coordinator's shard meanwhile (the dead one is skipped, then forgotten)
+    for i in range(6):
+        assert complete(host, "the thin", user=f"during{i}", n=4)[1] == host_id
+    host.wait_log(rf"shard node {victim_id} \(shard 2/2\) is gone; its sessions move to the other shards", timeout=30)
+    host.wait_log(rf"shard 2/2 now on {spare_id} \(top-1 agreement 1\.000", timeout=120)
+    model = host.model(host.status(), "moe")
+    assert model is not None and model["state"] == "serving" and model["pid"] == host_pid, "the host's shard stayed up"
+    assert [s["node_id"] for s in model["placement"]["shards"]] == [host_id, spare_id]
+    assert all(s["passed"] for s in model["placement"]["shards"])
     by_id[spare_id].wait_for("2 shards", lambda s: sum("moe" in p.get("serving", []) for p in s["peers"]) == 2, 30)
-    for i in range(4):
-        assert complete(by_id[spare_id], "the thin", user=f"after{i}", n=4)[1] in (spare_id, host.status()["node_id"])
+    served_by = {complete(by_id[spare_id], "the thin", user=f"after{i}", n=4)[1] for i in range(8)}
+    assert served_by <= {spare_id, host_id} and spare_id in served_by, served_by
