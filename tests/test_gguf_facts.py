@@ -352,7 +352,7 @@ def test_generated_models_load_in_llama_cpp(llama: LlamaCpp, tmp_path: Path, wri
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "llama-server did not load the model"
             time.sleep(0.1)
-        body = json.dumps({"prompt": "the thin", "n_predict": 4}).encode()
+        body = json.dumps({"prompt": "the thin", "n_predict": 4, "ignore_eos": True}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
             assert json.load(r)["tokens_predicted"] == 4
