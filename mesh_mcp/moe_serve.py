@@ -24,14 +24,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import anyio
 
 from inference.errors import MeshLLMError, first_leaf
-from inference.llama_server import ServerSettings
 from inference.moe_plan import ShardPlan, expert_bytes, plan_shards, spare_for
 from inference.placement import NodeCap
 
@@ -213,13 +211,14 @@ class ShardedModel(ModelRun):
             own = await stack.enter_async_context(
                 serve_shard(
                     self.llama,
-                    _Relay(self.on_state),  # type: ignore[arg-type]
+                    self.on_state,
                     self.home,
                     alias=self.alias,
                     source=self.model_path,
                     model_key=key,
                     experts=experts[0],
-                    settings=_with_threads(self.settings, self.threads),
+                    settings=self.settings,
+                    threads=self.threads,
                     where=f"expert shard 1/{current.n_shards} of {self.alias}",
                     coordinator=me,
                 )
@@ -353,22 +352,6 @@ class _Group:
 
     def table(self) -> list[ShardReport]:
         return [self.reports[i] for i in sorted(self.reports)]
-
-
-class _Relay:
-    """NodeState's `update_model` for one model, as `serve_shard` calls it on the coordinator."""
-
-    def __init__(self, on_state: Callable[..., object]) -> None:
-        self.on_state = on_state
-
-    def update_model(self, name: str, **changes: Any) -> None:
-        self.on_state(**changes)
-
-
-def _with_threads(settings: ServerSettings, threads: int | None) -> ServerSettings:
-    if not threads:
-        return settings
-    return replace(settings, extra_args=(*settings.extra_args, "--threads", str(threads)))
 
 
 def _json_obj(obj: Any) -> Any:

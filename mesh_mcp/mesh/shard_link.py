@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,6 +43,7 @@ from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.supervise import SERVING
 
+from ..split import safe_name
 from ..state import NodeState
 from . import wire
 from .quic import Connection, close_quietly
@@ -116,17 +117,14 @@ class ShardLink:
                 )
             async with serve_shard(
                 self.llama,
-                self.state,
+                lambda **changes: self.state.update_model(alias, **changes),
                 self.home,
                 alias=alias,
                 source=path,
                 model_key=model_key,
                 experts=experts,
-                settings=ServerSettings(
-                    ctx_per_slot=ctx,
-                    slots=slots,
-                    extra_args=("--threads", str(self.threads)) if self.threads else (),
-                ),
+                settings=ServerSettings(ctx_per_slot=ctx, slots=slots),
+                threads=self.threads,
                 where=where,
                 coordinator=coordinator,
             ) as shard_server:
@@ -178,8 +176,8 @@ class ShardServer:
     """A llama-server on a shard whose `serving` state is held back until `go()`: a shard is scored before the
     router may send it anything."""
 
-    def __init__(self, server: LlamaServer, state: NodeState, alias: str, placement: dict[str, Any]) -> None:
-        self.server, self.state, self.alias, self.placement = server, state, alias, placement
+    def __init__(self, server: LlamaServer, on_state: Callable[..., object], placement: dict[str, Any]) -> None:
+        self.server, self.on_state, self.placement = server, on_state, placement
         self.n_bytes = 0
         self._open = False
         server.on_state = self._on_state
@@ -187,8 +185,7 @@ class ShardServer:
     def _on_state(self, state: str, detail: str) -> None:
         if state == SERVING and not self._open:
             state, detail = "loading", "expert shard loaded; checking its quality"
-        self.state.update_model(
-            self.alias,
+        self.on_state(
             state=state,
             detail=detail,
             upstream=self.server.base_url if state == SERVING else None,
@@ -202,7 +199,7 @@ class ShardServer:
         assert self.server.base_url is not None
         quality = await score(self.server.base_url, ref)
         self.placement = {**self.placement, "quality": asdict(quality)}
-        self.state.update_model(self.alias, placement=self.placement)
+        self.on_state(placement=self.placement)
         return quality
 
     def go(self) -> None:
@@ -213,7 +210,7 @@ class ShardServer:
 @asynccontextmanager
 async def serve_shard(
     llama: LlamaCpp,
-    state: NodeState,
+    on_state: Callable[..., object],
     home: Path,
     *,
     alias: str,
@@ -221,14 +218,15 @@ async def serve_shard(
     model_key: str,
     experts: tuple[tuple[int, ...], ...],
     settings: ServerSettings,
+    threads: int | None,
     where: str,
     coordinator: str,
 ) -> AsyncIterator[ShardServer]:
     """Write (or reuse) the shard, start its llama-server and yield once it answers (not yet `serving`); on exit the
-    server is stopped and the model leaves this node's list."""
+    server is stopped and the model leaves this node's list. `on_state`: `NodeState.update_model` for this model."""
     from inference.moe_shard import ensure_shard
 
-    state.update_model(alias, state="loading", detail=f"{where}: writing the shard", upstream=None)
+    on_state(state="loading", detail=f"{where}: writing the shard", upstream=None)
     t0 = time.monotonic()
     shard = await anyio.to_thread.run_sync(
         lambda: ensure_shard(source, experts, cache_dir=home / "moe-shards", model_key=model_key)
@@ -255,23 +253,24 @@ async def serve_shard(
         llama=llama,
         model_path=shard.path,
         alias=alias,
-        log_path=home / "logs" / f"llama-server-{_safe(alias)}-shard.log",
-        settings=replace(settings, gpu_layers=999, max_start_failures=1),
+        log_path=home / "logs" / f"llama-server-{safe_name(alias)}-shard.log",
+        settings=replace(
+            settings,
+            gpu_layers=999,
+            max_start_failures=1,
+            extra_args=(*settings.extra_args, *(("--threads", str(threads)) if threads else ())),
+        ),
     )
-    holder = ShardServer(server, state, alias, placement)
+    holder = ShardServer(server, on_state, placement)
     holder.n_bytes = shard.n_bytes
-    state.update_model(alias, placement=placement, size_bytes=shard.n_bytes, path=str(shard.path))
+    on_state(placement=placement, size_bytes=shard.n_bytes, path=str(shard.path))
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(server.run)
             yield holder
             tg.cancel_scope.cancel()
     finally:
-        state.update_model(alias, state="stopped", detail=f"{where}: lease ended", upstream=None, pid=None)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        on_state(state="stopped", detail=f"{where}: lease ended", upstream=None, pid=None)
 
 
 def _number(obj: dict[str, Any], key: str) -> float:
