@@ -25,8 +25,8 @@ import httpx2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference import paths
-from inference.llamacpp import ensure_llama_cpp
 from inference.models import ensure_model
+from inference.provision import ensure_llama_cpp
 from tests.harness import NodeProcess
 
 MODEL = "SmolLM2-135M-Instruct-Q4_1"

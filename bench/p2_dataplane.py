@@ -516,9 +516,9 @@ def llama_main(runs: int, tokens: int) -> None:
     import anyio
     import httpx2
 
-    from inference.llamacpp import ensure_llama_cpp
     from inference.models import ensure_model
     from inference.paths import cache_dir
+    from inference.provision import ensure_llama_cpp
     from tests.harness import free_port
 
     llama = anyio.run(ensure_llama_cpp)

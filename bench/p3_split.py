@@ -44,7 +44,7 @@ import httpx2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from inference import paths
 from inference.gguf_facts import read_facts
-from inference.llamacpp import ensure_llama_cpp
+from inference.provision import ensure_llama_cpp
 from tests.harness import NodeProcess, free_port
 from tests.netproxy import LinkProxy, TcpLink
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference import paths, rpc_cache
 from inference.llama_server import FAILED, SERVING, LlamaServer, ServerSettings
-from inference.llamacpp import LlamaCpp, ensure_llama_cpp
+from inference.llamacpp import LlamaCpp
+from inference.provision import ensure_llama_cpp
 from inference.rpc_cache import FNV_OFFSET, HASH_THRESHOLD, fnv1a64, hashed_tensors, read_directory, seed
 from inference.rpc_server import RpcServer, RpcSettings
 

@@ -21,6 +21,7 @@ import anyio
 import httpx2
 from anyio.abc import Process, TaskStatus
 
+from .exits import ExitReport, describe_exit
 from .llamacpp import LlamaCpp
 from .supervise import FAILED as FAILED  # the model states, re-exported
 from .supervise import LOADING as LOADING
@@ -76,16 +77,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _explain_exit(code: int) -> str:
-    if code == 1:
-        return "exit 1: llama-server could not load the model or rejected a flag"
-    if code in (134, -6):
-        return f"exit {code}: llama-server aborted (assertion, out of memory, or a dead RPC peer)"
-    if code < 0:
-        return f"killed by signal {-code}"
-    return f"exit {code}"
-
-
 @dataclass
 class LlamaServer:
     """Supervises one llama-server for one model. `base_url` is set while it is serving."""
@@ -110,15 +101,15 @@ class LlamaServer:
         """Keep llama-server serving until cancelled. Signals `started` once it first serves."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
-        async def attempt(ready: Callable[[], None]) -> str:
+        async def attempt(ready: Callable[[], None]) -> ExitReport:
             def serving() -> None:
                 self.on_state(SERVING, f"llama-server pid {self.pid} at {self.base_url}")
                 ready()
 
             try:
-                return _explain_exit(await self.run_once(serving))
+                return describe_exit(await self.run_once(serving), "llama-server")
             except OSError as exc:
-                return f"could not start {self.llama.server}: {exc}"
+                return ExitReport(None, f"could not start {self.llama.server}: {exc}")
             finally:
                 self.base_url, self.pid = None, None
 

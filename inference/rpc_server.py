@@ -47,6 +47,7 @@ from anyio.abc import Process, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import BackendError, ProtocolError
+from .exits import ExitReport, describe_exit
 from .llama_server import StateFn, free_port, terminate
 from .llamacpp import LlamaCpp
 from .supervise import SERVING, supervise
@@ -242,18 +243,6 @@ def _read_from(path: Path, offset: int) -> bytes:
         return b""
 
 
-def _explain_exit(code: int) -> str:
-    if code == 0:
-        return "exit 0: rpc-server stopped on its own (bind, device or transport failure; see the log)"
-    if code == 1:
-        return "exit 1: rpc-server rejected its arguments, found no device, or could not create its cache directory"
-    if code in (134, -6):
-        return f"exit {code}: rpc-server aborted (assertion or out of memory)"
-    if code < 0:
-        return f"killed by signal {-code}"
-    return f"exit {code}"
-
-
 @dataclass(frozen=True)
 class RpcSettings:
     threads: int | None = None  # -t for the CPU device; None: llama.cpp's default (half the hardware threads)
@@ -312,7 +301,7 @@ class RpcServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
-        async def attempt(ready: Callable[[], None]) -> str:
+        async def attempt(ready: Callable[[], None]) -> ExitReport:
             def serving() -> None:
                 self._ready_at = time.monotonic()
                 info = self.info
@@ -322,9 +311,9 @@ class RpcServer:
                 ready()
 
             try:
-                return (await self._run_once(serving))[1]
+                return await self._run_once(serving)
             except OSError as exc:
-                return f"could not start {self.llama.rpc_server}: {exc}"
+                return ExitReport(None, f"could not start {self.llama.rpc_server}: {exc}")
             finally:
                 self.endpoint, self.pid = None, None
 
@@ -345,7 +334,7 @@ class RpcServer:
         self.restarts += 1
         return self.restarts
 
-    async def _run_once(self, on_ready: Callable[[], None]) -> tuple[int, str]:
+    async def _run_once(self, on_ready: Callable[[], None]) -> ExitReport:
         """Start rpc-server (new port on a lost bind race), wait for readiness, then for its exit."""
         self._ready_at = None
         for attempt in range(self.settings.max_bind_attempts):
@@ -353,10 +342,10 @@ class RpcServer:
             self.port = port
             code, bind_lost = await self._start_and_wait(port, on_ready)
             if not bind_lost:
-                return code, _explain_exit(code)
+                return describe_exit(code, "rpc-server")
             log.info("rpc-server could not bind 127.0.0.1:%d (taken meanwhile); trying another port", port)
             self.port = None
-        return -1, f"rpc-server could not bind a port in {self.settings.max_bind_attempts} attempts"
+        return ExitReport(None, f"rpc-server could not bind a port in {self.settings.max_bind_attempts} attempts")
 
     async def _start_and_wait(self, port: int, on_ready: Callable[[], None]) -> tuple[int, bool]:
         cmd = self.command(port)

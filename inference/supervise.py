@@ -3,7 +3,9 @@ a process that dies with exponential backoff, give up (state `failed`) after rep
 ever become ready, and signal `started` to the caller once it first serves (or has failed).
 
 A unit says how to run its process once (`attempt`, which calls `ready()` once serving and returns
-a human-readable exit detail) and what it is called; the policy is its settings' four numbers.
+an `ExitReport` of how the process ended) and what it is called; the policy is its settings' four
+numbers. A process that faults (SIGSEGV, SIGILL …) is reported with the signal, the last lines of its
+log and what to try, in the log and in the state detail the API shows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
+
+from .exits import ExitReport
 
 log = logging.getLogger("mesh_llm.supervise")
 
@@ -60,7 +64,7 @@ async def supervise(
     noun: str,  # "llama-server": states say "starting llama-server", "llama-server crashed (…)"
     label: str,  # logs say "<label> failed 3 times"
     verb: str,  # "crashed" / "died"
-    attempt: Callable[[Callable[[], None]], Awaitable[str]],
+    attempt: Callable[[Callable[[], None]], Awaitable[ExitReport]],
     policy: RestartPolicy,
     on_state: Callable[[str, str], None],
     on_restart: Callable[[], int],  # counts a restart; returns how many so far
@@ -74,7 +78,8 @@ async def supervise(
     while True:
         on_state(LOADING, f"starting {noun}" if not restarts else f"restarting {noun}")
         ready_at: list[float] = []
-        detail = await attempt(functools.partial(_ready, ready_at, task_status, started))
+        report = await attempt(functools.partial(_ready, ready_at, task_status, started))
+        detail = report.text
         if ready_at:
             started = True
             failures = 0
@@ -83,14 +88,30 @@ async def supervise(
         else:
             failures += 1
         last = tail(log_path)
+        hint = f"\n{report.hint}" if report.hint else ""
         if failures >= policy.max_start_failures:
-            log.error("%s failed %d times (%s); giving up. Log %s:\n%s", label, failures, detail, log_path, last)
-            on_state(FAILED, f"{detail}; see {log_path}")
+            log.error(
+                "%s failed %d times (%s); giving up. Log %s:\n%s%s", label, failures, detail, log_path, last, hint
+            )
+            on_state(FAILED, failed_detail(report, log_path, last))
             if not started:
                 task_status.started()  # let the caller go on; the state says failed
             return
         restarts = on_restart()
-        log.warning("%s %s (%s); restarting in %.1fs. Log %s:\n%s", label, verb, detail, backoff, log_path, last)
+        log.warning(
+            "%s %s (%s); restarting in %.1fs. Log %s:\n%s%s", label, verb, detail, backoff, log_path, last, hint
+        )
         on_state(LOADING, f"{noun} {verb} ({detail}); restarting in {backoff:.1f}s")
         await anyio.sleep(backoff)
         backoff = min(backoff * 2, policy.backoff_max_s)
+
+
+def failed_detail(report: ExitReport, log_path: Path, last: str) -> str:
+    """The state detail of a process that gave up: how it ended, the log, and — for a crash by a signal —
+    the log's last lines and what to try."""
+    detail = f"{report.text}; see {log_path}"
+    if report.signal is not None and last:
+        detail += "\nlast lines of the log:\n" + last
+    if report.hint:
+        detail += "\n" + report.hint
+    return detail

@@ -18,6 +18,7 @@ class SourceEdit:
     find: str
     replace: str
     why: str
+    rpc: bool = True  # it changes what crosses the RPC wire: part of the build identity nodes of a split share
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ def load_pin() -> Pin:
         common_flags=tuple(cm["common"]),
         targets=tuple(cm["targets"]),
         backend_flags={name: tuple(b["flags"]) for name, b in raw["backends"].items()},
-        edits=tuple(SourceEdit(e["file"], e["find"], e["replace"], e["why"]) for e in raw.get("edits", [])),
+        edits=tuple(
+            SourceEdit(e["file"], e["find"], e["replace"], e["why"], bool(e.get("rpc", True)))
+            for e in raw.get("edits", [])
+        ),
         rpc_hash_threshold=int(raw.get("rpc", {}).get("hash_threshold", 10 * 1024 * 1024)),
     )

@@ -4,6 +4,7 @@ mesh-llm [--model X ...]            run a node (console only when no model is gi
 mesh-llm download [NAME ...] [--draft]   list the catalog, or fetch models
 mesh-llm blackboard [TEXT | --search Q | --mcp | install-skill]   the agents' blackboard
 mesh-llm goose | claude [--model M] [--join TOKEN] [-- ARGS]   run a coding agent on the mesh's models
+mesh-llm doctor [--selftest | --build] [--json]   the llama.cpp build this machine uses and its self-test
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from inference import paths
 from inference.errors import MeshLLMError
 from inference.llama_server import ServerSettings
 
-from . import __version__
-
 log = logging.getLogger("mesh_llm.cli")
 
 
@@ -31,9 +30,10 @@ def _node_parser() -> argparse.ArgumentParser:
         description="Serve LLMs from the pooled capacity of your machines behind OpenAI/Anthropic APIs.",
         epilog="Subcommands: `mesh-llm download [NAME ...] [--draft]` lists the catalog or fetches models; "
         "`mesh-llm blackboard --help`: the agents' blackboard (post, search, MCP server); "
-        "`mesh-llm goose` / `mesh-llm claude`: run Goose or Claude Code on the mesh's models.",
+        "`mesh-llm goose` / `mesh-llm claude`: run Goose or Claude Code on the mesh's models; "
+        "`mesh-llm doctor`: the llama.cpp build this machine uses, its CPU flags and self-test.",
     )
-    p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
+    p.add_argument("--version", action="store_true", help="print versions and the llama.cpp build in use, then exit")
     p.add_argument(
         "--model",
         action="append",
@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             from .cmd_agents import main as run_agent
 
             return run_agent(argv[0], argv[1:])
+        if argv[:1] == ["doctor"]:
+            from .cmd_doctor import main as doctor
+
+            return doctor(argv[1:])
         if argv[:1] in (["drop"], ["rotate-key"]):
             return _control(argv[0], _control_parser(argv[0]).parse_args(argv[1:]))
         return _run(_node_parser().parse_args(argv))
@@ -160,6 +164,11 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.version:
+        from .cmd_doctor import version_lines
+
+        print("\n".join(version_lines()))
+        return 0
     from .node import Node, NodeConfig
     from .ui import Bars, setup_logging
 

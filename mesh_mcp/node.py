@@ -24,10 +24,12 @@ from blackboard.board import Board
 from blackboard.scrub import default_scrubber
 from blackboard.store import Store
 from inference import hardware, models
+from inference.cpu import read_cpu
 from inference.errors import ConfigError, MeshLLMError
 from inference.gguf_facts import memory_need, read_facts
 from inference.llama_server import LlamaServer, ServerSettings
-from inference.llamacpp import LlamaCpp, ensure_llama_cpp
+from inference.llamacpp import LlamaCpp
+from inference.provision import ensure_llama_cpp
 
 from . import __version__
 from .api import build_api
@@ -102,6 +104,7 @@ class Node:
         self.bars = bars
         self.identity = load_or_create(config.home)
         self.hardware = hardware.detect(config.max_vram_gb)
+        self.cpu = read_cpu()  # decides which llama.cpp build this node tries first
         host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.state = NodeState(
             node_id=self.identity.node_id,
@@ -110,7 +113,7 @@ class Node:
             api_url=f"http://{host}:{config.api_port}/v1",
             console_url=f"http://{host}:{config.console_port}",
             hardware=self.hardware.as_dict(),
-            llama_cpp={"version": "", "backend": "", "state": "pending"},
+            llama_cpp={"version": "", "backend": "", "state": "pending"},  # filled in by _build_llama
         )
         self._llama: LlamaCpp | None = None
         self._llama_ready = anyio.Event()
@@ -223,12 +226,13 @@ class Node:
             await anyio.sleep_forever()
 
     async def _build_llama(self) -> None:
-        self.state.set_info(llama_cpp={"version": "", "backend": "", "state": "building"})
+        pending = {"version": "", "backend": "", "variant": "", "flags": [], "selftest": "", "fallback": ""}
+        self.state.set_info(llama_cpp={**pending, "state": "building"})
         try:
-            llama = await ensure_llama_cpp(self.config.backend, self.bars.build)
+            llama = await ensure_llama_cpp(self.config.backend, self.bars.build, cpu=self.cpu)
         except MeshLLMError as exc:
             log.error("%s", exc)
-            self.state.set_info(llama_cpp={"version": "", "backend": "", "state": "failed", "detail": str(exc)})
+            self.state.set_info(llama_cpp={**pending, "state": "failed", "detail": str(exc)})
             for name in self.state.served_names():
                 self.state.update_model(name, state="failed", detail=f"llama.cpp is unavailable: {exc}")
             raise
@@ -237,8 +241,11 @@ class Node:
             self.rpc_link.llama = llama  # this node can lend rpc-servers from now on
         if self.shard_link is not None:
             self.shard_link.llama = llama  # and serve expert shards
-        self.state.set_info(llama_cpp={"version": llama.version, "backend": llama.backend, "state": "ready"})
-        log.info("llama.cpp %s (%s) in %s", llama.version, llama.backend, llama.bin_dir)
+        # "fallback": serving on a more portable build because a better one failed its self-test here.
+        state = "fallback" if llama.fallback else "ready"
+        self.state.set_info(llama_cpp={**llama.public(), "cpu": self.cpu.public(), "state": state})
+        what = f"{llama.version} ({llama.backend}, {llama.variant} build)" if llama.variant else "external binaries"
+        log.info("llama.cpp: %s in %s; self-test: %s", what, llama.bin_dir, llama.selftest)
         self._llama_ready.set()
 
     async def _model_task(self, spec: str) -> None:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import anyio
 
 from inference.errors import MeshLLMError, first_leaf
+from inference.exits import describe_exit
 from inference.gguf_facts import GGUFFacts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
@@ -214,9 +215,9 @@ class SplitModel(ModelRun):
 
             self.on_state(state="loading", detail=f"starting llama-server ({current.kind})")
             tg.start_soon(self._watch_workers, [s.node_id for s in workers], tg.cancel_scope)
-            code = await server.run_once(on_ready)
-            self.on_state(state="loading", detail=f"llama-server exited ({code}); re-planning", upstream=None, pid=None)
-            log.warning("llama-server for %s exited with %d; re-planning", self.alias, code)
+            ended = describe_exit(await server.run_once(on_ready), "llama-server")
+            self.on_state(state="loading", detail=f"llama-server {ended.text}; re-planning", upstream=None, pid=None)
+            log.warning("llama-server for %s: %s; re-planning. %s", self.alias, ended.text, ended.hint)
             tg.cancel_scope.cancel()
 
     async def _watch_workers(self, workers: list[str], scope: anyio.CancelScope) -> None:

@@ -55,7 +55,7 @@ class NodeState:
     version: str
     api_url: str
     console_url: str
-    llama_cpp: dict[str, str] = field(default_factory=dict)
+    llama_cpp: dict[str, Any] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
     models: dict[str, ModelStatus] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)

@@ -11,7 +11,8 @@ import anyio
 import pytest
 
 from inference import paths
-from inference.llamacpp import LlamaCpp, ensure_llama_cpp
+from inference.llamacpp import LlamaCpp
+from inference.provision import ensure_llama_cpp
 from tests.harness import NodeProcess
 
 SMOLLM = "SmolLM2-135M-Instruct-Q4_1"

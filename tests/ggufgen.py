@@ -24,45 +24,10 @@ from typing import Literal
 import gguf
 import numpy as np
 
+from inference.tiny_gguf import BASE_VOCAB, MERGES, add_tiny_vocab
+
 WeightType = Literal["f32", "f16", "q8_0"]
 SkewedArch = Literal["qwen3moe", "olmoe"]
-BASE_VOCAB = 264
-_MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"))
-_CONTROL = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's byte → printable character table (byte-level BPE stores bytes as these characters)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
-def vocabulary(size: int = BASE_VOCAB) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, token types and merges of the tiny BPE vocabulary, padded to `size` with UNUSED tokens."""
-    if size < BASE_VOCAB:
-        raise ValueError(f"the tiny vocabulary has {BASE_VOCAB} tokens; vocab={size} is too small")
-    tokens = _byte_chars()
-    types = [gguf.TokenType.NORMAL] * 256
-    for a, b in _MERGES:
-        tokens.append(a + b)
-        types.append(gguf.TokenType.NORMAL)
-    tokens += list(_CONTROL)
-    types += [gguf.TokenType.CONTROL] * len(_CONTROL)
-    pad = size - len(tokens)
-    tokens += [f"<|unused_{i}|>" for i in range(pad)]
-    types += [gguf.TokenType.UNUSED] * pad
-    return tokens, [int(t) for t in types], [f"{a} {b}" for a, b in _MERGES]
 
 
 @dataclass(frozen=True)
@@ -136,16 +101,7 @@ def _header(w: gguf.GGUFWriter, d: Dims, name: str, wtype: WeightType) -> None:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(d.vocab)
     w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[wtype])
-    tokens, types, merges = vocabulary(d.vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(256 + len(_MERGES))
-    w.add_eos_token_id(256 + len(_MERGES) + 1)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    add_tiny_vocab(w, d.vocab)
 
 
 def _attention(t: _Writer, d: Dims, i: int) -> None:
@@ -378,7 +334,7 @@ def write_skewed_moe(
     t.norm("output_norm.weight", d.n_embd)
     head = t.random(d.vocab, d.n_embd, std=0.3)
     head[:, 0] = -8.0  # through the channel: a large negative logit for tokens that are not printable ASCII ...
-    head[[*range(32, 127), *range(256, 256 + len(_MERGES))], 0] = 0.0  # ... so completions are readable text
+    head[[*range(32, 127), *range(256, 256 + len(MERGES))], 0] = 0.0  # ... so completions are readable text
     t.array("output.weight", head)
     shards = w.format_shard_names(path)
     w.write_header_to_file()

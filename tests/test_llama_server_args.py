@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference.llama_server import ServerSettings, _explain_exit, server_args
+from inference.exits import describe_exit
+from inference.llama_server import ServerSettings, server_args
 
 
 def flag(args: list[str], name: str) -> str:
@@ -34,6 +35,6 @@ def test_embeddings_and_extra_args() -> None:
 
 
 def test_exit_codes_are_explained() -> None:
-    assert "could not load" in _explain_exit(1)
-    assert "aborted" in _explain_exit(134)
-    assert "signal 9" in _explain_exit(-9)
+    assert "could not load" in describe_exit(1).text
+    assert "aborted" in describe_exit(134).text
+    assert "signal 9" in describe_exit(-9).text and "SIGKILL" in describe_exit(-9).text

@@ -17,7 +17,8 @@ import pytest
 from bench.p4_load import LoadResult, load_through_relay, write_test_model
 from inference import rpc_cache
 from inference.errors import CorruptModel
-from inference.llamacpp import LlamaCpp, build_root
+from inference.llamacpp import LlamaCpp
+from inference.llamacpp_build import build_root
 from inference.rpc_cache import (
     FNV_OFFSET,
     HASH_THRESHOLD,

@@ -239,7 +239,7 @@ def test_restarts_on_the_same_port_after_a_crash(llama: LlamaCpp, tmp_path: Path
                 while server.restarts < 1 or server.endpoint is None:
                     await anyio.sleep(0.05)
             assert server.pid != first_pid and server.port == first_port
-            assert any("died (killed by signal 9)" in d for _, d in states), states
+            assert any("died (killed by SIGKILL (signal 9)" in d for _, d in states), states
             tg.cancel_scope.cancel()
 
     run(body)

@@ -71,9 +71,11 @@ class MeshSettings:
 
 def build_identity(pin: Pin) -> str:
     """What every node of one pipeline split must share: the pinned source (package version + a digest
-    of its sha256 and our edits, which change RPC behaviour), not the backend (CUDA hosts take CPU
-    workers). Gossiped in each record (`llama_cpp`); placement leaves out nodes on another build."""
-    edits = "\0".join(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits)
+    of its sha256 and those of our edits that change RPC behaviour), not the backend (CUDA hosts take CPU
+    workers) nor the CPU flags or CPU-only edits (RPC compatibility is the protocol, not the ISA: an AMX host
+    takes a Zen or ARM worker). Gossiped in each record (`llama_cpp`); placement leaves out nodes on another
+    build."""
+    edits = "\0".join(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits if e.rpc)
     digest = hashlib.sha256(f"{pin.sha256}\0{edits}\0{pin.rpc_hash_threshold}".encode()).hexdigest()[:10]
     return f"{pin.package} {pin.version}+{digest}"
 
