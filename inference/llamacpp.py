@@ -41,13 +41,12 @@ class LlamaCpp:
     fallback: str = ""  # why a better build was passed over on this machine ("" when it is the first choice)
 
     def public(self) -> dict[str, Any]:
-        """As `/api/status` `llama_cpp` and `mesh-llm doctor` show it."""
+        """As `/api/status` `llama_cpp` shows it (no paths: they name the user's home)."""
         return {
             "version": self.version,
             "backend": self.backend,
             "variant": self.variant,
             "flags": list(self.flags),
-            "bin_dir": str(self.bin_dir),
             "selftest": self.selftest,
             "fallback": self.fallback,
         }
