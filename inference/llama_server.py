@@ -91,6 +91,7 @@ class LlamaServer:
     pid: int | None = None
     restarts: int = 0
     tool_calls: bool | None = None  # /props chat_template_caps.supports_tool_calls of the running server
+    load_timed_out: bool = False  # the last run was stopped for not becoming ready in load_timeout_s
 
     def command(self, port: int) -> list[str]:
         args = server_args(self.llama.server, self.model_path, self.alias, port, self.settings)
@@ -133,6 +134,7 @@ class LlamaServer:
     async def run_once(self, on_ready: Callable[[], None]) -> int:
         """Start llama-server, wait for readiness, then wait for it to exit; return its exit code."""
         port = free_port()
+        self.load_timed_out = False
         cmd = self.command(port)
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd[3:])}\n".encode())
@@ -169,6 +171,7 @@ class LlamaServer:
                     pass  # not listening yet
                 await anyio.sleep(0.1)
         log.error("llama-server for %s not ready after %.0fs; stopping it", self.alias, self.settings.load_timeout_s)
+        self.load_timed_out = True
         proc.terminate()
 
 

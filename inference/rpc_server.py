@@ -275,6 +275,7 @@ class RpcServer:
     pid: int | None = None
     info: RpcInfo | None = None  # from the readiness probe; None if a client held the server before it
     restarts: int = 0
+    ready_timed_out: bool = False  # the last start was stopped for not becoming ready in ready_timeout_s
     _ready_at: float | None = None
 
     @property
@@ -337,6 +338,7 @@ class RpcServer:
     async def _run_once(self, on_ready: Callable[[], None]) -> ExitReport:
         """Start rpc-server (new port on a lost bind race), wait for readiness, then for its exit."""
         self._ready_at = None
+        self.ready_timed_out = False
         for attempt in range(self.settings.max_bind_attempts):
             port = self.port if self.port is not None and attempt == 0 else free_port()
             self.port = port
@@ -399,4 +401,5 @@ class RpcServer:
             await anyio.sleep(0.1)
         if proc.returncode is None:
             log.error("rpc-server not ready after %.0fs; stopping it", self.settings.ready_timeout_s)
+            self.ready_timed_out = True
             proc.terminate()

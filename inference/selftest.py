@@ -35,12 +35,13 @@ from .exits import ExitReport, describe_exit
 from .llama_server import LlamaServer, ServerSettings
 from .llamacpp import LlamaCpp
 from .rpc_server import RpcServer, RpcSettings
-from .supervise import tail
+from .supervise import printable, tail
 from .tiny_gguf import SUCCESSOR_VERSION, successor, write_successor_model
 
 log = logging.getLogger("mesh_llm.selftest")
 
 SELFTEST_VERSION = 1  # a change of the test's model or checks re-tests every build
+MAX_ANSWER_BYTES = 64 << 10  # a right answer is ~2 KB; anything past this is read no further
 PROMPT = tuple(range(ord("A"), ord("A") + 32))  # 'A' … '`': one batch of 32 tokens (AMX tiles need > 1)
 N_PREDICT = 8
 
@@ -142,35 +143,58 @@ async def _ask_once(server: LlamaServer, timeout_s: float) -> _Run:
             await ready.wait()
         url = server.base_url
         if url is None:
-            run.problem = "did not become ready" if run.ended is None else "exited while loading"
-            if run.ended is None or run.ended.code in (0, -15):  # 0/SIGTERM: its load timeout stopped it
+            run.problem = "exited while loading" if run.ended is not None else "did not become ready"
+            if run.ended is None or server.load_timed_out:
                 run.problem, run.hung = f"did not become ready within {timeout_s:.0f}s", True
         else:
-            body = {
-                "prompt": list(PROMPT),
-                "n_predict": N_PREDICT,
-                "temperature": 0,
-                "top_k": 1,
-                "return_tokens": True,
-                "cache_prompt": False,
-            }
             try:
-                async with httpx2.AsyncClient(timeout=timeout_s) as client:
-                    resp = await client.post(url + "/completion", json=body)
-                data = resp.json()
-                tokens = data.get("tokens") if isinstance(data, dict) else None
-                if resp.status_code != 200 or not isinstance(tokens, list):
-                    run.problem = f"answered HTTP {resp.status_code}: {resp.text[:200]}"
-                else:
-                    run.tokens = [int(t) for t in tokens]
+                run.tokens = await _complete(url, timeout_s)
             except httpx2.TimeoutException:
                 run.problem, run.hung = f"did not answer within {timeout_s:.0f}s", True
+            except _BadAnswer as exc:
+                run.problem = str(exc)
             except (httpx2.HTTPError, ValueError, TypeError) as exc:
                 run.problem = f"failed the request ({type(exc).__name__})"
                 with anyio.move_on_after(10):  # a crash mid-request: let the exit status arrive
                     await exited.wait()
         tg.cancel_scope.cancel()
     return run
+
+
+class _BadAnswer(Exception):
+    """llama-server answered, but not with a completion."""
+
+
+async def _complete(url: str, timeout_s: float) -> list[int]:
+    """The generated token ids for the test prompt (the answer read to `MAX_ANSWER_BYTES` at most)."""
+    body = {
+        "prompt": list(PROMPT),
+        "n_predict": N_PREDICT,
+        "temperature": 0,
+        "top_k": 1,
+        "return_tokens": True,
+        "cache_prompt": False,
+    }
+    raw = bytearray()
+    async with (
+        httpx2.AsyncClient(timeout=timeout_s) as client,
+        client.stream("POST", url + "/completion", json=body) as resp,
+    ):
+        async for chunk in resp.aiter_bytes():
+            raw += chunk
+            if len(raw) > MAX_ANSWER_BYTES:
+                raise _BadAnswer(f"answered more than {MAX_ANSWER_BYTES} bytes (HTTP {resp.status_code})")
+    data = json.loads(raw)
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    if resp.status_code != 200 or not isinstance(tokens, list):
+        text = raw[:200].decode("utf-8", "replace")
+        raise _BadAnswer(f"answered HTTP {resp.status_code}: {printable(text)}")
+    return [int(t) for t in tokens]
+
+
+def _with_tail(text: str, log_path: Path) -> str:
+    last = tail(log_path)
+    return text + (f"\nlast lines of {log_path}:\n{last}" if last else "")
 
 
 def _judge(run: _Run, noun: str, log_path: Path) -> str | None:
@@ -186,8 +210,7 @@ def _judge(run: _Run, noun: str, log_path: Path) -> str | None:
     why = f"{noun} {run.problem}"
     if run.ended is not None and run.ended.code != 0 and not run.hung:
         why += f" ({run.ended.text})"
-    last = tail(log_path)
-    return why + (f"\nlast lines of {log_path}:\n{last}" if last else "")
+    return _with_tail(why, log_path)
 
 
 async def self_test(
@@ -224,16 +247,13 @@ async def _rpc_mode(llama: LlamaCpp, model: Path, workdir: Path, timeout_s: floa
         name="rpc-server",
     )
     rpc.log_path.unlink(missing_ok=True)
-    began = time.monotonic()
     async with anyio.create_task_group() as tg:
         await tg.start(rpc.run)
         endpoint = rpc.endpoint
         if endpoint is None:
             tg.cancel_scope.cancel()
             detail = states[-1][1] if states else "did not start"
-            last = tail(rpc.log_path)
-            why = f"rpc-server did not start: {detail}" + (f"\nlast lines of {rpc.log_path}:\n{last}" if last else "")
-            return why, time.monotonic() - began >= timeout_s  # stopped by its readiness timeout: a hang
+            return _with_tail(f"rpc-server did not start: {detail}", rpc.log_path), rpc.ready_timed_out
         host_log = workdir / "llama-server-rpc.log"
         host_log.unlink(missing_ok=True)
         settings = ServerSettings(
@@ -243,8 +263,6 @@ async def _rpc_mode(llama: LlamaCpp, model: Path, workdir: Path, timeout_s: floa
         tg.cancel_scope.cancel()
     died = [d for s, d in states if "died" in d]
     if died and run.tokens is None:
-        last = tail(rpc.log_path)
-        why = f"{died[0].split(';')[0]} serving a local --rpc load"
-        return why + (f"\nlast lines of {rpc.log_path}:\n{last}" if last else ""), False
+        return _with_tail(f"{died[0].split(';')[0]} serving a local --rpc load", rpc.log_path), False
     wrong = _judge(run, "llama-server with a local rpc-server", host_log)
     return None if wrong is None else (wrong, run.hung)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,8 +42,20 @@ class RestartPolicy(Protocol):
     def healthy_reset_s(self) -> float: ...  # after this long serving, a crash starts the backoff afresh
 
 
+# C0/C1 controls but tab and newline, DEL, and the bidi overrides/isolates: what a log line must not carry into a
+# terminal, the console or an API answer (a request can put bytes into llama-server's log).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+MAX_TAIL_LINE = 400  # characters kept of one log line
+
+
+def printable(text: str) -> str:
+    """`text` with control and bidi characters shown as U+FFFD (newlines and tabs kept)."""
+    return _UNPRINTABLE.sub("\ufffd", text)
+
+
 def tail(path: Path, lines: int = 8) -> str:
-    """The last lines of a log file (its last 16 KiB at most), for error messages."""
+    """The last lines of a log file (its last 16 KiB at most, each line cut to `MAX_TAIL_LINE`), printable,
+    for error messages."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, 2)
@@ -50,7 +63,7 @@ def tail(path: Path, lines: int = 8) -> str:
             text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return printable("\n".join(line[:MAX_TAIL_LINE] for line in text.splitlines()[-lines:]))
 
 
 def _ready(ready_at: list[float], task_status: TaskStatus[None], already: bool) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from inference.exits import describe_exit
 from inference.llama_server import ServerSettings, server_args
+from inference.supervise import MAX_TAIL_LINE, printable, tail
 
 
 def flag(args: list[str], name: str) -> str:
@@ -38,3 +39,14 @@ def test_exit_codes_are_explained() -> None:
     assert "could not load" in describe_exit(1).text
     assert "aborted" in describe_exit(134).text
     assert "signal 9" in describe_exit(-9).text and "SIGKILL" in describe_exit(-9).text
+
+
+def test_log_tails_are_bounded_and_printable(tmp_path: Path) -> None:
+    """A request can put bytes into llama-server's log; its tail reaches terminals, the console and the API."""
+    log = tmp_path / "llama-server.log"
+    log.write_bytes(b"x" * 100_000 + b"\nok line\tTAB\n\x1b]0;pwned\x07\x1b[2J" + "\u202eevil\n".encode() + b"y" * 5000)
+    out = tail(log)
+    assert "ok line\tTAB" in out and "evil" in out
+    assert not any(c in out for c in ("\x1b", "\x07", "\u202e"))
+    assert all(len(line) <= MAX_TAIL_LINE for line in out.splitlines())
+    assert printable("a\nb\tc") == "a\nb\tc"

@@ -21,7 +21,7 @@ from inference.errors import BuildError
 from inference.llamacpp import BuildPlan, LlamaCpp
 from inference.llamacpp_build import build_root
 from inference.provision import checked, ensure_llama_cpp, in_use, survey, verdict_file
-from inference.selftest import Verdict, expected_tokens, self_test
+from inference.selftest import MAX_ANSWER_BYTES, Verdict, expected_tokens, self_test
 from mesh_llamacpp import Pin
 from tests.harness import NodeProcess
 from tests.test_cpu import SAPPHIRE_RAPIDS
@@ -33,16 +33,19 @@ PLAIN = CpuInfo("x86_64", "Linux", "test plain x86-64", frozenset())
 
 CRASH = """#!/bin/sh
 echo "fake llama.cpp binary starting: $*"
+printf 'hostile log line \\033]0;pwned\\007\\033[2J\\342\\200\\256desrever\\n'
 echo "ggml_backend_amx_mul_mat: about to fault"
 kill -SEGV $$
 """
+# What a log line must not carry into a terminal, the console or an API answer.
+UNPRINTABLE = ("\x1b", "\x07", "\u202e")
 
 HANG = """#!/bin/sh
 echo "fake llama.cpp binary that never listens"
 exec sleep 600
 """
 
-WRONG = """#!{python}
+FAKE_SERVER = """#!{python}
 import http.server, json, sys
 port = int(sys.argv[sys.argv.index("--port") + 1])
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -58,13 +61,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reply({{"status": "ok"}})
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
-        self.reply({{"content": "zzzzzzzz", "tokens": [122] * 8}})
+        {answer}
 http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
+ANSWERS = {
+    "wrong": 'self.reply({{"content": "zzzzzzzz", "tokens": [122] * 8}})',
+    "huge": 'self.reply({{"content": "x" * (4 << 20), "tokens": [97]}})',
+    "stall": "import time; time.sleep(600)",
+}
+
+
+def server_answering(how: str) -> str:
+    """A fake llama-server that is healthy and answers /completion `how` (see ANSWERS)."""
+    return FAKE_SERVER.replace("{answer}", ANSWERS[how]).format(python=sys.executable)
 
 
 def script(path: Path, text: str) -> Path:
-    path.write_text(text.format(python=sys.executable) if "{python}" in text else text)
+    path.write_text(text)
     path.chmod(0o755)
     return path
 
@@ -98,13 +111,27 @@ def test_a_crashing_llama_server_fails_with_the_signal_and_its_log(llama: LlamaC
     assert not verdict.passed and verdict.mode == "llama-server"
     assert "SIGSEGV" in verdict.detail and "segmentation fault" in verdict.detail
     assert "about to fault" in verdict.detail  # the last lines of its log
+    assert not any(c in verdict.detail for c in UNPRINTABLE) and "desrever" in verdict.detail
 
 
 def test_a_wrong_answer_fails(llama: LlamaCpp, tmp_path: Path) -> None:
-    bin_dir = fake_bin(tmp_path / "bin", llama, server=WRONG)
+    bin_dir = fake_bin(tmp_path / "bin", llama, server=server_answering("wrong"))
     verdict = run_test(LlamaCpp(bin_dir, "fake", "cpu"), tmp_path / "work")
     assert not verdict.passed and verdict.mode == "llama-server"
     assert "'zzzzzzzz'" in verdict.detail and "'abcdefgh'" in verdict.detail and "wrong results" in verdict.detail
+
+
+def test_an_endless_answer_is_read_no_further_than_the_bound(llama: LlamaCpp, tmp_path: Path) -> None:
+    bin_dir = fake_bin(tmp_path / "bin", llama, server=server_answering("huge"))
+    verdict = run_test(LlamaCpp(bin_dir, "fake", "cpu"), tmp_path / "work")
+    assert not verdict.passed and verdict.lasting
+    assert f"answered more than {MAX_ANSWER_BYTES} bytes" in verdict.detail
+
+
+def test_an_answer_that_never_comes_is_a_hang_bounded_by_the_timeout(llama: LlamaCpp, tmp_path: Path) -> None:
+    bin_dir = fake_bin(tmp_path / "bin", llama, server=server_answering("stall"))
+    verdict = anyio.run(lambda: self_test(LlamaCpp(bin_dir, "fake", "cpu"), tmp_path / "work", timeout_s=2))
+    assert not verdict.passed and not verdict.lasting and "did not answer within 2s" in verdict.detail
 
 
 def test_a_crashing_rpc_server_fails_the_rpc_mode(llama: LlamaCpp, tmp_path: Path) -> None:
@@ -237,7 +264,9 @@ case "$*" in *successor-v*) exec {real} "$@";; esac
     detail = model["detail"]
     assert "killed by SIGSEGV (signal 11, segmentation fault)" in detail, detail
     assert "about to fault" in detail and "mesh-llm doctor --selftest" in detail, detail
+    assert not any(c in detail for c in UNPRINTABLE)  # a request can put bytes into llama-server's log
     status = node.status()
     assert status["llama_cpp"]["state"] == "ready" and "abcdefgh" in status["llama_cpp"]["selftest"]
     log = node.log()
     assert "SIGSEGV" in log and "about to fault" in log and "MESH_LLM_LLAMA_BIN" in log
+    assert "desrever" in log and not any(c in log for c in UNPRINTABLE)
