@@ -10,7 +10,7 @@ Measured on the project's standard machine (2-core Xeon with AVX-512 and AMX in 
 "CPU build variants"): llama.cpp's default `-march=native` build dies with SIGSEGV at the first batched
 matrix multiplication on ggml's AMX path (llama.cpp #20824). The cause is a dropped tile configuration
 (see the AMX edit in llama.cpp/pin.toml); with that edit the AMX build is the fastest by far (SmolLM2
-Q4_1: 1952 vs 387 tok/s prompt, 358 vs 174 tok/s generation against AVX-512 without AMX). So an AMX CPU
+Q4_1: 1934 vs 391 tok/s prompt, 314 vs 148 tok/s generation against AVX-512 without AMX). So an AMX CPU
 first tries AVX-512 + AMX, and every CPU falls back, when a build fails its self-test
 (inference/selftest.py), to ever more portable sets: AVX-512 without AMX, x86-64-v3 (AVX2, FMA, F16C,
 BMI2: every x86 CPU since 2013), plain x86-64. ARM builds leave SME out (ggml uses it only through
@@ -63,7 +63,7 @@ AMX = ("AMX_TILE", "AMX_INT8", "AMX_BF16")
 X86_V3 = ("SSE42", "AVX", "F16C", "FMA", "BMI2", "AVX2")  # x86-64-v3, llama.cpp's "haswell" variant
 
 # ARM: /proc/cpuinfo feature → the -march extension ggml needs, and the first architecture that has it
-# (the same ladder as ggml's GGML_CPU_ALL_VARIANTS). SME is left out like AMX.
+# (the same ladder as ggml's GGML_CPU_ALL_VARIANTS). SME is left out (see the module docstring).
 _ARM_EXTENSIONS = (("asimddp", "dotprod", "armv8.2-a"), ("asimdhp", "fp16", "armv8.2-a"), ("sve", "sve", "armv8.2-a"),
                    ("i8mm", "i8mm", "armv8.6-a"), ("sve2", "sve2", "armv8.6-a"))  # fmt: skip
 _ARM_ORDER = ("armv8-a", "armv8.2-a", "armv8.6-a")

@@ -126,8 +126,7 @@ def _install(pin: Pin, plan: BuildPlan, build_dir: Path, log_path: Path, progres
     staging = root / f".{plan.key}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "bin").mkdir(parents=True)
-    found = {p.name: p for p in (build_dir / "bin").glob("*") if p.is_file() and p.name in plan.targets}
-    found = found or {p.name: p for p in build_dir.rglob("*") if p.is_file() and p.name in plan.targets}
+    found = {p.name: p for p in build_dir.rglob("*") if p.is_file() and p.name in plan.targets}
     for name in plan.targets:
         if name not in found:
             raise BuildError(f"the build did not produce {name}; log: {log_path}")

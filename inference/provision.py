@@ -117,10 +117,11 @@ async def ensure_llama_cpp(
     tester: Tester | None = None,
 ) -> LlamaCpp:
     """A llama.cpp build that passed its self-test on this machine: cached, or built now."""
-    shown: list[str] = []
+    shown = False  # whether a build or test was shown: then "done" closes the bar
 
     def progress(stage: str, fraction: float) -> None:
-        shown.append(stage)
+        nonlocal shown
+        shown = True
         if on_progress is not None:
             on_progress(stage, fraction)
 
@@ -183,13 +184,18 @@ def _fallback_text(failed: list[tuple[BuildPlan, Verdict]]) -> str:
     )
 
 
-async def _external(bin_dir: Path, cpu: CpuInfo, tester: Tester, progress: BuildProgress) -> LlamaCpp:
+def _external_build(bin_dir: Path) -> tuple[LlamaCpp, Path]:
+    """MESH_LLM_LLAMA_BIN's binaries and where their verdicts are kept (re-tested when they change)."""
     llama = LlamaCpp(bin_dir=bin_dir, version="external", backend="external")
+    return llama, paths.cache_dir() / "external" / _binaries_key(bin_dir)
+
+
+async def _external(bin_dir: Path, cpu: CpuInfo, tester: Tester, progress: BuildProgress) -> LlamaCpp:
+    llama, store = _external_build(bin_dir)
     try:
         llama.server  # noqa: B018 - validates that llama-server exists
     except BuildError as exc:
         raise ConfigError(f"MESH_LLM_LLAMA_BIN={bin_dir}: {exc}") from exc
-    store = paths.cache_dir() / "external" / _binaries_key(bin_dir)
     verdict = await checked(llama, store, cpu, tester, progress)
     if not verdict.passed:
         raise BuildError(
@@ -246,9 +252,7 @@ async def retest(backend: str | None = None, cpu: CpuInfo | None = None) -> list
     cpu = cpu or read_cpu()
     out: list[tuple[str, Verdict]] = []
     if override := os.environ.get("MESH_LLM_LLAMA_BIN"):
-        bin_dir = Path(override).expanduser()
-        llama = LlamaCpp(bin_dir=bin_dir, version="external", backend="external")
-        store = paths.cache_dir() / "external" / _binaries_key(bin_dir)
+        llama, store = _external_build(Path(override).expanduser())
         out.append(("external", await checked(llama, store, cpu, _default_tester("external"), again=True)))
         return out
     backend = backend or detect_backend()
