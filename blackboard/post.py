@@ -8,9 +8,11 @@ knowing the origin (which may have left the mesh): the key must hash to `origin`
 must cover `signing_bytes` (compact, sorted-key JSON of every other field behind a domain prefix),
 and the id must match.
 
-`from_wire` is strict: unknown or missing fields, wrong types, oversized text and malformed ids
-are `ProtocolError`s. `make_post` checks what a poster typed and raises `BlackboardError` with a
-message meant for that poster.
+`from_wire` is strict: unknown or missing fields, wrong types, oversized text, malformed ids and
+control, bidi or invisible format characters (inference/controls.py; the origin's `Board.post` strips
+them before signing, so a post that carries them was never made by an honest node) are
+`ProtocolError`s. `make_post` checks what a poster typed and raises `BlackboardError` with a message
+meant for that poster.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from inference.controls import strip_controls
 from inference.errors import BlackboardError, PostTooLarge, ProtocolError
+from inference.keys import is_small_order
 
 TTL_S = 48 * 3600  # a post lives this long, everywhere
 MAX_TEXT_BYTES = 4096  # UTF-8
@@ -98,9 +102,17 @@ def check_author(author: str) -> str:
     if not isinstance(author, str) or not author.strip():
         raise BlackboardError("a post needs an author name")
     author = author.strip()
-    if len(author) > MAX_AUTHOR or any(c in author for c in "\x00\n\r") or not author.isprintable():
+    if len(author) > MAX_AUTHOR:
         raise BlackboardError(f"an author name is one line of at most {MAX_AUTHOR} characters")
+    if not author.isprintable():
+        raise BlackboardError("an author name is one line of printable characters (no controls or tabs)")
     return author
+
+
+def one_line(name: str) -> str:
+    """An author name as `Board.post` stores it: printable characters only (no control, bidi, format
+    or private-use ones), each run of whitespace (tabs, newlines, Unicode spaces) as one space."""
+    return " ".join("".join(c for c in name if c.isprintable() or c.isspace()).split())
 
 
 def check_post_id(value: object, what: str = "post id") -> str:
@@ -110,8 +122,11 @@ def check_post_id(value: object, what: str = "post id") -> str:
 
 
 def make_post(text: str, author: str, key: Ed25519PrivateKey, now: float, reply_to: str | None = None) -> Post:
-    """Sign a new post. The text must already be scrubbed; this only checks limits."""
+    """Sign a new post. The text must already be scrubbed and stripped of control characters (`Board.post`
+    does both); this only checks."""
     text = check_text(text)
+    if strip_controls(text) != text:  # what receivers refuse (`from_wire`) is never signed
+        raise BlackboardError("a post cannot carry control, bidi or invisible format characters")
     author = check_author(author)
     if reply_to is not None:
         reply_to = check_post_id(reply_to, "reply-to id")
@@ -142,6 +157,8 @@ def verify(post: Post, now: float) -> None:
     """`ProtocolError` unless the post is genuine, well-formed and alive at `now`."""
     if hashlib.sha256(post.public_key).hexdigest()[:NODE_ID_HEX] != post.origin:
         raise ProtocolError(f"post {post.id}: its key is not node {post.origin}'s")
+    if is_small_order(post.public_key):
+        raise ProtocolError(f"post {post.id}: a weak public key (a point of small order)")
     data = _signing_bytes(_body(post))
     if hashlib.sha256(data).hexdigest()[:ID_HEX] != post.id:
         raise ProtocolError(f"post {post.id}: its id does not match its content")
@@ -164,7 +181,12 @@ def from_wire(obj: object) -> Post:
         raise ProtocolError("a post must be a JSON object")
     expected = {"id", "author", "origin", "created", "text", "reply_to", "public_key", "signature"}
     if set(obj) != expected:
-        raise ProtocolError(f"a post has the fields {sorted(expected)}; got {sorted(obj)}")
+        unknown = [k for k in obj if k not in expected]
+        names = ", ".join(repr(k)[:40] for k in unknown[:3])  # bounded, and escaped by repr: it goes to the log
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ProtocolError(
+            f"a post has the fields {sorted(expected)}; missing {sorted(expected - set(obj))}, unknown [{names}{more}]"
+        )
     try:
         post_id = check_post_id(obj["id"])
         text = check_text(obj["text"])
@@ -174,6 +196,8 @@ def from_wire(obj: object) -> Post:
         raise ProtocolError(f"malformed post: {exc}") from exc
     if text != obj["text"] or author != obj["author"]:
         raise ProtocolError("malformed post: untrimmed text or author")
+    if strip_controls(text) != text:
+        raise ProtocolError("malformed post: its text carries control, bidi or invisible format characters")
     origin = obj["origin"]
     if not isinstance(origin, str) or len(origin) != NODE_ID_HEX or not _HEX.fullmatch(origin):
         raise ProtocolError("malformed post: origin is not a node id")

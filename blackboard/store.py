@@ -51,6 +51,9 @@ Design.
   once on the fresh file. A file that cannot be opened for another reason (permissions, a directory
   in its place, locked by another process, disk full) is a `BlackboardError` naming the file and
   what to do.
+- A full disk on a write (SQLITE_FULL) is a `BlackboardDiskFull`: the transaction is rolled back (a
+  failed COMMIT included, so the connection takes the next write), what was stored stays, searches
+  go on, and writes work again once there is room.
 
 Threading. One SQLite connection, opened with `check_same_thread=False` so the node can call the
 store from worker threads (`anyio.to_thread.run_sync`) and keep disk work off the event loop.
@@ -73,7 +76,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from inference.errors import BlackboardError
+from inference.errors import BlackboardDiskFull, BlackboardError
 
 from .post import TTL_S, Post
 
@@ -231,6 +234,11 @@ def _check_time(value: float, what: str) -> float:
     return float(value)
 
 
+def _is_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the disk (or a quota SQLite reports as full) has no room for the write."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+
+
 def _is_corrupt(exc: sqlite3.Error) -> bool:
     """Whether SQLite says the file is damaged or not a database (extended codes included)."""
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CORRUPT
@@ -369,6 +377,13 @@ class Store:
             raise self._open_error(exc) from exc
         return conn
 
+    def _full_error(self) -> BlackboardDiskFull:
+        where = self.path.parent if isinstance(self.path, Path) else "memory"
+        return BlackboardDiskFull(
+            f"the disk holding the blackboard ({where}) is full, so this was not stored; the posts already on "
+            "the blackboard are kept. Free some space on that disk and try again"
+        )
+
     def _open_error(self, exc: sqlite3.Error) -> BlackboardError:
         name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
@@ -414,6 +429,8 @@ class Store:
             try:
                 return op(self._conn)
             except sqlite3.Error as exc:
+                if _is_full(exc):
+                    raise self._full_error() from exc
                 if not _is_corrupt(exc):
                     raise BlackboardError(f"the blackboard database {self.path} failed: {exc}") from exc
                 self._conn.close()
@@ -463,13 +480,21 @@ class Store:
                 if self._insert_one(conn, post, created):
                     added.append(post)
         except BlackboardError:
-            conn.execute("COMMIT")  # keep the posts stored before the refused one
+            self._commit(conn)  # keep the posts stored before the refused one
             raise
         except BaseException:
             self._rollback(conn)
             raise
-        conn.execute("COMMIT")
+        self._commit(conn)
         return added
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        """COMMIT, or (when that fails: a full disk, say) roll back so that the connection takes the next write."""
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
 
     def _insert_one(self, conn: sqlite3.Connection, post: Post, created: float) -> bool:
         author_key = post.author.casefold()
@@ -512,7 +537,8 @@ class Store:
     def _rollback(self, conn: sqlite3.Connection) -> None:
         """Undo the open transaction and recount what is stored (the in-memory counts ran ahead)."""
         try:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (it does on some SQLITE_FULL errors)
+                conn.execute("ROLLBACK")
             self._recount(conn)
         except sqlite3.Error as exc:  # the connection is past saving; the caller's error says why
             log.debug("rollback on %s failed: %s", self.path, exc)
@@ -528,7 +554,7 @@ class Store:
             except BaseException:
                 self._rollback(conn)
                 raise
-            conn.execute("COMMIT")
+            self._commit(conn)
             return deleted
 
         return self._db(op)

@@ -3,12 +3,15 @@
 `download(url, dest)` streams into `dest.part`, resumes it with a Range request when it already exists
 (also across runs), retries transient failures from where it stopped, checks the size, the sha256 and
 the GGUF magic, and only then renames the `.part` to `dest`: a file at `dest` is always complete. A
-lock file next to `dest` keeps two processes from writing the same `.part`. Every failure is a
-`DownloadError` that says what happened and what to do; nothing here knows about catalogs or specs.
+lock file next to `dest` keeps two processes from writing the same `.part`. Free space is checked
+before the first byte whenever the size is known; a full disk (before or during) is a `DiskFull`, and the
+`.part` is kept for resuming only when the server honours Range. Every failure is a `DownloadError` that
+says what happened and what to do; nothing here knows about catalogs or specs.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -22,7 +25,8 @@ import anyio
 import anyio.to_thread
 import httpx2
 
-from inference.errors import DownloadError
+from inference.diskspace import MODELS_HINT, free_bytes, is_disk_full, mb, require_space
+from inference.errors import DiskFull, DownloadError
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -185,8 +189,12 @@ class _Transfer:
         want_hash: bool,
         on_progress: ProgressFn | None,
         magic: bytes | None = GGUF_MAGIC,
+        space_hint: str = MODELS_HINT,
     ) -> None:
         self.magic = magic
+        self.space_hint = space_hint
+        self.total: int | None = expected_size  # the file's size, once known
+        self.resumable = False  # whether the server was seen to honour Range (206, or Accept-Ranges: bytes)
         self.url = url
         self.part = part
         self.label = label
@@ -203,6 +211,46 @@ class _Transfer:
     def discard(self) -> None:
         self.part.unlink(missing_ok=True)
         self.hasher, self.hashed = None, 0
+
+    def require_room(self, total: int) -> None:
+        """`DiskFull` before a byte is written when the rest of a `total`-byte file cannot fit; a .part is kept."""
+        have = _size(self.part)
+        try:
+            require_space(self.label, [(self.part.parent, total - have)], hint=self.space_hint)
+        except DiskFull as exc:
+            if not have:
+                raise
+            raise DiskFull(
+                f"{exc} {mb(have)} already downloaded are kept in {self.part}; the download resumes from there."
+            ) from None
+
+    def write_failed(self, exc: OSError) -> DownloadError:
+        """What a failed write of the .part means to the user. On a full disk the .part is kept only when the
+        server honours Range (so freeing space and running again resumes it); otherwise it is deleted, since
+        it would only keep the disk full."""
+        if not is_disk_full(exc):
+            return DownloadError(
+                f"Cannot write {self.part} while downloading {self.label}: {exc.strerror or exc}. Check that "
+                f"{self.part.parent} is a directory this user can write to."
+            )
+        have = _size(self.part)
+        free = free_bytes(self.part.parent)  # before a .part is deleted: how full the disk was
+        if have and self.resumable:
+            kept = f"kept {mb(have)} in {self.part}; the download resumes from there"
+        elif have:
+            self.discard()
+            host = urlsplit(self.url).netloc or self.url
+            kept = f"deleted the partial {self.part.name} ({mb(have)}) because {host} cannot resume a download"
+        else:
+            kept = "nothing was kept"
+        full = "is over its disk quota" if exc.errno == errno.EDQUOT else "is full"
+        of = f" of {mb(self.total, up=True)}" if self.total is not None else ""
+        left = f" ({mb(free)} free)" if free is not None else ""
+        hint = self.space_hint[:1].upper() + self.space_hint[1:]
+        return DiskFull(
+            f"The disk holding {self.part.parent} {full}{left}: downloading {self.label} stopped after {mb(have)}"
+            f"{of}; {kept}. {hint}, then run again."
+        )
 
     async def sync_hash(self) -> None:
         """Bring the hasher in line with the .part file (re-hashing it after a restart or on resume)."""
@@ -242,12 +290,14 @@ class _Transfer:
             if status == 429 or status >= 500:
                 raise _Retryable(f"HTTP {status} from {self.url}")
             if status == 206:
+                self.resumable = True
                 start, total = _content_range(resp.headers.get("content-range"))
                 if start != have:
                     self.discard()
                     raise _Retryable(f"the server resumed at byte {start}, not {have}; restarting")
                 offset = have
             elif status == 200:
+                self.resumable = "bytes" in resp.headers.get("accept-ranges", "").lower()
                 total = _int_header(resp.headers.get("content-length"))
                 if have:  # the server ignored Range: start again from byte 0
                     self.discard()
@@ -262,6 +312,9 @@ class _Transfer:
                     f"{self.url} is {total} bytes but {self.expected_size} were expected: the file on "
                     "the server is not the one the catalog describes."
                 )
+            if total is not None:
+                self.total = total
+                self.require_room(total)
             self.progress(offset, total)
             await self._receive(resp, offset, total)
 
@@ -352,6 +405,7 @@ async def download(
     headers: Mapping[str, str] | None = None,
     retry_delay_s: float = 1.0,
     magic: bytes | None = GGUF_MAGIC,
+    space_hint: str = MODELS_HINT,
 ) -> Path:
     """Download `url` to `dest` (resuming `dest.part`), verify it, and return `dest`.
 
@@ -361,54 +415,115 @@ async def download(
     lock) and matches `expected_size`, it is returned untouched. `retries` is how many failed attempts
     in a row are retried; an attempt that received new bytes restarts the count. `headers` defaults to
     `auth_headers(url)`.
+
+    Free space is checked before the first byte whenever the size is known (`expected_size`, then the
+    response's length): `DiskFull` with the numbers, ending in `space_hint` (what the user can do). A full
+    disk mid-download is a `DiskFull` too (see `_Transfer.write_failed` for what happens to the .part); any
+    other failed write a `DownloadError`. Neither is retried.
     """
+    try:
+        return await _download(
+            url,
+            dest,
+            expected_size=expected_size,
+            sha256=sha256,
+            client=client,
+            on_progress=on_progress,
+            retries=retries,
+            label=label or dest.name,
+            headers=headers,
+            retry_delay_s=retry_delay_s,
+            magic=magic,
+            space_hint=space_hint,
+        )
+    except OSError as exc:  # creating the directory or the lock file; the transfer's own writes are explained
+        full = " (the disk is full)" if is_disk_full(exc) else ""
+        error = DiskFull if full else DownloadError
+        raise error(
+            f"Cannot write in {dest.parent} to download {label or dest.name}: {exc.strerror or exc}{full}. "
+            f"{space_hint[:1].upper() + space_hint[1:] if full else 'Check that the directory is writable'}."
+        ) from exc
+
+
+async def _download(
+    url: str,
+    dest: Path,
+    *,
+    expected_size: int | None,
+    sha256: str | None,
+    client: httpx2.AsyncClient | None,
+    on_progress: ProgressFn | None,
+    retries: int,
+    label: str,
+    headers: Mapping[str, str] | None,
+    retry_delay_s: float,
+    magic: bytes | None,
+    space_hint: str,
+) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    name = label or dest.name
     async with file_lock(dest):
         if dest.exists() and (expected_size is None or _size(dest) == expected_size):
             size = _size(dest)
             if on_progress is not None:
-                on_progress(name, size, size)
+                on_progress(label, size, size)
             return dest
         transfer = _Transfer(
             url,
             part_path(dest),
-            label=name,
+            label=label,
             expected_size=expected_size,
             want_hash=sha256 is not None,
             on_progress=on_progress,
             magic=magic,
+            space_hint=space_hint,
         )
+        if expected_size is not None:
+            transfer.require_room(expected_size)
         request_headers = dict(auth_headers(url) if headers is None else headers)
         owned = client is None
         http = client or httpx2.AsyncClient(follow_redirects=True, timeout=httpx2.Timeout(30.0, read=120.0))
         try:
-            failures = 0
-            first = True
-            while True:
-                before = _size(transfer.part)
-                try:
-                    await transfer.attempt(http, request_headers)
-                    break
-                except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-                    if first:
-                        raise _unreachable(url, exc) from exc
-                    error: Exception = exc
-                except (httpx2.TransportError, _Retryable) as exc:
-                    error = exc
-                finally:
-                    first = False
-                failures = 1 if _size(transfer.part) > before else failures + 1
-                if failures > retries:
-                    have = _size(transfer.part)
-                    kept = f" {have} bytes are kept; run again to resume." if have else ""
-                    raise DownloadError(
-                        f"Downloading {url} failed after {retries} retries: {error or type(error).__name__}." + kept
-                    ) from error
-                await anyio.sleep(min(retry_delay_s * 2 ** (failures - 1), 30.0))
+            await _transfer(transfer, http, request_headers, retries=retries, retry_delay_s=retry_delay_s)
             await transfer.verify(sha256)
             await anyio.to_thread.run_sync(_fsync_and_rename, transfer.part, dest)
+        except OSError as exc:
+            raise transfer.write_failed(exc) from exc
         finally:
             if owned:
                 await http.aclose()
     return dest
+
+
+async def _transfer(
+    transfer: _Transfer,
+    http: httpx2.AsyncClient,
+    request_headers: Mapping[str, str],
+    *,
+    retries: int,
+    retry_delay_s: float,
+) -> None:
+    """Attempts until the .part holds the whole file; transient failures are retried with backoff."""
+    url = transfer.url
+    failures = 0
+    first = True
+    while True:
+        before = _size(transfer.part)
+        try:
+            await transfer.attempt(http, request_headers)
+            return
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+            if first:
+                raise _unreachable(url, exc) from exc
+            error: Exception = exc
+        except (httpx2.TransportError, _Retryable) as exc:
+            error = exc
+        finally:
+            first = False
+        failures = 1 if _size(transfer.part) > before else failures + 1
+        if failures > retries:
+            have = _size(transfer.part)
+            kept = f" {have} bytes are kept; run again to resume." if have else ""
+            raise DownloadError(
+                f"Downloading {url} failed after {retries} retries: {error or type(error).__name__}." + kept
+            ) from error
+        await anyio.sleep(min(retry_delay_s * 2 ** (failures - 1), 30.0))

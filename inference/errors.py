@@ -35,6 +35,12 @@ class DownloadError(ModelError):
     """A download failed: HTTP error, unreachable host, wrong size or hash, not a GGUF."""
 
 
+class DiskFull(DownloadError):
+    """No room for a model file, wheel, shard or cache entry: free space was checked before a write of known size,
+    or the disk filled up (ENOSPC) or hit its quota (EDQUOT) while writing. The message has the numbers and what
+    to free; the operation failed, the node goes on."""
+
+
 class CorruptModel(ModelError):
     """A file on disk is not a valid GGUF."""
 
@@ -57,6 +63,27 @@ class AuthError(ProtocolError):
     """A peer could not prove it holds the mesh secret, or its identity does not match its key."""
 
 
+class HandshakeRefused(AuthError):
+    """A mesh handshake failed for a reason the refusing side names: `code` is one of
+    `handshake.REFUSAL_CODES` (``old-token``, ``other-mesh``, ``bad-secret``, ``evicted``, ``protocol``);
+    `epoch` is the mesh's current secret epoch for ``old-token``. The message is a sentence for the user."""
+
+    def __init__(self, message: str, code: str, epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.epoch = epoch
+
+
+class RotationRefused(ProtocolError):
+    """A key rotation statement was refused: not signed by a current owner, a replay, an epoch jump,
+    another mesh's, or a secret that does not match its hash. Logged with the sending node; nothing changes."""
+
+
+class JoinRefused(ConfigError):
+    """Every mesh node this node tried refused it (old or foreign token, wrong secret, removed from the mesh):
+    the node stops, saying why and what to do."""
+
+
 class InvalidToken(ConfigError):
     """An invite token is malformed, mistyped (checksum) or of an unsupported version."""
 
@@ -75,6 +102,11 @@ class RateLimited(BlackboardError):
 
 class PostTooLarge(BlackboardError):
     """A post's text is over the size limit."""
+
+
+class BlackboardDiskFull(BlackboardError):
+    """The disk holding the blackboard database is full: the post was not stored, the posts already stored are
+    kept (the console answers 507)."""
 
 
 def first_leaf(exc: BaseException) -> BaseException:

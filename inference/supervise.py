@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+# a request can put bytes into llama-server's log, and its tail reaches terminals, the console and API answers
+from .controls import printable
 from .exits import ExitReport
 
 log = logging.getLogger("mesh_llm.supervise")
@@ -42,15 +43,7 @@ class RestartPolicy(Protocol):
     def healthy_reset_s(self) -> float: ...  # after this long serving, a crash starts the backoff afresh
 
 
-# C0/C1 controls but tab and newline, DEL, and the bidi overrides/isolates: what a log line must not carry into a
-# terminal, the console or an API answer (a request can put bytes into llama-server's log).
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 MAX_TAIL_LINE = 400  # characters kept of one log line
-
-
-def printable(text: str) -> str:
-    """`text` with control and bidi characters shown as U+FFFD (newlines and tabs kept)."""
-    return _UNPRINTABLE.sub("\ufffd", text)
 
 
 def tail(path: Path, lines: int = 8) -> str:

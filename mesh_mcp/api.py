@@ -5,8 +5,11 @@ request names.
 The proxy is a raw ASGI endpoint so that it (a) streams upstream bytes as they arrive, with no
 buffering, (b) watches for the client going away from the first byte on and cancels the upstream
 request (llama-server then stops generating), and (c) never lets bad input reach llama-server:
-oversized bodies get 413, malformed JSON 400, unknown models 404 (listing what is served), a model
-still loading 503 with Retry-After. Errors use each API's own error shape.
+oversized bodies get 413, malformed or too deeply nested JSON 400 (`jsonlimits`), unknown models 404
+(listing what is served), a model still loading 503 with Retry-After, requests the official APIs
+refuse 400 naming the field (`api_checks`). Errors use each API's own error shape; where llama-server's
+answers differ from the official APIs' (Anthropic ids and stop sequences, context overflows) they are
+rewritten on the way (`api_rewrite`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from .directory import Directory, Solo
+from . import api_rewrite
+from .api_checks import ModelFacts, check_model_field, check_request
+from .directory import Directory, RemoteModel, Solo
+from .jsonlimits import JsonRejected, parse_object
 from .mesh.tunnel import HOP_HEADER
 from .router import Candidate, match_model, ranked, session_key
-from .state import SERVING, NodeState
+from .state import SERVING, ModelStatus, NodeState
 from .upstream import Pool, Response, UpstreamBroken, UpstreamUnavailable, request
 
 log = logging.getLogger("mesh_llm.api")
@@ -65,6 +71,8 @@ def anthropic_error_body(status: int, raw: bytes) -> bytes:
         parsed = None
     if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
         return raw
+    if (overflow := api_rewrite.anthropic_context_message(raw)) is not None:
+        return json.dumps(error_body("anthropic", status, overflow)).encode()
     message = raw.decode("utf-8", "replace").strip()[:4096] or f"upstream error {status}"
     if isinstance(parsed, dict):
         err = parsed.get("error")
@@ -84,8 +92,11 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
     **extra: Any,
-) -> JSONResponse:
-    return JSONResponse(error_body(flavor, status, message, code, **extra), status_code=status, headers=headers)
+) -> HTTPResponse:
+    """An error in `flavor`'s shape. ASCII JSON: a request's text echoed back (a model name) may hold a lone
+    surrogate (`"\\ud800"` is valid JSON), which UTF-8 cannot encode."""
+    body = json.dumps(error_body(flavor, status, message, code, **extra)).encode()
+    return HTTPResponse(body, status_code=status, headers=headers, media_type="application/json")
 
 
 class BadRequest(Exception):
@@ -110,15 +121,13 @@ async def _read_body(request: Request, flavor: Flavor, limit: int) -> bytes:
 
 
 def _parse_payload(body: bytes, flavor: Flavor) -> dict[str, Any]:
+    """The request body as a JSON object within `jsonlimits`' bounds (depth, string size), with a usable `model`."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(error_response(flavor, 400, f"request body is not valid JSON: {exc}")) from exc
-    if not isinstance(payload, dict):
-        raise BadRequest(error_response(flavor, 400, "request body must be a JSON object"))
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest(error_response(flavor, 400, "'model' must be a string", param="model"))
+        payload = parse_object(body)
+    except JsonRejected as exc:
+        raise BadRequest(error_response(flavor, 400, str(exc))) from exc
+    if (bad := check_model_field(payload)) is not None:
+        raise BadRequest(error_response(flavor, bad.status, bad.message, bad.code, param=bad.param))
     return payload
 
 
@@ -144,10 +153,17 @@ class Proxy:
         try:
             body = await _read_body(request, self.flavor, self.max_body)
             payload = _parse_payload(body, self.flavor)
-            name, routes = self._routes(payload.get("model"), routed, session_key(payload))
+            name, routes, facts = self._routes(payload.get("model"), routed, session_key(payload))
+            if (rejection := check_request(payload, self.flavor, self.path, facts)) is not None:
+                response = error_response(
+                    self.flavor, rejection.status, rejection.message, rejection.code, param=rejection.param
+                )
+                raise BadRequest(response)
         except BadRequest as bad:
             await bad.response(scope, receive, send)
             return
+        asked = payload.get("stop_sequences")
+        stops = tuple(s for s in asked if isinstance(s, str)) if isinstance(asked, list) else ()
         query = scope.get("query_string") or b""
         target = self.path + ("?" + query.decode("latin-1") if query else "")
         headers = [(b"content-type", b"application/json")]
@@ -156,7 +172,7 @@ class Proxy:
         self._count(name, +1)
         started = time.perf_counter()
         try:
-            await self._forward(routes, target, body, headers, scope, receive, send)
+            await self._forward(routes, target, body, headers, scope, receive, send, stops)
         finally:
             self._count(name, -1)
             log.debug("%s %s in %.1f ms", self.path, name, 1e3 * (time.perf_counter() - started))
@@ -166,8 +182,8 @@ class Proxy:
         if status is not None:
             self.node.models[name] = replace(status, in_flight=max(0, status.in_flight + delta))
 
-    def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target]]:
-        """The model's name and its servers, best first; or the error to answer with."""
+    def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target], ModelFacts]:
+        """The model's name, its servers (best first) and what they know of it; or the error to answer with."""
         remote = [] if routed else self.directory.remote_models()
         names = self.node.served_names() + sorted({r.name for r in remote} - set(self.node.served_names()))
         name = match_model(requested, names)
@@ -194,7 +210,8 @@ class Proxy:
                 candidates[r.node_id] = Target(r.node_id, None)
                 pool.append(Candidate(r.node_id, r.in_flight))
         if candidates:
-            return name, [candidates[c.node_id] for c in ranked(pool, session)]
+            facts = _facts(name, local, [r for r in remote if r.name == name and r.node_id in candidates])
+            return name, [candidates[c.node_id] for c in ranked(pool, session)], facts
         if local is not None and local.state == "failed":
             msg = f"model '{name}' failed to start: {local.detail}"
             raise BadRequest(error_response(self.flavor, 503, msg, "model_failed"))
@@ -218,6 +235,7 @@ class Proxy:
         scope: Scope,
         receive: Receive,
         send: Send,
+        stop_sequences: tuple[str, ...] = (),
     ) -> None:
         async with anyio.create_task_group() as tg:
             # From here on, a client disconnect cancels the upstream request (llama-server stops).
@@ -236,42 +254,87 @@ class Proxy:
                 tg.cancel_scope.cancel()
                 return
             try:
-                await self._relay(resp, send, route.node_id)
+                await self._relay(resp, send, route.node_id, stop_sequences)
             finally:
                 await resp.aclose()
                 tg.cancel_scope.cancel()
 
-    async def _relay(self, resp: Response, send: Send, node_id: str) -> None:
+    async def _relay(self, resp: Response, send: Send, node_id: str, stop_sequences: tuple[str, ...]) -> None:
         out_headers = [(k, v) for k, v in resp.headers if k not in _HOP]
         if not any(k == SERVED_BY for k, _ in out_headers):  # a peer that served it has named itself
             out_headers.append((SERVED_BY, node_id.encode()))
-        if self.flavor == "anthropic" and resp.status >= 400:
-            await self._anthropic_error(resp, out_headers, send)
+        if resp.status >= 400:
+            await self._error(resp, out_headers, send)
             return
+        content_type = resp.header(b"content-type") or b""
+        is_sse = content_type.startswith(b"text/event-stream")
+        stream: api_rewrite.AnthropicStream | None = None
+        if self.flavor == "anthropic" and self.path == "/v1/messages":
+            if not is_sse:
+                await self._anthropic_message(resp, out_headers, send, stop_sequences)
+                return
+            stream = api_rewrite.AnthropicStream(stop_sequences)
+            out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-        is_sse = (resp.header(b"content-type") or b"").startswith(b"text/event-stream")
         try:
             async for chunk in resp.chunks():
+                if stream is not None and not (chunk := stream.feed(chunk)):
+                    continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if stream is not None and (tail := stream.flush()):
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
         except UpstreamBroken as exc:
             log.warning("upstream failed mid-response: %s", exc)
-            if is_sse:
+            if is_sse:  # an incomplete line a stream held back is dropped: the error event follows whole events
                 await send({"type": "http.response.body", "body": self._sse_error(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _anthropic_error(self, resp: Response, headers: list[tuple[bytes, bytes]], send: Send) -> None:
-        """llama-server answers errors on /v1/messages in OpenAI's shape (`{"error": {"code", "type", ...}}`);
-        Anthropic clients expect `{"type": "error", "error": {"type", "message"}}`. Rewritten here, once: a body
-        already in Anthropic's shape (a peer rewrote it) passes unchanged."""
-        raw = b""
-        with contextlib.suppress(UpstreamBroken):
-            async for chunk in resp.chunks():
+    async def _error(self, resp: Response, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """An upstream error, read whole (at most `MAX_ERROR_BODY`) and answered in the client's API's shape.
+
+        llama-server answers errors on /v1/messages in OpenAI's shape (`{"error": {"code", "type", ...}}`);
+        Anthropic clients expect `{"type": "error", "error": {"type", "message"}}`. A context overflow becomes each
+        API's own (`api_rewrite`). Rewritten once: a body a peer already rewrote passes unchanged."""
+        raw = await _read_at_most(resp, MAX_ERROR_BODY)
+        out = [(k, v) for k, v in headers if k != b"content-length"]
+        if self.flavor == "anthropic":
+            body = anthropic_error_body(resp.status, raw)
+        elif (rewritten := api_rewrite.openai_context_error(raw, self.path)) is not None:
+            body = rewritten
+        else:
+            body = raw
+        if body is not raw:
+            out = [(k, v) for k, v in out if k != b"content-type"] + [(b"content-type", b"application/json")]
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _anthropic_message(
+        self, resp: Response, headers: list[tuple[bytes, bytes]], send: Send, stop_sequences: tuple[str, ...]
+    ) -> None:
+        """A non-streaming /v1/messages answer, read whole and rewritten (`api_rewrite.anthropic_message`); one
+        longer than `MAX_MESSAGE_BODY` passes unchanged."""
+        chunks = resp.chunks()
+        raw = bytearray()
+        try:
+            async for chunk in chunks:
                 raw += chunk
-                if len(raw) > MAX_ERROR_BODY:
+                if len(raw) > api_rewrite.MAX_MESSAGE_BODY:
                     break
-        body = anthropic_error_body(resp.status, raw)
-        out = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type")]
-        out += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        except UpstreamBroken as exc:
+            log.warning("upstream failed mid-response: %s", exc)
+            await _send_json(send, 502, error_body("anthropic", 502, "the model's server failed mid-answer; retry"))
+            return
+        if len(raw) > api_rewrite.MAX_MESSAGE_BODY:
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": bytes(raw), "more_body": True})
+            with contextlib.suppress(UpstreamBroken):
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        body = api_rewrite.anthropic_message(bytes(raw), stop_sequences)
+        out = [(k, v) for k, v in headers if k != b"content-length"] + [(b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -280,6 +343,32 @@ class Proxy:
         if self.flavor == "anthropic":
             return b"event: error\ndata: " + json.dumps(error_body("anthropic", 500, msg)).encode() + b"\n\n"
         return b"data: " + json.dumps(error_body("openai", 500, msg, "upstream_failed")).encode() + b"\n\n"
+
+
+async def _read_at_most(resp: Response, limit: int) -> bytes:
+    """An upstream body up to about `limit` bytes (a failure mid-body keeps what arrived)."""
+    raw = bytearray()
+    with contextlib.suppress(UpstreamBroken):
+        async for chunk in resp.chunks():
+            raw += chunk
+            if len(raw) > limit:
+                break
+    return bytes(raw)
+
+
+async def _send_json(send: Send, status: int, value: dict[str, Any]) -> None:
+    body = json.dumps(value).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _facts(name: str, local: ModelStatus | None, remote: list[RemoteModel]) -> ModelFacts:
+    """What the servers of a model know of it: the least context any gives, and whether it can call tools
+    (true if any server says so, false only if one says so and none says otherwise)."""
+    contexts = [c for c in ([local.context] if local else []) + [r.ctx for r in remote] if c]
+    said = [t for t in ([local.tools] if local else []) + [r.tools for r in remote] if t is not None]
+    return ModelFacts(name, min(contexts) if contexts else None, any(said) if said else None)
 
 
 async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

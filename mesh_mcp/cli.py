@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,7 +44,31 @@ def _node_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--console-port", type=int, default=3131, help="console port (default 3131)")
-    p.add_argument("--listen-all", action="store_true", help="serve the API and console on all interfaces")
+    p.add_argument(
+        "--listen-all",
+        action="store_true",
+        help="serve the API and console on all interfaces; other machines then need an API key (--api-key)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key other machines send as 'Authorization: Bearer KEY' or 'x-api-key: KEY' (repeatable; "
+        "MESH_LLM_API_KEYS=FILE reads one key per line and keeps keys out of the process list)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="with --listen-all: serve every machine that can reach this one, with no key",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let a browser app at ORIGIN (e.g. http://localhost:5173) call this node (repeatable)",
+    )
     p.add_argument("--name", help="name of this node and author of posts written on it (default: host name, $USER)")
     p.add_argument("--models-dir", type=Path, help="where models live (default ~/.models, or $MESH_LLM_MODELS)")
     p.add_argument("--backend", choices=["cpu", "cuda", "metal", "vulkan"], help="llama.cpp backend (default: detect)")
@@ -98,7 +123,24 @@ def _control_parser(action: str) -> argparse.ArgumentParser:
     else:
         p = argparse.ArgumentParser(
             prog="mesh-llm rotate-key",
-            description="Issue a new mesh secret: old invite tokens stop admitting nodes; members keep working.",
+            description=(
+                "Issue a new mesh secret (on an owner of the mesh: the node that created it, or one it named): old "
+                "invite tokens stop admitting nodes; members keep working; evicted nodes are disconnected and refused."
+            ),
+        )
+        p.add_argument(
+            "--evict",
+            action="append",
+            default=[],
+            metavar="NODE_ID",
+            help="leave this node (member or client) out of the new secret and disconnect it (repeatable)",
+        )
+        p.add_argument(
+            "--add-owner",
+            action="append",
+            default=[],
+            metavar="NODE_ID",
+            help="let this member rotate the key too (it must be in the mesh now; repeatable)",
         )
     p.add_argument("--console-port", type=int, default=3131, help="console port of the running node (default 3131)")
     return p
@@ -109,13 +151,20 @@ def _control(action: str, args: argparse.Namespace) -> int:
 
     url = f"http://127.0.0.1:{args.console_port}/api/{action}"
     try:
-        resp = httpx2.post(url, json={"model": args.model} if action == "drop" else {}, timeout=30)
+        request = {"model": args.model} if action == "drop" else {"evict": args.evict, "add_owner": args.add_owner}
+        resp = httpx2.post(url, json=request, timeout=30)
     except httpx2.TransportError:
         print(f"mesh-llm: no node is running here (nothing answers on {url})", file=sys.stderr)
         return 1
-    body = resp.json()
-    if resp.status_code != 200:
-        print(f"mesh-llm: {body.get('error', resp.text)}", file=sys.stderr)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    if resp.status_code != 200 or not isinstance(body, dict):
+        error = body.get("error", resp.text) if isinstance(body, dict) else resp.text
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        print(f"mesh-llm: {error}", file=sys.stderr)
         return 1
     print(body["dropped"] + " dropped" if action == "drop" else body["invite_token"])
     return 0
@@ -182,6 +231,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.client and args.model:
         print("mesh-llm: --client nodes serve no models; drop --model or --client", file=sys.stderr)
         return 2
+    from .httpguard import KEYS_ENV, api_keys, cors_origin
+
+    try:
+        keys = api_keys(args.api_key, os.environ.get(KEYS_ENV))
+        cors = tuple(cors_origin(o) for o in args.cors_origin)
+    except MeshLLMError as exc:
+        print(f"mesh-llm: {exc}", file=sys.stderr)
+        return 2
+    if args.listen_all and not keys and not args.no_auth:
+        print(
+            "mesh-llm: --listen-all lets other machines use this node, so it needs API keys: add --api-key KEY "
+            f"(repeatable) or set {KEYS_ENV} to a file with one key per line; or pass --no-auth to let anyone who "
+            "can reach this machine in without a key",
+            file=sys.stderr,
+        )
+        return 2
     config = NodeConfig(
         models=tuple(args.model),
         host="0.0.0.0" if args.listen_all else "127.0.0.1",
@@ -206,6 +271,9 @@ def _run(args: argparse.Namespace) -> int:
         blackboard=args.blackboard,
         author=args.name,
         split=args.split,
+        api_keys=keys,
+        no_auth=args.no_auth,
+        cors_origins=cors,
     )
     bars = Bars(console)
     try:

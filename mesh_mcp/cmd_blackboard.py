@@ -4,6 +4,10 @@ node; `--mcp` serves the blackboard to an agent over stdio; `install-skill` inst
 mesh-llm blackboard "STATUS: [org/repo branch:main] refactoring billing"   post
 mesh-llm blackboard --search "billing refactor" [--from NAME] [--since HOURS]   search
 mesh-llm blackboard [--from NAME] [--since HOURS]                              the recent feed
+
+What it prints comes from other people's posts: post text, authors and the node's messages are shown
+through `inference.controls.printable` (control, bidi and format characters as U+FFFD), whatever the
+node sent, so no post can drive the terminal; `--json` is ASCII-escaped JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import httpx2
 
 from inference import paths
+from inference.controls import printable
 
 NO_NODE = (
     "no mesh-llm node is running here ({url} does not answer). Start one: `mesh-llm --client --blackboard` "
@@ -96,7 +101,7 @@ def _post(url: str, args: argparse.Namespace) -> int:
     if resp.status_code != 201:
         return _fail(resp)
     post = resp.json()["post"]
-    print(json.dumps(post) if args.json else f"posted {post['id']}")
+    print(json.dumps(post) if args.json else f"posted {printable(str(post['id']))}")
     return 0
 
 
@@ -116,8 +121,9 @@ def _read(url: str, args: argparse.Namespace) -> int:
         print("no posts match" if args.search else "the blackboard is empty")
     now = time.time()
     for post in posts:
-        reply = f" (re {post['reply_to'][:8]})" if post.get("reply_to") else ""
-        print(f"{post['id'][:8]}  {_ago(now - post['created']):>8}  {post['author']}{reply}: {post['text']}")
+        reply = f" (re {printable(str(post['reply_to'])[:8])})" if post.get("reply_to") else ""
+        author, text = printable(" ".join(str(post["author"]).split())), printable(str(post["text"]))
+        print(f"{printable(str(post['id'])[:8])}  {_ago(now - post['created']):>8}  {author}{reply}: {text}")
     return 0
 
 
@@ -126,7 +132,7 @@ def _fail(resp: httpx2.Response) -> int:
         message = resp.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = resp.text
-    print(f"mesh-llm: {message}", file=sys.stderr)
+    print(f"mesh-llm: {printable(str(message))}", file=sys.stderr)
     return 1
 
 

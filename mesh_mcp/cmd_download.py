@@ -1,8 +1,8 @@
 """`mesh-llm download [NAME...] [--draft]`: list the model catalog, or fetch models with progress bars.
 
 Thin presentation over `inference.catalog` and `inference.models`: a table of the catalog, and rich
-progress bars (bytes, speed, ETA) fed by the downloads' progress callbacks. Errors are printed as one
-message and turn into exit code 1.
+progress bars (bytes, speed, ETA) fed by the downloads' progress callbacks. Errors (a full disk
+included) are printed as one message and turn into exit code 1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from inference.catalog import CATALOG, DEFAULT_MODEL, HFSource
+from inference.diskspace import MODELS_HINT, is_disk_full
 from inference.errors import MeshLLMError
 from inference.models import LocalModel, ensure_model, ensure_with_draft
 
@@ -84,9 +85,15 @@ async def download_command(names: list[str], *, draft: bool, models_dir: Path, c
                 fetched.extend([model] if draft_model is None else [model, draft_model])
             else:
                 fetched.append(await ensure_model(name, models_dir=models_dir, on_progress=bars.download))
-    except MeshLLMError as exc:
+    except MeshLLMError as exc:  # DiskFull included: what needs how much where, and what is free
         bars.stop()
         out.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return 1
+    except OSError as exc:  # the models directory itself (creating it, a lock file in it)
+        bars.stop()
+        full = f" The disk is full: {MODELS_HINT}." if is_disk_full(exc) else ""
+        where = exc.filename or models_dir
+        out.print(f"[red]error:[/red] cannot write {escape(str(where))}: {escape(exc.strerror or str(exc))}.{full}")
         return 1
     bars.stop()
     for model in fetched:

@@ -1,12 +1,16 @@
 """The console server on :3131: `GET /api/status` (JSON), `GET /api/events` (SSE of state changes),
 the blackboard (`GET /api/blackboard` searches or lists the feed, `POST /api/blackboard` posts),
 node controls for this machine only, and a small HTML page that shows the status.
+
+Served behind `httpguard.HttpGuard` (Host, Origin, keys, body limit); request bodies are parsed with
+`jsonlimits` (a 10 000-deep body is a 400 with a sentence). The invite token is in `/api/status` only
+for a request the guard found local, never in `/api/events`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, Protocol
 
@@ -18,8 +22,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from blackboard.board import Board
-from inference.errors import BlackboardError, MeshLLMError, PostTooLarge, RateLimited
+from inference.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
 
+from .httpguard import is_local
+from .jsonlimits import JsonRejected, parse
 from .state import NodeState
 
 KEEPALIVE_S = 15
@@ -30,12 +36,23 @@ class Controls(Protocol):
 
     def drop(self, requested: str) -> str: ...
 
-    def rotate_key(self) -> str: ...
+    def rotate_key(self, evict: Sequence[str] = (), add_owners: Sequence[str] = ()) -> str: ...
 
 
-def _loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
-    return host.startswith("127.") or host == "::1"
+ROTATE_KEY_USAGE = 'give {"evict"?: [NODE_ID, ...], "add_owner"?: [NODE_ID, ...]} (node ids: 16 hex characters)'
+
+
+def _rotate_key(controls: Controls, raw: bytes) -> Response:
+    """`POST /api/rotate-key` (an owner only): body empty or `{"evict": [...], "add_owner": [...]}`."""
+    body = parse(raw) if raw.strip() else {}
+    if not isinstance(body, dict) or set(body) - {"evict", "add_owner"}:
+        return JSONResponse({"error": ROTATE_KEY_USAGE}, status_code=400)
+    lists = {key: body.get(key, []) for key in ("evict", "add_owner")}
+    for value in lists.values():
+        if not isinstance(value, list) or len(value) > 32 or not all(isinstance(n, str) for n in value):
+            return JSONResponse({"error": ROTATE_KEY_USAGE}, status_code=400)
+    token = controls.rotate_key(lists["evict"], lists["add_owner"])
+    return JSONResponse({"invite_token": token, "evicted": lists["evict"], "owners_added": lists["add_owner"]})
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -68,21 +85,22 @@ def blackboard_routes(board: Board | None) -> list[Route]:
     async def write(request: Request) -> Response:
         if board is None:
             return missing()
-        if int(request.headers.get("content-length") or 0) > 64 << 10:
-            return _error("a post request is at most 64 KiB", 413)
         try:
-            body = await request.json()
-        except ValueError as exc:
-            return _error(f"malformed JSON: {exc}", 400)
+            body = parse(await request.body())  # at most the guard's console body limit (64 KiB)
+        except JsonRejected as exc:
+            return _error(str(exc), 400)
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             return _error('give {"text": "...", "author"?: "...", "reply_to"?: "<post id>"}', 400)
         author, reply_to = body.get("author"), body.get("reply_to")
         if not all(v is None or isinstance(v, str) for v in (author, reply_to)):
             return _error("author and reply_to are strings", 400)
         try:
-            post = await board.post(body["text"], author=author, reply_to=reply_to)
+            source = request.client.host if request.client else None  # the per-client rate limit's key
+            post = await board.post(body["text"], author=author, reply_to=reply_to, source=source)
         except RateLimited as exc:
             return _error(str(exc), 429, {"Retry-After": str(max(1, round(exc.retry_after)))})
+        except BlackboardDiskFull as exc:
+            return _error(str(exc), 507)
         except BlackboardError as exc:
             return _error(str(exc), 413 if isinstance(exc, PostTooLarge) else 400)
         return JSONResponse({"post": post.summary()}, status_code=201)
@@ -97,7 +115,10 @@ def build_console(node: NodeState, controls: Controls | None = None, board: Boar
         return HTMLResponse(page)
 
     async def status(request: Request) -> Response:
-        return JSONResponse(node.snapshot())
+        snap = node.snapshot()
+        if is_local(request.scope):  # this machine, a loopback Host, no foreign web page: may see the secret
+            snap["invite_token"] = node.invite_token
+        return JSONResponse(snap)
 
     async def events(request: Request) -> Response:
         async def stream() -> AsyncIterator[dict[str, Any]]:
@@ -115,15 +136,16 @@ def build_console(node: NodeState, controls: Controls | None = None, board: Boar
     async def control(request: Request) -> Response:
         if request.path_params["action"] not in ("drop", "rotate-key"):
             return JSONResponse({"error": "no such control"}, status_code=404)
-        if controls is None or not _loopback(request):
-            return JSONResponse({"error": "node controls are only open to this machine"}, status_code=403)
+        if controls is None or not is_local(request.scope):
+            refused = "node controls are only open to this machine: ask 127.0.0.1 or localhost, not from a web page"
+            return JSONResponse({"error": refused}, status_code=403)
         try:
-            body = await request.json() if request.path_params["action"] == "drop" else {}
+            body = parse(await request.body()) if request.path_params["action"] == "drop" else {}
             if request.path_params["action"] == "drop":
                 if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                     return JSONResponse({"error": 'give {"model": NAME}'}, status_code=400)
                 return JSONResponse({"dropped": controls.drop(body["model"])})
-            return JSONResponse({"invite_token": controls.rotate_key()})
+            return _rotate_key(controls, await request.body())
         except ValueError as exc:  # malformed JSON
             return JSONResponse({"error": f"malformed request: {exc}"}, status_code=400)
         except MeshLLMError as exc:

@@ -1,25 +1,130 @@
-"""Serving an ASGI app with uvicorn inside our task group.
+"""Serving an ASGI app with uvicorn inside our task group, with bounded connections.
 
 uvicorn's own signal handling is switched off (the node owns SIGINT/SIGTERM). `serve_http` signals
 readiness once the socket is bound, raises a clear error when the port is taken, and on
 cancellation shuts the server down gracefully (listeners closed, open streams given a moment).
+
+Bounds (a slow or idle client cannot hold the server's sockets): uvicorn has no request-head timeout
+(200 connections that sent headers a byte at a time stayed open, fds 16 → 216), so `_BoundedH11` closes
+a connection whose request head is not complete `header_timeout_s` after the connection opened or after
+its first byte (for a kept-alive connection; idle kept-alive connections are closed by uvicorn's
+`timeout_keep_alive`), and one that goes silent for `body_idle_s` in the middle of a body. Request heads
+are capped at `MAX_HEAD_BYTES` (h11 answers 400 past it) and the connections of one server at
+`max_connections` (uvicorn answers 503 past it). Bodies are bounded by `httpguard`.
+`MESH_LLM_HTTP_HEADER_TIMEOUT_S` overrides the head timeout (tests use a short one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import logging
+import os
 import socket
 from collections.abc import Generator
 
 import anyio
+import h11
 import uvicorn
 from anyio.abc import TaskStatus
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from inference.errors import ConfigError
 
+log = logging.getLogger("mesh_llm.http")
+
 GRACEFUL_S = 3
+HEADER_TIMEOUT_S = 10.0  # a request head is a few hundred bytes: 10 s is generous on any link
+KEEP_ALIVE_S = 15  # an idle kept-alive connection (SDK pools reuse them within seconds)
+BODY_IDLE_S = 30.0  # silence allowed in the middle of a request body (a slow upload still sends every second)
+MAX_HEAD_BYTES = 16 << 10  # request line + headers (h11's default; SDK requests send ~1 KiB)
+MAX_CONNECTIONS = 512  # per server; past it uvicorn answers 503 (the default fd limit is 1024)
+HEADER_TIMEOUT_ENV = "MESH_LLM_HTTP_HEADER_TIMEOUT_S"
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: 46\r\n\r\nthe request headers did not arrive in time\r\n\r\n"
+)
+
+
+class _BoundedH11(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head and a limit on silence mid-body (see the
+    module docstring)."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+    body_idle_s = BODY_IDLE_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_seen_at = 0.0
+        super().connection_made(transport)
+        self._arm_head_timer()  # a new connection must send a whole request head in time
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            self._arm_head_timer()  # no-op when armed: dripping bytes does not push the deadline back
+        else:
+            self._cancel_head_timer()  # the head is complete (or the connection failed)
+        if state is h11.SEND_BODY:
+            self._body_seen_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.body_idle_s, self._body_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().connection_lost(exc)
+
+    def _body_check(self) -> None:
+        """A client that stops sending mid-body is closed after `body_idle_s` of silence, unless the silence
+        is ours (reading paused while the app works through what it has)."""
+        self._body_timer = None
+        if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+            return
+        quiet = self.loop.time() - self._body_seen_at
+        if quiet >= self.body_idle_s and not self.flow.read_paused:
+            self.transport.close()
+            return
+        self._body_timer = self.loop.call_later(max(self.body_idle_s - quiet, 0.1), self._body_check)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+
+def _protocol(header_timeout_s: float, body_idle_s: float) -> type[H11Protocol]:
+    return type("BoundedH11", (_BoundedH11,), {"header_timeout_s": header_timeout_s, "body_idle_s": body_idle_s})
+
+
+def _env_header_timeout() -> float:
+    raw = os.environ.get(HEADER_TIMEOUT_ENV)
+    if not raw:
+        return HEADER_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        log.warning("%s=%r is not seconds in (0, 3600]; using %g", HEADER_TIMEOUT_ENV, raw, HEADER_TIMEOUT_S)
+        return HEADER_TIMEOUT_S
+    return value
 
 
 class _Server(uvicorn.Server):
@@ -47,18 +152,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve_http(
-    app: ASGIApp, host: str, port: int, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    header_timeout_s: float | None = None,
+    body_idle_s: float = BODY_IDLE_S,
+    keep_alive_s: int = KEEP_ALIVE_S,
+    max_connections: int = MAX_CONNECTIONS,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` until cancelled; `task_status.started(port)` once listening."""
+    """Serve `app` until cancelled; `task_status.started(port)` once listening. `header_timeout_s` defaults to
+    `HEADER_TIMEOUT_S`, or `MESH_LLM_HTTP_HEADER_TIMEOUT_S` when set."""
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
+        http=_protocol(header_timeout_s if header_timeout_s is not None else _env_header_timeout(), body_idle_s),
+        ws="none",
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_S,
-        timeout_keep_alive=30,
+        timeout_keep_alive=keep_alive_s,
+        limit_concurrency=max_connections,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     server = _Server(config)
 

@@ -58,6 +58,8 @@ def parse(body: bytes, *, max_depth: int = MAX_DEPTH, max_string: int = MAX_STRI
         raise JsonRejected(f"request body is not UTF-8: {exc.reason}") from exc
     except json.JSONDecodeError as exc:
         raise JsonRejected(f"request body is not valid JSON: {exc}") from exc
+    except ValueError as exc:  # an integer longer than sys.get_int_max_str_digits() (4300): not a ValueError to leak
+        raise JsonRejected("a number in the request body has too many digits") from exc
     if len(body) <= max_string and body.count(b"[") + body.count(b"{") < max_depth:
         return value
     if (problem := _too_big(value, max_depth, max_string)) is not None:

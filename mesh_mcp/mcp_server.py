@@ -28,9 +28,11 @@ from urllib.parse import urlsplit
 
 import httpx2
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 from typing_extensions import TypedDict
@@ -291,6 +293,51 @@ def _check_max_tokens(max_tokens: int) -> int:
     return max_tokens
 
 
+# What each argument takes, for the sentence that answers a value of the wrong type (which the SDK's pydantic
+# validation catches before a tool runs, and would report as a pydantic dump with a documentation URL).
+_EXPECTED = {
+    "text": f"a string of at most {MAX_TEXT_BYTES} bytes (the post, starting with its kind, e.g. 'STATUS: ...')",
+    "reply_to": "a post id (32 hex characters), or left out",
+    "author": f"one line of at most {MAX_AUTHOR} characters (your name), or left out",
+    "query": f"a string of at most {MAX_QUERY_BYTES} bytes (the words to search for)",
+    "kind": "a kind such as STATUS, FINDING, QUESTION or ANSWER, or left out",
+    "since_hours": f"a number of hours, more than 0 and at most {MAX_SINCE_HOURS:g}, or left out",
+    "limit": f"a whole number from 1 to {MAX_LIMIT}",
+    "question": "a string (the question, self-contained)",
+    "model": "a model name from mesh_models, or left out",
+    "max_tokens": f"a whole number from 1 to {MAX_TOKENS}",
+}
+
+
+def argument_errors(tool: str, exc: ValidationError, most: int = 3) -> str:
+    """One sentence for arguments the SDK's validation refused: each argument named with what it takes."""
+    parts = []
+    for err in exc.errors()[:most]:
+        name = ".".join(str(part) for part in err["loc"]) or "the arguments"
+        expected = _EXPECTED.get(str(err["loc"][0]) if err["loc"] else "", "")
+        if err["type"] == "missing":
+            parts.append(f"{name} is required" + (f": {expected}" if expected else ""))
+            continue
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        what = expected or str(err["msg"]).removeprefix("Input should be ")
+        parts.append(f"{name} must be {what}; got {shown}")
+    more = len(exc.errors()) - most
+    return f"{tool}: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+class _Server(MCPServer):
+    """The SDK's server, with argument errors in words (`argument_errors`) instead of pydantic's report."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc, UnexpectedToolError) or not isinstance(exc.__cause__, ValidationError):
+                raise
+            raise ToolError(argument_errors(name, exc.__cause__)) from exc.__cause__
+
+
 def error_text(exc: MeshLLMError) -> str:
     """What an agent reads for a failed call: the message, and for a rate limit when to retry."""
     text = str(exc) or type(exc).__name__
@@ -396,7 +443,7 @@ def build_server(tools: MeshTools, *, name: str = "mesh-llm") -> MCPServer:
     """The MCP server with the six mesh tools, each calling into `tools`."""
     # log_level: MCPServer runs logging.basicConfig(level=...) when the root logger has no handler;
     # WARNING keeps the root logger at its default level (no INFO chatter from other libraries).
-    server: MCPServer = MCPServer(name, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
+    server: MCPServer = _Server(name, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
     reading = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     @server.tool(
@@ -712,12 +759,20 @@ class McpHttp:
     any port) and whose Origin, if any, is local are served (the SDK's check; 421/403 otherwise), so a
     web page cannot post through a browser. `allow_remote=True` (for a node listening on all
     interfaces) serves any Host but still refuses browser requests from non-local origins.
+
+    `guarded=True`: the app sits behind `httpguard.HttpGuard` (as in a node), which already checked Host,
+    Origin (with the operator's `--cors-origin` allow-list), API keys and the body size, so these checks
+    are off here and an origin the operator allowed is not refused twice. The SDK's own Content-Type
+    check on POST (application/json, else 400) stays.
     """
 
-    def __init__(self, tools: MeshTools, *, name: str = "mesh-llm", allow_remote: bool = False) -> None:
+    def __init__(
+        self, tools: MeshTools, *, name: str = "mesh-llm", allow_remote: bool = False, guarded: bool = False
+    ) -> None:
         self.server = build_server(tools, name=name)
         self.allow_remote = allow_remote
-        if allow_remote:
+        self.guarded = guarded
+        if allow_remote or guarded:
             security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
         else:
             security = TransportSecuritySettings(
@@ -768,7 +823,7 @@ class McpHttp:
             body = {"error": {"message": "the MCP server is not running (node starting or stopping)"}}
             await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
             return
-        if self.allow_remote and not _local_origin(scope):
+        if self.allow_remote and not self.guarded and not _local_origin(scope):
             body = {"error": {"message": "MCP requests from web pages are only served to local origins"}}
             await JSONResponse(body, status_code=403)(scope, receive, send)
             return

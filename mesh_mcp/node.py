@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from blackboard.scrub import default_scrubber
 from blackboard.store import Store
 from inference import hardware, models
 from inference.cpu import read_cpu
+from inference.diskspace import is_disk_full
 from inference.errors import ConfigError, MeshLLMError
 from inference.gguf_facts import memory_need, read_facts
 from inference.llama_server import LlamaServer, ServerSettings
@@ -34,6 +36,7 @@ from inference.provision import ensure_llama_cpp
 from . import __version__
 from .api import build_api
 from .console import build_console
+from .httpguard import API, CONSOLE, HttpGuard, Policy
 from .httpserve import serve_http
 from .identity import load_or_create
 from .local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
@@ -83,6 +86,9 @@ class NodeConfig:
     author: str | None = None  # default author of posts written here (--name, else $USER)
     split: int | None = None  # --split N: serve every model split over N nodes even when it fits one
     threads: int | None = None  # --threads: CPU threads of llama-server and rpc-servers (default: all cores)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESH_LLM_API_KEYS: never logged
+    no_auth: bool = False  # --no-auth: --listen-all without keys, chosen explicitly
+    cors_origins: tuple[str, ...] = ()  # --cors-origin: browser apps allowed to call the API (normalized)
 
     @property
     def in_mesh(self) -> bool:
@@ -125,7 +131,7 @@ class Node:
             tokens = tuple(decode_token(t) for t in config.joins)  # a bad token fails here, clearly
             self.mesh = Mesh(
                 self.identity,
-                _mesh_config(config.home, tokens),
+                _mesh_config(config.home, tokens, self.identity.public_bytes),
                 config.home,
                 self.state,
                 MeshSettings(
@@ -181,12 +187,16 @@ class Node:
             api = build_api(self.state, self.mesh)
             if self.mesh is not None:
                 self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only
-            mount = _McpMount(api, self.state, allow_remote=cfg.host in ("0.0.0.0", "::"))
+            listen_all = cfg.host in ("0.0.0.0", "::")
+            mount = _McpMount(api, self.state, allow_remote=listen_all)
             tg.start_soon(mount.run)
-            api_port = await tg.start(serve_http, mount, cfg.host, cfg.api_port)
-            console_port = await tg.start(
-                serve_http, build_console(self.state, self, self.board), cfg.host, cfg.console_port
-            )
+            # The guard is outside the MCP mount, so /mcp is checked like /v1 (Host, Origin, key, body size).
+            policy = Policy(listen_all, cfg.api_keys, cfg.no_auth, frozenset(cfg.cors_origins))
+            api_app = HttpGuard(mount, policy, API)
+            console_app = HttpGuard(build_console(self.state, self, self.board), policy, CONSOLE)
+            api_port = await tg.start(serve_http, api_app, cfg.host, cfg.api_port)
+            console_port = await tg.start(serve_http, console_app, cfg.host, cfg.console_port)
+            _log_exposure(policy, api_port, console_port)
             self.state.set_info(
                 api_url=f"http://{_display_host(cfg.host)}:{api_port}/v1",
                 console_url=f"http://{_display_host(cfg.host)}:{console_port}",
@@ -204,9 +214,7 @@ class Node:
             )
             tg.start_soon(_remove_runtime_on_exit, cfg.home)
             if self.mesh is not None:
-                # The invite token alone on its own line of stdout: easy to copy, easy to script.
-                print(self.mesh.invite_token(), flush=True)
-                log.info("invite token printed above: `mesh-llm --join TOKEN` adds a machine")
+                tg.start_soon(self._print_token, self.mesh)
             task_status.started()
             if cfg.client:
                 await anyio.sleep_forever()
@@ -250,7 +258,17 @@ class Node:
 
     async def _model_task(self, spec: str) -> None:
         with anyio.CancelScope() as scope:
-            await self._serve_model(spec, scope)
+            try:
+                await self._serve_model(spec, scope)
+            except OSError as exc:
+                # A full disk met by a writer that did not say so itself (an rpc cache, a shard): this model
+                # fails, visibly; the node and its other models go on. Other OSErrors are bugs: they propagate.
+                if not is_disk_full(exc):
+                    raise
+                name = next((n for n, s in self._model_scopes.items() if s is scope), spec)
+                detail = f"the disk is full: {exc.strerror} ({exc.filename or 'a file'}); free some space and restart"
+                log.error("model %s: %s", name, detail)
+                self.state.update_model(name, state="failed", detail=detail, progress=None, upstream=None)
 
     async def _run_board(self, board: Board) -> None:
         self.state.set_info(blackboard={"state": "loading"})
@@ -270,10 +288,22 @@ class Node:
         log.info("dropped %s", status.name)
         return status.name
 
-    def rotate_key(self) -> str:
+    async def _print_token(self, mesh: Mesh) -> None:
+        """The invite token alone on its own line of stdout (easy to copy, easy to script), once this node is a
+        member: at once in a mesh it created or restarted in, after the join succeeded otherwise (a refused
+        join prints none)."""
+        await mesh.joined.wait()
+        token = mesh.invite_token()
+        print(token, flush=True)
+        self.state.set_info(invite_token=token)  # after the print: whoever sees it in the status finds it printed
+        log.info("invite token printed above: `mesh-llm --join TOKEN` adds a machine")
+
+    def rotate_key(self, evict: Sequence[str] = (), add_owners: Sequence[str] = ()) -> str:
+        """As an owner of the mesh: a new secret (epoch + 1), without the `evict`ed nodes, with `add_owners`
+        named owners; returns the new invite token."""
         if self.mesh is None:
             raise ConfigError("this node is in no mesh")
-        return self.mesh.rotate()
+        return self.mesh.rotate(evict, add_owners)
 
     def _traffic(self) -> dict[str, int]:
         """Bytes between this node and its peers: QUIC datagrams (gossip, control, tunnelled API requests) and
@@ -320,9 +350,16 @@ class Node:
             local = await models.ensure_model(spec, models_dir=self.config.models_dir, on_progress=progress)
             self.state.models_on_disk = _models_on_disk(self.config.models_dir)
             facts = await anyio.to_thread.run_sync(read_facts, local.path)
-        except MeshLLMError as exc:
+        except MeshLLMError as exc:  # DiskFull included: "needs 98 MB in /models but only 38 MB is free: ..."
             log.error("model %s: %s", spec, exc)
             self.state.update_model(name, state="failed", detail=str(exc), progress=None)
+            return
+        except OSError as exc:  # the models directory itself (creating it, a lock file): fail this model only
+            full = " (the disk is full: free some space or pass --models-dir on a larger disk)"
+            full = full if is_disk_full(exc) else ""
+            detail = f"cannot use the models directory {self.config.models_dir}: {exc.strerror or exc}{full}"
+            log.error("model %s: %s", spec, detail)
+            self.state.update_model(name, state="failed", detail=detail, progress=None)
             return
         embeddings = facts.architecture in EMBEDDING_ARCHS
         # The KV cache is unified: one request may fill all of it (--ctx-size × --parallel), up to the model's
@@ -460,7 +497,8 @@ class _OwnTools:
 
 
 class _McpMount:
-    """The API port's app: MCP (streamable HTTP) at /mcp, the OpenAI/Anthropic API elsewhere.
+    """The API port's app: MCP (streamable HTTP) at /mcp, the OpenAI/Anthropic API elsewhere. It sits
+    behind `httpguard.HttpGuard`, so the MCP app's own Host/Origin checks are off (`guarded=True`).
 
     The MCP SDK takes ~0.8 s of CPU to import, so it is loaded in a worker thread once the node runs
     (joining the mesh and serving models do not wait for it); an early /mcp request waits for it."""
@@ -474,7 +512,7 @@ class _McpMount:
 
     async def run(self) -> None:
         module = await anyio.to_thread.run_sync(importlib.import_module, "mesh_mcp.mcp_server")
-        async with module.McpHttp(_OwnTools(self.state), allow_remote=self.allow_remote) as mcp:
+        async with module.McpHttp(_OwnTools(self.state), allow_remote=self.allow_remote, guarded=True) as mcp:
             self.mcp = mcp
             self._loaded.set()
             try:
@@ -492,6 +530,29 @@ class _McpMount:
             await self.mcp(scope, receive, send)
         else:
             await JSONResponse({"error": "MCP is starting; retry"}, 503, {"Retry-After": "1"})(scope, receive, send)
+
+
+def _log_exposure(policy: Policy, api_port: int, console_port: int) -> None:
+    """Say what other machines and browser apps can reach (never the keys themselves)."""
+    if policy.cors_origins:
+        log.info("browser apps allowed to call this node (--cors-origin): %s", ", ".join(sorted(policy.cors_origins)))
+    if not policy.listen_all:
+        return
+    ports = f"ports {api_port} (API, /mcp) and {console_port} (console)"
+    if policy.no_auth:
+        log.warning(
+            "--listen-all --no-auth: anyone who can reach this machine on %s can use its models and the mesh's, "
+            "call its MCP tools and read and post to the blackboard, with no key; the invite token and node "
+            "controls stay on this machine",
+            ports,
+        )
+    else:
+        log.info(
+            "--listen-all: other machines reach %s with one of the %d API key(s) (Authorization: Bearer KEY or "
+            "x-api-key: KEY); the invite token and node controls stay on this machine",
+            ports,
+            len(policy.api_keys),
+        )
 
 
 def _placement(need: int, cap: int, hw: hardware.Hardware, split: int | None, moe: bool = False) -> str:
@@ -514,17 +575,18 @@ def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _mesh_config(home: Path, tokens: tuple[InviteToken, ...]) -> MeshConfig:
-    """The mesh this node belongs to: the one a token names, else the one it created before, else a new one."""
+def _mesh_config(home: Path, tokens: tuple[InviteToken, ...], owner: bytes) -> MeshConfig:
+    """The mesh this node belongs to: the one a token names, else the one it created before, else a new one
+    owned by `owner` (this node's public key). A token's mesh is not saved here: the mesh saves it once the
+    join succeeded, so a refused join leaves mesh.toml as it was."""
     existing = meshfile.load(home)
     if tokens:
         joined = meshfile.from_token(tokens[0])
         if existing is not None and existing.mesh_id == joined.mesh_id and existing.epoch >= joined.epoch:
             return existing
-        meshfile.save(home, joined)
         return joined
     if existing is None:
-        existing = meshfile.create()
+        existing = meshfile.create(owner=owner)
         meshfile.save(home, existing)
         log.info("created mesh %s", existing.mesh_id_hex[:8])
     return existing

@@ -3,6 +3,9 @@ broadcast of every change (the console's `/api/events`).
 
 Model states: downloading → loading → serving, or failed (with why); stopped after a drop.
 Changes go through `update_model`, which publishes a snapshot to every subscriber.
+
+A snapshot never holds the invite token (the mesh secret): it is streamed to every console client. The
+console adds `invite_token` to `/api/status` only for a request `httpguard` found local.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class NodeState:
     hardware: dict[str, Any] = field(default_factory=dict)
     models: dict[str, ModelStatus] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
-    invite_token: str | None = None
+    invite_token: str | None = field(default=None, repr=False)  # the mesh secret: never in `snapshot()`
     models_on_disk: tuple[str, ...] = ()
     mesh_id: str | None = None
     blackboard: dict[str, Any] | None = None  # {"state": "loading" | "ready"} when carried
@@ -104,7 +107,6 @@ class NodeState:
             "hardware": self.hardware,
             "uptime_s": round(time.time() - self.started_at, 1),
             "mesh_id": self.mesh_id,
-            "invite_token": self.invite_token,
             "peers": self.peers(),
             "traffic": self.traffic(),
             "models": [m.public() for m in self.models.values()],

@@ -7,6 +7,8 @@ parses the status line and headers once and then reads chunked framing with `rea
 `readexactly`, handing each chunk on untouched. Keep-alive connections are pooled per upstream.
 
 `Response` is also the shape the mesh tunnel produces, so the proxy relays either the same way.
+A request given up at any point (cancelled before the head, or its body not read to the end) closes its
+connection: llama-server stops decoding when its client's socket closes.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ async def request(
                 conn[1].close()
             if attempt == 1 or not isinstance(exc, ConnectionError | ValueError):
                 raise UpstreamUnavailable(f"{host}:{port}: {exc}") from exc
+        except BaseException:
+            if conn is not None:  # cancelled (the client hung up) before the head: llama-server sees the close
+                conn[1].close()
+            raise
     keep_alive = (dict(resp_headers).get(b"connection") or b"").lower() != b"close"
     return Response(status, resp_headers, _body(pool, key, reader, writer, resp_headers, keep_alive), [writer])
 

@@ -87,7 +87,7 @@ def test_anthropic_errors_use_anthropic_shape() -> None:
         (b"{oops", "not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
         (b'{"model": 7}', "'model' must be a string"),
-        (b"\xff\xfe\x00", "not valid JSON"),
+        (b"\xff\xfe\x00", "not UTF-8"),
     ],
 )
 def test_malformed_requests_are_400(body: bytes, message: str) -> None:
@@ -159,7 +159,7 @@ def test_models_show_tool_capability_and_size_once_known() -> None:
 def test_backend_gone_between_check_and_request_is_503() -> None:
     node = make_node(m="serving")
     node.update_model("m", upstream="http://127.0.0.1:9")  # nothing listens on the discard port
-    r = post(node, CHAT, json={"model": "m", "messages": []})
+    r = post(node, CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
 
 
@@ -198,14 +198,14 @@ def post_via(node: NodeState, directory: TwinDirectory, body: dict[str, Any]) ->
 
 def test_a_server_that_fails_before_answering_is_skipped_for_the_next() -> None:
     mesh = TwinDirectory({"n-down": None, "n-up": b'{"ok": true}'})
-    r = post_via(make_node(), mesh, {"model": "remote-model", "messages": []})
+    r = post_via(make_node(), mesh, {"model": "remote-model", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert mesh.tried == ["n-down", "n-up"]  # fewest in flight first, then the fallback
 
 
 def test_every_server_down_is_503() -> None:
     mesh = TwinDirectory({"a": None, "b": None})
-    r = post_via(make_node(), mesh, {"model": "remote-model", "messages": []})
+    r = post_via(make_node(), mesh, {"model": "remote-model", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
 
 
@@ -239,7 +239,9 @@ def test_upstream_failing_mid_stream_ends_the_sse_stream_with_an_error_event() -
         try:
             transport = httpx2.ASGITransport(app=build_api(node))
             async with httpx2.AsyncClient(transport=transport, base_url="http://node") as c:
-                return await c.post(CHAT, json={"model": "m", "stream": True})
+                return await c.post(
+                    CHAT, json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                )
         finally:
             server.close()
             await server.wait_closed()
@@ -256,7 +258,7 @@ def test_upstream_failing_mid_stream_ends_the_sse_stream_with_an_error_event() -
         (
             b'{"error":{"code":400,"message":"request (20310 tokens) exceeds the available context size",'
             b'"type":"exceed_context_size_error"}}',
-            "request (20310 tokens) exceeds",
+            "prompt is too long: request (20310 tokens) exceeds",
         ),
         (b'{"error":"bad thing"}', "bad thing"),
         (b'{"message":"plain"}', "plain"),

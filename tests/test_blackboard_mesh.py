@@ -146,7 +146,10 @@ def test_limits_are_errors_the_poster_sees(spawn: Spawn) -> None:
     # another author on the same node has their own allowance
     r = httpx2.post(a.console + "/api/blackboard", json={"text": "STATUS: me too", "author": "dave"})
     assert r.status_code == 201
-    assert httpx2.post(a.console + "/api/blackboard", content=b"{nope").status_code == 400
+    json_type = {"content-type": "application/json"}
+    assert httpx2.post(a.console + "/api/blackboard", content=b"{nope", headers=json_type).status_code == 400
+    # without a JSON content type a POST is what a cross-site form could send: refused before it is read
+    assert httpx2.post(a.console + "/api/blackboard", content=b"{nope").status_code == 415
     assert httpx2.get(a.console + "/api/blackboard", params={"since": "99"}).status_code == 400
 
 

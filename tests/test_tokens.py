@@ -83,7 +83,8 @@ def test_round_trip_random() -> None:
 def test_longest_token_fits_the_limit() -> None:
     addr = ".".join(["h" * 63] * 3 + ["h" * 57]) + ":65535"
     assert len(addr) == 255
-    t = token(*[addr] * MAX_ADDRESSES)
+    owners = tuple(bytes([i]) * 32 for i in range(tokens.MAX_OWNERS))
+    t = dataclasses.replace(token(*[addr] * MAX_ADDRESSES), owners=owners)
     text = encode(t)
     assert len(text) == MAX_TOKEN_CHARS
     assert decode(text) == t
@@ -195,7 +196,9 @@ def payload(protocol: int) -> bytes:
 
 def test_newer_protocol_says_upgrade() -> None:
     text = tokens._wrap(payload(PROTOCOL_VERSION + 1))
-    with pytest.raises(InvalidToken, match=r"this token is for mesh protocol 2; upgrade mesh-llm"):
+    with pytest.raises(
+        InvalidToken, match=rf"this token is for mesh protocol {PROTOCOL_VERSION + 1}; upgrade mesh-llm"
+    ):
         decode(text)
 
 
@@ -211,7 +214,7 @@ def test_protocol_zero_is_malformed() -> None:
 
 def test_encode_refuses_other_protocols() -> None:
     with pytest.raises(InvalidToken):
-        encode(dataclasses.replace(SAMPLE, protocol=2))
+        encode(dataclasses.replace(SAMPLE, protocol=PROTOCOL_VERSION + 1))
 
 
 # --- malformed payloads with a valid checksum (made by a buggy or hostile encoder) ------------

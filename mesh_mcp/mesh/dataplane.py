@@ -73,10 +73,11 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,6 +88,7 @@ from inference.errors import AuthError, ConfigError, ProtocolError
 
 from ..identity import Identity
 from . import handshake as hs
+from .admission import Admission, Limits, RefusalLog, source_ip
 from .quic import Credentials, _raw, make_certificate
 from .tokens import split_address
 from .wire import decode_json, encode_json
@@ -99,7 +101,13 @@ HANDSHAKE_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 5.0
 FRAME_LIMIT = 64 << 10  # control frames before the splice
 CHUNK = 256 << 10  # bytes per recv while splicing
-MAX_PENDING = 32  # connections still authenticating, per listener; more are dropped at once
+# Connections still authenticating (admission.py), each a thread and a socket: a host opens about 12 while
+# llama-server loads, one at a time, so these counts are far above any member's need and bound a flood to
+# ~64 threads. A refused connection is reset at once.
+PER_SOURCE = 8  # from one stranger's address
+SHARED = 32  # from strangers together
+RESERVED = 32  # further slots for known members' addresses only
+SWEEP_S = 0.25  # how often connections past HANDSHAKE_TIMEOUT_S are looked for and closed
 IO_TIMEOUT_S = 30.0  # silence that ends a service's stream (a stalled transfer)
 
 CredentialsProvider = Callable[[], Credentials]
@@ -291,6 +299,7 @@ class _Tunnel:
         self.sockets = [s for s in (local, net) if s is not None]
         self.threads: list[threading.Thread] = []
         self.aborted = False
+        self.refused = False  # counted as refused (once)
 
     def add_socket(self, sock: socket.socket) -> None:
         with self.owner._lock:
@@ -493,17 +502,36 @@ def connect(
 
 
 class _Listener:
-    """Accepts on the event loop; serves each connection on its own thread; closes everything."""
+    """Accepts on the event loop; serves each connection on its own thread; closes everything.
 
-    def __init__(self) -> None:
+    With `admission` (the worker's listener, open to the network), a connection waits to authenticate
+    only if admitted for its source address, and is closed `HANDSHAKE_TIMEOUT_S` after it was accepted
+    unless it authenticated; refusals are logged rate-limited. Without (the host's relay on 127.0.0.1,
+    whose clients are local), every connection is served at once."""
+
+    def __init__(
+        self,
+        admission: Admission[_Tunnel] | None = None,
+        known_sources: Callable[[], Collection[str]] = frozenset,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
         self._tunnels: set[_Tunnel] = set()
         self._threads: set[threading.Thread] = set()
-        self._pending = 0
+        self._admission, self._known_sources, self._clock = admission, known_sources, clock
+        self._refusals = RefusalLog("data plane: ")
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._closing = False
         self.port = 0
+        self.refused = 0  # connections refused (admission, handshake, deadline, unknown target)
+
+    @property
+    def pending(self) -> int:
+        """Connections accepted that have not authenticated yet."""
+        with self._lock:
+            return self._admission.pending if self._admission is not None else 0
 
     def _listen(self, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -511,7 +539,7 @@ class _Listener:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(64)
+            sock.listen(128)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -519,6 +547,8 @@ class _Listener:
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        if self._admission is not None:
+            self._sweep_task = asyncio.get_running_loop().create_task(self._sweep())
         return self.port
 
     async def _accept_loop(self, sock: socket.socket) -> None:
@@ -530,15 +560,21 @@ class _Listener:
                 log.warning("data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            tunnel = _Tunnel(self, conn, None)
+            if self._admission is not None:
+                source = source_ip(str(addr[0]))
+                known = source in self._known_sources()
+                with self._lock:
+                    reason = self._admission.admit(tunnel, source, known=known, now=self._clock())
+                if reason is not None:
+                    with contextlib.suppress(OSError):  # reset: nothing of it lingers here
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    self._refuse(tunnel, source, reason)
+                    continue
             conn.setblocking(True)
             _nodelay(conn)
             with self._lock:
-                if self._pending >= MAX_PENDING:
-                    log.warning("data plane: dropped %s: too many connections still authenticating", addr[0])
-                    conn.close()
-                    continue
-                self._pending += 1
-                tunnel = _Tunnel(self, conn, None)
                 self._tunnels.add(tunnel)
                 thread = threading.Thread(
                     target=self._run_tunnel, args=(tunnel, conn, addr), name=f"dataplane-{self.port}", daemon=True
@@ -546,41 +582,67 @@ class _Listener:
                 self._threads.add(thread)
             thread.start()
 
-    def _authenticated(self) -> None:
-        with self._lock:
-            self._pending -= 1
-
     def _run_tunnel(self, tunnel: _Tunnel, conn: socket.socket, addr: Any) -> None:
-        counted = [True]
         try:
-            self._serve(tunnel, conn, addr, counted)
+            self._serve(tunnel, conn, addr)
         except Exception:
             log.exception("data plane: tunnel failed")
         finally:
             tunnel.abort()
             tunnel.close_sockets()
             with self._lock:
-                if counted[0]:
-                    self._pending -= 1
+                if self._admission is not None:
+                    self._admission.release(tunnel)
                 self._tunnels.discard(tunnel)
                 self._threads.discard(threading.current_thread())
 
-    def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any, pending: list[bool]) -> None:
+    def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any) -> None:
         raise NotImplementedError
 
-    def _done_pending(self, pending: list[bool]) -> None:
-        if pending[0]:
-            pending[0] = False
-            self._authenticated()
+    def _done_pending(self, tunnel: _Tunnel) -> None:
+        """`tunnel` authenticated: no longer limited, no longer under the deadline."""
+        if self._admission is not None:
+            with self._lock:
+                self._admission.release(tunnel)
+
+    def _refuse(self, tunnel: _Tunnel | None, source: str, reason: object, who: str | None = None) -> None:
+        """Count a refused connection and log it, rate-limited (`RefusalLog`); once per tunnel."""
+        with self._lock:
+            if tunnel is not None:
+                if tunnel.refused:
+                    return
+                tunnel.refused = True
+            self.refused += 1
+            line = self._refusals.refused(source, str(reason) or type(reason).__name__, self._clock(), who)
+        if line:
+            log.warning("%s", line)
+
+    async def _sweep(self) -> None:
+        """Close connections still unauthenticated `HANDSHAKE_TIMEOUT_S` after they were accepted (their
+        thread sees its socket shut and ends), and log the refusals' summary when one is due."""
+        assert self._admission is not None
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = self._clock()
+            with self._lock:
+                late = self._admission.overdue(now)
+            for tunnel, source in late:
+                self._refuse(tunnel, source, f"did not authenticate within {HANDSHAKE_TIMEOUT_S:g} s")
+                tunnel.abort()
+            with self._lock:
+                line = self._refusals.due(now)
+            if line:
+                log.warning("%s", line)
 
     async def close(self) -> None:
         """Stop accepting, end every tunnel (both of its sockets close) and join its threads."""
         self._closing = True
-        task, self._accept_task = self._accept_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._accept_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._accept_task = self._sweep_task = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -638,7 +700,8 @@ class DataPlaneServer(_Listener):
     local rpc-server registered under the name they ask for.
 
     `targets` (name → 127.0.0.1 port) may change at any time; `counters[name]` counts per target;
-    `refused` counts connections refused (logged each)."""
+    `refused` counts connections refused (logged rate-limited). Unauthenticated connections are limited
+    per source address, and `known_sources()` (addresses of known members) take reserved slots."""
 
     def __init__(
         self,
@@ -648,8 +711,11 @@ class DataPlaneServer(_Listener):
         port: int = 0,
         *,
         targets: dict[str, int] | None = None,
+        known_sources: Callable[[], Collection[str]] = frozenset,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__()
+        limits = Limits(per_source=PER_SOURCE, shared=SHARED, reserved=RESERVED, deadline_s=HANDSHAKE_TIMEOUT_S)
+        super().__init__(Admission(limits), known_sources, clock)
         self.identity = identity
         self.credentials = credentials
         self.host = host
@@ -657,7 +723,6 @@ class DataPlaneServer(_Listener):
         self.targets: dict[str, int] = targets if targets is not None else {}
         self.services: dict[str, Service] = {}
         self.counters: dict[str, ByteCounters] = {}
-        self.refused = 0
         self._ctx = _server_context(identity)
 
     async def start(self) -> int:
@@ -675,12 +740,7 @@ class DataPlaneServer(_Listener):
         with self._lock:
             return self.counters.setdefault(target, ByteCounters())
 
-    def _refuse(self, who: str, reason: object) -> None:
-        with self._lock:
-            self.refused += 1
-        log.warning("data plane: refused %s: %s", who, reason)
-
-    def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any, pending: list[bool]) -> None:
+    def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any) -> None:
         who = f"{addr[0]}:{addr[1]}"
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         tls = _Tls(conn, self._ctx, server_side=True)
@@ -701,10 +761,13 @@ class DataPlaneServer(_Listener):
                     tls.send_json(hs.refused(f"no target {name!r} on this node"))
                     raise AuthError(f"asked for unknown target {name!r}")
         except (AuthError, ProtocolError, ssl.SSLError, OSError) as exc:
-            self._refuse(who, exc if str(exc) else type(exc).__name__)
+            reason: object = exc if str(exc) else type(exc).__name__
+            if isinstance(exc, TimeoutError):  # the socket's own timeout ("timed out") is the same deadline
+                reason = f"did not authenticate within {HANDSHAKE_TIMEOUT_S:g} s"
+            self._refuse(tunnel, source_ip(str(addr[0])), reason, who)
             return
         if service is not None:
-            self._done_pending(pending)
+            self._done_pending(tunnel)
             self._run_service(service, request, Stream(tls, peer, tunnel), who)
             return
         try:
@@ -717,7 +780,7 @@ class DataPlaneServer(_Listener):
         tunnel.add_socket(local)
         _nodelay(local)
         tls.send_json({"type": "ok"})
-        self._done_pending(pending)
+        self._done_pending(tunnel)
         counters = self.counter(name)
         log.debug("data plane: %s → target %r", who, name)
         tunnel.splice(local, tls, counters, host_side=False)
@@ -796,8 +859,7 @@ class Relay(_Listener):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any, pending: list[bool]) -> None:
-        self._done_pending(pending)  # a local client: not counted against authenticating peers
+    def _serve(self, tunnel: _Tunnel, conn: socket.socket, addr: Any) -> None:
         try:
             net = self._dial(tunnel)
         except OSError as exc:

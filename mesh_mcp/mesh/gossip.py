@@ -336,6 +336,7 @@ class Gossip:
         self._news: list[dict[bytes, int]] = [{} for _ in range(config.rumor_rounds + 1)]
         self._down: dict[bytes, tuple[Status, float]] = {}  # tombstones: "dead" | "left", since
         self._events: list[MembershipEvent] = []
+        self._banned: frozenset[bytes] = frozenset()  # evicted by a key rotation: never members again
 
     # ------------------------------------------------------------------------------ queries
 
@@ -439,13 +440,25 @@ class Gossip:
         to us, open a full exchange with it at once."""
         verify(record)
         raw = bytes.fromhex(record.node_id)
-        if raw == self._my_raw or record.role == "client" or self._left:
+        if raw == self._my_raw or record.role == "client" or self._left or raw in self._banned:
             return []  # clients are not members
         was_alive = raw in self._seen
         self._apply((record,), {}, now)
         if was_alive or raw not in self._seen:
             return []
         return [Outgoing(record.node_id, message_to_wire(self._syn(True, now)))]
+
+    def ban(self, node_ids: Iterable[str], now: float) -> None:
+        """Node ids an owner evicted (the mesh config's bounded list, replacing the last): each leaves at once
+        and no record or heartbeat of it is merged again, whoever relays it."""
+        self._banned = frozenset(raw for n in node_ids if (raw := _raw(n)) is not None and raw != self._my_raw)
+        for raw in self._banned:
+            if self._seen.pop(raw, None) is not None:
+                for beats in self._beats:
+                    beats.pop(raw, None)
+                self._events.append(MembershipEvent("left", raw.hex(), self._records[raw]))
+            if raw in self._records:
+                self._down[raw] = ("left", now)
 
     def update_self(self, now: float, **changes: Any) -> NodeRecord:
         """Re-sign this node's record with `changes` and a new version; gossip spreads it."""
@@ -608,8 +621,8 @@ class Gossip:
             if supersedes(record, self._me):
                 self._bump_version(record.version, now)
             return
-        if record.role == "client":
-            return  # clients are not members
+        if record.role == "client" or raw in self._banned:
+            return  # clients are not members; evicted nodes are not any more
         if not supersedes(record, self._records.get(raw)):
             return
         self._records[raw] = record
@@ -640,8 +653,8 @@ class Gossip:
                 if value < current and raw in seen:
                     newer[raw] = current
                 continue
-            if value > limit:
-                continue  # a clock far ahead, or a forgery that would freeze this heartbeat
+            if value > limit or raw in self._banned:
+                continue  # a clock far ahead, or a forgery that would freeze this heartbeat; or evicted
             if raw == my_raw:
                 if value > self._my_hb:  # our previous incarnation beat this far
                     self._my_hb = min(value + 1, U32_MAX)
@@ -664,6 +677,8 @@ class Gossip:
         return newer
 
     def _bump_version(self, above: int, now: float) -> None:
+        if max(above, self._me.version) >= MAX_INT:
+            return  # no version is left above it (only our key signs such a record; sign() would raise ValueError)
         self._me = sign(replace(self._me, version=next_version(max(above, self._me.version), now)), self._key)
         self._news[-1][self._my_raw] = self._me.version
 

@@ -9,6 +9,13 @@ Both proofs cover one transcript: protocol, mesh id, both nonces and both public
 server's public key is the one in its TLS certificate, so a man in the middle (which must present
 its own certificate) makes the client's proof useless to the real server. A node without the
 secret is refused at AUTH, having learned only the server's certificate; the refusal is logged.
+
+A refusal (`{"type": "refused", "reason", "code", "epoch"?}`) names why with a code, so the refused node
+can tell its user what to do (`explain`): ``other-mesh`` (HELLO named another mesh), ``old-token`` (the
+proof used a secret from before a key rotation; the current epoch is given), ``bad-secret`` (no secret
+this mesh ever had, as far as it remembers), ``evicted`` (the node's own key, proven by its signature, was
+removed by an owner), ``protocol``. Codes reveal nothing secret: which of our secrets matched is only
+told to a node that proved it holds that secret.
 """
 
 from __future__ import annotations
@@ -22,13 +29,16 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from inference.errors import AuthError, ProtocolError
+from inference.errors import AuthError, HandshakeRefused, ProtocolError
+from inference.keys import is_small_order
 
 from ..identity import node_id_for
 from .wire import field
 
 VERSION = 1
 NONCE_BYTES = 32
+REFUSAL_CODES = ("old-token", "other-mesh", "bad-secret", "evicted", "protocol")
+MAX_EPOCH = 2**32 - 1
 
 
 def b64(data: bytes) -> str:
@@ -66,9 +76,9 @@ def check_hello(msg: dict[str, object], mesh_id: bytes) -> bytes:
     if msg.get("type") != "hello":
         raise ProtocolError("expected hello")
     if msg.get("v") != VERSION:
-        raise AuthError(f"peer speaks mesh protocol {msg.get('v')!r}, this node {VERSION}")
+        raise HandshakeRefused(f"peer speaks mesh protocol {msg.get('v')!r}, this node {VERSION}", "protocol")
     if field(msg, "mesh", str, 64) != mesh_id.hex():
-        raise AuthError("peer is from another mesh")
+        raise HandshakeRefused("peer is from another mesh", "other-mesh")
     return unb64(field(msg, "nonce", str, 64), NONCE_BYTES, "nonce")
 
 
@@ -78,7 +88,7 @@ def challenge(nonce_s: bytes) -> dict[str, object]:
 
 def check_challenge(msg: dict[str, object]) -> bytes:
     if msg.get("type") == "refused":
-        raise AuthError("the peer refused this node: " + str(msg.get("reason", "")))
+        raise refusal_error(msg)
     if msg.get("type") != "challenge" or msg.get("v") != VERSION:
         raise ProtocolError("expected challenge")
     return unb64(field(msg, "nonce", str, 64), NONCE_BYTES, "nonce")
@@ -102,29 +112,115 @@ class Peer:
 
 
 def parse_public_key(msg: dict[str, object]) -> bytes:
-    return unb64(field(msg, "public_key", str, 64), 32, "public_key")
+    public = unb64(field(msg, "public_key", str, 64), 32, "public_key")
+    if is_small_order(public):  # no private key owns it: an all-zero signature verifies for some messages
+        raise AuthError("a weak public key (a point of small order)")
+    return public
 
 
 def check_proof(role: str, msg: dict[str, object], secrets: tuple[bytes, ...], t: bytes) -> Peer:
     """Verify a peer's AUTH/WELCOME against transcript `t`; any of `secrets` may have made the MAC."""
     if msg.get("type") == "refused":
-        raise AuthError("the peer refused this node: " + str(msg.get("reason", "")))
+        raise refusal_error(msg)
     if msg.get("type") != role:
         raise ProtocolError(f"expected {role}")
     public = parse_public_key(msg)
     node_id = field(msg, "node_id", str, 64)
     if node_id != node_id_for(public):
         raise AuthError("node id does not match its public key")
+    if not holds_any(role, msg, secrets, t):
+        raise HandshakeRefused("the peer does not hold the mesh secret (wrong or old invite token)", "bad-secret")
+    _check_signature(role, msg, public, t)
+    return Peer(node_id=node_id, public_key=public)
+
+
+def _check_signature(role: str, msg: dict[str, object], public: bytes, t: bytes) -> None:
     r = role.encode()
-    mac = unb64(field(msg, "mac", str, 64), 32, "mac")
-    if not any(hmac.compare_digest(mac, _mac(s, r, t)) for s in secrets):
-        raise AuthError("the peer does not hold the mesh secret (wrong or old invite token)")
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(unb64(field(msg, "sig", str, 128), 64, "sig"), r + b"|" + t)
     except InvalidSignature as exc:
         raise AuthError("bad signature on the handshake") from exc
-    return Peer(node_id=node_id, public_key=public)
 
 
-def refused(reason: str) -> dict[str, object]:
-    return {"type": "refused", "reason": reason}
+def holds_any(role: str, msg: dict[str, object], secrets: tuple[bytes, ...], t: bytes) -> bool:
+    """Whether the proof's MAC was made with one of `secrets` (constant time per secret)."""
+    mac = unb64(field(msg, "mac", str, 64), 32, "mac")
+    r = role.encode()
+    return any(hmac.compare_digest(mac, _mac(s, r, t)) for s in secrets)
+
+
+def check_auth(
+    msg: dict[str, object],
+    t: bytes,
+    *,
+    accepted: tuple[bytes, ...],
+    previous: tuple[bytes, ...] = (),
+    evicted: frozenset[str] = frozenset(),
+) -> Peer:
+    """Server side: verify a client's AUTH. HandshakeRefused names the code to refuse with: ``evicted`` for a
+    removed node (only once its signature proves the key is its own), ``old-token`` for a MAC made with one of
+    the `previous` secrets that `accepted` leaves out, else ``bad-secret``."""
+    if msg.get("type") != "auth":
+        raise ProtocolError("expected auth")
+    public = parse_public_key(msg)
+    if node_id_for(public) in evicted:
+        _check_signature("auth", msg, public, t)
+        raise HandshakeRefused(f"node {node_id_for(public)} was removed from this mesh", "evicted")
+    try:
+        return check_proof("auth", msg, accepted, t)
+    except HandshakeRefused as exc:
+        if exc.code == "bad-secret" and holds_any("auth", msg, previous, t):
+            raise HandshakeRefused("the peer proved a secret from before a key rotation", "old-token") from exc
+        raise
+
+
+def refused(reason: str, code: str | None = None, epoch: int | None = None) -> dict[str, object]:
+    """A refusal: `reason` in words (for logs), `code` one of `REFUSAL_CODES` for a failed handshake, `epoch`
+    only with ``old-token`` (the client proved it held an older secret, so the current epoch is no news)."""
+    msg: dict[str, object] = {"type": "refused", "reason": reason}
+    if code is not None:
+        msg["code"] = code
+    if code == "old-token" and epoch is not None:
+        msg["epoch"] = epoch
+    return msg
+
+
+def refusal_error(msg: dict[str, object]) -> HandshakeRefused:
+    """A received refusal as an error whose message tells the user what happened and what to do."""
+    code = msg.get("code")
+    epoch = msg.get("epoch")
+    epoch = epoch if type(epoch) is int and 1 <= epoch <= MAX_EPOCH else None
+    if not isinstance(code, str) or code not in REFUSAL_CODES:
+        reason = msg.get("reason")
+        text = "".join(c for c in reason[:200] if c.isprintable()) if isinstance(reason, str) else ""
+        return HandshakeRefused(f"the node refused this one: {text or 'no reason given'}", "unknown")
+    return HandshakeRefused(explain(code, epoch), code, epoch)
+
+
+def explain(code: str, epoch: int | None = None) -> str:
+    """A refusal in words a user can act on."""
+    if code == "old-token":
+        now = f" (this mesh is now at epoch {epoch})" if epoch is not None else ""
+        return (
+            f"the mesh refused this node: its invite token is from before a key rotation{now}; ask a member of "
+            "the mesh for a new invite token (an owner's `mesh-llm rotate-key` prints one)"
+        )
+    if code == "other-mesh":
+        return (
+            "the mesh refused this node: its invite token is for another mesh (the node it names belongs to a "
+            "different mesh); check that you copied the right token, or ask a member of your mesh for a new one"
+        )
+    if code == "evicted":
+        return (
+            "the mesh refused this node: you were removed from this mesh by an owner (`mesh-llm rotate-key "
+            "--evict`), and this node stays refused whatever token it uses; ask an owner if that was a mistake"
+        )
+    if code == "protocol":
+        return (
+            "the mesh refused this node: it speaks another version of the mesh protocol; run the same mesh-llm "
+            "version on both machines"
+        )
+    return (
+        "the mesh refused this node: wrong secret (the invite token is invalid or forged, or older than the "
+        "mesh's last few key rotations); ask a member of the mesh for a new invite token"
+    )

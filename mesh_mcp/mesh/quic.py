@@ -7,7 +7,9 @@ authenticated, no other stream is served on it. After that either side opens str
 stream starts with a JSON header frame whose `t` picks a handler (`gossip`, `http`, ...).
 
 A malformed frame or a failed handshake closes that stream or connection with a logged reason,
-never the node.
+never the node. Before authenticating, a connection is limited (`admission.py`): per source address, in
+all, with slots reserved for known members' addresses, and closed `AUTH_DEADLINE_S` after it was created;
+under pressure a new one must first prove its address (a QUIC Retry). Refusals are logged rate-limited.
 """
 
 from __future__ import annotations
@@ -17,28 +19,35 @@ import datetime
 import logging
 import socket
 import ssl
+import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.retry import QuicRetryTokenHandler
 from anyio.abc import TaskStatus
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from inference.errors import AuthError, ConfigError, ProtocolError
+from inference.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, ProtocolError
 
 from ..identity import Identity
 from . import handshake as hs
+from .admission import Admission, Limits, RefusalLog, source_ip
 from .tokens import split_address
 from .wire import encode_json, read_json
 
@@ -47,6 +56,15 @@ log = logging.getLogger("mesh_llm.quic")
 ALPN = "mesh-llm/1"
 HANDSHAKE_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 20.0
+# Connections that have not authenticated yet (anyone can complete TLS with us). A dialling node sends its
+# proof right after TLS, so 5 s from the server-side connection's creation covers a loaded machine; a mesh
+# start dials a few peers at once, far below these counts. Each pending connection costs ~150 KB (aioquic's
+# state and buffers): the caps bound a flood to ~15 MB.
+AUTH_DEADLINE_S = 5.0
+PENDING_LIMITS = Limits(per_source=8, shared=64, reserved=32, deadline_s=AUTH_DEADLINE_S)
+RETRY_ABOVE = 4  # pending connections beyond which a new one must first prove its address (a QUIC Retry)
+SWEEP_S = 0.25  # how often overdue connections are looked for (the deadline's precision)
+KNOWN_TTL_S = 1.0  # the known members' addresses are recomputed at most this often
 
 StreamHandler = Callable[["Connection", dict[str, Any], asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -57,6 +75,9 @@ class Credentials:
     mesh_id: bytes
     secret: bytes  # the current secret: what this node proves with
     accepted: Callable[[str | None], tuple[bytes, ...]]  # secrets accepted from a node id (None: unknown)
+    epoch: int = 0  # the current secret's epoch: told to a node refused for proving an older secret
+    previous: tuple[bytes, ...] = ()  # superseded secrets: a new node proving one is told its token is old
+    evicted: frozenset[str] = frozenset()  # node ids an owner removed: refused whatever they prove
 
 
 def make_certificate(key: Ed25519PrivateKey, common_name: str) -> x509.Certificate:
@@ -148,6 +169,10 @@ class Connection(QuicConnectionProtocol):
         self.remote: str = ""
         self._writers: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self.exit_stack: AsyncExitStack | None = None  # client side: closes the UDP socket
+        self.source = ""  # server side: the address it came from (admission counts it until it authenticates)
+        self.admission_key: bytes | None = None  # server side, while pending: its slot in `transport_owner.admission`
+        self.close_reason = ""  # why the connection ended, as the peer or we said it
+        self.refused = False  # server side: counted as refused before it authenticated (once)
 
     # --- bytes on the wire: every UDP datagram of this connection, counted on its transport's `traffic` ---------
 
@@ -173,7 +198,10 @@ class Connection(QuicConnectionProtocol):
             if reader is not None:
                 reader.set_exception(ConnectionResetError("stream reset by peer"))
             self.stream_closed(event.stream_id).set()
+        elif isinstance(event, events.StopSendingReceived):
+            self.stream_closed(event.stream_id).set()  # the requester stopped reading: it went away
         elif isinstance(event, events.ConnectionTerminated):
+            self.close_reason = self.close_reason or event.reason_phrase
             for writer in self._writers:
                 writer.transport._closing = True  # type: ignore[attr-defined]  # nothing left to flush
             for stream_id, reader in self._stream_readers.items():
@@ -191,12 +219,24 @@ class Connection(QuicConnectionProtocol):
         return self._stream_closed.setdefault(stream_id, asyncio.Event())
 
     def reset(self, writer: asyncio.StreamWriter) -> None:
+        """Abandon a stream both ways: RESET_STREAM for what we send, STOP_SENDING for what we read (after our FIN
+        a reset alone tells the peer nothing; STOP_SENDING is what makes it stop producing)."""
         stream_id = writer.get_extra_info("stream_id")
+        for abandon in (self._quic.reset_stream, self._quic.stop_stream):
+            try:
+                abandon(stream_id, 0)
+            except Exception:
+                pass  # already finished, reset or forgotten that way
         try:
-            self._quic.reset_stream(stream_id, 0)
             self.transmit()
         except Exception:
             pass
+
+    def abort(self, reason: str) -> None:
+        """Close now and fail every stream at once, not after QUIC's closing period: a peer declared dead
+        answers nothing, so there is nothing to wait for."""
+        self.close(error_code=0, reason_phrase=reason)
+        self.quic_event_received(events.ConnectionTerminated(error_code=0, frame_type=None, reason_phrase=reason))
 
     def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._serve_stream(reader, writer))
@@ -207,9 +247,11 @@ class Connection(QuicConnectionProtocol):
         owner = self.transport_owner
         try:
             if not self.authenticated.is_set():
-                if self.is_client_side or self._handshake_started:
-                    # Streams before authentication wait for it, bounded.
+                if self.is_client_side:
+                    # Streams the server opens right after its welcome may arrive before it: wait, bounded.
                     await asyncio.wait_for(self.authenticated.wait(), HANDSHAKE_TIMEOUT_S)
+                elif self._handshake_started:
+                    raise AuthError("opened a second stream before authenticating")
                 else:
                     self._handshake_started = True
                     await asyncio.wait_for(owner._server_handshake(self, reader, writer), HANDSHAKE_TIMEOUT_S)
@@ -220,9 +262,13 @@ class Connection(QuicConnectionProtocol):
                 raise ProtocolError(f"unknown stream type {header.get('t')!r}")
             await handler(self, header, reader, writer)
         except (AuthError, TimeoutError) as exc:
-            log.warning("refused peer %s: %s", self.remote, exc)
+            owner._refused(self, exc)
             self.close(error_code=0x1, reason_phrase="refused")
         except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            if not self.authenticated.is_set() and not self.is_client_side:
+                owner._refused(self, exc)  # before authentication: counted and summarised, not one line each
+                self.close(error_code=0x1, reason_phrase="refused")
+                return
             who = self.peer.node_id if self.peer else self.remote
             log.warning("dropped a stream from %s: %s", who, exc)
             self.reset(writer)
@@ -231,6 +277,7 @@ class Connection(QuicConnectionProtocol):
             self.reset(writer)
         finally:
             close_quietly(writer)
+            self._stream_closed.pop(writer.get_extra_info("stream_id"), None)  # one per served stream, not forever
 
     # --- use ----------------------------------------------------------------------------------------
 
@@ -274,6 +321,84 @@ class _CountingTransport:
         return getattr(self._inner, name)
 
 
+def _peer_ip(conn: Connection) -> str:
+    paths = conn._quic._network_paths
+    return source_ip(str(paths[0].addr[0])) if paths else ""
+
+
+class _Server(QuicServer):
+    """aioquic's server with admission: a new connection is counted against its source address before
+    aioquic allocates anything for it, refused with CONNECTION_REFUSED and a reason past the limits, and,
+    while more than `RETRY_ABOVE` are pending, must first prove its address with a Retry round trip (so
+    a spoofed source neither creates state nor spends another address's slots)."""
+
+    def __init__(self, owner: MeshTransport, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.owner = owner
+        self._tokens = QuicRetryTokenHandler()
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not isinstance(data, bytes) or not data or not data[0] & 0x80:  # short header: an existing connection
+            return super().datagram_received(data, addr)
+        config = self._configuration
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=config.connection_id_length)
+        except ValueError:
+            return None
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+            or header.destination_cid in self._protocols
+            or header.version not in config.supported_versions
+        ):
+            return super().datagram_received(data, addr)
+        # A new connection.
+        owner = self.owner
+        if header.token:
+            self._retry = self._tokens  # aioquic checks it: the address is real
+        elif owner.admission.pending >= RETRY_ABOVE:
+            self._retry = self._tokens  # aioquic answers with a Retry and keeps nothing
+            return super().datagram_received(data, addr)
+        else:
+            self._retry = None  # type: ignore[assignment]  # aioquic: None means no Retry
+        key, source = header.destination_cid, source_ip(str(addr[0]))
+        reason = owner._admit(key, source)
+        if reason is not None:
+            assert self._transport is not None and header.version is not None
+            self._transport.sendto(_refusal(header.version, header.destination_cid, header.source_cid, reason), addr)
+            return None
+        super().datagram_received(data, addr)
+        protocol = self._protocols.get(key)
+        if isinstance(protocol, Connection):
+            owner._admitted(protocol, key, source)
+        else:  # aioquic refused it (a bad token)
+            owner.admission.release(key)
+        return None
+
+
+def _refusal(version: int, source_cid: bytes, destination_cid: bytes, reason: str) -> bytes:
+    """A server Initial packet that closes a connection before it exists: CONNECTION_REFUSED with `reason`
+    (as aioquic's INVALID_TOKEN close; smaller than the client's Initial, so it amplifies nothing)."""
+    phrase = reason.encode()[:256]
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=source_cid, is_client=False, version=version)
+    builder = QuicPacketBuilder(
+        host_cid=source_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=destination_cid,
+        version=version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY + len(phrase))
+    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
+    buf.push_uint_var(QuicFrameType.PADDING)
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
+    datagrams, _ = builder.flush()
+    return datagrams[0]
+
+
 class MeshTransport:
     def __init__(
         self,
@@ -284,6 +409,8 @@ class MeshTransport:
         port: int = 0,
         on_peer: Callable[[Connection], None] = lambda c: None,
         on_lost: Callable[[Connection], None] = lambda c: None,
+        member_addresses: Callable[[], Iterable[str]] = tuple,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.creds = creds
         self.handlers = handlers
@@ -296,6 +423,15 @@ class MeshTransport:
         self._server: QuicServer | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._dialing: dict[str, asyncio.Future[Connection]] = {}
+        # Before authentication (admission.py): `member_addresses` gives the `host:port`s of gossiped members,
+        # whose hosts (with connected peers') take the reserved slots.
+        self.member_addresses, self.clock = member_addresses, clock
+        self.admission: Admission[bytes] = Admission(PENDING_LIMITS)
+        self.refusals = RefusalLog("")
+        self._pending: dict[bytes, Connection] = {}
+        self._known: frozenset[str] = frozenset()
+        self._known_at = float("-inf")
+        self._sweeper: asyncio.Task[None] | None = None
 
     def _config(self, is_client: bool) -> QuicConfiguration:
         cfg = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT_S)
@@ -316,14 +452,18 @@ class MeshTransport:
 
     async def start(self) -> int:
         """Listen; returns the UDP port. Pair with `close()` (or use `run`)."""
+        loop = asyncio.get_running_loop()
+        config, factory = self._config(False), self._make_protocol(False)
         try:
-            self._server = await serve(
-                self.host, self.port, configuration=self._config(False), create_protocol=self._make_protocol(False)
+            _, server = await loop.create_datagram_endpoint(
+                lambda: _Server(self, configuration=config, create_protocol=factory), local_addr=(self.host, self.port)
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen for the mesh on UDP {self.host}:{self.port}: {exc.strerror}") from exc
-        assert self._server._transport is not None
-        self.port = self._server._transport.get_extra_info("sockname")[1]
+        self._server = server
+        assert server._transport is not None
+        self.port = server._transport.get_extra_info("sockname")[1]
+        self._sweeper = loop.create_task(self._sweep())
         return self.port
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -343,11 +483,15 @@ class MeshTransport:
                         await conn.exit_stack.aclose()
         for task in list(self._cleanups):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
             self._server = None
 
     def _forget(self, conn: Connection) -> None:
+        self._release(conn)
         if conn.exit_stack is not None:  # a dialled connection ended: release its socket
             task = asyncio.get_running_loop().create_task(conn.exit_stack.aclose())
             self._cleanups.add(task)
@@ -362,8 +506,78 @@ class MeshTransport:
                 self.connections.pop(conn.peer.node_id, None)
             self.on_lost(conn)
 
+    # --- before authentication: admission, deadline, refusals (limits in admission.py) ----------------
+
+    def known_sources(self) -> frozenset[str]:
+        """Addresses of known members: the hosts of gossiped member records and of peers connected now
+        (recomputed at most every `KNOWN_TTL_S`). Connections from them take the reserved slots."""
+        now = self.clock()
+        if now - self._known_at >= KNOWN_TTL_S:
+            hosts = {c.source or _peer_ip(c) for conns in self.connections.values() for c in conns}
+            for address in self.member_addresses():
+                try:
+                    hosts.add(source_ip(split_address(address)[0]))
+                except MeshLLMError:
+                    continue
+            hosts.discard("")
+            self._known, self._known_at = frozenset(hosts), now
+        return self._known
+
+    def _admit(self, key: bytes, source: str) -> str | None:
+        """Count a new server-side connection from `source` as pending; why not, if refused (logged)."""
+        now = self.clock()
+        reason = self.admission.admit(key, source, known=source in self.known_sources(), now=now)
+        if reason is not None and (line := self.refusals.refused(source, reason, now, f"peer {source}")):
+            log.warning(line)
+        return reason
+
+    def _admitted(self, conn: Connection, key: bytes, source: str) -> None:
+        conn.source, conn.admission_key = source, key
+        self._pending[key] = conn
+
+    def _release(self, conn: Connection) -> None:
+        if conn.admission_key is not None:
+            self.admission.release(conn.admission_key)
+            self._pending.pop(conn.admission_key, None)
+            conn.admission_key = None
+
+    @property
+    def pending(self) -> int:
+        """Server-side connections that have not authenticated yet."""
+        return self.admission.pending
+
+    def _refused(self, conn: Connection, exc: BaseException) -> None:
+        """A connection failed its handshake (or a peer we dialled failed ours): logged, rate-limited."""
+        self._release(conn)
+        if conn.refused:
+            return  # counted already (overdue, or another of its streams)
+        conn.refused = True
+        source = conn.source or _peer_ip(conn)
+        reason = str(exc) or type(exc).__name__
+        if line := self.refusals.refused(source, reason, self.clock(), f"peer {conn.remote or source}"):
+            log.warning(line)
+
+    async def _sweep(self) -> None:
+        """Close connections that did not authenticate within `AUTH_DEADLINE_S` of their creation, and
+        write the refusals' summary when one is due."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = self.clock()
+            for key, source in self.admission.overdue(now):
+                conn = self._pending.pop(key, None)
+                if conn is None:
+                    continue
+                conn.admission_key, conn.refused = None, True
+                reason = f"did not authenticate within {AUTH_DEADLINE_S:.0f} s"
+                conn.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=reason)
+                if line := self.refusals.refused(source, reason, now, f"peer {source}"):
+                    log.warning(line)
+            if line := self.refusals.due(now):
+                log.warning(line)
+
     def _register(self, conn: Connection) -> None:
         assert conn.peer is not None
+        self._release(conn)  # authenticated: no longer limited
         self.connections.setdefault(conn.peer.node_id, []).append(conn)
         conn.authenticated.set()
         self.on_peer(conn)
@@ -394,7 +608,8 @@ class MeshTransport:
             if isinstance(exc, TimeoutError):
                 raise OSError(f"no answer from {address} within {HANDSHAKE_TIMEOUT_S:.0f}s") from exc
             if isinstance(exc, ConnectionError):
-                raise OSError(f"cannot reach {address}: {exc or 'connection failed'}") from exc
+                why = f"the node refused: {conn.close_reason}" if conn.close_reason else exc or "connection failed"
+                raise OSError(f"cannot reach {address}: {why}") from exc
             raise
         return conn
 
@@ -443,6 +658,8 @@ class MeshTransport:
         peer = hs.check_proof("welcome", welcome, creds.accepted(None) or (creds.secret,), t)
         if peer.public_key != server_pub:
             raise AuthError("peer's handshake key differs from its TLS certificate")
+        if peer.node_id in creds.evicted:
+            raise AuthError(f"node {peer.node_id} was removed from this mesh; not connecting to it")
         conn.peer = peer
         self._register(conn)
 
@@ -460,9 +677,12 @@ class MeshTransport:
             client_pub = hs.parse_public_key(auth)
             t = hs.transcript(creds.mesh_id, nonce_c, nonce_s, me.public_bytes, client_pub)
             claimed = auth.get("node_id") if isinstance(auth.get("node_id"), str) else None
-            peer = hs.check_proof("auth", auth, creds.accepted(claimed), t)
+            peer = hs.check_auth(
+                auth, t, accepted=creds.accepted(claimed), previous=creds.previous, evicted=creds.evicted
+            )
         except AuthError as exc:
-            writer.write(encode_json(hs.refused("authentication failed")))
+            code = exc.code if isinstance(exc, HandshakeRefused) else "bad-secret"
+            writer.write(encode_json(hs.refused("authentication failed", code, creds.epoch)))
             writer.write_eof()
             await asyncio.sleep(0.05)  # let the refusal leave before the close
             raise AuthError(str(exc)) from exc

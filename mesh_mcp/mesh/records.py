@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from inference.errors import ProtocolError
+from inference.keys import is_small_order
 
 from ..identity import node_id_for
 
@@ -152,6 +153,8 @@ def verify(record: NodeRecord) -> None:
         return  # equal to a record whose signature was checked
     if len(record.public_key) != PUBLIC_KEY_LEN or node_id_for(record.public_key) != record.node_id:
         raise ProtocolError(f"node record {record.node_id!r}: the public key does not match the node id")
+    if is_small_order(record.public_key):
+        raise ProtocolError(f"node record {record.node_id!r}: a weak public key (a point of small order)")
     try:
         Ed25519PublicKey.from_public_bytes(record.public_key).verify(record.signature, signing_bytes(record))
     except (InvalidSignature, ValueError) as exc:

@@ -10,8 +10,9 @@ Streams (QUIC control plane):
   absent: the host's mesh port number), then members whose records list the file. Then it starts a
   ggml-rpc-server on 127.0.0.1, registers it with its data plane under `ID`, and answers
   `{"ok": true, "port": DATA_PLANE_PORT, "target": ID, "seeded": N}` (or `{"ok": false, "error": ...}`).
-  The stream stays open: it *is* the lease. When the host ends it (or its connection dies) the
-  worker stops that rpc-server.
+  The stream stays open: it *is* the lease. When the host ends it, its connection dies, or membership
+  declares the host dead (`Mesh.cancel_when_gone`: seconds, not QUIC's idle timeout) the worker stops
+  that rpc-server.
 
 Every node's data plane also serves its models' tensors to peers that lack them
 (`tensor_fetch.TensorService`, the data-plane service `tensors`). The bytes of llama.cpp RPC and of
@@ -68,7 +69,12 @@ class RpcLink:
         self.llama: LlamaCpp | None = None
         self.threads: int | None = None
         self.on_fetch_progress: Callable[[int, int], None] | None = None  # (bytes done, total) of a fetch
-        self.dataplane = DataPlaneServer(mesh.identity, lambda: mesh.transport.creds, host=mesh.settings.host)
+        self.dataplane = DataPlaneServer(
+            mesh.identity,
+            lambda: mesh.transport.creds,
+            host=mesh.settings.host,
+            known_sources=mesh.transport.known_sources,  # members' addresses: reserved pre-auth slots
+        )
         self.tensors = TensorService(models_dir, home / "rpc-cache")  # peers without a file fetch from us
         self.dataplane.services[TENSORS] = self.tensors
         self.port = 0
@@ -126,19 +132,27 @@ class RpcLink:
                 port = source_port if isinstance(source_port, int) and 0 < source_port < 65536 else 0
                 n_cached = await self._fetch(split, conn.peer.node_id, name, size, layers, port)
             server = RpcServer(self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split}")
-            async with anyio.create_task_group() as tg:
-                await tg.start(server.run)
-                if server.endpoint is None or server.port is None:
-                    raise BackendError(f"rpc-server did not start; see {server.log_path}")
-                self.dataplane.targets[split] = server.port
-                writer.write(encode_json({"ok": True, "port": self.port, "target": split, "seeded": n_cached}))
-                log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, conn.peer.node_id)
-                try:
-                    await _until_closed(reader)  # the lease: held while the host keeps this stream open
-                finally:
-                    self.dataplane.targets.pop(split, None)
-                    log.info("split %s: lease ended by %s; rpc-server stopped", split, conn.peer.node_id)
+            host = conn.peer.node_id
+            # The lease is held while the host keeps this stream open and membership holds it alive: a host
+            # declared dead ends it at once, whatever its connection still looks like.
+            lent = False
+            with self.mesh.cancel_when_gone(host) as gone:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(server.run)
+                    if server.endpoint is not None and server.port is not None:
+                        lent = True
+                        self.dataplane.targets[split] = server.port
+                        writer.write(encode_json({"ok": True, "port": self.port, "target": split, "seeded": n_cached}))
+                        log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, host)
+                        try:
+                            await _until_closed(reader)
+                        finally:
+                            self.dataplane.targets.pop(split, None)
                     tg.cancel_scope.cancel()
+            if not lent and not gone.cancel_called:  # raised here, not inside the task group (an ExceptionGroup)
+                raise BackendError(f"rpc-server did not start; see {server.log_path}")
+            why = "its host was declared dead" if gone.cancel_called else f"lease ended by {host}"
+            log.info("split %s: %s; rpc-server stopped", split, why)
         except MeshLLMError as exc:
             writer.write(encode_json({"ok": False, "error": str(exc)}))
             writer.write_eof()

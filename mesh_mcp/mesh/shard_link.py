@@ -18,8 +18,9 @@ teacher-forced top-1 agreement and KL on held-out prompts). It answers
 
 The coordinator answers `{"t": "serve"}` when every shard passed: the model becomes `serving` here, gossiped like any
 local model, and the router sends it whole sessions. Closing the stream instead (a shard failed the gate, the
-coordinator re-plans or stops, or its connection dies) ends the lease: llama-server is stopped and the model is
-gone from this node. Per token nothing crosses the network: every shard is a complete model on its node.
+coordinator re-plans or stops, or its connection dies) ends the lease, and so does membership declaring the
+coordinator dead (`Mesh.cancel_when_gone`): llama-server is stopped and the model is gone from this node. Per
+token nothing crosses the network: every shard is a complete model on its node.
 """
 
 from __future__ import annotations
@@ -115,37 +116,42 @@ class ShardLink:
                     f"this node does not have {name} ({size} bytes) in {self.models_dir}: an expert shard is written "
                     "from the node's own copy of the model"
                 )
-            async with serve_shard(
-                self.llama,
-                lambda **changes: self.state.update_model(alias, **changes),
-                self.home,
-                alias=alias,
-                source=path,
-                model_key=model_key,
-                experts=experts,
-                settings=ServerSettings(ctx_per_slot=ctx, slots=slots),
-                threads=self.threads,
-                where=where,
-                coordinator=coordinator,
-            ) as shard_server:
-                quality = await shard_server.check(ref)
-                passed = quality.passes(gate)
-                log.info(
-                    "%s for %s: %s — %s", where, coordinator, quality.describe(), "passed" if passed else "REFUSED"
-                )
-                writer.write(
-                    encode_json(
-                        {"ok": True, "quality": asdict(quality), "passed": passed, "bytes": shard_server.n_bytes}
+            # Held while the coordinator keeps this stream open and membership holds it alive: a coordinator
+            # declared dead ends the lease at once.
+            with self.mesh.cancel_when_gone(coordinator) as gone:
+                async with serve_shard(
+                    self.llama,
+                    lambda **changes: self.state.update_model(alias, **changes),
+                    self.home,
+                    alias=alias,
+                    source=path,
+                    model_key=model_key,
+                    experts=experts,
+                    settings=ServerSettings(ctx_per_slot=ctx, slots=slots),
+                    threads=self.threads,
+                    where=where,
+                    coordinator=coordinator,
+                ) as shard_server:
+                    quality = await shard_server.check(ref)
+                    passed = quality.passes(gate)
+                    log.info(
+                        "%s for %s: %s — %s", where, coordinator, quality.describe(), "passed" if passed else "REFUSED"
                     )
-                )
-                go = await _next_message(reader)
-                if go is None or go.get("t") != "serve" or not passed:
-                    log.info("%s: not served (the coordinator ended the lease)", where)
-                    return
-                shard_server.go()
-                log.info("%s: serving sessions the mesh routes here (coordinator %s)", where, coordinator)
-                await _until_closed(reader)
-                log.info("%s: lease ended by %s; llama-server stopped", where, coordinator)
+                    writer.write(
+                        encode_json(
+                            {"ok": True, "quality": asdict(quality), "passed": passed, "bytes": shard_server.n_bytes}
+                        )
+                    )
+                    go = await _next_message(reader)
+                    if go is None or go.get("t") != "serve" or not passed:
+                        log.info("%s: not served (the coordinator ended the lease)", where)
+                        return
+                    shard_server.go()
+                    log.info("%s: serving sessions the mesh routes here (coordinator %s)", where, coordinator)
+                    await _until_closed(reader)
+                    log.info("%s: lease ended by %s; llama-server stopped", where, coordinator)
+            if gone.cancel_called:
+                log.info("%s: the coordinator %s was declared dead; llama-server stopped", where, coordinator)
         except MeshLLMError as exc:
             log.warning("%s for %s: %s", where, coordinator, exc)
             writer.write(encode_json({"ok": False, "error": str(exc)}))

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from inference.diskspace import HOME_HINT, disk_full_is_an_error, require_space
 from inference.errors import BackendError, ModelError, ProtocolError
 
 from ..identity import Identity
@@ -208,7 +209,8 @@ class TensorFetch:
 
     def run(self) -> FetchResult:
         """FetchError when the peer refuses, cannot be reached or the transfer breaks; CorruptTransfer
-        when bytes are not the tensor announced. Verified entries written before a failure stay."""
+        when bytes are not the tensor announced; DiskFull when the missing tensors do not fit the cache's disk
+        (checked before asking for them) or it fills up meanwhile. Verified entries written before a failure stay."""
         what = f"{self.file} from {self.expect_node_id or 'the peer'} at {self.remote}"
         request = {"type": REQUEST, "file": self.file, "size": self.size, "layers": self.layers and list(self.layers)}
         started = time.perf_counter()
@@ -227,7 +229,7 @@ class TensorFetch:
         if self._aborted.is_set():
             stream.abort()
         try:
-            with stream:
+            with stream, disk_full_is_an_error(f"fetching the tensors of {what}", self.cache_dir):
                 result = self._receive(stream)
         except OSError as exc:
             raise FetchError(f"the transfer of {what} broke: {exc or type(exc).__name__}") from exc
@@ -259,8 +261,9 @@ class TensorFetch:
                 result.present_bytes += size
             else:
                 want.append(i)
-        stream.send_json({"type": "want", "tensors": want})
         total, done = sum(listing[i][1] for i in want), 0
+        require_space(f"the tensors of {self.file}", [(files_dir, total)], hint=HOME_HINT)
+        stream.send_json({"type": "want", "tensors": want})
         with _Sink() as sink:
             for i in want:
                 name, size, h = listing[i]

@@ -15,7 +15,7 @@ and any damage confined to 6 adjacent characters (a transposition, say) is alway
 other damage (truncation, deletions) slips through with probability about 1 in 10^9, and the
 strict binary layout catches most of that too.
 
-Binary payload, protocol 1 (integers big-endian)::
+Binary payload, protocol 2 (integers big-endian)::
 
     1 byte    protocol version (the envelope above never changes, so a newer version is recognised)
     16 bytes  mesh id
@@ -23,6 +23,12 @@ Binary payload, protocol 1 (integers big-endian)::
     4 bytes   secret epoch (>= 1)
     1 byte    address count n (1..16)
     n times:  1 byte length L (1..255), then L ASCII bytes "host:port"
+    1 byte    owner count k (0..8)                               (protocol 2 only)
+    k times:  32 bytes, an owner's Ed25519 public key
+
+Owners are the nodes whose signature a key rotation needs (see `rotation.py`): a joiner checks rotations
+against the owners in its token, not against whoever introduced it. Protocol 1 tokens (no owner list)
+still decode, with no owners: a node that joined through one learns them from the first member it meets.
 
 Addresses are UDP endpoints of the inviting node's QUIC listener: ``192.0.2.7:7000``,
 ``[2001:db8::1]:7000`` (IPv6 always in brackets) or ``node.example.org:7000``.
@@ -39,6 +45,7 @@ from inference.errors import InvalidToken
 __all__ = [
     "MAX_ADDRESSES",
     "MAX_ADDRESS_BYTES",
+    "MAX_OWNERS",
     "MAX_TOKEN_CHARS",
     "MESH_ID_BYTES",
     "PREFIX",
@@ -51,14 +58,16 @@ __all__ = [
     "split_address",
 ]
 
-PROTOCOL_VERSION = 1
-"""The mesh protocol this code speaks; tokens carry the version of the node that made them."""
+PROTOCOL_VERSION = 2
+"""The token format this code writes (it reads 1 too); tokens carry the version of the node that made them."""
 
 MESH_ID_BYTES = 16
 SECRET_BYTES = 32
 MAX_ADDRESSES = 16
 MAX_ADDRESS_BYTES = 255
 MAX_EPOCH = 2**32 - 1
+MAX_OWNERS = 8  # rotation.MAX_OWNERS
+OWNER_KEY_BYTES = 32
 
 _HRP = "mesh"
 PREFIX = _HRP + "1"
@@ -71,7 +80,7 @@ _BECH32M_CONST = 0x2BC830A3
 _GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
 
 _HEADER_BYTES = 1 + MESH_ID_BYTES + SECRET_BYTES + 4 + 1
-_MAX_PAYLOAD_BYTES = _HEADER_BYTES + MAX_ADDRESSES * (1 + MAX_ADDRESS_BYTES)
+_MAX_PAYLOAD_BYTES = _HEADER_BYTES + MAX_ADDRESSES * (1 + MAX_ADDRESS_BYTES) + 1 + MAX_OWNERS * OWNER_KEY_BYTES
 MAX_TOKEN_CHARS = len(PREFIX) + -(-_MAX_PAYLOAD_BYTES * 8 // 5) + _CHECKSUM_CHARS
 """The longest token `encode` can produce; longer input is rejected before any work."""
 
@@ -92,6 +101,7 @@ class InviteToken:
     addresses: tuple[str, ...]
     protocol: int = PROTOCOL_VERSION
     epoch: int = 1  # which rotation of the mesh secret `secret` is (see meshfile.rotate)
+    owners: tuple[bytes, ...] = ()  # the mesh owners' public keys at `epoch`; () = unknown (a protocol 1 token)
 
     def __post_init__(self) -> None:
         if not isinstance(self.mesh_id, bytes) or len(self.mesh_id) != MESH_ID_BYTES:
@@ -108,6 +118,10 @@ class InviteToken:
             raise InvalidToken(f"protocol version {self.protocol} is out of range 1..255")
         if not 1 <= self.epoch <= MAX_EPOCH:
             raise InvalidToken(f"secret epoch {self.epoch} is out of range 1..{MAX_EPOCH}")
+        if not isinstance(self.owners, tuple) or len(self.owners) > MAX_OWNERS:
+            raise InvalidToken(f"an invite token names at most {MAX_OWNERS} owners")
+        if any(not isinstance(o, bytes) or len(o) != OWNER_KEY_BYTES for o in self.owners):
+            raise InvalidToken(f"an owner is a {OWNER_KEY_BYTES}-byte public key")
 
 
 def mesh_id_hex(token: InviteToken) -> str:
@@ -155,6 +169,9 @@ def encode(token: InviteToken) -> str:
         raw = address.encode("ascii")
         payload.append(len(raw))
         payload += raw
+    payload.append(len(token.owners))
+    for owner in token.owners:
+        payload += owner
     return _wrap(bytes(payload))
 
 
@@ -193,10 +210,31 @@ def decode(text: str) -> InviteToken:
         except UnicodeDecodeError as exc:
             raise InvalidToken(_MALFORMED.format("address is not ASCII")) from exc
         pos += 1 + length
+    owners: list[bytes] = []
+    if protocol >= 2:
+        if pos >= len(payload):
+            raise InvalidToken(_MALFORMED.format("owner list missing"))
+        n_owners = payload[pos]
+        pos += 1
+        if n_owners > MAX_OWNERS:
+            raise InvalidToken(_MALFORMED.format(f"at most {MAX_OWNERS} owners"))
+        for _ in range(n_owners):
+            owner = payload[pos : pos + OWNER_KEY_BYTES]
+            if len(owner) != OWNER_KEY_BYTES:
+                raise InvalidToken(_MALFORMED.format("owner list cut short"))
+            owners.append(owner)
+            pos += OWNER_KEY_BYTES
     if pos != len(payload):
         raise InvalidToken(_MALFORMED.format(f"{len(payload) - pos} unexpected trailing bytes"))
     try:
-        return InviteToken(mesh_id=mesh_id, secret=secret, addresses=tuple(addresses), protocol=protocol, epoch=epoch)
+        return InviteToken(
+            mesh_id=mesh_id,
+            secret=secret,
+            addresses=tuple(addresses),
+            protocol=protocol,
+            epoch=epoch,
+            owners=tuple(owners),
+        )
     except InvalidToken as exc:
         raise InvalidToken(_MALFORMED.format(exc)) from exc
 

@@ -6,16 +6,25 @@
 
 The serving node runs the request through its own API app in-process (marked as already routed,
 so it never hops again) and streams each chunk back as it is produced. A stream that ends without
-the empty frame was cut off: the requester reports a mid-stream failure. A requester that goes
-away resets the stream, which the server turns into an ASGI disconnect (llama-server stops).
+the empty frame was cut off: the requester reports a mid-stream failure.
+
+Cancellation crosses every hop. A requester that gives up (its own client hung up, or it was
+cancelled before the head arrived) abandons the stream both ways: RESET_STREAM and STOP_SENDING
+(`Connection.reset`; after the request's FIN only STOP_SENDING reaches the server). The server
+watches its stream while the app runs: a reset, a STOP_SENDING or the connection dying delivers
+`http.disconnect` to the app and cancels the call into it, so the Proxy there cancels its own
+upstream — llama-server stops decoding, or the next hop's stream is abandoned the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message
 
 from inference.errors import ProtocolError
@@ -24,8 +33,11 @@ from ..upstream import Response, UpstreamBroken, UpstreamUnavailable
 from .quic import Connection
 from .wire import CONTROL_LIMIT, DATA_LIMIT, decode_json, encode, encode_json, field, read_frame
 
+log = logging.getLogger("mesh_llm.mesh")
+
 HOP_HEADER = b"x-mesh-llm-routed"
 _MAX_HEADERS = 64
+_BAD_HEADER_BYTES = re.compile(rb"[\r\n\x00]")
 
 
 def _headers(value: Any) -> list[tuple[bytes, bytes]]:
@@ -35,14 +47,22 @@ def _headers(value: Any) -> list[tuple[bytes, bytes]]:
     for item in value:
         if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
             raise ProtocolError("each header is a [name, value] pair of strings")
-        out.append((item[0].lower().encode("latin-1"), item[1].encode("latin-1")))
+        try:
+            name, text = item[0].lower().encode("latin-1"), item[1].encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError("header names and values must be latin-1 text") from exc
+        if not name or _BAD_HEADER_BYTES.search(name + text):
+            raise ProtocolError("a header name is empty, or a header holds CR, LF or NUL")
+        out.append((name, text))
     return out
 
 
 async def request(
     conn: Connection, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> Response:
-    """Send a request to the peer; return once its response head arrives (UpstreamUnavailable before)."""
+    """Send a request to the peer; return once its response head arrives (UpstreamUnavailable before).
+    Cancelled before that (the client hung up during prompt processing), the stream is abandoned: the server
+    stops too."""
     try:
         reader, writer = await conn.open_stream(
             {
@@ -52,6 +72,9 @@ async def request(
                 "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
             }
         )
+    except (ConnectionError, RuntimeError) as exc:  # aioquic: RuntimeError on a closing connection
+        raise UpstreamUnavailable(f"peer {conn.peer.node_id if conn.peer else '?'}: {exc}") from exc
+    try:
         writer.write(encode(body))
         writer.write_eof()
         head_frame = await read_frame(reader, CONTROL_LIMIT)
@@ -59,9 +82,15 @@ async def request(
             raise UpstreamUnavailable("the peer closed the stream without answering")
         head = decode_json(head_frame)
         status = field(head, "status", int)
+        if not 100 <= status <= 599:
+            raise ProtocolError(f"HTTP status {status} is not one")
         resp_headers = _headers(head.get("headers"))
-    except (ConnectionError, ProtocolError, asyncio.IncompleteReadError) as exc:
+    except (ConnectionError, ProtocolError, RuntimeError, asyncio.IncompleteReadError) as exc:
+        conn.reset(writer)
         raise UpstreamUnavailable(f"peer {conn.peer.node_id if conn.peer else '?'}: {exc}") from exc
+    except BaseException:
+        conn.reset(writer)  # cancelled, or UpstreamUnavailable: the server must not keep working for nobody
+        raise
     return Response(status, resp_headers, _body(conn, reader, writer))
 
 
@@ -94,6 +123,12 @@ async def serve(
     if body is None:
         raise ProtocolError("http request without a body frame")
     path, _, query = target.partition("?")
+    try:
+        raw_path, query_string = path.encode(), query.encode()
+    except UnicodeEncodeError as exc:
+        raise ProtocolError("the request target is not valid Unicode") from exc
+    if not path.startswith("/"):
+        raise ProtocolError("the request target must start with /")
     stream_id = writer.get_extra_info("stream_id")
     closed = conn.stream_closed(stream_id)
     peer = conn.peer.node_id if conn.peer else "?"
@@ -104,8 +139,8 @@ async def serve(
         "method": method,
         "scheme": "http",
         "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
+        "raw_path": raw_path,
+        "query_string": query_string,
         "root_path": "",
         "headers": headers,
         "client": (f"mesh:{peer}", 0),
@@ -134,4 +169,21 @@ async def serve(
                 writer.write(encode(b""))
                 writer.write_eof()
 
-    await app(scope, receive, send)
+    failed: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        # The app hears `http.disconnect` from `receive`; whatever it is doing, the call is cancelled too.
+        tg.start_soon(_cancel_when_set, closed, tg.cancel_scope)
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:  # raised as itself below, not wrapped in the task group's ExceptionGroup
+            failed = exc
+        tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    if closed.is_set():
+        log.debug("%s %s from %s: the requester went away; cancelled", method, path, peer)
+
+
+async def _cancel_when_set(event: asyncio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -12,8 +12,11 @@ from typing import Any
 
 from inference.errors import ProtocolError
 
+from .. import jsonlimits
+
 CONTROL_LIMIT = 1 << 20  # JSON frames
 DATA_LIMIT = 32 << 20  # request bodies and response chunks
+MAX_DEPTH = 32  # JSON nesting in a control message (the deepest we send, a shard lease with its reference, is 6)
 _LEN = struct.Struct(">I")
 
 
@@ -50,9 +53,11 @@ async def read_json(reader: asyncio.StreamReader, limit: int = CONTROL_LIMIT) ->
 
 
 def decode_json(frame: bytes) -> dict[str, Any]:
+    """A control message: a JSON object nesting at most MAX_DEPTH levels, else ProtocolError. (Plain
+    `json.loads` raised RecursionError for deep nesting and ValueError for integers of more than 4300 digits.)"""
     try:
-        obj = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = jsonlimits.parse(frame, max_depth=MAX_DEPTH, max_string=len(frame))
+    except (RecursionError, ValueError) as exc:  # JsonRejected, JSONDecodeError, UnicodeDecodeError, digit limit
         raise ProtocolError(f"malformed message: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
