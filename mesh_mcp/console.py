@@ -46,11 +46,11 @@ def _rotate_key(controls: Controls, raw: bytes) -> Response:
     """`POST /api/rotate-key` (an owner only): body empty or `{"evict": [...], "add_owner": [...]}`."""
     body = parse(raw) if raw.strip() else {}
     if not isinstance(body, dict) or set(body) - {"evict", "add_owner"}:
-        return JSONResponse({"error": ROTATE_KEY_USAGE}, status_code=400)
+        return _error(ROTATE_KEY_USAGE, 400)
     lists = {key: body.get(key, []) for key in ("evict", "add_owner")}
     for value in lists.values():
         if not isinstance(value, list) or len(value) > 32 or not all(isinstance(n, str) for n in value):
-            return JSONResponse({"error": ROTATE_KEY_USAGE}, status_code=400)
+            return _error(ROTATE_KEY_USAGE, 400)
     token = controls.rotate_key(lists["evict"], lists["add_owner"])
     return JSONResponse({"invite_token": token, "evicted": lists["evict"], "owners_added": lists["add_owner"]})
 
@@ -135,21 +135,21 @@ def build_console(node: NodeState, controls: Controls | None = None, board: Boar
 
     async def control(request: Request) -> Response:
         if request.path_params["action"] not in ("drop", "rotate-key"):
-            return JSONResponse({"error": "no such control"}, status_code=404)
+            return _error("no such control", 404)
         if controls is None or not is_local(request.scope):
             refused = "node controls are only open to this machine: ask 127.0.0.1 or localhost, not from a web page"
-            return JSONResponse({"error": refused}, status_code=403)
+            return _error(refused, 403)
         try:
             body = parse(await request.body()) if request.path_params["action"] == "drop" else {}
             if request.path_params["action"] == "drop":
                 if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-                    return JSONResponse({"error": 'give {"model": NAME}'}, status_code=400)
+                    return _error('give {"model": NAME}', 400)
                 return JSONResponse({"dropped": controls.drop(body["model"])})
             return _rotate_key(controls, await request.body())
         except ValueError as exc:  # malformed JSON
-            return JSONResponse({"error": f"malformed request: {exc}"}, status_code=400)
+            return _error(f"malformed request: {exc}", 400)
         except MeshLLMError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
+            return _error(str(exc), 409)
 
     return Starlette(
         routes=[

@@ -285,7 +285,9 @@ class IdleClient(QuicConnectionProtocol):
         super().quic_event_received(event)
 
 
-async def idle_client(port: int, source: str, stack: list[Any], ping: bool) -> IdleClient | None:
+async def idle_client(
+    port: int, source: str, stack: list[Any], ping: bool, host: str = "127.0.0.1"
+) -> IdleClient | None:
     loop = asyncio.get_running_loop()
     cfg = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN], idle_timeout=60)
     cfg.verify_mode = ssl.CERT_NONE
@@ -296,7 +298,7 @@ async def idle_client(port: int, source: str, stack: list[Any], ping: bool) -> I
     )
     assert isinstance(proto, IdleClient)
     stack.append((transport, proto))
-    proto.connect(("127.0.0.1", port))
+    proto.connect((host, port))
     try:
         with anyio.fail_after(8):
             await proto.wait_connected()
@@ -403,7 +405,45 @@ def test_a_quic_refusal_over_the_limit_says_why(tmp_path: Path) -> None:
     run(main)
 
 
-# --- a pipeline split re-plans while its worker's data plane is flooded -----------------------------------
+# --- a pipeline split re-plans while its worker's data plane and QUIC port are flooded ---------------------
+
+
+class QuicFlood:
+    """Strangers' QUIC connections (TLS done, never authenticated, every other one kept alive with PINGs) opened
+    at `per_s` from `sources` on a thread with its own event loop; all closed on exit."""
+
+    def __init__(self, host: str, port: int, sources: list[str], per_s: float = 20) -> None:
+        self.host, self.port, self.sources, self.per_s = host, port, sources, per_s
+        self.tried = self.completed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="quic-flood", daemon=True)
+
+    def __enter__(self) -> QuicFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    async def _run(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)  # refused clients' futures
+        stack: list[Any] = []
+
+        async def one(i: int) -> None:
+            source = self.sources[i % len(self.sources)]
+            if await idle_client(self.port, source, stack, ping=i % 2 == 0, host=self.host):
+                self.completed += 1
+
+        try:
+            async with anyio.create_task_group() as tg:
+                while not self._stop.is_set():
+                    tg.start_soon(one, self.tried)
+                    self.tried += 1
+                    await anyio.sleep(1 / self.per_s)  # paces the flood; not a wait for state
+                tg.cancel_scope.cancel()
+        finally:
+            await close_all(stack)
 
 
 def _llama_server_pid(node: NodeProcess) -> int | None:
@@ -432,10 +472,15 @@ def test_a_split_re_plans_while_its_workers_data_plane_is_flooded(spawn: Callabl
     before = host.log().count("split of")
     pid = _llama_server_pid(host)
     assert pid is not None
-    # strangers at 8 addresses, 50 idle connections a second: more than the strangers' pool holds
-    with Flood(("127.0.0.3", port), [f"127.0.0.{i}" for i in range(20, 28)], per_s=50) as flood:
+    # strangers at 8 addresses, 50 idle TCP connections a second to the data plane, more than the strangers' pool
+    # holds, and 20 QUIC connections a second from 8 more that complete TLS and never authenticate
+    quic_sources = [f"127.0.0.{i}" for i in range(30, 38)]
+    with (
+        Flood(("127.0.0.3", port), [f"127.0.0.{i}" for i in range(20, 28)], per_s=50) as flood,
+        QuicFlood("127.0.0.3", port, quic_sources) as quic_flood,
+    ):
         deadline = time.monotonic() + 10
-        while flood.opened < 50 and time.monotonic() < deadline:
+        while (flood.opened < 50 or quic_flood.completed < 10) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)  # the split's llama-server dies: the host tears the group down and re-plans
         host.wait_log(r"llama-server for .*re-planning", timeout=30)
@@ -451,7 +496,7 @@ def test_a_split_re_plans_while_its_workers_data_plane_is_flooded(spawn: Callabl
         )
         r = post_served(host.api + "/v1/completions", {"model": SMOLLM, "prompt": "Hello", "max_tokens": 4})
         assert r.status_code == 200, r.text
-        assert flood.opened >= 100
+        assert flood.opened >= 100 and quic_flood.completed >= 10
     failures = re.findall(r"split of .* failed: .*", host.log())
     assert host.log().count("split of") - before == 1 and not failures, failures  # "ended ...; planning again" once
     refusals = [line for line in worker.log().splitlines() if "data plane: refused" in line]
