@@ -9,8 +9,10 @@ Bounds (a slow or idle client cannot hold the server's sockets): uvicorn has no 
 a connection whose request head is not complete `header_timeout_s` after the connection opened or after
 its first byte (for a kept-alive connection; idle kept-alive connections are closed by uvicorn's
 `timeout_keep_alive`), and one that goes silent for `body_idle_s` in the middle of a body. Request heads
-are capped at `MAX_HEAD_BYTES` (h11 answers 400 past it) and the connections of one server at
-`max_connections` (uvicorn answers 503 past it). Bodies are bounded by `httpguard`.
+are capped at `MAX_HEAD_BYTES` (h11 answers 400 past it), the connections of one server at
+`max_connections` (uvicorn answers 503 past it), and those from one address other than this machine's at
+`per_source` (answered 503 and closed at once: one stranger cannot take every slot of a `--listen-all` node).
+Bodies are bounded by `httpguard`.
 `MESH_LLM_HTTP_HEADER_TIMEOUT_S` overrides the head timeout (tests use a short one).
 """
 
@@ -22,7 +24,8 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Generator
+from collections import Counter
+from collections.abc import Callable, Generator
 
 import anyio
 import h11
@@ -41,11 +44,21 @@ KEEP_ALIVE_S = 15  # an idle kept-alive connection (SDK pools reuse them within 
 BODY_IDLE_S = 30.0  # silence allowed in the middle of a request body (a slow upload still sends every second)
 MAX_HEAD_BYTES = 16 << 10  # request line + headers (h11's default; SDK requests send ~1 KiB)
 MAX_CONNECTIONS = 512  # per server; past it uvicorn answers 503 (the default fd limit is 1024)
+PER_SOURCE = 64  # open connections from one remote address (an SDK's pool keeps ≤ 20; loopback is not counted)
 HEADER_TIMEOUT_ENV = "MESH_LLM_HTTP_HEADER_TIMEOUT_S"
 _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
     b"content-length: 46\r\n\r\nthe request headers did not arrive in time\r\n\r\n"
 )
+_BUSY_BODY = b"too many open connections from your address; retry shortly\r\n"
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"retry-after: 5\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "localhost") or address.startswith("::ffff:127.")
 
 
 class _BoundedH11(H11Protocol):
@@ -54,12 +67,25 @@ class _BoundedH11(H11Protocol):
 
     header_timeout_s = HEADER_TIMEOUT_S
     body_idle_s = BODY_IDLE_S
+    per_source = PER_SOURCE
+    exempt: Callable[[str], bool] = staticmethod(_is_loopback)
+    open_by_source: Counter[str]  # one per server (`_protocol` makes the class)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_seen_at = 0.0
+        self._source: str | None = None
         super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self.exempt(source):
+            if self.open_by_source[source] >= self.per_source:
+                transport.write(_BUSY_RESPONSE)
+                transport.close()
+                return
+            self.open_by_source[source] += 1
+            self._source = source
         self._arm_head_timer()  # a new connection must send a whole request head in time
 
     def data_received(self, data: bytes) -> None:
@@ -75,6 +101,11 @@ class _BoundedH11(H11Protocol):
                 self._body_timer = self.loop.call_later(self.body_idle_s, self._body_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._source is not None:
+            self.open_by_source[self._source] -= 1
+            if self.open_by_source[self._source] <= 0:
+                del self.open_by_source[self._source]
+            self._source = None
         self._cancel_head_timer()
         if self._body_timer is not None:
             self._body_timer.cancel()
@@ -109,8 +140,17 @@ class _BoundedH11(H11Protocol):
             self.transport.close()
 
 
-def _protocol(header_timeout_s: float, body_idle_s: float) -> type[H11Protocol]:
-    return type("BoundedH11", (_BoundedH11,), {"header_timeout_s": header_timeout_s, "body_idle_s": body_idle_s})
+def _protocol(
+    header_timeout_s: float, body_idle_s: float, per_source: int, exempt: Callable[[str], bool]
+) -> type[H11Protocol]:
+    attrs = {
+        "header_timeout_s": header_timeout_s,
+        "body_idle_s": body_idle_s,
+        "per_source": per_source,
+        "exempt": staticmethod(exempt),
+        "open_by_source": Counter(),
+    }
+    return type("BoundedH11", (_BoundedH11,), attrs)
 
 
 def _env_header_timeout() -> float:
@@ -160,15 +200,20 @@ async def serve_http(
     body_idle_s: float = BODY_IDLE_S,
     keep_alive_s: int = KEEP_ALIVE_S,
     max_connections: int = MAX_CONNECTIONS,
+    per_source: int = PER_SOURCE,
+    exempt: Callable[[str], bool] = _is_loopback,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until cancelled; `task_status.started(port)` once listening. `header_timeout_s` defaults to
-    `HEADER_TIMEOUT_S`, or `MESH_LLM_HTTP_HEADER_TIMEOUT_S` when set."""
+    `HEADER_TIMEOUT_S`, or `MESH_LLM_HTTP_HEADER_TIMEOUT_S` when set. `exempt(address)`: sources not held to
+    `per_source` (this machine's)."""
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
-        http=_protocol(header_timeout_s if header_timeout_s is not None else _env_header_timeout(), body_idle_s),
+        http=_protocol(
+            header_timeout_s if header_timeout_s is not None else _env_header_timeout(), body_idle_s, per_source, exempt
+        ),
         ws="none",
         log_level="warning",
         access_log=False,

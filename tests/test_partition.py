@@ -329,6 +329,10 @@ def mesh(llama: object, smollm: Path, links: list[LinkProxy], spawn: Spawn) -> d
     for member in (b, c):
         member.node.wait_for("up", lambda s: True, timeout=30)
     wait_serving([b.node, c.node], {SMOLLM}, timeout=30)
+    # B and C learn of each other through A's gossip: a test that cuts A off must start after they have
+    # (it failed under load when the cut came first: B and C then never meet)
+    for member in (a, b, c):
+        member.node.wait_for("all three members", lambda s: len(s["peers"]) == 3, timeout=30)
     return {"a": a, "b": b, "c": c}
 
 

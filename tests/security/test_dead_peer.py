@@ -150,11 +150,12 @@ def test_client_hanging_up_on_b_stops_the_generation_on_a(llama: object, spawn: 
     before = _metric(upstream, "n_decode_total")
     with httpx2.stream("POST", b.api + "/v1/completions", json=long_generation(max_tokens), timeout=60) as r:
         assert r.status_code == 200 and r.headers.get("x-mesh-node") == a.status()["node_id"], "tunnelled to A"
+        # Hold the line iterator: a `for ... break` over r.iter_lines() drops it, and its finalizer closes the
+        # connection — a hang-up before the check below (seen under load: A had stopped after 7 tokens).
+        lines = r.iter_lines()
         chunks = 0
-        for line in r.iter_lines():
-            chunks += line.startswith("data:")
-            if chunks >= 5:
-                break
+        while chunks < 5:
+            chunks += next(lines).startswith("data:")
         assert _metric(upstream, "requests_processing") == 1, "A is generating"
     hung_up = time.monotonic()  # leaving the block closed the client's connection mid-stream
     deadline = hung_up + 30

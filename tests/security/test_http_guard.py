@@ -384,6 +384,41 @@ def test_connections_past_the_cap_get_503() -> None:
     anyio.run(go)
 
 
+def test_one_remote_address_cannot_take_every_connection() -> None:
+    """Past `per_source` open connections from one address (other than this machine's: here none is exempt),
+    a new one from it is answered 503 and closed at once; another address is still served, and so is the first
+    once its connections close."""
+
+    def connect(source: str) -> socket.socket:
+        s = socket.socket()
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        return s
+
+    def get(source: str) -> bytes:
+        with connect(source) as s:
+            s.sendall(b"GET /v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return read_until_closed(s, 10.0)
+
+    async def go() -> None:
+        nonlocal port
+        async with served(echo_app(), per_source=3, exempt=lambda address: False) as port:
+            held = [connect("127.0.0.2") for _ in range(3)]
+            try:
+                busy = await anyio.to_thread.run_sync(get, "127.0.0.2")
+                assert busy.startswith(b"HTTP/1.1 503") and b"too many open connections" in busy, busy[:200]
+                assert (await anyio.to_thread.run_sync(get, "127.0.0.3")).startswith(b"HTTP/1.1 200")
+            finally:
+                for s in held:
+                    s.close()
+            with anyio.fail_after(10):  # the server sees the closes: the address has its share back
+                while not (await anyio.to_thread.run_sync(get, "127.0.0.2")).startswith(b"HTTP/1.1 200"):
+                    await anyio.sleep(0.05)
+
+    port = 0
+    anyio.run(go)
+
+
 def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
     sock.settimeout(timeout)
     data = b""

@@ -233,8 +233,8 @@ def test_a_flooded_data_plane_keeps_serving_members_and_drops_the_idle(
         server.services["hello"] = hello_service
         async with server:
             with Flood(("127.0.0.1", server.port), flood_from, per_s=50) as flood:
-                with anyio.fail_after(10):
-                    while flood.opened < 20:  # the flood is on before the first legit call
+                with anyio.fail_after(30):  # the flood is on, past the strangers' pool, before the first legit call
+                    while flood.opened < 40:
                         await anyio.sleep(0.02)
                 peak = 0
 
@@ -249,7 +249,6 @@ def test_a_flooded_data_plane_keeps_serving_members_and_drops_the_idle(
                     ok = await anyio.to_thread.run_sync(legit_calls, host, server.port, legit_from, 10)
                     tg.cancel_scope.cancel()
                 assert ok == 10, caplog.text[-3000:]
-                assert flood.opened >= 40
                 assert peak <= dataplane.PER_SOURCE * len(flood_from) + 1
                 assert peak <= dataplane.SHARED + dataplane.RESERVED
                 # the idle connections are closed after the deadline: the server's count drops to none
@@ -479,8 +478,9 @@ def test_a_split_re_plans_while_its_workers_data_plane_is_flooded(spawn: Callabl
         Flood(("127.0.0.3", port), [f"127.0.0.{i}" for i in range(20, 28)], per_s=50) as flood,
         QuicFlood("127.0.0.3", port, quic_sources) as quic_flood,
     ):
-        deadline = time.monotonic() + 10
-        while (flood.opened < 50 or quic_flood.completed < 10) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # both floods are on before the re-plan starts
+        while flood.opened < 50 or quic_flood.completed < 10:
+            assert time.monotonic() < deadline, f"floods did not start: {flood.opened} TCP, {quic_flood.completed} QUIC"
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)  # the split's llama-server dies: the host tears the group down and re-plans
         host.wait_log(r"llama-server for .*re-planning", timeout=30)
@@ -496,7 +496,6 @@ def test_a_split_re_plans_while_its_workers_data_plane_is_flooded(spawn: Callabl
         )
         r = post_served(host.api + "/v1/completions", {"model": SMOLLM, "prompt": "Hello", "max_tokens": 4})
         assert r.status_code == 200, r.text
-        assert flood.opened >= 100 and quic_flood.completed >= 10
     failures = re.findall(r"split of .* failed: .*", host.log())
     assert host.log().count("split of") - before == 1 and not failures, failures  # "ended ...; planning again" once
     refusals = [line for line in worker.log().splitlines() if "data plane: refused" in line]
