@@ -69,6 +69,7 @@ REJOIN_S = 2.0
 PEERS_FILE = "peers.json"  # members last known, dialled again after a restart
 SEND_TIMEOUT_S = 3.0
 IN_FLIGHT_PUBLISH_S = 1.0
+CONFIRM_S = 1.0  # a member declared dead has this long to answer a ping on its open connection before we act
 
 
 @dataclass
@@ -680,7 +681,43 @@ class Mesh:
     def _gone(self, node_id: str, how: str) -> None:
         """Act on a member declared dead (or gone) at once, instead of waiting out QUIC's idle timeout: close its
         connections, so every stream on them fails now (in-flight requests end with an error, leases it held
-        end), and cancel whatever waits on it (`cancel_when_gone`: dials, leases)."""
+        end), and cancel whatever waits on it (`cancel_when_gone`: dials, leases). A member that left said so; one
+        declared dead while we hold a connection to it must first fail to answer a ping on it within
+        `CONFIRM_S` (`_confirm_gone`): on a loaded machine gossip can be late while the node and its streams are
+        fine, and cutting them would turn a slow heartbeat into failed requests."""
+        if how == "died" and self.transport.connection(node_id) is not None and self._tg is not None:
+            self._spawn(self._confirm_gone, node_id)
+            return
+        self._act_gone(node_id, how)
+
+    async def _confirm_gone(self, node_id: str) -> None:
+        """While membership holds `node_id` dead: act once it stops answering pings on its connection (checked
+        every `CONFIRM_S`); stop watching if it revives."""
+        told = False
+        while self.is_gone(node_id):
+            conn = self.transport.connection(node_id)
+            if conn is None or not await self._answers(conn):
+                self._act_gone(node_id, "died")
+                return
+            if not told:
+                told = True
+                log.warning(
+                    "member %s was declared dead but answers on its connection (a busy machine?): its streams go on",
+                    node_id,
+                )
+            await anyio.sleep(CONFIRM_S)
+
+    async def _answers(self, conn: Connection) -> bool:
+        """Whether the peer answers a ping on this connection within `CONFIRM_S`."""
+        try:
+            with anyio.fail_after(CONFIRM_S):
+                reader, writer = await conn.open_stream({"t": "ping"})
+                writer.write_eof()
+                return (await read_json(reader)).get("t") == "pong"
+        except (TimeoutError, ConnectionError, RuntimeError, MeshLLMError, asyncio.IncompleteReadError):
+            return False
+
+    def _act_gone(self, node_id: str, how: str) -> None:
         conns = list(self.transport.connections.get(node_id, ()))
         for conn in conns:
             conn.abort(f"member {how}")

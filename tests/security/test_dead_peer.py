@@ -12,6 +12,7 @@ are also checked in one process on real QUIC connections, fast.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -316,3 +317,51 @@ def test_an_aborted_connection_fails_its_streams_at_once_on_both_sides(tmp_path:
             tg.cancel_scope.cancel()
 
     _run(main)
+
+
+def test_a_member_declared_dead_that_still_answers_keeps_its_streams(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a loaded machine gossip can declare a live node dead; its connection is cut only once it also fails to
+    answer a ping on it (CONFIRM_S), so a slow heartbeat does not become failed requests. Once it really goes
+    silent, it is acted on."""
+    from mesh_mcp.mesh import meshfile, runtime, tokens
+    from mesh_mcp.state import NodeState
+
+    def node(name: str, config: Any, settings: runtime.MeshSettings) -> runtime.Mesh:
+        ident = load_or_create(tmp_path / name)
+        state = NodeState(node_id=ident.node_id, name=name, version="0", api_url="", console_url="")
+        return runtime.Mesh(ident, config, tmp_path / name, state, settings)
+
+    async def main() -> None:
+        owner = load_or_create(tmp_path / "a").public_bytes
+        a = node("a", meshfile.create(owner=owner), runtime.MeshSettings(host="127.0.0.1"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(a.run)
+            token = tokens.decode(a.invite_token())
+            b = node(
+                "b", meshfile.from_token(token), runtime.MeshSettings(role="client", host="127.0.0.1", joins=(token,))
+            )
+            await tg.start(b.run)
+            a_id = a.identity.node_id
+            with anyio.fail_after(30):
+                while (conn := b.transport.connection(a_id)) is None:
+                    await anyio.sleep(0.05)
+            b.is_gone = lambda node_id: node_id == a_id  # type: ignore[method-assign]  # membership says: dead
+            b._gone(a_id, "died")
+            with anyio.fail_after(30):
+                while "declared dead but answers on its connection" not in caplog.text:
+                    await anyio.sleep(0.05)
+            assert not conn.closed_event.is_set() and b.transport.connection(a_id) is conn
+            # now A goes silent for real (its socket stops reading): the next ping fails and B acts
+            server = a.transport._server
+            assert server is not None and server._transport is not None
+            server._transport.pause_reading()  # type: ignore[attr-defined]
+            with anyio.fail_after(30):
+                await conn.closed_event.wait()
+            assert f"member {a_id} died: closed 1 connection(s)" in caplog.text
+            server._transport.resume_reading()  # type: ignore[attr-defined]
+            tg.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, "mesh_llm.mesh"):
+        anyio.run(main)
