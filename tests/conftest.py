@@ -13,6 +13,7 @@ import pytest
 from inference import paths
 from inference.llamacpp import LlamaCpp
 from inference.provision import ensure_llama_cpp
+from mesh_mcp.identity import Identity, load_or_create
 from tests.harness import NodeProcess
 
 SMOLLM = "SmolLM2-135M-Instruct-Q4_1"
@@ -81,3 +82,15 @@ def spawn(tmp_path: Path, test_models_dir: Path) -> Iterator[Callable[..., NodeP
     yield start
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Identity:
+    """A node identity (Ed25519 key) for in-process data-plane tests: the side that serves."""
+    return load_or_create(tmp_path / "worker")
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Identity:
+    """A node identity for in-process data-plane tests: the side that dials."""
+    return load_or_create(tmp_path / "host")

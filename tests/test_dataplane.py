@@ -24,7 +24,7 @@ import pytest
 
 from inference.errors import AuthError
 from inference.llamacpp import LlamaCpp
-from mesh_mcp.identity import Identity, load_or_create
+from mesh_mcp.identity import Identity
 from mesh_mcp.mesh import dataplane
 from mesh_mcp.mesh.dataplane import DataPlaneServer, Relay, Stream, connect, open_relay
 from mesh_mcp.mesh.quic import Credentials
@@ -76,16 +76,6 @@ def nothing_leaks() -> Iterator[None]:
         time.sleep(0.01)
     assert not _tunnel_threads()
     assert not {fd for fd in _fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
-
-
-@pytest.fixture
-def worker(tmp_path: Path) -> Identity:
-    return load_or_create(tmp_path / "worker")
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Identity:
-    return load_or_create(tmp_path / "host")
 
 
 class Echo:

@@ -45,11 +45,6 @@ def peer(tmp_path: Path) -> Identity:
     return load_or_create(tmp_path / "peer")
 
 
-@pytest.fixture
-def worker(tmp_path: Path) -> Identity:
-    return load_or_create(tmp_path / "worker")
-
-
 def files(cache: Path) -> dict[str, bytes]:
     d = cache_files_dir(cache)
     return {p.name: p.read_bytes() for p in d.iterdir()} if d.is_dir() else {}

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import pytest
@@ -129,24 +129,37 @@ def test_source_addresses_compare_as_member_records_write_them() -> None:
 # --- the data plane, flooded with idle TCP connections -------------------------------------------------------
 
 
-class Flood:
-    """Idle TCP connections from the given source addresses, opened round-robin at `per_s` in a thread;
-    those older than `keep_s` are closed on our side (the server has dropped them by then)."""
+class _Background:
+    """A flood running on its own thread from `with` entry to exit (`_run`; `_stop` says when to end)."""
 
-    def __init__(self, target: tuple[str, int], sources: list[str], per_s: float = 50, keep_s: float = 8) -> None:
-        self.target, self.sources, self.per_s, self.keep_s = target, sources, per_s, keep_s
-        self.open: deque[tuple[float, socket.socket]] = deque()
-        self.opened = 0
+    def __init__(self, name: str) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="flood", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> Flood:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Flood(_Background):
+    """Idle TCP connections from the given source addresses, opened round-robin at `per_s` in a thread;
+    those older than `keep_s` are closed on our side (the server has dropped them by then)."""
+
+    def __init__(self, target: tuple[str, int], sources: list[str], per_s: float = 50, keep_s: float = 8) -> None:
+        super().__init__("flood")
+        self.target, self.sources, self.per_s, self.keep_s = target, sources, per_s, keep_s
+        self.open: deque[tuple[float, socket.socket]] = deque()
+        self.opened = 0
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
         for _, s in self.open:
             s.close()
         self.open.clear()
@@ -183,16 +196,6 @@ class Flood:
             except OSError:
                 n += 1
         return n
-
-
-@pytest.fixture
-def worker(tmp_path: Path) -> Identity:
-    return load_or_create(tmp_path / "worker")
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Identity:
-    return load_or_create(tmp_path / "host")
 
 
 def hello_service(request: dict[str, Any], stream: Stream) -> None:
@@ -407,25 +410,19 @@ def test_a_quic_refusal_over_the_limit_says_why(tmp_path: Path) -> None:
 # --- a pipeline split re-plans while its worker's data plane and QUIC port are flooded ---------------------
 
 
-class QuicFlood:
+class QuicFlood(_Background):
     """Strangers' QUIC connections (TLS done, never authenticated, every other one kept alive with PINGs) opened
     at `per_s` from `sources` on a thread with its own event loop; all closed on exit."""
 
     def __init__(self, host: str, port: int, sources: list[str], per_s: float = 20) -> None:
+        super().__init__("quic-flood")
         self.host, self.port, self.sources, self.per_s = host, port, sources, per_s
         self.tried = self.completed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="quic-flood", daemon=True)
 
-    def __enter__(self) -> QuicFlood:
-        self._thread.start()
-        return self
+    def _run(self) -> None:
+        asyncio.run(self._flood())
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    async def _run(self) -> None:
+    async def _flood(self) -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)  # refused clients' futures
         stack: list[Any] = []
 
