@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh_mcp.identity import node_id_for
 from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing, decode, encode
+from mesh_mcp.mesh.identity import node_id_for
 from mesh_mcp.mesh.records import MAX_RTT, ServedModel, encoded_size, public_key_bytes, to_wire, unsigned
 from mesh_mcp.mesh.rtt import publish_period
 

@@ -22,7 +22,7 @@ Implementations (relay sides of the prototypes live in this file; `dataplane` is
     thread-poll       one thread per connection, non-blocking sockets + poll(), ssl.SSLSocket
     plain-threads     like threads-sslsocket without TLS (the relays' cost alone)
     c-threads         the same plain relay in C (needs `cc`): the floor of any relay on this machine
-    dataplane         mesh_mcp.mesh.dataplane (DataPlaneServer + Relay, with authentication)
+    dataplane         mesh_mcp.dataplane.relay (DataPlaneServer + Relay, with authentication)
 
     python bench/p2_dataplane.py [--rounds 8] [--pings 400] [--mib 1024] [--impls a,b,...] [--busy]
     python bench/p2_dataplane.py --llama [--rounds 5] [--tokens 64]   # real llama.cpp, direct vs relayed
@@ -378,8 +378,8 @@ async def relay_asyncio_main(side: str, to_port: int, impl: str) -> None:
 
 
 async def relay_dataplane_main(side: str, to_port: int) -> None:
-    from mesh_mcp.identity import load_or_create
-    from mesh_mcp.mesh.dataplane import DataPlaneServer, Relay
+    from mesh_mcp.dataplane.relay import DataPlaneServer, Relay
+    from mesh_mcp.mesh.identity import load_or_create
     from mesh_mcp.mesh.quic import Credentials
 
     secret = b"s" * 32

@@ -28,7 +28,7 @@ src/llama-model.cpp, tools/rpc/rpc-server.cpp; llama.cpp b11434, RPC protocol 7.
   token_embd.weight as a duplicate when the model ties embeddings (no output.weight).
 - The host still needs the whole GGUF: it hashes every large tensor it offers.
 
-A worker without the file gets the same entries from a peer that has it (`mesh_mcp/mesh/tensor_fetch.py`):
+A worker without the file gets the same entries from a peer that has it (`mesh_mcp/dataplane/tensor_fetch.py`):
 the peer lists each tensor's hash (`tensor_hashes`, remembered in the same per-GGUF manifest `seed` keeps) and
 the worker writes what arrives through `IncomingTensor` — the same temporary name, fsync and rename as `seed`,
 and a rename only when the bytes hash to the name announced (`CorruptTransfer` otherwise, and no file).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .router import match_model
+from mesh_mcp.api.router import match_model
 
 SERVING = "serving"
 

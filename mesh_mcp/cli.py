@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.client and args.model:
         print("mesh-llm: --client nodes serve no models; drop --model or --client", file=sys.stderr)
         return 2
-    from .httpguard import KEYS_ENV, api_keys, cors_origin
+    from mesh_mcp.api.guard import KEYS_ENV, api_keys, cors_origin
 
     try:
         keys = api_keys(args.api_key, os.environ.get(KEYS_ENV))

@@ -35,10 +35,10 @@ from anyio.abc import Process
 
 from inference import paths
 from inference.errors import MeshLLMError, user_error
+from mesh_mcp.mcp.local import api_root, attach_or_start
 
 from . import agents
 from .agents import MeshModel, NotYet, Picked
-from .local import api_root, attach_or_start
 
 log = logging.getLogger("mesh_llm.agents")
 

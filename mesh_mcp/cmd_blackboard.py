@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     if args.mcp:
         import anyio
 
-        from .local import run_stdio
+        from mesh_mcp.mcp.local import run_stdio
 
         anyio.run(run_stdio, home, list(args.join), args.name)
         return 0
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
 
 def console_url(home: Path, port: int | None) -> str:
     if port is None:
-        from .local import read_runtime
+        from mesh_mcp.mcp.local import read_runtime
 
         info = read_runtime(home)
         if info is not None:

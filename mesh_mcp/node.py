@@ -32,29 +32,29 @@ from inference.gguf_facts import memory_need, read_facts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.provision import ensure_llama_cpp
+from mesh_mcp.api.app import build_api
+from mesh_mcp.api.console import build_console
+from mesh_mcp.api.guard import API, CONSOLE, HttpGuard, Policy
+from mesh_mcp.api.serve import serve_http
+from mesh_mcp.mcp.local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
+from mesh_mcp.mesh.identity import load_or_create
+from mesh_mcp.serving.rpc_worker import RpcLink
+from mesh_mcp.serving.shard_node import ShardLink
+from mesh_mcp.serving.split import ModelRun, SplitModel, safe_name
 
 from . import __version__
-from .api import build_api
-from .console import build_console
-from .httpguard import API, CONSOLE, HttpGuard, Policy
-from .httpserve import serve_http
-from .identity import load_or_create
-from .local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
 from .mesh import meshfile
 from .mesh.board_link import BoardLink
 from .mesh.gossip import GossipConfig
 from .mesh.meshfile import MeshConfig
-from .mesh.rpc_link import RpcLink
 from .mesh.runtime import Mesh, MeshSettings
-from .mesh.shard_link import ShardLink
 from .mesh.tokens import InviteToken
 from .mesh.tokens import decode as decode_token
-from .split import ModelRun, SplitModel, safe_name
 from .state import NodeState
 from .ui import Bars
 
 if TYPE_CHECKING:
-    from .mcp_server import HttpTools
+    from mesh_mcp.mcp.server import HttpTools
 
 log = logging.getLogger("mesh_llm.node")
 
@@ -413,7 +413,7 @@ class Node:
                 on_state=lambda **changes: self.state.update_model(name, **changes),
             )
         if split and facts.is_moe:
-            from .moe_serve import ShardedModel, ShardingRefused
+            from mesh_mcp.serving.moe import ShardedModel, ShardingRefused
 
             try:
                 await ShardedModel.of(run, force=self.config.split).run()
@@ -469,7 +469,7 @@ class _OwnTools:
         self._state = state
 
     def _http(self) -> HttpTools:
-        from .mcp_server import HttpTools
+        from mesh_mcp.mcp.server import HttpTools
 
         return HttpTools(self._state.console_url, self._state.api_url)
 
@@ -511,7 +511,7 @@ class _McpMount:
         self._loaded = anyio.Event()
 
     async def run(self) -> None:
-        module = await anyio.to_thread.run_sync(importlib.import_module, "mesh_mcp.mcp_server")
+        module = await anyio.to_thread.run_sync(importlib.import_module, "mesh_mcp.mcp.server")
         async with module.McpHttp(_OwnTools(self.state), allow_remote=self.allow_remote, guarded=True) as mcp:
             self.mcp = mcp
             self._loaded.set()

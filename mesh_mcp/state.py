@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .router import match_model
+from mesh_mcp.api.router import match_model
 
 SERVING = "serving"
 

@@ -13,7 +13,7 @@ import pytest
 from inference import paths
 from inference.llamacpp import LlamaCpp
 from inference.provision import ensure_llama_cpp
-from mesh_mcp.identity import Identity, load_or_create
+from mesh_mcp.mesh.identity import Identity, load_or_create
 from tests.harness import NodeProcess
 
 SMOLLM = "SmolLM2-135M-Instruct-Q4_1"

@@ -11,10 +11,10 @@ import anyio
 import httpx2
 import pytest
 
-from mesh_mcp.api import anthropic_error_body, build_api
-from mesh_mcp.directory import RemoteModel
+from mesh_mcp.api.app import anthropic_error_body, build_api
+from mesh_mcp.api.directory import RemoteModel
+from mesh_mcp.api.upstream import Response, UpstreamUnavailable
 from mesh_mcp.state import NodeState
-from mesh_mcp.upstream import Response, UpstreamUnavailable
 
 
 def make_node(**models: str) -> NodeState:

@@ -21,9 +21,9 @@ import openai
 import pytest
 from mcp import Client
 
-from mesh_mcp import api_rewrite
-from mesh_mcp.api_checks import ModelFacts, Rejection, check_request
-from mesh_mcp.mcp_server import build_server
+from mesh_mcp.api import rewrite as api_rewrite
+from mesh_mcp.api.checks import ModelFacts, Rejection, check_request
+from mesh_mcp.mcp.server import build_server
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess
 from tests.test_mcp_server import TwinTools, text_of

@@ -17,7 +17,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp_types import CallToolResult, TextContent
 
-from mesh_mcp.local import read_runtime
+from mesh_mcp.mcp.local import read_runtime
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, pid_alive
 

@@ -19,8 +19,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from blackboard.post import make_post, to_wire
-from mesh_mcp.identity import load_or_create
 from mesh_mcp.mesh import tokens
+from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import Credentials, MeshTransport, close_quietly
 from tests.harness import NodeProcess
 

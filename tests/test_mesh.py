@@ -23,8 +23,8 @@ import openai
 import pytest
 
 from inference.errors import AuthError
-from mesh_mcp.identity import load_or_create
 from mesh_mcp.mesh import tokens
+from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import Credentials, MeshTransport
 from mesh_mcp.mesh.wire import read_frame
 from tests.conftest import SMOLLM

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from inference.errors import AuthError
-from mesh_mcp.identity import load_or_create
+from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import Connection, Credentials, MeshTransport
 from mesh_mcp.mesh.wire import encode, read_frame
 

@@ -155,7 +155,7 @@ def test_the_launcher_commands_parse_with_the_real_cli() -> None:
 
 def test_pi_snippet_is_an_openai_completions_provider_for_the_node() -> None:
     from inference.catalog import by_name
-    from mesh_mcp.local import DEFAULT_API_PORT
+    from mesh_mcp.mcp.local import DEFAULT_API_PORT
 
     config = agent_configs()["pi"]
     assert set(config) == {"providers"}

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from inference.errors import ProtocolError
 from mesh_llamacpp import SourceEdit, load_pin
-from mesh_mcp.identity import node_id_for
 from mesh_mcp.mesh import records
+from mesh_mcp.mesh.identity import node_id_for
 from mesh_mcp.mesh.records import (
     MAX_ADDRESSES,
     MAX_MODELS,

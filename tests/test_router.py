@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mesh_mcp.router import Candidate, ranked, session_key
+from mesh_mcp.api.router import Candidate, ranked, session_key
 
 
 def ids(cs: list[Candidate]) -> list[str]:

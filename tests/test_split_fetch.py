@@ -19,9 +19,9 @@ import anyio
 import pytest
 
 from inference.rpc_cache import CorruptTransfer, cache_files_dir, hashed_tensors, seed
-from mesh_mcp.identity import Identity, load_or_create
-from mesh_mcp.mesh.dataplane import DataPlaneServer, Stream
-from mesh_mcp.mesh.tensor_fetch import REQUEST, FetchError, FetchResult, TensorFetch, TensorService
+from mesh_mcp.dataplane.relay import DataPlaneServer, Stream
+from mesh_mcp.dataplane.tensor_fetch import REQUEST, FetchError, FetchResult, TensorFetch, TensorService
+from mesh_mcp.mesh.identity import Identity, load_or_create
 from tests.conftest import SMOLLM
 from tests.ggufgen import write_dense
 from tests.harness import NodeProcess

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from inference.errors import AuthError, HandshakeRefused, ProtocolError
 from inference.keys import is_small_order
+from mesh_mcp.mesh.identity import node_id_for
 
-from ..identity import node_id_for
 from .wire import field
 
 VERSION = 1

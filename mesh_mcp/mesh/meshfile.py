@@ -5,7 +5,7 @@ The file is a credential: anyone holding it can join the mesh. `save` writes it 
 (a private temporary file in the same directory, fsync, rename), so a crash leaves the old file
 or the new one, never half of one, and always with mode 0600. When `load` finds the file open to
 group or others it tightens the mode to 0600 and logs a warning rather than refusing to start
-(as `mesh_mcp.identity` does for the node key); a file it cannot read, or cannot make private
+(as `mesh_mcp.mesh.identity` does for the node key); a file it cannot read, or cannot make private
 because another user owns it, is a `ConfigError`.
 
 `create`, `rotate`, `owner_rotate`, `advance`, `from_token` and `to_token` are pure; randomness is injected.
@@ -45,8 +45,8 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from inference.errors import ConfigError, RotationRefused
+from mesh_mcp.mesh.identity import node_id_for
 
-from ..identity import node_id_for
 from . import rotation as rot
 from .records import public_key_bytes
 from .rotation import MAX_CHAIN, MAX_OWNERS, Rotation

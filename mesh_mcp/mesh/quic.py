@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from inference.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, ProtocolError
+from mesh_mcp.mesh.identity import Identity
 
-from ..identity import Identity
 from . import handshake as hs
 from .admission import Admission, Limits, RefusalLog, source_ip
 from .tokens import split_address

@@ -33,8 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from inference.errors import ProtocolError
 from inference.keys import is_small_order
-
-from ..identity import node_id_for
+from mesh_mcp.mesh.identity import node_id_for
 
 ROLES = frozenset({"host", "worker", "client", "standby"})
 MODEL_STATES = frozenset({"downloading", "loading", "serving", "failed", "stopped"})  # as in mesh_mcp/state.py

@@ -31,8 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from inference.errors import RotationRefused
+from mesh_mcp.mesh.identity import node_id_for
 
-from ..identity import node_id_for
 from .records import public_key_bytes
 
 __all__ = [

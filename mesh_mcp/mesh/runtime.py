@@ -46,11 +46,11 @@ from inference.errors import (
     RotationRefused,
 )
 from mesh_llamacpp import Pin, load_pin
+from mesh_mcp.api.directory import RemoteModel
+from mesh_mcp.api.upstream import Response, UpstreamUnavailable
+from mesh_mcp.mesh.identity import Identity
 
-from ..directory import RemoteModel
-from ..identity import Identity
 from ..state import NodeState
-from ..upstream import Response, UpstreamUnavailable
 from . import meshfile, rotation, tunnel, wire
 from .gossip import Delta, Gossip, GossipConfig, Outgoing, message_to_wire
 from .meshfile import MeshConfig

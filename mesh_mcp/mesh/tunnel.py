@@ -28,8 +28,8 @@ import anyio
 from starlette.types import ASGIApp, Message
 
 from inference.errors import ProtocolError
+from mesh_mcp.api.upstream import Response, UpstreamBroken, UpstreamUnavailable
 
-from ..upstream import Response, UpstreamBroken, UpstreamUnavailable
 from .quic import Connection
 from .wire import CONTROL_LIMIT, DATA_LIMIT, decode_json, encode, encode_json, field, read_frame
 

@@ -36,8 +36,9 @@ from hypothesis import strategies as st
 from blackboard import post as posts
 from inference.errors import InvalidToken, MeshLLMError, ProtocolError
 from mesh_mcp import jsonlimits
-from mesh_mcp.identity import Identity, node_id_for
-from mesh_mcp.mesh import gossip, handshake, records, tensor_fetch, tokens, tunnel, wire
+from mesh_mcp.dataplane import tensor_fetch
+from mesh_mcp.mesh import gossip, handshake, records, tokens, tunnel, wire
+from mesh_mcp.mesh.identity import Identity, node_id_for
 from mesh_mcp.mesh.records import MAX_INT, MAX_RTT_TENTHS, MODEL_STATES, ROLES, NodeRecord, ServedModel
 
 Outcome = str  # "accepted" | "rejected"
@@ -689,7 +690,7 @@ def prop_tunnel_response(case: tuple[Any, bool]) -> Outcome:
     """The requester's side: the serving node's response head is a Response with an HTTP status, or
     UpstreamUnavailable (what the API turns into a 502/503)."""
     head, changed = case
-    from mesh_mcp.upstream import UpstreamUnavailable
+    from mesh_mcp.api.upstream import UpstreamUnavailable
 
     async def main() -> Outcome:
         reader = asyncio.StreamReader()
@@ -765,7 +766,7 @@ def prop_shard_lease(case: tuple[Any, bool]) -> Outcome:
     """The separable parts of a `moe-shard` lease header (experts, gate numbers, the quality reference),
     each allowed only the errors `shard_link._on_lease` expects from it."""
     from inference.moe_quality import Reference
-    from mesh_mcp.mesh import shard_link
+    from mesh_mcp.serving import shard_node as shard_link
 
     obj, _ = case
     if not isinstance(obj, dict):
@@ -799,7 +800,7 @@ class DataPlanePeer:
     tunnel that raised something it does not catch) are collected in `errors`."""
 
     def __init__(self, home: Path) -> None:
-        from mesh_mcp.identity import load_or_create
+        from mesh_mcp.mesh.identity import load_or_create
         from tests.ggufgen import write_dense
 
         self.models = home / "models"
@@ -823,7 +824,7 @@ class DataPlanePeer:
         return lambda: c
 
     async def _main(self) -> None:
-        from mesh_mcp.mesh.dataplane import DataPlaneServer
+        from mesh_mcp.dataplane.relay import DataPlaneServer
 
         dead = socket.socket()
         dead.bind(("127.0.0.1", 0))
@@ -890,7 +891,7 @@ def set_dataplane_peer(peer: DataPlanePeer | None) -> None:
 def prop_dataplane(case: tuple[str, Any]) -> Outcome:
     """One authenticated connection to a real data plane server with a mutated request (a target, or the
     `tensors` service, then a mutated `want`): the server answers or refuses, and logs no error."""
-    from mesh_mcp.mesh.dataplane import connect
+    from mesh_mcp.dataplane.relay import connect
 
     peer = _PEER
     assert peer is not None, "run inside DataPlanePeer.running() and set_dataplane_peer()"

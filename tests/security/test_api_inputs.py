@@ -19,7 +19,7 @@ import anyio
 import httpx2
 import pytest
 
-from mesh_mcp.api import build_api
+from mesh_mcp.api.app import build_api
 from mesh_mcp.state import NodeState
 
 ROUTES = {

@@ -28,8 +28,8 @@ import httpx2
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from mesh_mcp.identity import load_or_create
 from mesh_mcp.mesh import tunnel
+from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import Connection, Credentials, MeshTransport
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, pid_alive

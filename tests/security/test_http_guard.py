@@ -27,8 +27,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from inference.errors import ConfigError
-from mesh_mcp.console import build_console
-from mesh_mcp.httpguard import (
+from mesh_mcp.api.console import build_console
+from mesh_mcp.api.guard import (
     API,
     CONSOLE,
     Admit,
@@ -42,7 +42,7 @@ from mesh_mcp.httpguard import (
     decide,
     is_local,
 )
-from mesh_mcp.httpserve import serve_http
+from mesh_mcp.api.serve import serve_http
 from mesh_mcp.state import NodeState
 from tests.harness import NodeProcess
 

@@ -29,10 +29,11 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from mesh_mcp.identity import Identity, load_or_create
-from mesh_mcp.mesh import dataplane, quic
+from mesh_mcp.dataplane import relay as dataplane
+from mesh_mcp.dataplane.relay import DataPlaneServer, Stream, connect
+from mesh_mcp.mesh import quic
 from mesh_mcp.mesh.admission import FULL, PER_SOURCE, Admission, Limits, RefusalLog, source_ip
-from mesh_mcp.mesh.dataplane import DataPlaneServer, Stream, connect
+from mesh_mcp.mesh.identity import Identity, load_or_create
 from mesh_mcp.mesh.quic import Credentials, MeshTransport
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, free_port, post_served

@@ -85,14 +85,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from inference.errors import AuthError, ConfigError, ProtocolError
-
-from ..identity import Identity
-from . import handshake as hs
-from .admission import Admission, Limits, RefusalLog, source_ip
-from .quic import Credentials, _raw, make_certificate
-from .tokens import split_address
-from .wire import decode_json, encode_json
-from .wire import field as msg_field
+from mesh_mcp.mesh import handshake as hs
+from mesh_mcp.mesh.admission import Admission, Limits, RefusalLog, source_ip
+from mesh_mcp.mesh.identity import Identity
+from mesh_mcp.mesh.quic import Credentials, _raw, make_certificate
+from mesh_mcp.mesh.tokens import split_address
+from mesh_mcp.mesh.wire import decode_json, encode_json
+from mesh_mcp.mesh.wire import field as msg_field
 
 log = logging.getLogger("mesh_llm.dataplane")
 

@@ -39,9 +39,8 @@ from typing_extensions import TypedDict
 
 from blackboard.post import KNOWN_KINDS, MAX_AUTHOR, MAX_TEXT_BYTES, TTL_S, check_author, check_text
 from inference.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
-
-from . import __version__
-from .local import MCP_PATHS, api_root
+from mesh_mcp import __version__
+from mesh_mcp.mcp.local import MCP_PATHS, api_root
 
 log = logging.getLogger("mesh_llm.mcp")
 

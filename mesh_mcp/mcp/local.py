@@ -361,7 +361,7 @@ async def run_stdio(home: Path, join: Sequence[str] = (), name: str | None = Non
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_signal, tg.cancel_scope)
             async with attach_or_start(home, join, name) as info:
-                from .mcp_server import HttpTools, build_server  # the MCP SDK: ~0.8 s to import, only here
+                from mesh_mcp.mcp.server import HttpTools, build_server
 
                 server = build_server(HttpTools(info.console_url, info.api_url))
                 log.info("serving MCP over stdio for node %s", info.node_id)

@@ -23,10 +23,9 @@ from starlette.routing import Route
 
 from blackboard.board import Board
 from inference.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
-
-from .httpguard import is_local
-from .jsonlimits import JsonRejected, parse
-from .state import NodeState
+from mesh_mcp.api.guard import is_local
+from mesh_mcp.jsonlimits import JsonRejected, parse
+from mesh_mcp.state import NodeState
 
 KEEPALIVE_S = 15
 

@@ -32,11 +32,10 @@ import anyio
 from inference.errors import MeshLLMError, first_leaf
 from inference.moe_plan import ShardPlan, expert_bytes, plan_shards, spare_for
 from inference.placement import NodeCap
-
-from .mesh.runtime import llama_cpp_identity
-from .mesh.shard_link import ShardReport, lease_shard, serve_shard
-from .mesh.wire import encode_json
-from .split import ModelRun
+from mesh_mcp.mesh.runtime import llama_cpp_identity
+from mesh_mcp.mesh.wire import encode_json
+from mesh_mcp.serving.shard_node import ShardReport, lease_shard, serve_shard
+from mesh_mcp.serving.split import ModelRun
 
 log = logging.getLogger("mesh_llm.moe")
 

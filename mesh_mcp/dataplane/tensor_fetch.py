@@ -46,11 +46,10 @@ import anyio
 
 from inference.diskspace import HOME_HINT, disk_full_is_an_error, require_space
 from inference.errors import BackendError, ModelError, ProtocolError
-
-from ..identity import Identity
-from . import handshake as hs
-from .dataplane import CredentialsProvider, Stream, connect
-from .wire import field as msg_field
+from mesh_mcp.dataplane.relay import CredentialsProvider, Stream, connect
+from mesh_mcp.mesh import handshake as hs
+from mesh_mcp.mesh.identity import Identity
+from mesh_mcp.mesh.wire import field as msg_field
 
 if TYPE_CHECKING:
     from inference.rpc_cache import HashedTensor, IncomingTensor

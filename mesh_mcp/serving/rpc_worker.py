@@ -37,15 +37,14 @@ import anyio
 from inference.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import RpcServer, RpcSettings
-
-from . import wire
-from .dataplane import DataPlaneServer
-from .quic import Connection, close_quietly
-from .runtime import Mesh
-from .tensor_fetch import REQUEST as TENSORS
-from .tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
-from .tokens import split_address
-from .wire import encode_json, read_json
+from mesh_mcp.dataplane.relay import DataPlaneServer
+from mesh_mcp.dataplane.tensor_fetch import REQUEST as TENSORS
+from mesh_mcp.dataplane.tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
+from mesh_mcp.mesh import wire
+from mesh_mcp.mesh.quic import Connection, close_quietly
+from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.mesh.tokens import split_address
+from mesh_mcp.mesh.wire import encode_json, read_json
 
 log = logging.getLogger("mesh_llm.split")
 

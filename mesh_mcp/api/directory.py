@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .upstream import Response, UpstreamUnavailable
+from mesh_mcp.api.upstream import Response, UpstreamUnavailable
 
 
 @dataclass(frozen=True)

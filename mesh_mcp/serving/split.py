@@ -37,11 +37,10 @@ from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.placement import NodeCap, Plan, plan
 from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe, require_compatible
-
-from .mesh.dataplane import Relay
-from .mesh.rpc_link import lease
-from .mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
-from .mesh.runtime import Mesh, llama_cpp_identity
+from mesh_mcp.dataplane.relay import Relay
+from mesh_mcp.mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
+from mesh_mcp.mesh.runtime import Mesh, llama_cpp_identity
+from mesh_mcp.serving.rpc_worker import lease
 
 log = logging.getLogger("mesh_llm.split")
 

@@ -43,13 +43,12 @@ from inference.errors import BackendError, MeshLLMError, ProtocolError
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.supervise import SERVING
-
-from ..split import safe_name
-from ..state import NodeState
-from . import wire
-from .quic import Connection, close_quietly
-from .runtime import Mesh
-from .wire import encode_json, read_json
+from mesh_mcp.mesh import wire
+from mesh_mcp.mesh.quic import Connection, close_quietly
+from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.mesh.wire import encode_json, read_json
+from mesh_mcp.serving.split import safe_name
+from mesh_mcp.state import NodeState
 
 log = logging.getLogger("mesh_llm.moe")
 

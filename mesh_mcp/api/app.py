@@ -32,14 +32,14 @@ from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from . import api_rewrite
-from .api_checks import ModelFacts, check_model_field, check_request
-from .directory import Directory, RemoteModel, Solo
-from .jsonlimits import JsonRejected, parse_object
-from .mesh.tunnel import HOP_HEADER
-from .router import Candidate, match_model, ranked, session_key
-from .state import SERVING, ModelStatus, NodeState
-from .upstream import Pool, Response, UpstreamBroken, UpstreamUnavailable, request
+from mesh_mcp.api import rewrite as api_rewrite
+from mesh_mcp.api.checks import ModelFacts, check_model_field, check_request
+from mesh_mcp.api.directory import Directory, RemoteModel, Solo
+from mesh_mcp.api.router import Candidate, match_model, ranked, session_key
+from mesh_mcp.api.upstream import Pool, Response, UpstreamBroken, UpstreamUnavailable, request
+from mesh_mcp.jsonlimits import JsonRejected, parse_object
+from mesh_mcp.mesh.tunnel import HOP_HEADER
+from mesh_mcp.state import SERVING, ModelStatus, NodeState
 
 log = logging.getLogger("mesh_llm.api")
 

@@ -36,9 +36,8 @@ from typing import Any, Literal
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.errors import ConfigError
-
-from .api import MAX_BODY_BYTES, error_body
-from .local import MCP_PATHS
+from mesh_mcp.api.app import MAX_BODY_BYTES, error_body
+from mesh_mcp.mcp.local import MCP_PATHS
 
 Flavor = Literal["openai", "anthropic", "plain"]
 Kind = Literal["api", "console"]

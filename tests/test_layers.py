@@ -1,0 +1,73 @@
+"""The tree's layering, checked on the source: which plane may import which (issue 13).
+
+`inference/` knows llama.cpp and models, no peers; `blackboard/` knows posts, no transport; `mesh_mcp/mesh/`
+(membership and transport) never imports the serving modes, the data plane or the MCP server; the data plane
+never imports serving, the API or MCP. The few imports of `api/` from `mesh/` that remain are listed and may only
+shrink.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ("mesh_mcp", "inference", "blackboard")
+# mesh/ → api/ imports still to be removed (issue 13: the directory seam and the upstream Response move out of api/)
+KNOWN = {
+    ("mesh_mcp.mesh.runtime", "mesh_mcp.api.directory"),
+    ("mesh_mcp.mesh.runtime", "mesh_mcp.api.upstream"),
+    ("mesh_mcp.mesh.tunnel", "mesh_mcp.api.upstream"),
+}
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _is_module(name: str) -> bool:
+    base = ROOT / name.replace(".", "/")
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imports() -> set[tuple[str, str]]:
+    """(importing module, imported module) for every import between our packages."""
+    out: set[tuple[str, str]] = set()
+    for path in [p for pkg in OURS for p in (ROOT / pkg).rglob("*.py")]:
+        mod = _module(path)
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    out.add((mod, full if _is_module(full) else target))
+            elif isinstance(node, ast.Import):
+                out.update((mod, alias.name) for alias in node.names)
+    return {(a, b) for a, b in out if b.split(".")[0] in OURS}
+
+
+def _crossing(importer: str, forbidden: tuple[str, ...]) -> set[tuple[str, str]]:
+    return {(a, b) for a, b in imports() if a.startswith(importer) and b.startswith(forbidden)}
+
+
+def test_the_graph_is_read() -> None:  # the checks below are only as good as this
+    found = imports()
+    assert ("mesh_mcp.node", "mesh_mcp.serving.split") in found
+    assert ("mesh_mcp.mesh.runtime", "mesh_mcp.mesh.gossip") in found
+
+
+def test_inference_and_blackboard_know_no_node() -> None:
+    assert not _crossing("inference", ("mesh_mcp", "blackboard"))
+    assert not _crossing("blackboard", ("mesh_mcp",))
+
+
+def test_membership_and_transport_import_no_serving_dataplane_or_mcp() -> None:
+    assert not _crossing("mesh_mcp.mesh.", ("mesh_mcp.serving", "mesh_mcp.dataplane", "mesh_mcp.mcp"))
+    assert _crossing("mesh_mcp.mesh.", ("mesh_mcp.api",)) <= KNOWN
+
+
+def test_the_data_plane_imports_no_serving_api_or_mcp() -> None:
+    assert not _crossing("mesh_mcp.dataplane.", ("mesh_mcp.serving", "mesh_mcp.api", "mesh_mcp.mcp"))
