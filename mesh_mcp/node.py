@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blackboard.board import Board
@@ -34,6 +33,7 @@ from inference.llamacpp import LlamaCpp
 from inference.provision import ensure_llama_cpp
 from mesh_mcp.api.app import build_api
 from mesh_mcp.api.console import build_console
+from mesh_mcp.api.errors import error_response
 from mesh_mcp.api.guard import API, CONSOLE, HttpGuard, Policy
 from mesh_mcp.api.serve import serve_http
 from mesh_mcp.mcp.local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
@@ -529,7 +529,8 @@ class _McpMount:
         if self.mcp is not None:
             await self.mcp(scope, receive, send)
         else:
-            await JSONResponse({"error": "MCP is starting; retry"}, 503, {"Retry-After": "1"})(scope, receive, send)
+            starting = error_response("plain", 503, "MCP is starting; retry", headers={"Retry-After": "1"})
+            await starting(scope, receive, send)
 
 
 def _log_exposure(policy: Policy, api_port: int, console_port: int) -> None:

@@ -35,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 from mesh_mcp.api import rewrite as api_rewrite
 from mesh_mcp.api.checks import ModelFacts, check_model_field, check_request
 from mesh_mcp.api.directory import Directory, RemoteModel, Solo
+from mesh_mcp.api.errors import anthropic_error_body, error_body, error_response
 from mesh_mcp.api.router import Candidate, match_model, ranked, session_key
 from mesh_mcp.api.upstream import Pool, Response, UpstreamBroken, UpstreamUnavailable, request
 from mesh_mcp.jsonlimits import JsonRejected, parse_object
@@ -43,60 +44,14 @@ from mesh_mcp.state import SERVING, ModelStatus, NodeState
 
 log = logging.getLogger("mesh_llm.api")
 
-Flavor = Literal["openai", "anthropic"]
+Flavor = Literal["openai", "anthropic"]  # the API flavors (errors.Flavor adds the console's)
 MAX_BODY_BYTES = 32 << 20
 RETRY_AFTER_S = 5
 # Headers that describe one hop, never forwarded.
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"te", b"trailer", b"upgrade"}
 
 
-def error_body(flavor: Flavor, status: int, message: str, code: str | None = None, **extra: Any) -> dict[str, Any]:
-    if flavor == "anthropic":
-        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large"}.get(
-            status, "overloaded_error" if status == 503 else "api_error"
-        )
-        return {"type": "error", "error": {"type": kind, "message": message, **extra}}
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
-
-
 MAX_ERROR_BODY = 64 << 10
-
-
-def anthropic_error_body(status: int, raw: bytes) -> bytes:
-    """An upstream error body in Anthropic's shape (see `Proxy._anthropic_error`); the message is kept."""
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
-        return raw
-    if (overflow := api_rewrite.anthropic_context_message(raw)) is not None:
-        return json.dumps(error_body("anthropic", status, overflow)).encode()
-    message = raw.decode("utf-8", "replace").strip()[:4096] or f"upstream error {status}"
-    if isinstance(parsed, dict):
-        err = parsed.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            message = err["message"]
-        elif isinstance(err, str):
-            message = err
-        elif isinstance(parsed.get("message"), str):
-            message = parsed["message"]
-    return json.dumps(error_body("anthropic", status, message)).encode()
-
-
-def error_response(
-    flavor: Flavor,
-    status: int,
-    message: str,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> HTTPResponse:
-    """An error in `flavor`'s shape. ASCII JSON: a request's text echoed back (a model name) may hold a lone
-    surrogate (`"\\ud800"` is valid JSON), which UTF-8 cannot encode."""
-    body = json.dumps(error_body(flavor, status, message, code, **extra)).encode()
-    return HTTPResponse(body, status_code=status, headers=headers, media_type="application/json")
 
 
 class BadRequest(Exception):

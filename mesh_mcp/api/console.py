@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from blackboard.board import Board
 from inference.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
+from mesh_mcp.api.errors import error_response
 from mesh_mcp.api.guard import is_local
 from mesh_mcp.jsonlimits import JsonRejected, parse
 from mesh_mcp.state import NodeState
@@ -54,14 +55,14 @@ def _rotate_key(controls: Controls, raw: bytes) -> Response:
     return JSONResponse({"invite_token": token, "evicted": lists["evict"], "owners_added": lists["add_owner"]})
 
 
-def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message}}, status_code=status, headers=headers)
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return error_response("plain", status, message, headers=headers)
 
 
 def blackboard_routes(board: Board | None) -> list[Route]:
     """`GET /api/blackboard?q=&from=&kind=&since=HOURS&limit=` and `POST /api/blackboard`."""
 
-    def missing() -> JSONResponse:
+    def missing() -> Response:
         return _error("this node does not carry the blackboard; start it with --blackboard", 404)
 
     async def read(request: Request) -> Response:

@@ -36,10 +36,10 @@ from typing import Any, Literal
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.errors import ConfigError
-from mesh_mcp.api.app import MAX_BODY_BYTES, error_body
+from mesh_mcp.api.app import MAX_BODY_BYTES
+from mesh_mcp.api.errors import Flavor, error_body
 from mesh_mcp.mcp.local import MCP_PATHS
 
-Flavor = Literal["openai", "anthropic", "plain"]
 Kind = Literal["api", "console"]
 
 KEYS_ENV = "MESH_LLM_API_KEYS"  # path of a file of API keys, one per line (blank lines and # comments ignored)
@@ -377,17 +377,11 @@ def _preflight_headers(facts: Facts) -> tuple[tuple[str, str], ...]:
 
 _CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 413: "request_too_large"}
 _CODES |= {415: "unsupported_media_type", 421: "misdirected_request"}
-_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 413: "request_too_large"}
 
 
 def refusal_body(refusal: Refuse) -> dict[str, Any]:
-    """The refusal in the shape its API uses (OpenAI, Anthropic, or the console's `{"error": {"message"}}`)."""
-    if refusal.flavor == "anthropic":
-        kind = _ANTHROPIC_TYPES.get(refusal.status, "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": refusal.message}}
-    if refusal.flavor == "openai":
-        return error_body("openai", refusal.status, refusal.message, _CODES.get(refusal.status))
-    return {"error": {"message": refusal.message}}
+    """The refusal in the shape its API uses (OpenAI, Anthropic, or the console's)."""
+    return error_body(refusal.flavor, refusal.status, refusal.message, _CODES.get(refusal.status))
 
 
 def is_local(scope: Scope) -> bool:

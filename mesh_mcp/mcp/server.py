@@ -33,13 +33,13 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field, ValidationError
-from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 from typing_extensions import TypedDict
 
 from blackboard.post import KNOWN_KINDS, MAX_AUTHOR, MAX_TEXT_BYTES, TTL_S, check_author, check_text
 from inference.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 from mesh_mcp import __version__
+from mesh_mcp.api.errors import error_response
 from mesh_mcp.mcp.local import MCP_PATHS, api_root
 
 log = logging.getLogger("mesh_llm.mcp")
@@ -816,15 +816,15 @@ class McpHttp:
             await send({"type": "websocket.close", "code": 1000})
             return
         if not self.handles(scope):
-            await JSONResponse({"error": {"message": "MCP is served at /mcp"}}, status_code=404)(scope, receive, send)
+            await error_response("plain", 404, "MCP is served at /mcp")(scope, receive, send)
             return
         if self._stack is None:
-            body = {"error": {"message": "the MCP server is not running (node starting or stopping)"}}
-            await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
+            message = "the MCP server is not running (node starting or stopping)"
+            await error_response("plain", 503, message, headers={"Retry-After": "1"})(scope, receive, send)
             return
         if self.allow_remote and not self.guarded and not _local_origin(scope):
-            body = {"error": {"message": "MCP requests from web pages are only served to local origins"}}
-            await JSONResponse(body, status_code=403)(scope, receive, send)
+            message = "MCP requests from web pages are only served to local origins"
+            await error_response("plain", 403, message)(scope, receive, send)
             return
         await self._manager.handle_request(scope, receive, send)
 
