@@ -53,6 +53,11 @@ class BackendLoading(BackendError):
     """The backend is up but still loading its model (the API answers 503 + Retry-After)."""
 
 
+class PeerUnreachable(MeshLLMError, OSError):
+    """A node of the mesh could not be reached: not known, no address answered in time, refused, or its connection
+    failed while opening a stream (`Mesh.reach` / `Mesh.dial`). Also an `OSError`, as network failures are."""
+
+
 class ProtocolError(MeshLLMError):
     """A peer sent something malformed, unsigned, oversized or of the wrong version.
 

@@ -130,8 +130,7 @@ class BoardLink:
     # --- anti-entropy -------------------------------------------------------------------------------
 
     async def _connect(self, node_id: str) -> Connection:
-        record = self.mesh.gossip.record(node_id) if self.mesh.gossip is not None else None
-        return await self.mesh.transport.connect_any(node_id, record.addresses if record else ())
+        return await self.mesh.reach(node_id, within_s=30)
 
     async def _sync_with(self, node_id: str) -> None:
         try:

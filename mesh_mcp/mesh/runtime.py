@@ -42,6 +42,7 @@ from inference.errors import (
     HandshakeRefused,
     JoinRefused,
     MeshLLMError,
+    PeerUnreachable,
     ProtocolError,
     RotationRefused,
 )
@@ -472,12 +473,9 @@ class Mesh:
             self._ban()
 
     async def _push_secret_to(self, node_id: str) -> None:
-        assert self.gossip is not None
-        record = self.gossip.record(node_id)
         try:
             with anyio.fail_after(SEND_TIMEOUT_S * 2):
-                conn = await self.transport.connect_any(node_id, record.addresses if record else ())
-                await self._push_secret(conn)
+                await self._push_secret(await self.reach(node_id))
         except (OSError, TimeoutError, MeshLLMError, ConnectionError) as exc:
             log.warning("could not give the new mesh secret to %s: %s", node_id, exc)
 
@@ -629,10 +627,22 @@ class Mesh:
         except (OSError, TimeoutError, MeshLLMError) as exc:
             log.debug("ping %s failed: %s", node_id, exc)
 
+    async def reach(self, node_id: str, within_s: float = SEND_TIMEOUT_S) -> Connection:
+        """An authenticated connection to `node_id`: the one open, or a dial of the addresses in its gossiped record
+        within `within_s`. `PeerUnreachable` (with why) otherwise — the one error callers catch."""
+        record = self.gossip.record(node_id) if self.gossip is not None else None
+        try:
+            with anyio.fail_after(within_s):
+                return await self.transport.connect_any(node_id, record.addresses if record else ())
+        except PeerUnreachable:
+            raise
+        except (OSError, TimeoutError, MeshLLMError) as exc:
+            why = f"no answer within {within_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            raise PeerUnreachable(f"node {node_id}: {why}") from exc
+
     async def ping(self, node_id: str, samples: int = 3) -> float:
         """Median round trip to `node_id` over the mesh (application level: a stream each), in ms."""
-        record = self.gossip.record(node_id) if self.gossip is not None else None
-        conn = await self.transport.connect_any(node_id, record.addresses if record else ())
+        conn = await self.reach(node_id)
         times = []
         for _ in range(samples):
             t0 = time.perf_counter()
@@ -761,11 +771,9 @@ class Mesh:
             self._spawn(self._deliver, out)
 
     async def _deliver(self, out: Outgoing) -> None:
-        assert self.gossip is not None
-        record = self.gossip.record(out.peer)
         try:
             with anyio.fail_after(SEND_TIMEOUT_S):
-                conn = await self.transport.connect_any(out.peer, record.addresses if record else ())
+                conn = await self.reach(out.peer)
                 _, writer = await conn.open_stream({"t": "gossip", "m": out.message})
                 close_quietly(writer)
                 conn.transmit()
@@ -804,15 +812,13 @@ class Mesh:
         """A request to `node_id` through the tunnel, answered once its head arrives. UpstreamUnavailable (the
         proxy tries the next server) at once for a node membership holds dead, and as soon as it is declared dead
         while we dial it or wait for the head."""
-        record = self.gossip.record(node_id) if self.gossip is not None else None
         if self.is_gone(node_id):
             raise UpstreamUnavailable(f"node {node_id} is not reachable: the mesh declared it dead or gone")
         with self.cancel_when_gone(node_id):
             try:
-                with anyio.fail_after(SEND_TIMEOUT_S):
-                    conn = await self.transport.connect_any(node_id, record.addresses if record else ())
-            except (OSError, TimeoutError, MeshLLMError) as exc:
-                raise UpstreamUnavailable(f"node {node_id}: {exc}") from exc
+                conn = await self.reach(node_id)
+            except PeerUnreachable as exc:
+                raise UpstreamUnavailable(str(exc)) from exc
             return await tunnel.request(conn, method, target, headers, body)
         raise UpstreamUnavailable(f"node {node_id} was declared dead before it answered")
 

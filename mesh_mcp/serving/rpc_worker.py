@@ -264,7 +264,7 @@ async def lease(
     record = mesh.gossip.record(node_id) if mesh.gossip is not None else None
     if record is None:
         raise BackendError(f"node {node_id} is not in the mesh")
-    conn = await mesh.transport.connect_any(node_id, record.addresses)
+    conn = await mesh.reach(node_id, within_s=30)
     reader, writer = await conn.open_stream(
         {
             "t": "rpc-lease",

@@ -365,3 +365,27 @@ def test_a_member_declared_dead_that_still_answers_keeps_its_streams(
 
     with caplog.at_level(logging.INFO, "mesh_llm.mesh"):
         anyio.run(main)
+
+
+def test_a_peer_that_cannot_be_reached_is_one_error(tmp_path: Path) -> None:
+    """`Mesh.reach` to a node with no known address is `PeerUnreachable` saying why (also an OSError, as network
+    failures are); nothing else leaks out."""
+    from inference.errors import PeerUnreachable
+    from mesh_mcp.mesh import meshfile, runtime
+    from mesh_mcp.state import NodeState
+
+    ident = load_or_create(tmp_path / "a")
+    state = NodeState(node_id=ident.node_id, name="a", version="0", api_url="", console_url="")
+    mesh = runtime.Mesh(
+        ident, meshfile.create(owner=ident.public_bytes), tmp_path / "a", state, runtime.MeshSettings(host="127.0.0.1")
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(mesh.run)
+            with pytest.raises(PeerUnreachable, match="no address to dial") as unknown:
+                await mesh.reach("0123456789abcdef")
+            assert isinstance(unknown.value, OSError)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
