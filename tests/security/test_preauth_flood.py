@@ -46,7 +46,7 @@ def creds(ident: Identity) -> Credentials:
     return Credentials(identity=ident, mesh_id=MESH, secret=SECRET, accepted=lambda node_id: (SECRET,))
 
 
-def run(fn: Callable[[], Any], limit: float = 60) -> Any:
+def run(fn: Callable[[], Any], limit: float = 180) -> Any:  # a hang fails; a loaded machine does not
     async def main() -> Any:
         with anyio.fail_after(limit):
             return await fn()
@@ -257,10 +257,10 @@ def test_a_flooded_data_plane_keeps_serving_members_and_drops_the_idle(
                 assert peak <= dataplane.SHARED + dataplane.RESERVED
                 # the idle connections are closed after the deadline: the server's count drops to none
                 flood._stop.set()
-                with anyio.fail_after(dataplane.HANDSHAKE_TIMEOUT_S + 10):
+                with anyio.fail_after(dataplane.HANDSHAKE_TIMEOUT_S + 30):
                     while server.pending:
                         await anyio.sleep(0.05)
-                with anyio.fail_after(5):
+                with anyio.fail_after(30):
                     while flood.closed_by_server() < len(flood.open):
                         await anyio.sleep(0.05)
 
@@ -303,7 +303,7 @@ async def idle_client(
     stack.append((transport, proto))
     proto.connect((host, port))
     try:
-        with anyio.fail_after(8):
+        with anyio.fail_after(20):
             await proto.wait_connected()
     except (ConnectionError, TimeoutError):
         return None  # refused (over the limits) or not answered
@@ -370,14 +370,14 @@ def test_quic_strangers_that_never_authenticate_are_closed_and_members_still_con
                 conn = await member.connect(f"127.0.0.1:{port}")
                 assert conn.peer is not None
                 # the idle ones are closed, with a reason, by the deadline from their creation (pings or not)
-                with anyio.fail_after(quic.AUTH_DEADLINE_S + 10):
+                with anyio.fail_after(quic.AUTH_DEADLINE_S + 30):
                     while any(c.reason is None for c in idle):
                         await anyio.sleep(0.05)
                 assert all("authenticate" in (c.reason or "") for c in idle), [c.reason for c in idle]
                 assert peak <= quic.PENDING_LIMITS.per_source + 2  # the flood's share, plus the two that authenticated
                 # and aioquic's state for them is gone: only the two authenticated connections remain
                 assert server._server is not None
-                with anyio.fail_after(10):
+                with anyio.fail_after(30):
                     while len(set(server._server._protocols.values())) > 2:
                         await anyio.sleep(0.05)
                 assert server.pending == 0 and len(server.connections) == 2

@@ -275,7 +275,7 @@ async def _send_rotations(
         for header in headers:
             reader, writer = await conn.open_stream(header)
             writer.write_eof()
-            with anyio.fail_after(10):
+            with anyio.fail_after(30):
                 try:
                     replies.append(await read_json(reader))
                 except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -309,10 +309,22 @@ def test_a_hostile_member_cannot_rotate_and_the_owner_still_can(spawn: Spawn, tm
         header(_forge(cfg, stolen, 2, b"h" * 32), secret=b"z" * 32),  # the secret does not match
         {"t": "rotate", "chain": [rotation.to_hex(_forge(cfg, mine, 2, b"h" * 32))] * 9, "secret": "11" * 32},
     ]
+    # and eviction notices that would make the owner believe it was removed (it would stop dialling the mesh)
+    owner_id = owner.status()["node_id"]
+    evict_owner = rotation.sign(mine, cfg.mesh_id, 2, b"h" * 32, (public_key_bytes(mine),), (owner_id,))
+    forged += [
+        {"t": "evicted", "chain": [rotation.to_hex(evict_owner)]},  # signed by a non-owner
+        # an owner's statement, but one that evicts nobody
+        {"t": "evicted", "chain": [rotation.to_hex(_forge(cfg, stolen, 2, b"h" * 32))]},
+        {"t": "evicted", "chain": "nope"},
+    ]
     replies = anyio.run(_send_rotations, hostile, token, forged)
     assert all(r.get("t") != "rotated" for r in replies), replies
+    owner.wait_log(f"refused an eviction notice from node {hostile.node_id}: .*not an owner", timeout=30)
+    owner.wait_log(f"refused an eviction notice from node {hostile.node_id}: the statements do not evict", timeout=30)
+    assert "was removed from mesh" not in owner.log()
     for why in ("not an owner", "jump", "does not match", "too long", "missing"):
-        owner.wait_log(f"refused a key rotation from node {hostile.node_id}: .*{why}")
+        owner.wait_log(f"refused a key rotation from node {hostile.node_id}: .*{why}", timeout=30)
     assert (owner.home / "mesh.toml").read_bytes() == saved
     assert epoch_of(owner) == 1 and owner.proc is not None and owner.proc.poll() is None
     for epoch in (2, 3):
@@ -326,7 +338,7 @@ def test_a_hostile_member_cannot_rotate_and_the_owner_still_can(spawn: Spawn, tm
     replay = header(now.rotations[0], secret=now.previous_secrets[0])
     (reply,) = anyio.run(_send_rotations, hostile, token, [replay], now.secret)
     assert reply["t"] == "rotate-refused" and "replay" in reply["reason"]
-    owner.wait_log(f"refused a key rotation from node {hostile.node_id}: a replay")
+    owner.wait_log(f"refused a key rotation from node {hostile.node_id}: a replay", timeout=30)
     assert (owner.home / "mesh.toml").read_bytes() == saved
     out = mesh_llm("rotate-key", "--console-port", str(owner.console_port))
     assert out.returncode == 0 and tokens.decode(out.stdout.strip()).epoch == 4, out.stderr
