@@ -35,6 +35,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from inference.errors import ConfigError
+from mesh_mcp.api.guard import is_loopback_ip
 
 log = logging.getLogger("mesh_llm.http")
 
@@ -57,10 +58,6 @@ _BUSY_RESPONSE = (
 )
 
 
-def _is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address in ("::1", "localhost") or address.startswith("::ffff:127.")
-
-
 class _BoundedH11(H11Protocol):
     """uvicorn's h11 protocol plus a deadline for each request head and a limit on silence mid-body (see the
     module docstring)."""
@@ -68,7 +65,7 @@ class _BoundedH11(H11Protocol):
     header_timeout_s = HEADER_TIMEOUT_S
     body_idle_s = BODY_IDLE_S
     per_source = PER_SOURCE
-    exempt: Callable[[str], bool] = staticmethod(_is_loopback)
+    exempt: Callable[[str], bool] = staticmethod(is_loopback_ip)
     open_by_source: Counter[str]  # one per server (`_protocol` makes the class)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -201,7 +198,7 @@ async def serve_http(
     keep_alive_s: int = KEEP_ALIVE_S,
     max_connections: int = MAX_CONNECTIONS,
     per_source: int = PER_SOURCE,
-    exempt: Callable[[str], bool] = _is_loopback,
+    exempt: Callable[[str], bool] = is_loopback_ip,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until cancelled; `task_status.started(port)` once listening. `header_timeout_s` defaults to

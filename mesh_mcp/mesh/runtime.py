@@ -643,17 +643,8 @@ class Mesh:
     async def ping(self, node_id: str, samples: int = 3) -> float:
         """Median round trip to `node_id` over the mesh (application level: a stream each), in ms."""
         conn = await self.reach(node_id)
-        times = []
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            reader, writer = await conn.open_stream({"t": "ping"})
-            writer.write_eof()
-            reply = await read_json(reader)
-            times.append((time.perf_counter() - t0) * 1000)
-            close_quietly(writer)
-            if reply.get("t") != "pong":
-                raise ProtocolError("a ping was not answered with a pong")
-        return sorted(times)[len(times) // 2]
+        times = sorted([await _ping_once(conn) for _ in range(samples)])
+        return times[len(times) // 2]
 
     async def _on_ping(
         self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -721,9 +712,8 @@ class Mesh:
         """Whether the peer answers a ping on this connection within `CONFIRM_S`."""
         try:
             with anyio.fail_after(CONFIRM_S):
-                reader, writer = await conn.open_stream({"t": "ping"})
-                writer.write_eof()
-                return (await read_json(reader)).get("t") == "pong"
+                await _ping_once(conn)
+            return True
         except (TimeoutError, ConnectionError, RuntimeError, MeshLLMError, asyncio.IncompleteReadError):
             return False
 
@@ -828,3 +818,17 @@ class Mesh:
         if self.api_app is None:
             raise ProtocolError("this node serves no API yet")
         await tunnel.serve(self.api_app, conn, header, reader, writer)
+
+
+async def _ping_once(conn: Connection) -> float:
+    """One `ping` stream on `conn`: the round trip in ms (`ProtocolError` unless a pong comes back)."""
+    t0 = time.perf_counter()
+    reader, writer = await conn.open_stream({"t": "ping"})
+    writer.write_eof()
+    try:
+        reply = await read_json(reader)
+    finally:
+        close_quietly(writer)
+    if reply.get("t") != "pong":
+        raise ProtocolError("a ping was not answered with a pong")
+    return (time.perf_counter() - t0) * 1000
