@@ -33,7 +33,7 @@ from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from inference.controls import strip_controls
-from inference.errors import BlackboardError, ProtocolError, RateLimited
+from mesh_mcp.errors import BlackboardError, ProtocolError, RateLimited
 
 from .limits import AUTHOR_LIMIT, NODE_LIMIT, ORIGIN_LIMIT, SOURCE_LIMIT, Limit, RateLimiter, take_all
 from .post import TTL_S, Post, check_post_id, from_wire, make_post, one_line, verify

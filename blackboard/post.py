@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from inference.controls import strip_controls
-from inference.errors import BlackboardError, PostTooLarge, ProtocolError
 from inference.keys import is_small_order
+from mesh_mcp.errors import BlackboardError, PostTooLarge, ProtocolError
 
 TTL_S = 48 * 3600  # a post lives this long, everywhere
 MAX_TEXT_BYTES = 4096  # UTF-8

@@ -76,7 +76,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from inference.errors import BlackboardDiskFull, BlackboardError
+from mesh_mcp.errors import BlackboardDiskFull, BlackboardError
 
 from .post import TTL_S, Post
 

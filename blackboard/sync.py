@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from inference.errors import ProtocolError
+from mesh_mcp.errors import ProtocolError
 
 from .post import ID_HEX, Post, to_wire
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from inference.errors import ModelNotFound
+from mesh_mcp.errors import ModelNotFound
 
 __all__ = [
     "CATALOG",

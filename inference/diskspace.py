@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from inference.errors import DiskFull
+from mesh_mcp.errors import DiskFull
 
 __all__ = ["HOME_HINT", "MODELS_HINT", "disk_full_is_an_error", "free_bytes", "is_disk_full", "mb", "require_space"]
 

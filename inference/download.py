@@ -26,7 +26,7 @@ import anyio.to_thread
 import httpx2
 
 from inference.diskspace import MODELS_HINT, free_bytes, is_disk_full, mb, require_space
-from inference.errors import DiskFull, DownloadError
+from mesh_mcp.errors import DiskFull, DownloadError
 
 if TYPE_CHECKING:
     from hashlib import _Hash

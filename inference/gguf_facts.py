@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from .errors import CorruptModel
+from mesh_mcp.errors import CorruptModel
 
 MAGIC = b"GGUF"
 # Value types from the GGUF spec.

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from mesh_mcp.errors import ConfigError
 
 MiB, GiB = 1 << 20, 1 << 30
 CPU_RAM_SHARE = 0.8  # of MemAvailable

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh_llamacpp import Pin
+from mesh_mcp.errors import BuildError, ConfigError, ToolchainMissing
 
 from .cpu import CpuVariant
-from .errors import BuildError, ConfigError, ToolchainMissing
 
 BACKENDS = ("cpu", "cuda", "metal", "vulkan")
 # The RPC server's name changed upstream; look for the new one first.

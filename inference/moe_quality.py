@@ -52,7 +52,8 @@ from typing import Any
 import anyio
 import httpx2
 
-from .errors import BackendError, ProtocolError
+from mesh_mcp.errors import BackendError, ProtocolError
+
 from .llama_server import LlamaServer, ServerSettings
 from .llamacpp import LlamaCpp
 from .supervise import tail

@@ -45,8 +45,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh_mcp.errors import CorruptModel, ModelError
+
 from .diskspace import HOME_HINT, disk_full_is_an_error, require_space
-from .errors import CorruptModel, ModelError
 from .gguf_facts import GGUFFacts, read_facts
 
 FORMAT = 1  # bump when the bytes written for the same source and experts change

@@ -37,7 +37,8 @@ from pathlib import Path
 import anyio
 import numpy as np
 
-from .errors import BackendError, CorruptModel, ModelError, ProtocolError
+from mesh_mcp.errors import BackendError, CorruptModel, ModelError, ProtocolError
+
 from .gguf_facts import read_facts
 from .llama_server import terminate
 from .llamacpp import LlamaCpp

@@ -42,7 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import ConfigError
+from mesh_mcp.errors import ConfigError
+
 from .gguf_facts import ModelShape, memory_need, stage_memory
 from .hardware import CPU_BANDWIDTH
 

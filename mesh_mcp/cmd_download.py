@@ -16,8 +16,8 @@ from rich.table import Table
 
 from inference.catalog import CATALOG, DEFAULT_MODEL, HFSource
 from inference.diskspace import MODELS_HINT, is_disk_full
-from inference.errors import MeshLLMError
 from inference.models import LocalModel, ensure_model, ensure_with_draft
+from mesh_mcp.errors import MeshLLMError
 
 from .ui import Bars
 

@@ -26,7 +26,6 @@ from blackboard.store import Store
 from inference import hardware, models
 from inference.cpu import read_cpu
 from inference.diskspace import is_disk_full
-from inference.errors import ConfigError, MeshLLMError
 from inference.gguf_facts import memory_need, read_facts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
@@ -36,6 +35,7 @@ from mesh_mcp.api.console import build_console
 from mesh_mcp.api.errors import error_response
 from mesh_mcp.api.guard import API, CONSOLE, HttpGuard, Policy
 from mesh_mcp.api.serve import serve_http
+from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mcp.local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.serving.rpc_worker import RpcLink

@@ -27,7 +27,7 @@ from blackboard.sync import (
     plan_exchange,
     push_targets,
 )
-from inference.errors import ProtocolError
+from mesh_mcp.errors import ProtocolError
 
 NOW = 1_800_000_000.0
 KEY = Ed25519PrivateKey.generate()

@@ -20,9 +20,9 @@ from inference.catalog import (
     split_names,
     strip_split_suffix,
 )
-from inference.errors import ModelNotFound
 from inference.models import CatalogModel, DirectURL, HFFile, LocalPath, parse_spec
 from mesh_mcp.cmd_download import download_command, list_catalog
+from mesh_mcp.errors import ModelNotFound
 
 # --- the data -----------------------------------------------------------------------------------------
 

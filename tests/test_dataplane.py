@@ -22,10 +22,10 @@ import anyio
 import httpx2
 import pytest
 
-from inference.errors import AuthError
 from inference.llamacpp import LlamaCpp
 from mesh_mcp.dataplane import relay as dataplane
 from mesh_mcp.dataplane.relay import DataPlaneServer, Relay, Stream, connect, open_relay
+from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh.identity import Identity
 from mesh_mcp.mesh.quic import Credentials
 from mesh_mcp.mesh.wire import encode

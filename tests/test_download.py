@@ -13,8 +13,8 @@ import pytest
 
 from inference.catalog import by_name
 from inference.download import auth_headers, download, lock_path, part_path
-from inference.errors import CorruptModel, DownloadError, ModelNotFound
 from inference.models import ensure_model, ensure_with_draft
+from mesh_mcp.errors import CorruptModel, DownloadError, ModelNotFound
 
 try:
     from tests.httpserver import Fault, FileServer, closed_port

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.errors import CorruptModel
 from inference.gguf_facts import (
     GGML_BLOCKS,
     GGUFFacts,
@@ -22,6 +21,7 @@ from inference.gguf_facts import (
     read_facts,
 )
 from inference.llamacpp import LlamaCpp
+from mesh_mcp.errors import CorruptModel
 from tests.ggufgen import write_dense, write_moe
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.errors import ProtocolError
+from mesh_mcp.errors import ProtocolError
 from mesh_mcp.mesh.gossip import (
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,

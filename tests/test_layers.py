@@ -60,8 +60,13 @@ def test_the_graph_is_read() -> None:  # the checks below are only as good as th
 
 
 def test_inference_and_blackboard_know_no_node() -> None:
-    assert not _crossing("inference", ("mesh_mcp", "blackboard"))
-    assert not _crossing("blackboard", ("mesh_mcp",))
+    # The one error tree is the package root's (`mesh_mcp.errors`): every plane raises from it, it imports nothing.
+    assert not _crossing("inference", ("mesh_mcp", "blackboard")) - {(a, "mesh_mcp.errors") for a, _ in imports()}
+    assert not _crossing("blackboard", ("mesh_mcp",)) - {(a, "mesh_mcp.errors") for a, _ in imports()}
+
+
+def test_the_error_tree_imports_nothing_of_ours() -> None:
+    assert not _crossing("mesh_mcp.errors", OURS)
 
 
 def test_membership_and_transport_import_no_serving_dataplane_or_mcp() -> None:

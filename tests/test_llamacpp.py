@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 
 from inference.cpu import CpuInfo, CpuVariant, cpu_variants
-from inference.errors import ConfigError, ToolchainMissing
 from inference.llamacpp import (
     LlamaCpp,
     check_toolchain,
@@ -19,6 +18,7 @@ from inference.llamacpp import (
     version_string,
 )
 from mesh_llamacpp import SourceEdit, load_pin
+from mesh_mcp.errors import ConfigError, ToolchainMissing
 from mesh_mcp.mesh.runtime import build_identity
 from tests.test_cpu import SAPPHIRE_RAPIDS
 

@@ -34,8 +34,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from blackboard.post import parse_kind
-from inference.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 from mesh_mcp.api.serve import serve_http
+from mesh_mcp.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 from mesh_mcp.mcp import local
 from mesh_mcp.mcp.local import RuntimeInfo, attach_or_start, find_running, read_runtime, remove_runtime, write_runtime
 from mesh_mcp.mcp.server import MCP_PATHS, HttpTools, McpHttp, MeshTools, build_server

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from inference.errors import ProtocolError
+from mesh_mcp.errors import ProtocolError
 from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing
 from mesh_mcp.mesh.records import ServedModel, signing_bytes, to_wire, unsigned
 

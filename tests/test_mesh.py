@@ -22,7 +22,7 @@ import httpx2
 import openai
 import pytest
 
-from inference.errors import AuthError
+from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh import tokens
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import Credentials, MeshTransport

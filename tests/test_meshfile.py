@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.errors import ConfigError
+from mesh_mcp.errors import ConfigError
 from mesh_mcp.mesh import meshfile
 from mesh_mcp.mesh.meshfile import MAX_PREVIOUS_SECRETS, MESH_FILE, MeshConfig, create, from_token, load, rotate, save
 from mesh_mcp.mesh.tokens import decode, encode

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.errors import ModelError
 from inference.moe_assign import Assignment, AssignmentError, assign
+from mesh_mcp.errors import ModelError
 
 MASS = np.array(
     [

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.errors import BackendError, ProtocolError
 from inference.llamacpp import LlamaCpp
 from inference.moe_assign import assign
 from inference.moe_quality import (
@@ -36,6 +35,7 @@ from inference.moe_quality import (
 )
 from inference.moe_shard import write_shard
 from inference.moe_stats import calibration_text, ensure_stats
+from mesh_mcp.errors import BackendError, ProtocolError
 from tests.ggufgen import SkewedMoe
 from tests.test_moe_shard import tiny
 

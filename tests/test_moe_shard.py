@@ -23,7 +23,6 @@ import gguf
 import numpy as np
 import pytest
 
-from inference.errors import CorruptModel
 from inference.gguf_facts import read_facts
 from inference.llamacpp import LlamaCpp
 from inference.moe_assign import assign
@@ -37,6 +36,7 @@ from inference.moe_shard import (
     verify_shard,
     write_shard,
 )
+from mesh_mcp.errors import CorruptModel
 from tests.ggufgen import SkewedMoe, write_dense, write_moe, write_skewed_moe
 from tests.harness import free_port
 

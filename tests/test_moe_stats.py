@@ -19,7 +19,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.errors import BackendError, CorruptModel, ProtocolError
 from inference.gguf_facts import read_facts
 from inference.llamacpp import LlamaCpp
 from inference.moe_assign import assign
@@ -32,6 +31,7 @@ from inference.moe_stats import (
     parse_imatrix,
     stats_path,
 )
+from mesh_mcp.errors import BackendError, CorruptModel, ProtocolError
 from tests.test_moe_shard import tiny
 
 KEY = "ab" * 32

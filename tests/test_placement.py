@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inference import hardware as hw
-from inference.errors import ConfigError
 from inference.gguf_facts import MiB, memory_need, model_need_bytes, read_facts
 from inference.llamacpp import LlamaCpp
 from inference.placement import (
@@ -31,6 +30,7 @@ from inference.placement import (
     rtt_between,
     split_values,
 )
+from mesh_mcp.errors import ConfigError
 from tests.ggufgen import write_dense
 
 GiB = 1 << 30

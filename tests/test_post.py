@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from blackboard.limits import Limit, RateLimiter
 from blackboard.post import MAX_TEXT_BYTES, TTL_S, from_wire, make_post, parse_kind, to_wire, verify
-from inference.errors import BlackboardError, PostTooLarge, ProtocolError
+from mesh_mcp.errors import BlackboardError, PostTooLarge, ProtocolError
 
 NOW = 1_800_000_000.0
 KEY = Ed25519PrivateKey.generate()

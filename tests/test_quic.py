@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from inference.errors import AuthError
+from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import Connection, Credentials, MeshTransport
 from mesh_mcp.mesh.wire import encode, read_frame

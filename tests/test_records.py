@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.errors import ProtocolError
 from mesh_llamacpp import SourceEdit, load_pin
+from mesh_mcp.errors import ProtocolError
 from mesh_mcp.mesh import records
 from mesh_mcp.mesh.identity import node_id_for
 from mesh_mcp.mesh.records import (

@@ -16,7 +16,6 @@ import pytest
 
 from bench.p4_load import LoadResult, load_through_relay, write_test_model
 from inference import rpc_cache
-from inference.errors import CorruptModel
 from inference.llamacpp import LlamaCpp
 from inference.llamacpp_build import build_root
 from inference.rpc_cache import (
@@ -31,6 +30,7 @@ from inference.rpc_cache import (
     seed,
 )
 from mesh_llamacpp import load_pin
+from mesh_mcp.errors import CorruptModel
 
 T = TypeVar("T")
 VECTORS = [(b"", 0xCBF29CE484222325), (b"a", 0xAF63DC4C8601EC8C), (b"foobar", 0x85944171F73967E8)]

@@ -16,7 +16,6 @@ import pytest
 from anyio.abc import SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from inference.errors import ProtocolError
 from inference.llama_server import FAILED, SERVING
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import (
@@ -33,6 +32,7 @@ from inference.rpc_server import (
     require_compatible,
     rpc_args,
 )
+from mesh_mcp.errors import ProtocolError
 
 T = TypeVar("T")
 

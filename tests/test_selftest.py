@@ -17,12 +17,12 @@ import pytest
 
 from inference import paths
 from inference.cpu import CpuInfo
-from inference.errors import BuildError
 from inference.llamacpp import BuildPlan, LlamaCpp
 from inference.llamacpp_build import build_root
 from inference.provision import checked, ensure_llama_cpp, in_use, survey, verdict_file
 from inference.selftest import MAX_ANSWER_BYTES, Verdict, expected_tokens, self_test
 from mesh_llamacpp import Pin
+from mesh_mcp.errors import BuildError
 from tests.harness import NodeProcess
 from tests.test_cpu import SAPPHIRE_RAPIDS
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from blackboard.post import TTL_S, Post, make_post, to_wire, verify
 from blackboard.store import MAX_LIMIT, Store, bucket_hash, bucket_of, query_phrases
-from inference.errors import BlackboardError
+from mesh_mcp.errors import BlackboardError
 
 T0 = 1_750_000_000.0
 KEY = Ed25519PrivateKey.generate()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from inference.errors import ConfigError, InvalidToken
+from mesh_mcp.errors import ConfigError, InvalidToken
 from mesh_mcp.mesh import tokens
 from mesh_mcp.mesh.tokens import (
     MAX_ADDRESSES,

@@ -22,9 +22,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from blackboard.board import Board
-from inference.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
 from mesh_mcp.api.errors import error_response
 from mesh_mcp.api.guard import is_local
+from mesh_mcp.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
 from mesh_mcp.jsonlimits import JsonRejected, parse
 from mesh_mcp.state import NodeState
 

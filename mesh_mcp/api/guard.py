@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference.errors import ConfigError
 from mesh_mcp.api.app import MAX_BODY_BYTES
 from mesh_mcp.api.errors import Flavor, error_body
+from mesh_mcp.errors import ConfigError
 from mesh_mcp.mcp.local import MCP_PATHS
 
 Kind = Literal["api", "console"]

@@ -34,8 +34,8 @@ from anyio.abc import TaskStatus
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from inference.errors import ConfigError
 from mesh_mcp.api.guard import is_loopback_ip
+from mesh_mcp.errors import ConfigError
 
 log = logging.getLogger("mesh_llm.http")
 

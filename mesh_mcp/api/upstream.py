@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from inference.errors import BackendError
+from mesh_mcp.errors import BackendError
 
 MAX_HEADER_BYTES = 64 << 10
 

@@ -84,7 +84,7 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from inference.errors import AuthError, ConfigError, ProtocolError
+from mesh_mcp.errors import AuthError, ConfigError, ProtocolError
 from mesh_mcp.mesh import handshake as hs
 from mesh_mcp.mesh.admission import Admission, Limits, RefusalLog, source_ip
 from mesh_mcp.mesh.identity import Identity

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from inference.diskspace import HOME_HINT, disk_full_is_an_error, require_space
-from inference.errors import BackendError, ModelError, ProtocolError
 from mesh_mcp.dataplane.relay import CredentialsProvider, Stream, connect
+from mesh_mcp.errors import BackendError, ModelError, ProtocolError
 from mesh_mcp.mesh import handshake as hs
 from mesh_mcp.mesh.identity import Identity
 from mesh_mcp.mesh.wire import field as msg_field

@@ -33,7 +33,7 @@ import anyio
 import httpx2
 from anyio.abc import Process
 
-from inference.errors import MeshLLMError, user_error
+from mesh_mcp.errors import MeshLLMError, user_error
 
 log = logging.getLogger("mesh_llm.mcp")
 

@@ -37,9 +37,9 @@ from starlette.types import Receive, Scope, Send
 from typing_extensions import TypedDict
 
 from blackboard.post import KNOWN_KINDS, MAX_AUTHOR, MAX_TEXT_BYTES, TTL_S, check_author, check_text
-from inference.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 from mesh_mcp import __version__
 from mesh_mcp.api.errors import error_response
+from mesh_mcp.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 from mesh_mcp.mcp.local import MCP_PATHS, api_root
 
 log = logging.getLogger("mesh_llm.mcp")

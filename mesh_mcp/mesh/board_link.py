@@ -37,7 +37,7 @@ from blackboard.sync import (
     plan_exchange,
     push_targets,
 )
-from inference.errors import MeshLLMError, ProtocolError
+from mesh_mcp.errors import MeshLLMError, ProtocolError
 
 from .quic import Connection, close_quietly
 from .runtime import SEND_TIMEOUT_S, Mesh

@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from inference.errors import ProtocolError
+from mesh_mcp.errors import ProtocolError
 
 from .records import (
     MAX_INT,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from inference.errors import AuthError, HandshakeRefused, ProtocolError
 from inference.keys import is_small_order
+from mesh_mcp.errors import AuthError, HandshakeRefused, ProtocolError
 from mesh_mcp.mesh.identity import node_id_for
 
 from .wire import field

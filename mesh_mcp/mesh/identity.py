@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from inference.errors import ConfigError
+from mesh_mcp.errors import ConfigError
 
 KEY_FILE = "node.key"
 

@@ -44,7 +44,7 @@ from typing import Any
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from inference.errors import ConfigError, RotationRefused
+from mesh_mcp.errors import ConfigError, RotationRefused
 from mesh_mcp.mesh.identity import node_id_for
 
 from . import rotation as rot

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from inference.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, ProtocolError
+from mesh_mcp.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, ProtocolError
 from mesh_mcp.mesh.identity import Identity
 
 from . import handshake as hs
@@ -397,6 +397,11 @@ def _refusal(version: int, source_cid: bytes, destination_cid: bytes, reason: st
     buf.push_bytes(phrase)
     datagrams, _ = builder.flush()
     return datagrams[0]
+
+
+# What builds the Mesh's transport (`MeshTransport` itself, or `mesh_mcp.testing`'s in-memory one): called with
+# MeshTransport's arguments (creds, handlers, host=, port=, member_addresses=).
+TransportFactory = Callable[..., "MeshTransport"]
 
 
 class MeshTransport:

@@ -31,8 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from inference.errors import ProtocolError
 from inference.keys import is_small_order
+from mesh_mcp.errors import ProtocolError
 from mesh_mcp.mesh.identity import node_id_for
 
 ROLES = frozenset({"host", "worker", "client", "standby"})

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from inference.errors import RotationRefused
+from mesh_mcp.errors import RotationRefused
 from mesh_mcp.mesh.identity import node_id_for
 
 from .records import public_key_bytes

@@ -37,7 +37,11 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from starlette.types import ASGIApp
 
-from inference.errors import (
+from mesh_llamacpp import Pin, load_pin
+from mesh_mcp.api.directory import RemoteModel
+from mesh_mcp.api.upstream import Response, UpstreamUnavailable
+from mesh_mcp.clock import SYSTEM_CLOCK, Clock
+from mesh_mcp.errors import (
     ConfigError,
     HandshakeRefused,
     JoinRefused,
@@ -46,16 +50,13 @@ from inference.errors import (
     ProtocolError,
     RotationRefused,
 )
-from mesh_llamacpp import Pin, load_pin
-from mesh_mcp.api.directory import RemoteModel
-from mesh_mcp.api.upstream import Response, UpstreamUnavailable
 from mesh_mcp.mesh.identity import Identity
 
 from ..state import NodeState
 from . import meshfile, rotation, tunnel, wire
 from .gossip import Delta, Gossip, GossipConfig, Outgoing, message_to_wire
 from .meshfile import MeshConfig
-from .quic import Connection, Credentials, MeshTransport, close_quietly
+from .quic import Connection, Credentials, MeshTransport, TransportFactory, close_quietly
 from .records import NodeRecord, ServedModel, from_wire, to_wire, unsigned, verify
 from .rtt import TICK_S, RttTable
 from .tokens import InviteToken, encode
@@ -122,12 +123,23 @@ def local_hosts(bound: str) -> tuple[str, ...]:
 
 class Mesh:
     def __init__(
-        self, identity: Identity, config: MeshConfig, home: Path, state: NodeState, settings: MeshSettings
+        self,
+        identity: Identity,
+        config: MeshConfig,
+        home: Path,
+        state: NodeState,
+        settings: MeshSettings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        transport: TransportFactory = MeshTransport,
     ) -> None:
+        """`clock` and `transport` are seams: `mesh_mcp.testing` runs many meshes in one process on a fake clock
+        and an in-memory network."""
         self.identity, self.config, self.home, self.state, self.settings = identity, config, home, state, settings
+        self.clock = clock
         self.api_app: ASGIApp | None = None
         self._evicted = frozenset(config.evicted)
-        self.transport = MeshTransport(
+        self.transport = transport(
             self._credentials(config),
             {
                 "gossip": self._on_gossip,
@@ -185,8 +197,8 @@ class Mesh:
                 models_served=self._served(),
                 models_on_disk=self.state.models_on_disk[:256],
             )
-            self.gossip = Gossip(me, self.identity.key, self.settings.gossip, random.Random(), time.time())
-            self.gossip.ban(self.config.evicted, time.time())
+            self.gossip = Gossip(me, self.identity.key, self.settings.gossip, random.Random(), self.clock.time())
+            self.gossip.ban(self.config.evicted, self.clock.time())
             self.state.set_info(mesh_id=self.config.mesh_id_hex)
             if not self.settings.joins:
                 self._on_joined()  # this node's own mesh (created or restarted in): no token to wait for
@@ -213,7 +225,7 @@ class Mesh:
         self._tg = None  # nothing new is spawned from here on
         if self.gossip is None:
             return
-        outs = self.gossip.leave(time.time())
+        outs = self.gossip.leave(self.clock.time())
         # Clients are not gossip members but pull from us: tell every connected peer too.
         told = {o.peer for o in outs}
         note = message_to_wire(Delta((self.gossip.me,)))
@@ -231,8 +243,8 @@ class Mesh:
         token's addresses and the members we last knew, until someone answers."""
         assert self.gossip is not None
         while True:
-            await anyio.sleep(REJOIN_S)
-            now = time.time()
+            await self.clock.sleep(REJOIN_S)
+            now = self.clock.time()
             alive = [r for r in self.gossip.alive(now) if r.node_id != self.identity.node_id]
             if alive:
                 self._save_peers(alive)
@@ -324,7 +336,7 @@ class Mesh:
                     log.error("could not join through %s: %s", ", ".join(addresses), exc)
                     return None
                 log.warning("join attempt %d failed (%s); retrying in %ss", attempt + 1, exc, delay)
-            await anyio.sleep(delay)
+            await self.clock.sleep(delay)
         return None
 
     def _on_joined(self) -> None:
@@ -354,7 +366,7 @@ class Mesh:
         verify(record)
         if record.node_id != conn.peer.node_id:
             raise ProtocolError("a peer introduced itself with another node's record")
-        self._send(self.gossip.add_peer(record, time.time()))
+        self._send(self.gossip.add_peer(record, self.clock.time()))
         self._log_events()
         epoch = wire.field(msg, "epoch", int)
         if not self.config.owners:
@@ -446,7 +458,7 @@ class Mesh:
 
     def _ban(self) -> None:
         if self.gossip is not None:
-            self.gossip.ban(self.config.evicted, time.time())
+            self.gossip.ban(self.config.evicted, self.clock.time())
             self._log_events()
 
     async def _evict(self, node_ids: list[str]) -> None:
@@ -581,11 +593,11 @@ class Mesh:
         assert self.gossip is not None
         interval = self.settings.gossip.interval_s
         while True:
-            now = time.time()
+            now = self.clock.time()
             self._sync_record(now)
             self._send(self.gossip.tick(now))
             self._log_events()
-            await anyio.sleep(interval)
+            await self.clock.sleep(interval)
 
     def _served(self) -> tuple[ServedModel, ...]:
         return tuple(
@@ -598,16 +610,16 @@ class Mesh:
         """Measure RTT to a few live members each tick; publish the nearest when they changed enough."""
         assert self.gossip is not None
         while True:
-            await anyio.sleep(TICK_S)
-            now = time.time()
+            await self.clock.sleep(TICK_S)
+            now = self.clock.time()
             alive = [r.node_id for r in self.gossip.alive(now) if r.node_id != self.identity.node_id]
             self.rtt.prune(alive)
             batch = self.rtt.due(alive, self.transport.connections, now, keep=self._rtt_keep)
             async with anyio.create_task_group() as tg:
                 for node_id in batch:
                     tg.start_soon(self._sample_rtt, node_id)
-            if (rtt := self.rtt.report(time.time(), len(alive) + 1)) is not None:
-                self.gossip.update_self(time.time(), rtt=rtt)
+            if (rtt := self.rtt.report(self.clock.time(), len(alive) + 1)) is not None:
+                self.gossip.update_self(self.clock.time(), rtt=rtt)
 
     @contextlib.contextmanager
     def keep_measuring(self, peers: Iterable[str]) -> Iterator[None]:
@@ -623,7 +635,7 @@ class Mesh:
     async def _sample_rtt(self, node_id: str) -> None:
         try:
             with anyio.fail_after(SEND_TIMEOUT_S):
-                self.rtt.observe(node_id, await self.ping(node_id), time.time())
+                self.rtt.observe(node_id, await self.ping(node_id), self.clock.time())
         except (OSError, TimeoutError, MeshLLMError) as exc:
             log.debug("ping %s failed: %s", node_id, exc)
 
@@ -639,6 +651,17 @@ class Mesh:
         except (OSError, TimeoutError, MeshLLMError) as exc:
             why = f"no answer within {within_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
             raise PeerUnreachable(f"node {node_id}: {why}") from exc
+
+    async def dial(
+        self, node_id: str, stream_type: str, within_s: float = SEND_TIMEOUT_S, **fields: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new stream of `stream_type` (the header `{"t": stream_type, **fields}`) to `node_id`, over the
+        connection `reach` finds or dials. `PeerUnreachable` (with why) when it cannot be opened."""
+        conn = await self.reach(node_id, within_s)
+        try:
+            return await conn.open_stream({"t": stream_type, **fields})
+        except (ConnectionError, RuntimeError) as exc:  # the connection closed under us
+            raise PeerUnreachable(f"node {node_id}: its connection closed ({exc or type(exc).__name__})") from exc
 
     async def ping(self, node_id: str, samples: int = 3) -> float:
         """Median round trip to `node_id` over the mesh (application level: a stream each), in ms."""
@@ -706,7 +729,7 @@ class Mesh:
                     "member %s was declared dead but answers on its connection (a busy machine?): its streams go on",
                     node_id,
                 )
-            await anyio.sleep(CONFIRM_S)
+            await self.clock.sleep(CONFIRM_S)
 
     async def _answers(self, conn: Connection) -> bool:
         """Whether the peer answers a ping on this connection within `CONFIRM_S`."""
@@ -732,7 +755,11 @@ class Mesh:
     def is_gone(self, node_id: str) -> bool:
         """Whether gossip has declared `node_id` dead or left (a node it never knew is not gone)."""
         gossip = self.gossip
-        return gossip is not None and gossip.record(node_id) is not None and not gossip.is_alive(node_id, time.time())
+        return (
+            gossip is not None
+            and gossip.record(node_id) is not None
+            and not gossip.is_alive(node_id, self.clock.time())
+        )
 
     @contextlib.contextmanager
     def cancel_when_gone(self, node_id: str) -> Iterator[anyio.CancelScope]:
@@ -777,13 +804,13 @@ class Mesh:
         message = header.get("m")
         if not isinstance(message, dict):
             raise ProtocolError("gossip stream without a message")
-        self._send(self.gossip.receive(conn.peer.node_id, message, time.time()))
+        self._send(self.gossip.receive(conn.peer.node_id, message, self.clock.time()))
         self._log_events()
 
     # --- the API's directory ------------------------------------------------------------------------
 
     def members(self) -> list[NodeRecord]:
-        return self.gossip.alive(time.time()) if self.gossip is not None else []
+        return self.gossip.alive(self.clock.time()) if self.gossip is not None else []
 
     def remote_models(self) -> list[RemoteModel]:
         out: list[RemoteModel] = []

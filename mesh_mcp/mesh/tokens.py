@@ -40,7 +40,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from inference.errors import InvalidToken
+from mesh_mcp.errors import InvalidToken
 
 __all__ = [
     "MAX_ADDRESSES",

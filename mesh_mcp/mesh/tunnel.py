@@ -27,8 +27,8 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message
 
-from inference.errors import ProtocolError
 from mesh_mcp.api.upstream import Response, UpstreamBroken, UpstreamUnavailable
+from mesh_mcp.errors import ProtocolError
 
 from .quic import Connection
 from .wire import CONTROL_LIMIT, DATA_LIMIT, decode_json, encode, encode_json, field, read_frame

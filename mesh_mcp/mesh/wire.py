@@ -10,7 +10,7 @@ import json
 import struct
 from typing import Any
 
-from inference.errors import ProtocolError
+from mesh_mcp.errors import ProtocolError
 
 from .. import jsonlimits
 

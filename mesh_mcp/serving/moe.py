@@ -29,9 +29,9 @@ from typing import Any
 
 import anyio
 
-from inference.errors import MeshLLMError, first_leaf
 from inference.moe_plan import ShardPlan, expert_bytes, plan_shards, spare_for
 from inference.placement import NodeCap
+from mesh_mcp.errors import MeshLLMError, first_leaf
 from mesh_mcp.mesh.runtime import llama_cpp_identity
 from mesh_mcp.mesh.wire import encode_json
 from mesh_mcp.serving.shard_node import ShardReport, lease_shard, serve_shard

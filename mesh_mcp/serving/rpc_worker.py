@@ -34,12 +34,12 @@ from typing import Any
 
 import anyio
 
-from inference.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import RpcServer, RpcSettings
 from mesh_mcp.dataplane.relay import DataPlaneServer
 from mesh_mcp.dataplane.tensor_fetch import REQUEST as TENSORS
 from mesh_mcp.dataplane.tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
+from mesh_mcp.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
 from mesh_mcp.mesh.quic import Connection, close_quietly
 from mesh_mcp.mesh.runtime import Mesh

@@ -39,10 +39,10 @@ from typing import Any
 
 import anyio
 
-from inference.errors import BackendError, MeshLLMError, ProtocolError
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.supervise import SERVING
+from mesh_mcp.errors import BackendError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
 from mesh_mcp.mesh.quic import Connection, close_quietly
 from mesh_mcp.mesh.runtime import Mesh

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import anyio
 
-from inference.errors import MeshLLMError, first_leaf
 from inference.exits import describe_exit
 from inference.gguf_facts import GGUFFacts
 from inference.llama_server import LlamaServer, ServerSettings
@@ -38,6 +37,7 @@ from inference.llamacpp import LlamaCpp
 from inference.placement import NodeCap, Plan, plan
 from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe, require_compatible
 from mesh_mcp.dataplane.relay import Relay
+from mesh_mcp.errors import MeshLLMError, first_leaf
 from mesh_mcp.mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
 from mesh_mcp.mesh.runtime import Mesh, llama_cpp_identity
 from mesh_mcp.serving.rpc_worker import lease

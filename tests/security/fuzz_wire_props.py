@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
 from blackboard import post as posts
-from inference.errors import InvalidToken, MeshLLMError, ProtocolError
 from mesh_mcp import jsonlimits
 from mesh_mcp.dataplane import tensor_fetch
+from mesh_mcp.errors import InvalidToken, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import gossip, handshake, records, tokens, tunnel, wire
 from mesh_mcp.mesh.identity import Identity, node_id_for
 from mesh_mcp.mesh.records import MAX_INT, MAX_RTT_TENTHS, MODEL_STATES, ROLES, NodeRecord, ServedModel

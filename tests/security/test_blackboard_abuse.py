@@ -34,7 +34,7 @@ from blackboard.post import MAX_AUTHOR, Post, from_wire, make_post, parse_kind, 
 from blackboard.scrub import Scrubber, default_scrubber
 from blackboard.store import Store
 from inference.controls import is_hidden, printable, strip_controls
-from inference.errors import BlackboardError, ProtocolError, RateLimited
+from mesh_mcp.errors import BlackboardError, ProtocolError, RateLimited
 from tests.harness import NodeProcess
 
 NOW = 1_800_000_000.0

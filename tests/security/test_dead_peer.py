@@ -365,7 +365,7 @@ def test_a_member_declared_dead_that_still_answers_keeps_its_streams(
 def test_a_peer_that_cannot_be_reached_is_one_error(tmp_path: Path) -> None:
     """`Mesh.reach` to a node with no known address is `PeerUnreachable` saying why (also an OSError, as network
     failures are); nothing else leaks out."""
-    from inference.errors import PeerUnreachable
+    from mesh_mcp.errors import PeerUnreachable
     from mesh_mcp.mesh import meshfile, runtime
     from mesh_mcp.state import NodeState
 

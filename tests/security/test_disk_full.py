@@ -33,9 +33,9 @@ from blackboard.post import make_post
 from blackboard.store import Store
 from inference.diskspace import mb
 from inference.download import download, part_path
-from inference.errors import BlackboardDiskFull, DiskFull
 from inference.models import ensure_model
 from inference.pypi_models import fetch_pypi_model
+from mesh_mcp.errors import BlackboardDiskFull, DiskFull
 from tests.conftest import SMOLLM
 from tests.ggufgen import write_dense, write_moe
 from tests.harness import NodeProcess

@@ -26,7 +26,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from inference.errors import ConfigError
 from mesh_mcp.api.console import build_console
 from mesh_mcp.api.guard import (
     API,
@@ -43,6 +42,7 @@ from mesh_mcp.api.guard import (
     is_local,
 )
 from mesh_mcp.api.serve import serve_http
+from mesh_mcp.errors import ConfigError
 from mesh_mcp.state import NodeState
 from tests.harness import NodeProcess
 

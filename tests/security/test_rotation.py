@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from inference.errors import ConfigError, HandshakeRefused, InvalidToken, RotationRefused
+from mesh_mcp.errors import ConfigError, HandshakeRefused, InvalidToken, RotationRefused
 from mesh_mcp.mesh import handshake as hs
 from mesh_mcp.mesh import meshfile, rotation, tokens
 from mesh_mcp.mesh.identity import Identity, load_or_create, node_id_for
