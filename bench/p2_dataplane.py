@@ -378,7 +378,8 @@ async def relay_asyncio_main(side: str, to_port: int, impl: str) -> None:
 
 
 async def relay_dataplane_main(side: str, to_port: int) -> None:
-    from mesh_mcp.dataplane.relay import DataPlaneServer, Relay
+    from mesh_mcp.dataplane.listener import DataPlaneServer
+    from mesh_mcp.dataplane.relay import Relay
     from mesh_mcp.mesh.identity import load_or_create
     from mesh_mcp.mesh.quic import Credentials
 

@@ -35,11 +35,12 @@ from anyio.abc import SocketStream, TaskStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference import paths, rpc_cache
+from inference import fnv1a, paths
+from inference.fnv1a import FNV_OFFSET, fnv1a64
 from inference.llama_server import FAILED, SERVING, LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.provision import ensure_llama_cpp
-from inference.rpc_cache import FNV_OFFSET, HASH_THRESHOLD, fnv1a64, hashed_tensors, read_directory, seed
+from inference.rpc_cache import HASH_THRESHOLD, hashed_tensors, read_directory, seed
 from inference.rpc_server import RpcServer, RpcSettings
 
 CMD_SET_TENSOR, CMD_SET_TENSOR_HASH = 6, 7
@@ -295,7 +296,7 @@ def hash_throughput(path: Path) -> dict[str, float]:
         with memoryview(mm) as view:
             head = view[: 2 << 20]
             t0 = time.perf_counter()
-            rpc_cache._fnv_python(head, FNV_OFFSET)
+            fnv1a._fnv_python(head, FNV_OFFSET)
             python = len(head) / 1e6 / (time.perf_counter() - t0)
             head.release()
     return {"native_mb_s": round(native, 1), "python_mb_s": round(python, 1)}

@@ -41,9 +41,10 @@ from inference.gguf_facts import read_facts
 from inference.llama_server import LlamaServer, ServerSettings
 from inference.llamacpp import LlamaCpp
 from inference.moe_assign import assign
+from inference.moe_layout import moe_layout
 from inference.moe_plan import expert_bytes
 from inference.moe_quality import DEFAULT_GATE, reference_for, score
-from inference.moe_shard import model_hash, moe_layout, write_shard
+from inference.moe_shard import model_hash, write_shard
 from inference.moe_stats import ensure_stats
 from inference.provision import ensure_llama_cpp
 from tests.ggufgen import write_skewed_moe

@@ -60,14 +60,17 @@ store from worker threads (`anyio.to_thread.run_sync`) and keep disk work off th
 Every public method holds a lock, so calls from several threads are serialised: one runs at a
 time, and a long `expire` delays a search. Statements are prepared once and reused from the
 connection's statement cache.
+
+Modules. The query language and the keys (free text to FTS5 phrases, filters to FTS5 terms and SQL
+bounds, time-ordered rowids, tag tokens) are `blackboard.store_query`, pure. This module is one
+responsibility, the SQLite file that holds the posts (schema, writes, reads, anti-entropy digests,
+expiry, and surviving corruption and a full disk), so it runs past ~400 lines.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import re
 import sqlite3
 import threading
 import time
@@ -79,16 +82,15 @@ from typing import Any, TypeVar
 from mesh_mcp.errors import BlackboardDiskFull, BlackboardError
 
 from .post import TTL_S, Post
+from .store_query import MS_BITS, Filters, check_time, query_phrases, tag_tokens, time_rowid
 
 __all__ = [
     "BUCKET_S",
     "CANDIDATES",
     "MAX_LIMIT",
-    "STOPWORDS",
     "Store",
     "bucket_hash",
     "bucket_of",
-    "query_phrases",
 ]
 
 log = logging.getLogger("mesh_llm.blackboard")
@@ -97,26 +99,12 @@ SCHEMA_VERSION = 1
 BUCKET_S = 3600  # anti-entropy buckets are hours of `created`
 MAX_LIMIT = 500  # the most posts one search or feed returns
 CANDIDATES = 1000  # the most matches per query group that bm25 ranks (the newest ones)
-MAX_TERMS = 16  # query pieces beyond this are ignored
 MAX_CREATED = 1e11  # as `post.from_wire` bounds it
-_MS_BITS = 10  # rowid = created in ms << _MS_BITS | 10 bits of the id
 _PAD = 8  # extra rows fetched to make up for ones the exact time test drops
 _CHUNK = 500  # ids per `IN (...)` (SQLite's oldest variable limit is 999)
 _CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 _T = TypeVar("_T")
-_EDGES = re.compile(r"^[\W_]+|[\W_]+$")  # punctuation around a word
-
-# Dropped from a query that has other words: they match nearly every post and only slow bm25 down.
-STOPWORDS = frozenset(
-    """a about after again all also am an and any are as at be because been before being both but by can could
-    did do does doing down during each few for from further had has have having he her here hers him his how i if
-    in into is it its itself just me more most my no nor not now of off on once only or other our ours out over
-    own same she should so some such than that the their theirs them then there these they this those through
-    to too under until up very was we were what when where which while who whom why will with would you your
-    yours""".split()
-)
-
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS posts (
     rowid INTEGER PRIMARY KEY,
@@ -183,57 +171,6 @@ def bucket_hash(ids: Iterable[str]) -> str:
     return hashlib.sha256("".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-def query_phrases(query: str) -> tuple[list[str], bool]:
-    """The free-text query as FTS5 phrases, one quoted phrase per white-space separated piece, and
-    whether to rank them by bm25.
-
-    Quoting makes every piece literal text (operators, `*`, `:`, `(` and `-` are only separators
-    inside a phrase). Pieces with no letter or digit, and repeats, are dropped, and so are common
-    English words (`STOPWORDS`) when other words remain; at most `MAX_TERMS` are kept. A query of
-    common words only is not ranked (bm25 gives a word in most posts no weight; computing that
-    costs a pass over the word's whole posting list): its matches come newest first."""
-    pieces: list[str] = []
-    seen: set[str] = set()
-    for piece in _clean(query).replace("\x00", " ").split():
-        key = piece.casefold()
-        if key in seen or not any(c.isalnum() for c in piece):
-            continue
-        seen.add(key)
-        pieces.append(piece)
-    content = [p for p in pieces if _EDGES.sub("", p.casefold()) not in STOPWORDS]
-    phrases = ['"' + p.replace('"', '""') + '"' for p in (content or pieces)[:MAX_TERMS]]
-    return phrases, bool(content)
-
-
-def _clean(text: str) -> str:
-    """`text` as valid Unicode: lone surrogates (which SQLite cannot take) become "?"."""
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _tag(prefix: str, value: str) -> str:
-    """One FTS5 token standing for an exact value (the tokenizer keeps letters and digits together)."""
-    return prefix + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def _tags(author_key: str, kind: str) -> str:
-    return f"{_tag('a', author_key)} {_tag('k', kind)}"
-
-
-def _time_rowid(t: float) -> int:
-    """The smallest rowid of a post created at `t`, to the nearest millisecond (clamped to SQLite's range).
-
-    Monotonic in `t`, so `created > t` implies `rowid >= _time_rowid(t)`, and exact for the
-    millisecond times `make_post` gives, so posts a millisecond apart never share a key."""
-    ms = round(max(-1e15, min(1e15, t)) * 1000)
-    return max(-(2**52), min(2**52, ms)) << _MS_BITS
-
-
-def _check_time(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BlackboardError(f"{what} must be a finite number of unix seconds")
-    return float(value)
-
-
 def _is_full(exc: sqlite3.Error) -> bool:
     """SQLITE_FULL: the disk (or a quota SQLite reports as full) has no room for the write."""
     return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
@@ -261,51 +198,6 @@ def _post(row: tuple[Any, ...]) -> Post:
 def _chunks(items: list[str], size: int = _CHUNK) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-class _Filters:
-    """A search's or feed's filters, as SQL bounds, FTS5 terms and an exact test of each row."""
-
-    def __init__(self, author: str | None, kind: str | None, since: float | None, now: float) -> None:
-        now = _check_time(now, "now")
-        self.cutoff = now - TTL_S  # live: created > cutoff
-        self.since = None if since is None else _check_time(since, "since")
-        self.author_key = None if author is None else _clean(str(author)).strip().casefold()
-        self.kind = None if kind is None else _clean(str(kind)).strip().upper()
-        self.low = _time_rowid(self.cutoff if self.since is None else max(self.cutoff, self.since))
-        self.terms: list[str] = []
-        if self.author_key is not None:
-            self.terms.append(f'tags : "{_tag("a", self.author_key)}"')
-        if self.kind is not None:
-            self.terms.append(f'tags : "{_tag("k", self.kind)}"')
-
-    def keep(self, created: float, author_key: str, kind: str) -> bool:
-        return (
-            created > self.cutoff
-            and (self.since is None or created >= self.since)
-            and (self.author_key is None or author_key == self.author_key)
-            and (self.kind is None or kind == self.kind)
-        )
-
-    def sql(self) -> tuple[str, list[Any]]:
-        """The condition on `posts p` and its parameters."""
-        where = ["p.rowid >= ?", "p.created > ?"]
-        params: list[Any] = [self.low, self.cutoff]
-        if self.since is not None:
-            where.append("p.created >= ?")
-            params.append(self.since)
-        if self.author_key is not None:
-            where.append("p.author_key = ?")
-            params.append(self.author_key)
-        if self.kind is not None:
-            where.append("p.kind = ?")
-            params.append(self.kind)
-        return " AND ".join(where), params
-
-    def match(self, phrases: list[str], operator: str) -> str:
-        """The FTS5 expression: the phrases (in the text column) joined by `operator`, and the filter terms."""
-        words = f" {operator} ".join(f"text : {p}" for p in phrases)
-        return " AND ".join([f"({words})", *self.terms]) if self.terms else words
 
 
 class Store:
@@ -455,7 +347,7 @@ class Store:
         those that were new. At the cap, the posts before the one refused stay stored and
         `BlackboardError` is raised."""
         batch = list(posts)
-        now = _check_time(now, "now")
+        now = check_time(now, "now")
         return self._db(lambda conn: self._insert(conn, batch, now))
 
     def _insert(self, conn: sqlite3.Connection, posts: list[Post], now: float) -> list[Post]:
@@ -463,7 +355,7 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for post in posts:
-                created = _check_time(post.created, f"post {post.id}: created")
+                created = check_time(post.created, f"post {post.id}: created")
                 if not 0 <= created < MAX_CREATED:
                     raise BlackboardError(f"post {post.id}: created {created} is not a time")
                 if created + TTL_S <= now:
@@ -498,9 +390,9 @@ class Store:
 
     def _insert_one(self, conn: sqlite3.Connection, post: Post, created: float) -> bool:
         author_key = post.author.casefold()
-        tags = _tags(author_key, post.kind)
+        tags = tag_tokens(author_key, post.kind)
         bucket = bucket_of(created)
-        rowid = _time_rowid(created) + (zlib.crc32(post.id.encode()) & ((1 << _MS_BITS) - 1))
+        rowid = time_rowid(created) + (zlib.crc32(post.id.encode()) & ((1 << MS_BITS) - 1))
         while True:
             row = (
                 rowid,
@@ -545,7 +437,7 @@ class Store:
 
     def expire(self, now: float) -> int:
         """Delete the posts past `created + TTL_S`; how many were deleted."""
-        now = _check_time(now, "now")
+        now = check_time(now, "now")
 
         def op(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
@@ -562,7 +454,7 @@ class Store:
     def _expire(self, conn: sqlite3.Connection, now: float) -> int:
         cutoff = now - TTL_S
         # Rows of later milliseconds hold no expired post, bar the rare rowid bumped past its millisecond.
-        bound = _time_rowid(cutoff) + (2 << _MS_BITS)
+        bound = time_rowid(cutoff) + (2 << MS_BITS)
         deleted = conn.execute("DELETE FROM posts WHERE rowid < ? AND created <= ?", (bound, cutoff)).rowcount
         if deleted:
             self._count -= deleted
@@ -603,7 +495,7 @@ class Store:
 
     def count_by_origin(self, now: float) -> dict[str, int]:
         """Live posts per origin node (a covering-index scan: about 12 ms at 100 000 posts)."""
-        cutoff = _check_time(now, "now") - TTL_S
+        cutoff = check_time(now, "now") - TTL_S
         sql = "SELECT origin, count(*) FROM posts WHERE created > ? GROUP BY origin"
         return self._db(lambda conn: {origin: n for origin, n in conn.execute(sql, (cutoff,))})
 
@@ -617,7 +509,7 @@ class Store:
         now: float,
     ) -> list[Post]:
         """The newest live posts that pass the filters, newest first."""
-        filters = _Filters(author, kind, since, now)
+        filters = Filters(author, kind, since, now)
         limit = min(int(limit), MAX_LIMIT)
         if limit < 1:
             return []
@@ -641,7 +533,7 @@ class Store:
             raise BlackboardError("a search query must be a string")
         if not query.strip():
             return self.feed(author=author, kind=kind, since=since, limit=limit, now=now)
-        filters = _Filters(author, kind, since, now)
+        filters = Filters(author, kind, since, now)
         limit = min(int(limit), MAX_LIMIT)
         phrases, rank = query_phrases(query)
         if limit < 1 or not phrases:
@@ -666,7 +558,7 @@ class Store:
 
     def digest(self, now: float) -> dict[int, str]:
         """Bucket → hash of its live ids (`bucket_hash`), for every bucket holding live posts."""
-        cutoff = _check_time(now, "now") - TTL_S
+        cutoff = check_time(now, "now") - TTL_S
         edge = bucket_of(cutoff)  # the one bucket that can be partly expired
 
         def op(conn: sqlite3.Connection) -> dict[int, str]:
@@ -689,7 +581,7 @@ class Store:
 
     def ids_in(self, buckets: Iterable[int], now: float) -> dict[int, list[str]]:
         """The live ids (sorted) in each of these buckets; an empty list for a bucket with none."""
-        cutoff = _check_time(now, "now") - TTL_S
+        cutoff = check_time(now, "now") - TTL_S
         wanted = list(dict.fromkeys(int(b) for b in buckets))
         return self._db(lambda conn: {b: self._live_ids(conn, b, cutoff) for b in wanted})
 

@@ -8,6 +8,8 @@ lists candidates. Fetching is `inference.models`' job.
 `CatalogEntry.size` is exact when `sha256` is given (the download is checked against both); otherwise it
 is the approximate size of the published file, good for display and placement but never used to reject a
 download, because publishers re-upload files.
+
+One responsibility, the catalog and its lookup; most of its ~400 lines are the catalog's entries (data).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ lock file next to `dest` keeps two processes from writing the same `.part`. Free
 before the first byte whenever the size is known; a full disk (before or during) is a `DiskFull`, and the
 `.part` is kept for resuming only when the server honours Range. Every failure is a `DownloadError` that
 says what happened and what to do; nothing here knows about catalogs or specs.
+
+One responsibility, getting one verified file over HTTP, with the Hugging Face endpoint and token it needs; the
+transfer's states (resume, retry, disk full, verification) belong together, so it runs past ~400 lines.
 """
 
 from __future__ import annotations

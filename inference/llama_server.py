@@ -1,38 +1,36 @@
-"""One supervised llama-server: command line, start, readiness, restart with backoff, reaping.
+"""One supervised llama-server: its command line, readiness, and what it learns once ready.
 
-`server_args` is pure (tested without processes). `LlamaServer.run` is the supervisor loop: it starts
-llama-server on 127.0.0.1 at a fresh ephemeral port, waits for `/health` to answer 200, reports state
-changes, restarts a crashed server with exponential backoff, gives up (state `failed`) when the
-server cannot even load, and always terminates and reaps the process when cancelled.
+`server_args` is pure (tested without processes). `LlamaServer` is a `ManagedProcess` (inference/process.py):
+`run` starts llama-server on 127.0.0.1 at a fresh ephemeral port, waits for `/health` to answer 200 (then reads
+whether its chat template can call tools from `/props`), reports state changes, restarts a crashed server with
+exponential backoff, gives up (state `failed`) when the server cannot even load, and always terminates and
+reaps the process when cancelled. `run_once` is one start, for callers that re-plan instead of restarting.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-import anyio
 import httpx2
-from anyio.abc import Process, TaskStatus
+from anyio.abc import Process
 
 from .exits import ExitReport, describe_exit
 from .llamacpp import LlamaCpp
+from .process import ManagedProcess, ReadyCheck, StateFn, free_port
 from .supervise import FAILED as FAILED  # the model states, re-exported
 from .supervise import LOADING as LOADING
-from .supervise import SERVING, supervise
+from .supervise import REAL_TIME, Clock, RestartPolicy
+from .supervise import SERVING as SERVING
 
 log = logging.getLogger("mesh_llm.llama_server")
 
 # Model states as the console and API report them.
 DOWNLOADING, STOPPED = "downloading", "stopped"  # and LOADING, SERVING, FAILED (supervise.py)
-
-StateFn = Callable[[str, str], None]  # (state, human-readable detail)
 
 
 @dataclass(frozen=True)
@@ -71,15 +69,13 @@ def server_args(binary: Path, model: Path, alias: str, port: int, s: ServerSetti
     return [*args, *s.extra_args]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
-class LlamaServer:
+class LlamaServer(ManagedProcess):
     """Supervises one llama-server for one model. `base_url` is set while it is serving."""
+
+    noun: ClassVar[str] = "llama-server"
+    verb: ClassVar[str] = "crashed"
+    logger: ClassVar[logging.Logger] = log
 
     llama: LlamaCpp
     model_path: Path
@@ -91,88 +87,61 @@ class LlamaServer:
     pid: int | None = None
     restarts: int = 0
     tool_calls: bool | None = None  # /props chat_template_caps.supports_tool_calls of the running server
-    load_timed_out: bool = False  # the last run was stopped for not becoming ready in load_timeout_s
+    timed_out: bool = False  # the last run was stopped for not becoming ready in load_timeout_s
+    clock: Clock = REAL_TIME  # the restart backoff's
 
-    def command(self, port: int) -> list[str]:
-        args = server_args(self.llama.server, self.model_path, self.alias, port, self.settings)
-        # The pdeathsig shim makes llama-server die with us even if we are SIGKILLed.
-        return [sys.executable, "-m", "inference.pdeathsig", "--", *args]
+    @property
+    def serving_what(self) -> str:
+        return f" for {self.alias}"
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep llama-server serving until cancelled. Signals `started` once it first serves."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+    @property
+    def binary(self) -> Path:
+        return self.llama.server
 
-        async def attempt(ready: Callable[[], None]) -> ExitReport:
-            def serving() -> None:
-                self.on_state(SERVING, f"llama-server pid {self.pid} at {self.base_url}")
-                ready()
+    @property
+    def policy(self) -> RestartPolicy:
+        return self.settings
 
-            try:
-                return describe_exit(await self.run_once(serving), "llama-server")
-            except OSError as exc:
-                return ExitReport(None, f"could not start {self.llama.server}: {exc}")
-            finally:
-                self.base_url, self.pid = None, None
+    @property
+    def ready_timeout_s(self) -> float:
+        return self.settings.load_timeout_s
 
-        await supervise(
-            noun="llama-server",
-            label=f"llama-server for {self.alias}",
-            verb="crashed",
-            attempt=attempt,
-            policy=self.settings,
-            on_state=self.on_state,
-            on_restart=self._count_restart,
-            restarts=self.restarts,
-            log_path=self.log_path,
-            task_status=task_status,
-        )
-
-    def _count_restart(self) -> int:
-        self.restarts += 1
-        return self.restarts
+    def args(self, port: int) -> list[str]:
+        return server_args(self.llama.server, self.model_path, self.alias, port, self.settings)
 
     async def run_once(self, on_ready: Callable[[], None]) -> int:
         """Start llama-server, wait for readiness, then wait for it to exit; return its exit code."""
         port = free_port()
-        self.load_timed_out = False
-        cmd = self.command(port)
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd[3:])}\n".encode())
-            logf.flush()
-            proc = await anyio.open_process(
-                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.pid = proc.pid
-        log.info("started llama-server pid %d for %s on 127.0.0.1:%d", proc.pid, self.alias, port)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_ready, proc, f"http://127.0.0.1:{port}", on_ready, tg.cancel_scope)
-                code = await proc.wait()
-                tg.cancel_scope.cancel()
-            return code
-        finally:
-            with anyio.CancelScope(shield=True):
-                await terminate(proc)
+        self.timed_out = False
+        return (await self._start_and_wait(port, on_ready)).code
 
-    async def _watch_ready(
-        self, proc: Process, url: str, on_ready: Callable[[], None], scope: anyio.CancelScope
-    ) -> None:
-        deadline = time.monotonic() + self.settings.load_timeout_s
+    async def _attempt(self, on_ready: Callable[[], None]) -> ExitReport:
+        return describe_exit(await self.run_once(on_ready), "llama-server")
+
+    @asynccontextmanager
+    async def _ready_probe(self, proc: Process, port: int) -> AsyncIterator[ReadyCheck]:
+        """`/health` answers 200; then `tool_calls` is read from `/props`."""
+        url = f"http://127.0.0.1:{port}"
         async with httpx2.AsyncClient(timeout=2.0) as client:
-            while time.monotonic() < deadline:
+
+            async def healthy() -> bool:
                 try:
                     resp = await client.get(url + "/health")
-                    if resp.status_code == 200:
-                        self.tool_calls = await _tool_calls(client, url)
-                        self.base_url = url
-                        on_ready()
-                        return
                 except httpx2.TransportError:
-                    pass  # not listening yet
-                await anyio.sleep(0.1)
-        log.error("llama-server for %s not ready after %.0fs; stopping it", self.alias, self.settings.load_timeout_s)
-        self.load_timed_out = True
-        proc.terminate()
+                    return False  # not listening yet
+                if resp.status_code != 200:
+                    return False
+                self.tool_calls = await _tool_calls(client, url)
+                self.base_url = url
+                return True
+
+            yield healthy
+
+    def _serving_detail(self) -> str:
+        return f"llama-server pid {self.pid} at {self.base_url}"
+
+    def _forget(self) -> None:
+        self.base_url = None
 
 
 async def _tool_calls(client: httpx2.AsyncClient, url: str) -> bool | None:
@@ -185,17 +154,3 @@ async def _tool_calls(client: httpx2.AsyncClient, url: str) -> bool | None:
         return None
     value = caps.get("supports_tool_calls") if isinstance(caps, dict) else None
     return value if isinstance(value, bool) else None
-
-
-async def terminate(proc: Process, grace_s: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL; always reaps."""
-    if proc.returncode is None:
-        try:
-            proc.terminate()
-        except ProcessLookupError:
-            pass
-        with anyio.move_on_after(grace_s):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-    await proc.wait()

@@ -293,3 +293,12 @@ def request_name(request: ModelRequest) -> str:
     if isinstance(request, HFFile):
         return _served_name(Path(request.file))
     return _served_name(Path(_url_file_name(request.url)))
+
+
+def on_disk(models_dir: Path) -> tuple[str, ...]:
+    """Complete GGUF files in the models directory (gossiped, so placement can prefer nodes that have them)."""
+    try:
+        names = (p.name.removesuffix(".gguf") for p in models_dir.glob("*.gguf") if p.is_file())
+        return tuple(sorted(n for n in names if len(n) <= 128))[:256]  # the record's limits
+    except OSError:
+        return ()

@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .gguf_facts import GGUFFacts, memory_need
-from .moe_shard import expert_axis_layer
+from .gguf_facts import GGUFFacts
+from .memory_model import memory_need
+from .moe_layout import expert_axis_layer
 from .placement import NodeCap
 
 

@@ -37,6 +37,9 @@ missing experts that tokens use (≤ 0.26, KL ≥ 0.64 — what the anchor serve
 (one position is 0.8 points of agreement) and refuses the third by a wide margin; 0.1 nats is about the geometric
 middle of 0.015 and 0.64. Exact shards score 1 / 0 on any model; where a real model's merely degraded shards fall
 (non-renormalising gating, rarely used experts dropped) is still to be measured (the issue's benchmark table).
+
+One responsibility, the shard quality gate (reference, teacher-forced score, gate); ~400 lines, a third of them
+this measured account.
 """
 
 from __future__ import annotations

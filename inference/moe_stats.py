@@ -40,9 +40,10 @@ import numpy as np
 from mesh_mcp.errors import BackendError, CorruptModel, ModelError, ProtocolError
 
 from .gguf_facts import read_facts
-from .llama_server import terminate
 from .llamacpp import LlamaCpp
-from .moe_shard import MoeLayout, model_hash, moe_layout
+from .moe_layout import MoeLayout, moe_layout
+from .moe_shard import model_hash
+from .process import terminate
 from .supervise import tail
 
 log = logging.getLogger("mesh_llm.moe_stats")

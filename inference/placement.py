@@ -44,8 +44,8 @@ from typing import Literal
 
 from mesh_mcp.errors import ConfigError
 
-from .gguf_facts import ModelShape, memory_need, stage_memory
 from .hardware import CPU_BANDWIDTH
+from .memory_model import ModelShape, memory_need, stage_memory
 
 MAX_STAGES = 15  # llama.cpp's scheduler takes 16 backends, one of them the host CPU
 GiB = 1 << 30

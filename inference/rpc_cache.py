@@ -36,28 +36,20 @@ and a rename only when the bytes hash to the name announced (`CorruptTransfer` o
 The tensor directory (`read_tensor_infos`) is a header walk that skips metadata values; it gives the same
 absolute offsets and sizes as gguf-py's `GGUFReader` (`data_offset`, `n_bytes`; a test checks it), which parses
 every value into numpy views and needs 4 s for SmolLM2's 49k-token vocabulary. It could switch to
-`inference.gguf_facts` once that module has a tensor directory. The hash runs in a tiny C function
-(`llama.cpp/fnv1a.c`), compiled lazily on first use with the system C compiler (`$CC`, cc, gcc or clang) into
-the llama.cpp build cache (`<cache>/llama.cpp/fnv1a/fnv1a-<digest>.so`) under a file lock; without a compiler
-a pure-Python fallback (1-10 MB/s) is used and a warning logged. FNV-1a is a serial chain (xor, then a
-64-bit multiply per byte: about 4 cycles a byte, 0.3-0.6 GB/s on this machine's cores), so one tensor hashes
-at one core's speed; tensors are hashed in parallel on all cores. llama-server hashes on the host the same
-way, serially, during every load: the cache pays off where the network is slower than that.
+`inference.gguf_facts` once that module has a tensor directory. The hash is `inference.fnv1a`'s.
+
+One responsibility, the ggml-rpc tensor cache as llama.cpp reads it (which tensors it offers by hash, their
+file names, and writing entries: seeded locally or received from a peer), so it runs past ~400 lines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import hashlib
 import json
 import logging
 import mmap
 import os
-import platform
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -71,22 +63,18 @@ from mesh_llamacpp import load_pin
 from mesh_mcp.errors import CorruptModel, ModelError
 
 from .diskspace import disk_full_is_an_error
+from .fnv1a import FNV_OFFSET, _fnv_python, fnv1a64, hasher_kind, native_hasher
 from .gguf_facts import read_facts
-from .llamacpp_build import build_root
 
 log = logging.getLogger("mesh_llm.rpc_cache")
 
 HASH_THRESHOLD = load_pin().rpc_hash_threshold  # bytes; a tensor strictly larger is offered by hash (our build)
-FNV_OFFSET = 0xCBF29CE484222325
-FNV_PRIME = 0x100000001B3
-_MASK = (1 << 64) - 1
 # LLM_TENSOR_LAYER_INPUT tensors (llama-arch.cpp): always on the host CPU.
 INPUT_TENSORS = frozenset(
     {"token_embd", "pos_embd", "token_types", "per_layer_token_embd", "masked_embd_centroids", "masked_embd_ordering"}
 )
 FIRST_LAYER_TENSORS = frozenset({"token_embd_norm"})  # "do the norms on the first layer"
 CHUNK = 64 << 20  # hash and copy granularity: progress and fallback-copy unit
-CC_FLAGS = ("-O3", "-shared", "-fPIC")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -106,97 +94,6 @@ def cache_file_name(digest: int) -> str:
 
 def is_cache_file_name(name: object) -> bool:
     return isinstance(name, str) and len(name) == 16 and all(c in "0123456789abcdef" for c in name)
-
-
-# --- FNV-1a 64 -------------------------------------------------------------------------------------
-
-_NativeFn = Callable[[int, int, int], int]  # (address, length, seed) -> hash
-_native_lock = threading.Lock()
-_native: list[_NativeFn | None] = []  # empty: not tried yet
-
-
-def _fnv_python(data: memoryview, seed: int) -> int:
-    h = seed
-    for b in data:
-        h = ((h ^ b) * FNV_PRIME) & _MASK
-    return h
-
-
-def _c_source() -> Path:
-    import mesh_llamacpp
-
-    return Path(mesh_llamacpp.__file__).resolve().parent / "fnv1a.c"
-
-
-def _compile(source: Path, cc: str) -> Path:
-    """Build fnv1a.c into `<llama.cpp build cache>/fnv1a/fnv1a-<digest>.so` once (file lock, atomic rename)."""
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), cc.encode(), *(f.encode() for f in CC_FLAGS), platform.machine().encode()])
-    ).hexdigest()[:12]
-    out_dir = build_root() / "fnv1a"
-    lib = out_dir / f"fnv1a-{key}.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another node on this machine may be compiling it right now
-        if lib.is_file():
-            return lib
-        tmp = out_dir / f".fnv1a-{key}.{os.getpid()}.so"
-        try:
-            subprocess.run(
-                [cc, *CC_FLAGS, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True, timeout=120
-            )
-            os.replace(tmp, lib)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return lib
-
-
-def _load_native() -> _NativeFn | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    source = _c_source()
-    try:
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} is missing from this installation")
-        if cc is None:
-            raise FileNotFoundError("no C compiler (cc, gcc, clang or $CC) on PATH")
-        lib = ctypes.CDLL(str(_compile(source, cc)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or ""
-        log.warning(
-            "cannot build the native FNV-1a hasher (%s%s); pre-seeding the RPC cache falls back to pure Python "
-            "at about 10 MB/s. Install a C compiler (apt-get install build-essential, xcode-select --install).",
-            exc,
-            f": {detail.strip()}" if detail else "",
-        )
-        return None
-    fn = lib.fnv1a64
-    fn.restype = ctypes.c_uint64
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64]  # ctypes releases the GIL during the call
-    return fn
-
-
-def native_hasher() -> _NativeFn | None:
-    """The compiled hasher, building it on first use; None when it cannot be built (warned once)."""
-    with _native_lock:
-        if not _native:
-            _native.append(_load_native())
-        return _native[0]
-
-
-def hasher_kind() -> str:
-    return "native" if native_hasher() is not None else "python"
-
-
-def fnv1a64(data: bytes | bytearray | memoryview | mmap.mmap, seed: int = FNV_OFFSET) -> int:
-    """FNV-1a 64 of `data`, chained from `seed` (so chunks can be hashed one after another)."""
-    fn = native_hasher()
-    if fn is None:
-        with memoryview(data) as mv:
-            return _fnv_python(mv.cast("B"), seed)
-    view = np.frombuffer(data, dtype=np.uint8)
-    return int(fn(view.ctypes.data, view.size, seed)) if view.size else seed
 
 
 # --- which tensors ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One supervised ggml-rpc-server (a pipeline-split worker), its wire probe, and the version rule.
 
 `rpc_args` is pure. `probe` speaks just enough of the protocol to ask a server its version and capacity.
-`RpcServer.run` is the supervisor loop, in the style of `llama_server.LlamaServer.run`: it starts
+`RpcServer` is a `ManagedProcess` (inference/process.py), like `llama_server.LlamaServer`: `run` starts
 ggml-rpc-server through the pdeathsig shim on 127.0.0.1 at an ephemeral port with the tensor cache on
 (`-c`, `LLAMA_CACHE=<home>/rpc-cache`), declares it ready only when a HELLO on that port is answered by
 *our* process, restarts it with exponential backoff when it dies (trying the same port first, so the
@@ -34,24 +34,22 @@ import logging
 import os
 import socket
 import struct
-import subprocess
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import anyio
-from anyio.abc import Process, TaskStatus
+from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mesh_mcp.errors import BackendError, ProtocolError
 
 from .exits import ExitReport, describe_exit
-from .llama_server import StateFn, free_port, terminate
 from .llamacpp import LlamaCpp
-from .supervise import SERVING, supervise
+from .process import ManagedProcess, ReadyCheck, StateFn, free_port
+from .supervise import REAL_TIME, Clock, RestartPolicy
 
 log = logging.getLogger("mesh_llm.rpc_server")
 
@@ -260,11 +258,15 @@ class RpcSettings:
 
 
 @dataclass
-class RpcServer:
+class RpcServer(ManagedProcess):
     """Supervises one ggml-rpc-server for a node. `endpoint` ("127.0.0.1:port") is set while it is serving.
 
     Files live under the node's home: the cache in `<home>/rpc-cache` (what `LLAMA_CACHE` points at; the
     server reads and writes `<home>/rpc-cache/rpc/<16 hex>`) and the log in `<home>/logs/<name>.log`."""
+
+    noun: ClassVar[str] = "rpc-server"
+    verb: ClassVar[str] = "died"
+    logger: ClassVar[logging.Logger] = log
 
     llama: LlamaCpp
     home: Path
@@ -276,8 +278,8 @@ class RpcServer:
     pid: int | None = None
     info: RpcInfo | None = None  # from the readiness probe; None if a client held the server before it
     restarts: int = 0
-    ready_timed_out: bool = False  # the last start was stopped for not becoming ready in ready_timeout_s
-    _ready_at: float | None = None
+    timed_out: bool = False  # the last start was stopped for not becoming ready in ready_timeout_s
+    clock: Clock = REAL_TIME  # the restart backoff's
 
     @property
     def cache_dir(self) -> Path:
@@ -287,109 +289,68 @@ class RpcServer:
     def log_path(self) -> Path:
         return self.home / "logs" / f"{self.name}.log"
 
-    def command(self, port: int) -> list[str]:
+    @property
+    def binary(self) -> Path:
+        return self.llama.rpc_server
+
+    @property
+    def policy(self) -> RestartPolicy:
+        return self.settings
+
+    @property
+    def ready_timeout_s(self) -> float:
+        return self.settings.ready_timeout_s
+
+    def args(self, port: int) -> list[str]:
         s = self.settings
-        args = rpc_args(
+        return rpc_args(
             self.llama.rpc_server, port, threads=s.threads, cache=s.cache, devices=s.devices, extra_args=s.extra_args
         )
-        # The pdeathsig shim makes rpc-server die with us even if we are SIGKILLed.
-        return [sys.executable, "-m", "inference.pdeathsig", "--", *args]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "LLAMA_CACHE": str(self.cache_dir)}
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep rpc-server serving until cancelled. Signals `started` once it first serves (or has failed)."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
+        super()._prepare()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
-        async def attempt(ready: Callable[[], None]) -> ExitReport:
-            def serving() -> None:
-                self._ready_at = time.monotonic()
-                info = self.info
-                version = info.version if info else "?"
-                memory = f", {info.free / 2**30:.1f}/{info.total / 2**30:.1f} GiB free" if info else ""
-                self.on_state(SERVING, f"rpc-server pid {self.pid} at {self.endpoint} (protocol {version}{memory})")
-                ready()
+    def _serving_detail(self) -> str:
+        info = self.info
+        version = info.version if info else "?"
+        memory = f", {info.free / 2**30:.1f}/{info.total / 2**30:.1f} GiB free" if info else ""
+        return f"rpc-server pid {self.pid} at {self.endpoint} (protocol {version}{memory})"
 
-            try:
-                return await self._run_once(serving)
-            except OSError as exc:
-                return ExitReport(None, f"could not start {self.llama.rpc_server}: {exc}")
-            finally:
-                self.endpoint, self.pid = None, None
+    def _forget(self) -> None:
+        self.endpoint = None
 
-        await supervise(
-            noun="rpc-server",
-            label="rpc-server",
-            verb="died",
-            attempt=attempt,
-            policy=self.settings,
-            on_state=self.on_state,
-            on_restart=self._count_restart,
-            restarts=self.restarts,
-            log_path=self.log_path,
-            task_status=task_status,
-        )
-
-    def _count_restart(self) -> int:
-        self.restarts += 1
-        return self.restarts
-
-    async def _run_once(self, on_ready: Callable[[], None]) -> ExitReport:
+    async def _attempt(self, on_ready: Callable[[], None]) -> ExitReport:
         """Start rpc-server (new port on a lost bind race), wait for readiness, then for its exit."""
-        self._ready_at = None
-        self.ready_timed_out = False
+        self.timed_out = False
         for attempt in range(self.settings.max_bind_attempts):
             port = self.port if self.port is not None and attempt == 0 else free_port()
             self.port = port
-            code, bind_lost = await self._start_and_wait(port, on_ready)
-            if not bind_lost:
-                return describe_exit(code, "rpc-server")
+            try:
+                ended = await self._start_and_wait(port, on_ready)
+            finally:
+                self.endpoint, self.pid = None, None
+            if ended.ready or BIND_FAILED not in _read_from(self.log_path, ended.log_offset):
+                return describe_exit(ended.code, "rpc-server")
             log.info("rpc-server could not bind 127.0.0.1:%d (taken meanwhile); trying another port", port)
             self.port = None
         return ExitReport(None, f"rpc-server could not bind a port in {self.settings.max_bind_attempts} attempts")
 
-    async def _start_and_wait(self, port: int, on_ready: Callable[[], None]) -> tuple[int, bool]:
-        cmd = self.command(port)
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd[3:])}\n".encode())
-            logf.flush()
-            offset = logf.tell()
-            proc = await anyio.open_process(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=self.env(),
-            )
-        self.pid = proc.pid
-        log.info("started rpc-server pid %d on 127.0.0.1:%d", proc.pid, port)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_ready, proc, port, on_ready)
-                code = await proc.wait()
-                tg.cancel_scope.cancel()
-        finally:
-            self.endpoint = None
-            with anyio.CancelScope(shield=True):
-                await terminate(proc)
-            self.pid = None
-        bind_lost = self._ready_at is None and BIND_FAILED in _read_from(self.log_path, offset)
-        return code, bind_lost
+    @asynccontextmanager
+    async def _ready_probe(self, proc: Process, port: int) -> AsyncIterator[ReadyCheck]:
+        """A HELLO on our port is answered, and the listening socket is our process's."""
 
-    async def _watch_ready(self, proc: Process, port: int, on_ready: Callable[[], None]) -> None:
-        deadline = time.monotonic() + self.settings.ready_timeout_s
-        while time.monotonic() < deadline and proc.returncode is None:
+        async def ours() -> bool:
             info: RpcInfo | None = None
             try:
                 info = await probe("127.0.0.1", port, self.settings.probe_timeout_s)
             except RpcBusy:
                 pass  # a client (a restarted host reusing this port) got in first: fine if the socket is ours
             except (RpcError, ProtocolError):
-                await anyio.sleep(0.1)  # not listening yet, or someone else's socket (then our bind fails)
-                continue
+                return False  # not listening yet, or someone else's socket (then our bind fails)
             # An answer on our port proves nothing until the listening socket is our process's.
             owns = listening_pid_owns(proc.pid, port)
             if owns is None:
@@ -397,10 +358,6 @@ class RpcServer:
                 owns = proc.returncode is None
             if owns:
                 self.info, self.endpoint = info, f"127.0.0.1:{port}"
-                on_ready()
-                return
-            await anyio.sleep(0.1)
-        if proc.returncode is None:
-            log.error("rpc-server not ready after %.0fs; stopping it", self.settings.ready_timeout_s)
-            self.ready_timed_out = True
-            proc.terminate()
+            return owns
+
+        yield ours

@@ -144,7 +144,7 @@ async def _ask_once(server: LlamaServer, timeout_s: float) -> _Run:
         url = server.base_url
         if url is None:
             run.problem = "exited while loading" if run.ended is not None else "did not become ready"
-            if run.ended is None or server.load_timed_out:
+            if run.ended is None or server.timed_out:
                 run.problem, run.hung = f"did not become ready within {timeout_s:.0f}s", True
         else:
             try:
@@ -253,7 +253,7 @@ async def _rpc_mode(llama: LlamaCpp, model: Path, workdir: Path, timeout_s: floa
         if endpoint is None:
             tg.cancel_scope.cancel()
             detail = states[-1][1] if states else "did not start"
-            return _with_tail(f"rpc-server did not start: {detail}", rpc.log_path), rpc.ready_timed_out
+            return _with_tail(f"rpc-server did not start: {detail}", rpc.log_path), rpc.timed_out
         host_log = workdir / "llama-server-rpc.log"
         host_log.unlink(missing_ok=True)
         settings = ServerSettings(

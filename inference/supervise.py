@@ -6,6 +6,9 @@ A unit says how to run its process once (`attempt`, which calls `ready()` once s
 an `ExitReport` of how the process ended) and what it is called; the policy is its settings' four
 numbers. A process that faults (SIGSEGV, SIGILL …) is reported with the signal, the last lines of its
 log and what to try, in the log and in the state detail the API shows.
+
+The loop's own timing (backoff sleeps, the healthy-reset interval) reads an injected `Clock`, so it can be tested
+on a fake one; `mesh_mcp.clock.Clock` is one (inference does not import the node's packages).
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ from .exits import ExitReport
 log = logging.getLogger("mesh_llm.supervise")
 
 LOADING, SERVING, FAILED = "loading", "serving", "failed"
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class RealTime:
+    """The real clock."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+
+REAL_TIME: Clock = RealTime()
 
 
 class RestartPolicy(Protocol):
@@ -59,8 +81,8 @@ def tail(path: Path, lines: int = 8) -> str:
     return printable("\n".join(line[:MAX_TAIL_LINE] for line in text.splitlines()[-lines:]))
 
 
-def _ready(ready_at: list[float], task_status: TaskStatus[None], already: bool) -> None:
-    ready_at.append(time.monotonic())
+def _ready(clock: Clock, ready_at: list[float], task_status: TaskStatus[None], already: bool) -> None:
+    ready_at.append(clock.monotonic())
     if not already:
         task_status.started()
 
@@ -77,6 +99,7 @@ async def supervise(
     restarts: int = 0,  # restarts before this call
     log_path: Path,
     task_status: TaskStatus[None],
+    clock: Clock = REAL_TIME,
 ) -> None:
     failures = 0
     backoff = policy.backoff_initial_s
@@ -84,12 +107,12 @@ async def supervise(
     while True:
         on_state(LOADING, f"starting {noun}" if not restarts else f"restarting {noun}")
         ready_at: list[float] = []
-        report = await attempt(functools.partial(_ready, ready_at, task_status, started))
+        report = await attempt(functools.partial(_ready, clock, ready_at, task_status, started))
         detail = report.text
         if ready_at:
             started = True
             failures = 0
-            if time.monotonic() - ready_at[0] > policy.healthy_reset_s:
+            if clock.monotonic() - ready_at[0] > policy.healthy_reset_s:
                 backoff = policy.backoff_initial_s
         else:
             failures += 1
@@ -108,7 +131,7 @@ async def supervise(
             "%s %s (%s); restarting in %.1fs. Log %s:\n%s%s", label, verb, detail, backoff, log_path, last, hint
         )
         on_state(LOADING, f"{noun} {verb} ({detail}); restarting in {backoff:.1f}s")
-        await anyio.sleep(backoff)
+        await clock.sleep(backoff)
         backoff = min(backoff * 2, policy.backoff_max_s)
 
 

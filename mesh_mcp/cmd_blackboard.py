@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     if args.mcp:
         import anyio
 
-        from mesh_mcp.mcp.local import run_stdio
+        from mesh_mcp.mcp.stdio import run_stdio
 
         anyio.run(run_stdio, home, list(args.join), args.name)
         return 0

@@ -53,6 +53,14 @@ class BackendLoading(BackendError):
     """The backend is up but still loading its model (the API answers 503 + Retry-After)."""
 
 
+class UpstreamUnavailable(BackendError):
+    """The upstream could not be reached, or failed before sending a response head."""
+
+
+class UpstreamBroken(BackendError):
+    """The upstream failed after the response started (truncated body)."""
+
+
 class PeerUnreachable(MeshLLMError, OSError):
     """A node of the mesh could not be reached: not known, no address answered in time, refused, or its connection
     failed while opening a stream (`Mesh.reach` / `Mesh.dial`). Also an `OSError`, as network failures are."""

@@ -1,67 +1,55 @@
-"""A running mesh-llm node: one task group that owns the API server (:9337, with MCP at /mcp), the
-console (:3131), the mesh, the blackboard, the llama.cpp build, model downloads and one supervised
-llama-server per model.
+"""A running mesh-llm node: its start-up order. One task group owns the mesh, the workers' links (rpc-servers
+and expert shards lent to other nodes), the blackboard, the API server (:9337, with MCP at /mcp), the console
+(:3131), the llama.cpp build and the serving plane (`serving/supervisor.py`: one model each, decide then do).
 
-Start-up order is explicit (`tg.start`): the API and console listen first, so a person sees
-downloads and loads as they happen; models become `serving` one by one. Cancelling the group
-(Ctrl-C, SIGTERM) stops the HTTP servers gracefully and terminates and reaps every llama-server.
+Start-up order is explicit (`tg.start`): the mesh and links first, then the API and console listen, so a person
+sees downloads and loads as they happen; models become `serving` one by one. Cancelling the group (Ctrl-C,
+SIGTERM) stops the HTTP servers gracefully and terminates and reaps every llama-server and rpc-server.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blackboard.board import Board
 from blackboard.scrub import default_scrubber
 from blackboard.store import Store
 from inference import hardware, models
 from inference.cpu import read_cpu
-from inference.diskspace import is_disk_full
-from inference.gguf_facts import memory_need, read_facts
-from inference.llama_server import LlamaServer, ServerSettings
-from inference.llamacpp import LlamaCpp
+from inference.llama_server import ServerSettings
 from inference.provision import ensure_llama_cpp
 from mesh_mcp.api.app import build_api
 from mesh_mcp.api.console import build_console
-from mesh_mcp.api.errors import error_response
-from mesh_mcp.api.guard import API, CONSOLE, HttpGuard, Policy
+from mesh_mcp.api.guard import API, CONSOLE, Policy
+from mesh_mcp.api.mesh_directory import MeshDirectory
+from mesh_mcp.api.middleware import HttpGuard
 from mesh_mcp.api.serve import serve_http
 from mesh_mcp.errors import ConfigError, MeshLLMError
-from mesh_mcp.mcp.local import MCP_PATHS, RuntimeInfo, remove_runtime, write_runtime
+from mesh_mcp.mcp.local import RuntimeInfo, remove_runtime, write_runtime
+from mesh_mcp.mcp.mount import McpMount
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.serving.rpc_worker import RpcLink
 from mesh_mcp.serving.shard_node import ShardLink
-from mesh_mcp.serving.split import ModelRun, SplitModel, safe_name
+from mesh_mcp.serving.supervisor import Serving, ServingSetup
 
 from . import __version__
 from .mesh import meshfile
 from .mesh.board_link import BoardLink
 from .mesh.gossip import GossipConfig
-from .mesh.meshfile import MeshConfig
 from .mesh.runtime import Mesh, MeshSettings
-from .mesh.tokens import InviteToken
 from .mesh.tokens import decode as decode_token
 from .state import NodeState
 from .ui import Bars
 
-if TYPE_CHECKING:
-    from mesh_mcp.mcp.server import HttpTools
-
 log = logging.getLogger("mesh_llm.node")
 
 BLACKBOARD_DB = "blackboard.db"
-
-# Architectures that are embedding models: their llama-server runs with --embeddings.
-EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert"})
 
 
 @dataclass(frozen=True)
@@ -121,17 +109,13 @@ class Node:
             hardware=self.hardware.as_dict(),
             llama_cpp={"version": "", "backend": "", "state": "pending"},  # filled in by _build_llama
         )
-        self._llama: LlamaCpp | None = None
-        self._llama_ready = anyio.Event()
-        self.servers: dict[str, LlamaServer] = {}
-        self._model_scopes: dict[str, anyio.CancelScope] = {}
-        self.state.models_on_disk = _models_on_disk(config.models_dir)
+        self.state.models_on_disk = models.on_disk(config.models_dir)
         self.mesh: Mesh | None = None
         if config.in_mesh:
             tokens = tuple(decode_token(t) for t in config.joins)  # a bad token fails here, clearly
             self.mesh = Mesh(
                 self.identity,
-                _mesh_config(config.home, tokens, self.identity.public_bytes),
+                meshfile.for_node(config.home, tokens, self.identity.public_bytes),
                 config.home,
                 self.state,
                 MeshSettings(
@@ -164,6 +148,20 @@ class Node:
             self.rpc_link.on_fetch_progress = lambda done, total: self.bars.download("layers from a peer", done, total)
             self.shard_link = ShardLink(self.mesh, self.state, config.models_dir, config.home)
             self.shard_link.threads = self.rpc_link.threads
+        self.serving = Serving(
+            ServingSetup(
+                state=self.state,
+                hardware=self.hardware,
+                home=config.home,
+                models_dir=config.models_dir,
+                server=config.server,
+                mesh=self.mesh,
+                client=config.client,
+                split=config.split,
+                threads=config.threads,
+                on_download=self.bars.download,
+            )
+        )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -181,14 +179,15 @@ class Node:
                 await tg.start(self.mesh.run)
             if self.rpc_link is not None:
                 await tg.start(self.rpc_link.run)
+                self.serving.setup.dataplane_port = self.rpc_link.port  # split workers fetch tensors there
             if self.board is not None and self.board_link is not None:
                 tg.start_soon(self._run_board, self.board)
                 tg.start_soon(self.board_link.run)
-            api = build_api(self.state, self.mesh)
+            api = build_api(self.state, None if self.mesh is None else MeshDirectory(self.mesh))
             if self.mesh is not None:
                 self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only
             listen_all = cfg.host in ("0.0.0.0", "::")
-            mount = _McpMount(api, self.state, allow_remote=listen_all)
+            mount = McpMount(api, self.state, allow_remote=listen_all)
             tg.start_soon(mount.run)
             # The guard is outside the MCP mount, so /mcp is checked like /v1 (Host, Origin, key, body size).
             policy = Policy(listen_all, cfg.api_keys, cfg.no_auth, frozenset(cfg.cors_origins))
@@ -217,21 +216,13 @@ class Node:
                 tg.start_soon(self._print_token, self.mesh)
             task_status.started()
             if cfg.client:
-                await anyio.sleep_forever()
-            if not cfg.models and self.rpc_link is not None:
-                log.info("no model given: offering this node's capacity to the mesh (pipeline splits)")
-                await self._build_llama()
-                await anyio.sleep_forever()
-            if not cfg.models:
-                log.info(
-                    "no model given: serving the console only. Next: `mesh-llm --model SmolLM2-135M-Instruct` "
-                    "to serve the embedded default, or `mesh-llm download` to list the catalog."
-                )
-                await anyio.sleep_forever()
+                await anyio.sleep_forever()  # a client serves nothing and builds no llama.cpp
             for spec in cfg.models:
-                tg.start_soon(self._model_task, spec)
-            await self._build_llama()
-            await anyio.sleep_forever()
+                tg.start_soon(self.serving.serve, spec)
+            if not cfg.models:
+                tg.start_soon(self.serving.standby)
+            if cfg.models or self.rpc_link is not None:
+                await self._build_llama()
 
     async def _build_llama(self) -> None:
         pending = {"version": "", "backend": "", "variant": "", "flags": [], "selftest": "", "fallback": ""}
@@ -244,7 +235,6 @@ class Node:
             for name in self.state.served_names():
                 self.state.update_model(name, state="failed", detail=f"llama.cpp is unavailable: {exc}")
             raise
-        self._llama = llama
         if self.rpc_link is not None:
             self.rpc_link.llama = llama  # this node can lend rpc-servers from now on
         if self.shard_link is not None:
@@ -254,21 +244,7 @@ class Node:
         self.state.set_info(llama_cpp={**llama.public(), "cpu": self.cpu.public(), "state": state})
         what = f"{llama.version} ({llama.backend}, {llama.variant} build)" if llama.variant else "external binaries"
         log.info("llama.cpp: %s in %s; self-test: %s", what, llama.bin_dir, llama.selftest)
-        self._llama_ready.set()
-
-    async def _model_task(self, spec: str) -> None:
-        with anyio.CancelScope() as scope:
-            try:
-                await self._serve_model(spec, scope)
-            except OSError as exc:
-                # A full disk met by a writer that did not say so itself (an rpc cache, a shard): this model
-                # fails, visibly; the node and its other models go on. Other OSErrors are bugs: they propagate.
-                if not is_disk_full(exc):
-                    raise
-                name = next((n for n, s in self._model_scopes.items() if s is scope), spec)
-                detail = f"the disk is full: {exc.strerror} ({exc.filename or 'a file'}); free some space and restart"
-                log.error("model %s: %s", name, detail)
-                self.state.update_model(name, state="failed", detail=detail, progress=None, upstream=None)
+        self.serving.llama_ready(llama)
 
     async def _run_board(self, board: Board) -> None:
         self.state.set_info(blackboard={"state": "loading"})
@@ -279,14 +255,7 @@ class Node:
 
     def drop(self, requested: str) -> str:
         """Stop serving a model (its llama-server is terminated); returns its name."""
-        status = self.state.find_model(requested)
-        if status is None:
-            raise ConfigError(f"this node does not serve {requested!r}; it serves {self.state.served_names()}")
-        if (scope := self._model_scopes.pop(status.name, None)) is not None:
-            scope.cancel()
-        self.state.update_model(status.name, state="stopped", detail="dropped", upstream=None, pid=None)
-        log.info("dropped %s", status.name)
-        return status.name
+        return self.serving.drop(requested)
 
     async def _print_token(self, mesh: Mesh) -> None:
         """The invite token alone on its own line of stdout (easy to copy, easy to script), once this node is a
@@ -335,202 +304,12 @@ class Node:
             for r in self.mesh.members()
         ]
 
-    async def _serve_model(self, spec: str, scope: anyio.CancelScope) -> None:
-        name = spec
-        try:
-            name = models.request_name(models.parse_spec(spec))
-            self._model_scopes[name] = scope
-            self.state.update_model(name, state="downloading", detail=f"resolving {spec}")
-
-            def progress(label: str, done: int, total: int | None) -> None:
-                self.bars.download(label, done, total)
-                frac = done / total if total else None
-                self.state.update_model(name, state="downloading", progress=frac, detail=f"downloading {label}")
-
-            local = await models.ensure_model(spec, models_dir=self.config.models_dir, on_progress=progress)
-            self.state.models_on_disk = _models_on_disk(self.config.models_dir)
-            facts = await anyio.to_thread.run_sync(read_facts, local.path)
-        except MeshLLMError as exc:  # DiskFull included: "needs 98 MB in /models but only 38 MB is free: ..."
-            log.error("model %s: %s", spec, exc)
-            self.state.update_model(name, state="failed", detail=str(exc), progress=None)
-            return
-        except OSError as exc:  # the models directory itself (creating it, a lock file): fail this model only
-            full = " (the disk is full: free some space or pass --models-dir on a larger disk)"
-            full = full if is_disk_full(exc) else ""
-            detail = f"cannot use the models directory {self.config.models_dir}: {exc.strerror or exc}{full}"
-            log.error("model %s: %s", spec, detail)
-            self.state.update_model(name, state="failed", detail=detail, progress=None)
-            return
-        embeddings = facts.architecture in EMBEDDING_ARCHS
-        # The KV cache is unified: one request may fill all of it (--ctx-size × --parallel), up to the model's
-        # training context, where llama-server caps a slot silently.
-        asked = self.config.server.ctx_per_slot
-        context = asked * self.config.server.slots
-        if facts.context_length and context > facts.context_length:
-            if asked > facts.context_length:
-                log.warning(
-                    "%s was trained with a %d-token context: llama-server caps each request at %d tokens, not the %d "
-                    "asked with --ctx-size",
-                    name,
-                    facts.context_length,
-                    facts.context_length,
-                    asked,
-                )
-            context = facts.context_length
-        self.state.update_model(
-            name,
-            state="loading",
-            progress=None,
-            context=context,
-            path=str(local.path),
-            size_bytes=facts.file_size,
-            architecture=facts.architecture,
-            layers=facts.block_count,
-            embeddings=embeddings,
-            tools=None if embeddings else facts.template_calls_tools,  # until llama-server's /props says
-            detail="waiting for llama.cpp" if not self._llama_ready.is_set() else "starting llama-server",
-        )
-        need = memory_need(facts, self.config.server.ctx_per_slot, self.config.server.slots).total
-        capacity = self.hardware.capacity_bytes
-        split = self.mesh is not None and (self.config.split is not None or need > capacity)
-        log.info(
-            "placement for %s: %s", name, _placement(need, capacity, self.hardware, self.config.split, facts.is_moe)
-        )
-        await self._llama_ready.wait()
-        assert self._llama is not None
-        if split:
-            assert self.mesh is not None
-            run = ModelRun(
-                mesh=self.mesh,
-                llama=self._llama,
-                home=self.config.home,
-                model_path=local.path,
-                alias=name,
-                facts=facts,
-                settings=replace(self.config.server, embeddings=embeddings),
-                capacity_bytes=capacity,
-                threads=self.config.threads or self.hardware.cpu_cores,
-                on_state=lambda **changes: self.state.update_model(name, **changes),
-            )
-        if split and facts.is_moe:
-            from mesh_mcp.serving.moe import ShardedModel, ShardingRefused
-
-            try:
-                await ShardedModel.of(run, force=self.config.split).run()
-                return
-            except ShardingRefused as exc:
-                log.warning("%s: not served as expert shards (%s); falling back to a pipeline split", name, exc)
-                self.state.update_model(
-                    name, state="loading", detail=f"expert shards refused: {exc}; pipeline split", upstream=None
-                )
-        if split:
-            dataplane = self.rpc_link.port if self.rpc_link is not None else 0
-            await SplitModel.of(run, force_split=self.config.split, dataplane_port=dataplane).run()
-            return
-        gpu_layers = 999 if self.hardware.gpus and self._llama.backend != "cpu" else 0
-        settings = replace(self.config.server, gpu_layers=gpu_layers, embeddings=embeddings)
-        server = LlamaServer(
-            llama=self._llama,
-            model_path=local.path,
-            alias=name,
-            log_path=self.config.home / "logs" / f"llama-server-{safe_name(name)}.log",
-            settings=settings,
-        )
-
-        def on_state(state: str, detail: str) -> None:
-            tools = {} if server.tool_calls is None or embeddings else {"tools": server.tool_calls}
-            self.state.update_model(
-                name,
-                state=state,
-                detail=detail,
-                upstream=server.base_url,
-                pid=server.pid,
-                restarts=server.restarts,
-                **tools,
-            )
-
-        server.on_state = on_state
-        self.servers[name] = server
-        await server.run()
-
 
 async def _remove_runtime_on_exit(home: Path) -> None:
     try:
         await anyio.sleep_forever()
     finally:
         remove_runtime(home)
-
-
-class _OwnTools:
-    """The tools of this node's own `/mcp`: the same calls an attached `blackboard --mcp` makes, to
-    this node's ports (known once they listen), so both ways to reach MCP behave alike."""
-
-    def __init__(self, state: NodeState) -> None:
-        self._state = state
-
-    def _http(self) -> HttpTools:
-        from mesh_mcp.mcp.server import HttpTools
-
-        return HttpTools(self._state.console_url, self._state.api_url)
-
-    async def post(self, text: str, reply_to: str | None, author: str | None) -> dict[str, Any]:
-        return await self._http().post(text, reply_to, author)
-
-    async def search(
-        self, query: str, author: str | None, kind: str | None, since_hours: float | None, limit: int
-    ) -> list[dict[str, Any]]:
-        return await self._http().search(query, author, kind, since_hours, limit)
-
-    async def feed(
-        self, author: str | None, kind: str | None, since_hours: float | None, limit: int
-    ) -> list[dict[str, Any]]:
-        return await self._http().feed(author, kind, since_hours, limit)
-
-    async def models(self) -> list[dict[str, Any]]:
-        return await self._http().models()
-
-    async def status(self) -> dict[str, Any]:
-        return await self._http().status()
-
-    async def ask(self, question: str, model: str | None, max_tokens: int) -> dict[str, Any]:
-        return await self._http().ask(question, model, max_tokens)
-
-
-class _McpMount:
-    """The API port's app: MCP (streamable HTTP) at /mcp, the OpenAI/Anthropic API elsewhere. It sits
-    behind `httpguard.HttpGuard`, so the MCP app's own Host/Origin checks are off (`guarded=True`).
-
-    The MCP SDK takes ~0.8 s of CPU to import, so it is loaded in a worker thread once the node runs
-    (joining the mesh and serving models do not wait for it); an early /mcp request waits for it."""
-
-    LOAD_WAIT_S = 30.0
-
-    def __init__(self, api: ASGIApp, state: NodeState, *, allow_remote: bool) -> None:
-        self.api, self.state, self.allow_remote = api, state, allow_remote
-        self.mcp: ASGIApp | None = None
-        self._loaded = anyio.Event()
-
-    async def run(self) -> None:
-        module = await anyio.to_thread.run_sync(importlib.import_module, "mesh_mcp.mcp.server")
-        async with module.McpHttp(_OwnTools(self.state), allow_remote=self.allow_remote, guarded=True) as mcp:
-            self.mcp = mcp
-            self._loaded.set()
-            try:
-                await anyio.sleep_forever()
-            finally:
-                self.mcp = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") not in MCP_PATHS:
-            await self.api(scope, receive, send)
-            return
-        with anyio.move_on_after(self.LOAD_WAIT_S):
-            await self._loaded.wait()
-        if self.mcp is not None:
-            await self.mcp(scope, receive, send)
-        else:
-            starting = error_response("plain", 503, "MCP is starting; retry", headers={"Retry-After": "1"})
-            await starting(scope, receive, send)
 
 
 def _log_exposure(policy: Policy, api_port: int, console_port: int) -> None:
@@ -556,17 +335,6 @@ def _log_exposure(policy: Policy, api_port: int, console_port: int) -> None:
         )
 
 
-def _placement(need: int, cap: int, hw: hardware.Hardware, split: int | None, moe: bool = False) -> str:
-    where = f"{len(hw.gpus)} GPU(s)" if hw.gpus else "CPU"
-    sizes = f"needs {need / 2**30:.2f} GiB (weights + KV + compute), this node offers {cap / 2**30:.1f} GiB ({where})"
-    how = "expert shards (a mixture-of-experts model; a pipeline split if they fail the quality gate)"
-    if split is not None:
-        return f"split over {split} nodes (--split) as {how if moe else 'a pipeline'}; it {sizes}"
-    if need <= cap:
-        return f"solo on this node: it {sizes}"
-    return f"too big for this node: it {sizes}; planning {how if moe else 'a pipeline split'} over the mesh"
-
-
 def _describe_hw(hw: hardware.Hardware) -> str:
     gpus = ", ".join(f"{g.name} {g.memory_bytes / 2**30:.0f} GiB" for g in hw.gpus) or "no GPU"
     return f"{hw.cpu_cores} cores, {hw.ram_bytes / 2**30:.0f} GiB RAM, {gpus}"
@@ -574,29 +342,3 @@ def _describe_hw(hw: hardware.Hardware) -> str:
 
 def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _mesh_config(home: Path, tokens: tuple[InviteToken, ...], owner: bytes) -> MeshConfig:
-    """The mesh this node belongs to: the one a token names, else the one it created before, else a new one
-    owned by `owner` (this node's public key). A token's mesh is not saved here: the mesh saves it once the
-    join succeeded, so a refused join leaves mesh.toml as it was."""
-    existing = meshfile.load(home)
-    if tokens:
-        joined = meshfile.from_token(tokens[0])
-        if existing is not None and existing.mesh_id == joined.mesh_id and existing.epoch >= joined.epoch:
-            return existing
-        return joined
-    if existing is None:
-        existing = meshfile.create(owner=owner)
-        meshfile.save(home, existing)
-        log.info("created mesh %s", existing.mesh_id_hex[:8])
-    return existing
-
-
-def _models_on_disk(models_dir: Path) -> tuple[str, ...]:
-    """Complete GGUF files in the models directory (gossiped, so placement can prefer nodes that have them)."""
-    try:
-        names = (p.name.removesuffix(".gguf") for p in models_dir.glob("*.gguf") if p.is_file())
-        return tuple(sorted(n for n in names if len(n) <= 128))[:256]  # the record's limits
-    except OSError:
-        return ()

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
 
-from mesh_mcp.api.app import anthropic_error_body, build_api
-from mesh_mcp.api.directory import RemoteModel
-from mesh_mcp.api.upstream import Response, UpstreamUnavailable
+from mesh_mcp.api.app import build_api
+from mesh_mcp.api.rewrite import anthropic_error_body
 from mesh_mcp.state import NodeState
+from mesh_mcp.testing import FactsDirectory, TwinDirectory
 
 
 def make_node(**models: str) -> NodeState:
@@ -121,23 +120,6 @@ def test_models_endpoint_shows_states() -> None:
     assert get(make_node(a="serving"), "/v1/models/b").status_code == 404
 
 
-class FactsDirectory:
-    """Remote servers that report what they know of their models (gossiped tools flag and size)."""
-
-    def remote_models(self) -> list[RemoteModel]:
-        return [
-            RemoteModel("coder", "n2", "serving", 0, tools=True, size_bytes=1_117_320_768, ctx=32768),
-            RemoteModel("coder", "n3", "loading", 0, ctx=8192),  # the least context any server gives counts
-            RemoteModel("coder", "n4", "loading", 0),  # an older node: knows neither
-            RemoteModel("old", "n3", "serving", 0),
-        ]
-
-    async def open(
-        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Response:
-        raise UpstreamUnavailable("not used")
-
-
 def test_models_show_tool_capability_and_size_once_known() -> None:
     node = make_node(chat="serving", emb="loading")
     node.update_model("chat", tools=False, size_bytes=98_362_432)
@@ -161,30 +143,6 @@ def test_backend_gone_between_check_and_request_is_503() -> None:
     node.update_model("m", upstream="http://127.0.0.1:9")  # nothing listens on the discard port
     r = post(node, CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
-
-
-class TwinDirectory:
-    """An in-memory mesh: remote servers whose `open` fails or answers as told."""
-
-    def __init__(self, answers: dict[str, bytes | None]) -> None:
-        self.answers = answers
-        self.tried: list[str] = []
-
-    def remote_models(self) -> list[RemoteModel]:
-        return [RemoteModel("remote-model", nid, "serving", i) for i, nid in enumerate(self.answers)]
-
-    async def open(
-        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Response:
-        self.tried.append(node_id)
-        answer = self.answers[node_id]
-        if answer is None:
-            raise UpstreamUnavailable(f"{node_id} is down")
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield answer
-
-        return Response(200, [(b"content-type", b"application/json")], chunks())
 
 
 def post_via(node: NodeState, directory: TwinDirectory, body: dict[str, Any]) -> httpx2.Response:

@@ -23,8 +23,10 @@ import httpx2
 import pytest
 
 from inference.llamacpp import LlamaCpp
-from mesh_mcp.dataplane import relay as dataplane
-from mesh_mcp.dataplane.relay import DataPlaneServer, Relay, Stream, connect, open_relay
+from mesh_mcp.dataplane import limits as dataplane
+from mesh_mcp.dataplane.listener import DataPlaneServer
+from mesh_mcp.dataplane.relay import Relay, open_relay
+from mesh_mcp.dataplane.services import Stream, connect
 from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh.identity import Identity
 from mesh_mcp.mesh.quic import Credentials

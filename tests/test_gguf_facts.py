@@ -11,16 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.gguf_facts import (
-    GGML_BLOCKS,
-    GGUFFacts,
-    MiB,
-    kv_cache_bytes,
-    memory_need,
-    model_need_bytes,
-    read_facts,
-)
+from inference.gguf_facts import GGML_BLOCKS, GGUFFacts, read_facts
 from inference.llamacpp import LlamaCpp
+from inference.memory_model import MiB, kv_cache_bytes, memory_need, model_need_bytes
 from mesh_mcp.errors import CorruptModel
 from tests.ggufgen import write_dense, write_moe
 

@@ -2,8 +2,8 @@
 
 `inference/` knows llama.cpp and models, no peers; `blackboard/` knows posts, no transport; `mesh_mcp/mesh/`
 (membership and transport) never imports the serving modes, the data plane or the MCP server; the data plane
-never imports serving, the API or MCP. The few imports of `api/` from `mesh/` that remain are listed and may only
-shrink.
+never imports serving, the API or MCP; nor does `mesh/` import the API (the API's directory over the mesh lives in
+`api/mesh_directory.py`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("mesh_mcp", "inference", "blackboard")
-# mesh/ → api/ imports still to be removed (issue 13: the directory seam and the upstream Response move out of api/)
-KNOWN = {
-    ("mesh_mcp.mesh.runtime", "mesh_mcp.api.directory"),
-    ("mesh_mcp.mesh.runtime", "mesh_mcp.api.upstream"),
-    ("mesh_mcp.mesh.tunnel", "mesh_mcp.api.upstream"),
-}
 
 
 def _module(path: Path) -> str:
@@ -55,7 +49,7 @@ def _crossing(importer: str, forbidden: tuple[str, ...]) -> set[tuple[str, str]]
 
 def test_the_graph_is_read() -> None:  # the checks below are only as good as this
     found = imports()
-    assert ("mesh_mcp.node", "mesh_mcp.serving.split") in found
+    assert ("mesh_mcp.node", "mesh_mcp.serving.supervisor") in found
     assert ("mesh_mcp.mesh.runtime", "mesh_mcp.mesh.gossip") in found
 
 
@@ -69,10 +63,20 @@ def test_the_error_tree_imports_nothing_of_ours() -> None:
     assert not _crossing("mesh_mcp.errors", OURS)
 
 
-def test_membership_and_transport_import_no_serving_dataplane_or_mcp() -> None:
-    assert not _crossing("mesh_mcp.mesh.", ("mesh_mcp.serving", "mesh_mcp.dataplane", "mesh_mcp.mcp"))
-    assert _crossing("mesh_mcp.mesh.", ("mesh_mcp.api",)) <= KNOWN
+def test_membership_and_transport_import_no_serving_dataplane_api_or_mcp() -> None:
+    assert not _crossing("mesh_mcp.mesh.", ("mesh_mcp.serving", "mesh_mcp.dataplane", "mesh_mcp.mcp", "mesh_mcp.api"))
 
 
 def test_the_data_plane_imports_no_serving_api_or_mcp() -> None:
     assert not _crossing("mesh_mcp.dataplane.", ("mesh_mcp.serving", "mesh_mcp.api", "mesh_mcp.mcp"))
+
+
+RUNNERS = ("mesh_mcp.serving.solo", "mesh_mcp.serving.split", "mesh_mcp.serving.moe")
+
+
+def test_one_home_per_serving_mode() -> None:
+    """Decide, then do: the planner (serving/plan.py) imports no runner, and only serving/runners.py picks one — a
+    new serving mode touches the planner and one runner, nothing else."""
+    assert not _crossing("mesh_mcp.serving.plan", ("mesh_mcp.serving.", "mesh_mcp.mesh", "mesh_mcp.api"))
+    importers = {a for a, b in imports() if b.startswith(RUNNERS) and not a.startswith(RUNNERS)}
+    assert importers == {"mesh_mcp.serving.runners"}, importers

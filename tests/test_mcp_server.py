@@ -37,8 +37,19 @@ from blackboard.post import parse_kind
 from mesh_mcp.api.serve import serve_http
 from mesh_mcp.errors import BackendLoading, BlackboardError, MeshLLMError, ModelNotFound, RateLimited
 from mesh_mcp.mcp import local
-from mesh_mcp.mcp.local import RuntimeInfo, attach_or_start, find_running, read_runtime, remove_runtime, write_runtime
-from mesh_mcp.mcp.server import MCP_PATHS, HttpTools, McpHttp, MeshTools, build_server
+from mesh_mcp.mcp.client import HttpTools
+from mesh_mcp.mcp.http_app import McpHttp
+from mesh_mcp.mcp.local import (
+    MCP_PATHS,
+    RuntimeInfo,
+    attach_or_start,
+    find_running,
+    read_runtime,
+    remove_runtime,
+    write_runtime,
+)
+from mesh_mcp.mcp.server import build_server
+from mesh_mcp.mcp.tools import MeshTools
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {"blackboard_post", "blackboard_search", "blackboard_feed", "mesh_models", "mesh_status", "mesh_ask"}
@@ -755,7 +766,7 @@ def test_a_node_that_fails_to_start_is_reported_with_its_log(tmp_path: Path, fak
 def stdio_server_params(home: Path, *args: str) -> StdioServerParameters:
     """How an MCP host launches the stdio server for `home` (here: `run_stdio` directly; the end-to-end
     test can pass `mesh_mcp.cli blackboard --mcp` instead)."""
-    code = "import sys, anyio; from pathlib import Path; from mesh_mcp.mcp.local import run_stdio; "
+    code = "import sys, anyio; from pathlib import Path; from mesh_mcp.mcp.stdio import run_stdio; "
     code += "anyio.run(run_stdio, Path(sys.argv[1]), sys.argv[2:])"
     return StdioServerParameters(
         command=sys.executable, args=["-c", code, str(home), *args], env={"MESH_LLM_HOME": str(home)}, cwd=REPO

@@ -26,16 +26,8 @@ import pytest
 from inference.gguf_facts import read_facts
 from inference.llamacpp import LlamaCpp
 from inference.moe_assign import assign
-from inference.moe_shard import (
-    SHARD_KEY,
-    ShardError,
-    ensure_shard,
-    model_hash,
-    moe_layout,
-    normalize_experts,
-    verify_shard,
-    write_shard,
-)
+from inference.moe_layout import ShardError, moe_layout, normalize_experts
+from inference.moe_shard import SHARD_KEY, ensure_shard, model_hash, verify_shard, write_shard
 from mesh_mcp.errors import CorruptModel
 from tests.ggufgen import SkewedMoe, write_dense, write_moe, write_skewed_moe
 from tests.harness import free_port

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from inference.gguf_facts import read_facts
 from inference.llamacpp import LlamaCpp
 from inference.moe_assign import assign
-from inference.moe_shard import ensure_shard, model_hash, moe_layout
+from inference.moe_layout import moe_layout
+from inference.moe_shard import ensure_shard, model_hash
 from inference.moe_stats import (
     ExpertStats,
     calibration_text,

@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inference import hardware as hw
-from inference.gguf_facts import MiB, memory_need, model_need_bytes, read_facts
+from inference.gguf_facts import read_facts
 from inference.llamacpp import LlamaCpp
+from inference.memory_model import MiB, memory_need, model_need_bytes
 from inference.placement import (
     MAX_STAGES,
     NodeCap,

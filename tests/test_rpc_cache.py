@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 
 from bench.p4_load import LoadResult, load_through_relay, write_test_model
-from inference import rpc_cache
+from inference import fnv1a, rpc_cache
+from inference.fnv1a import FNV_OFFSET, fnv1a64, hasher_kind
 from inference.llamacpp import LlamaCpp
 from inference.llamacpp_build import build_root
 from inference.rpc_cache import (
-    FNV_OFFSET,
     HASH_THRESHOLD,
     cache_file_name,
-    fnv1a64,
     hashed_tensors,
-    hasher_kind,
     read_directory,
     read_tensor_infos,
     seed,
@@ -49,11 +47,11 @@ def test_fnv1a64_vectors_native_and_python() -> None:
     assert any(build_root().joinpath("fnv1a").glob("fnv1a-*.so"))
     for data, expected in VECTORS:
         assert fnv1a64(data) == expected
-        assert rpc_cache._fnv_python(memoryview(data), FNV_OFFSET) == expected
+        assert fnv1a._fnv_python(memoryview(data), FNV_OFFSET) == expected
     blob = np.random.default_rng(1).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
     whole = fnv1a64(blob)
     assert fnv1a64(blob[40_000:], fnv1a64(blob[:40_000])) == whole  # chaining over chunks
-    assert rpc_cache._fnv_python(memoryview(blob), FNV_OFFSET) == whole
+    assert fnv1a._fnv_python(memoryview(blob), FNV_OFFSET) == whole
     assert cache_file_name(0xAB) == "00000000000000ab"
 
 
@@ -63,9 +61,9 @@ def test_python_fallback_when_no_compiler(
     monkeypatch.setenv("MESH_LLM_CACHE", str(tmp_path / "cache"))  # nothing compiled there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with caplog.at_level(logging.WARNING, logger="mesh_llm.rpc_cache"):
-        assert rpc_cache._load_native() is None
+        assert fnv1a._load_native() is None
     assert "pure Python" in caplog.text
-    monkeypatch.setattr(rpc_cache, "_native", [None])
+    monkeypatch.setattr(fnv1a, "_native", [None])
     assert hasher_kind() == "python"
     assert [fnv1a64(d) for d, _ in VECTORS] == [h for _, h in VECTORS]
 
@@ -165,7 +163,7 @@ def test_seed_writes_atomically_skips_and_repairs(tmp_path: Path) -> None:
 def test_seed_python_fallback_agrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _gguf(tmp_path / "m.gguf")
     native = seed(path, tmp_path / "a", None, threshold=300)
-    monkeypatch.setattr(rpc_cache, "_native", [None])
+    monkeypatch.setattr(fnv1a, "_native", [None])
     monkeypatch.setattr(rpc_cache, "CHUNK", 1000)  # chunked hashing and the write() copy path
     monkeypatch.delattr(os, "copy_file_range", raising=False)
     slow = seed(path, tmp_path / "b", None, threshold=300)

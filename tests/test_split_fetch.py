@@ -19,7 +19,8 @@ import anyio
 import pytest
 
 from inference.rpc_cache import CorruptTransfer, cache_files_dir, hashed_tensors, seed
-from mesh_mcp.dataplane.relay import DataPlaneServer, Stream
+from mesh_mcp.dataplane.listener import DataPlaneServer
+from mesh_mcp.dataplane.services import Stream
 from mesh_mcp.dataplane.tensor_fetch import REQUEST, FetchError, FetchResult, TensorFetch, TensorService
 from mesh_mcp.mesh.identity import Identity, load_or_create
 from tests.conftest import SMOLLM

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blackboard.post import TTL_S, Post, make_post, to_wire, verify
-from blackboard.store import MAX_LIMIT, Store, bucket_hash, bucket_of, query_phrases
+from blackboard.store import MAX_LIMIT, Store, bucket_hash, bucket_of
+from blackboard.store_query import query_phrases
 from mesh_mcp.errors import BlackboardError
 
 T0 = 1_750_000_000.0

@@ -1,8 +1,8 @@
 """Where models are served beyond this node: the seam between the API and the mesh.
 
 The API asks a `Directory` which other nodes serve a model and opens a request on one of them.
-`Solo` is the directory of a node outside any mesh; `mesh.runtime.Mesh` is the real one, fed by
-gossip and the QUIC tunnel.
+`Solo` is the directory of a node outside any mesh; `api/mesh_directory.py`'s `MeshDirectory` is the
+real one, fed by gossip and the QUIC tunnel.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh_mcp.api.upstream import Response, UpstreamUnavailable
+from mesh_mcp.errors import UpstreamUnavailable
+from mesh_mcp.response import Response
 
 
 @dataclass(frozen=True)

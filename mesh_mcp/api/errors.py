@@ -1,10 +1,14 @@
 """HTTP errors in one place: the OpenAI shape (`{"error": {"message", "type", "param", "code"}}`), the Anthropic
 shape (`{"type": "error", "error": {"type", "message"}}`) and the plain shape of the console and the MCP mount
-(`{"error": {"message"}}`), for every app of the node (API proxy, HTTP guard, console, MCP mount).
+(`{"error": {"message"}}`), for every app of the node (API proxy, HTTP guard, console, MCP mount), and the
+in-stream error event of a server-sent-event stream that breaks off.
+
+A handler that cannot answer raises `HttpError` (status, message, code, headers); each app turns it into a response
+in its own shape at one boundary (the API app's and the console's exception handlers; the guard renders its own
+refusals). Upstream error bodies are rewritten into a client's shape by `rewrite` (it builds them here).
 
 Bodies are ASCII JSON: a request's text echoed back (a model name) may hold a lone surrogate (`"\\ud800"` is valid
-JSON), which UTF-8 cannot encode. `anthropic_error_body` rewrites an upstream (llama-server) error body, which
-comes in OpenAI's shape, into Anthropic's.
+JSON), which UTF-8 cannot encode.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, Literal
 
 from starlette.responses import Response
 
-from mesh_mcp.api import rewrite
+from mesh_mcp.errors import MeshLLMError
 
 Flavor = Literal["openai", "anthropic", "plain"]  # plain: the console's and the MCP mount's shape
 
@@ -60,24 +64,27 @@ def error_response(
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-def anthropic_error_body(status: int, raw: bytes) -> bytes:
-    """An upstream error body in Anthropic's shape; the message is kept. A body already in Anthropic's shape (a
-    peer rewrote it) passes unchanged; a context overflow reads as Anthropic's "prompt is too long"."""
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
-        return raw
-    if (overflow := rewrite.anthropic_context_message(raw)) is not None:
-        return error_bytes("anthropic", status, overflow)
-    message = raw.decode("utf-8", "replace").strip()[:4096] or f"upstream error {status}"
-    if isinstance(parsed, dict):
-        err = parsed.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            message = err["message"]
-        elif isinstance(err, str):
-            message = err
-        elif isinstance(parsed.get("message"), str):
-            message = parsed["message"]
-    return error_bytes("anthropic", status, message)
+def sse_error_event(flavor: Flavor, message: str, code: str | None = None) -> bytes:
+    """The last event of a server-sent-event stream that broke off: Anthropic's `event: error`, or OpenAI's
+    `data:` line holding an error (status 500: the server failed)."""
+    data = error_bytes(flavor, 500, message, code)
+    return (b"event: error\ndata: " if flavor == "anthropic" else b"data: ") + data + b"\n\n"
+
+
+class HttpError(MeshLLMError):
+    """An HTTP error a handler gives up with; the app's one boundary answers it in the app's shape (`response`).
+    `extra` are fields of the error object where the shape has room (`param`, `available`)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers, self.extra = status, message, code, headers, extra
+
+    def response(self, flavor: Flavor) -> Response:
+        return error_response(flavor, self.status, self.message, self.code, self.headers, **self.extra)

@@ -1,12 +1,11 @@
-"""The HTTP front door of both servers (:9337 API + MCP, :3131 console): who may ask what.
+"""The HTTP front door of both servers (:9337 API + MCP, :3131 console): who may ask what, decided without I/O.
 
 `decide(policy, surface, facts)` is pure: the facts of one request (method, path, peer address, Host,
 Origin, content type, declared length, API key) in, a verdict out — `Refuse` (status + a sentence, in
 the API's own error shape), `Preflight` (a CORS preflight answered here) or `Admit` (with the body
 limit, whether the request is *local* — may see the invite token — and the CORS origin to echo).
-`HttpGuard` is the thin ASGI middleware that asks `decide` and acts: it answers refusals, enforces the
-body limit while the body streams (chunked included: past the limit the app sees a disconnect and the
-client a 413), and adds `Access-Control-Allow-Origin` for allowed cross origins.
+`middleware.HttpGuard` is the thin ASGI middleware that asks `decide` and acts. The command line's
+`--api-key`/`--cors-origin` values are read here too (`api_keys`, `cors_origin`).
 
 The rules, in order (docs/ARCHITECTURE.md has the threat model):
 1. Host: a node listening on loopback answers only loopback names (127.0.0.0/8, localhost, [::1]):
@@ -27,16 +26,15 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from mesh_mcp.api.app import MAX_BODY_BYTES
-from mesh_mcp.api.errors import Flavor, error_body
+from mesh_mcp.api.errors import Flavor
 from mesh_mcp.errors import ConfigError
 from mesh_mcp.mcp.local import MCP_PATHS
 
@@ -44,7 +42,6 @@ Kind = Literal["api", "console"]
 
 KEYS_ENV = "MESH_LLM_API_KEYS"  # path of a file of API keys, one per line (blank lines and # comments ignored)
 MAX_KEYS = 10_000
-LOCAL = "mesh_llm.local"  # scope key: the request comes from this machine, to a loopback name, not from a web page
 MCP_BODY_BYTES = 1 << 20  # an MCP tool call is a few KiB; posts are capped at 8 KiB of text
 CONSOLE_BODY_BYTES = 64 << 10  # a blackboard post or a control; nothing on the console takes more
 DRAIN_BYTES = 2 * MAX_BODY_BYTES  # a refused body up to this size is read and dropped, past it the connection closed
@@ -158,7 +155,6 @@ class Facts:
     preflight_headers: str | None = None  # Access-Control-Request-Headers
     repeated: str | None = None  # a security-relevant header sent more than once
 
-    @classmethod
     def drain_after_refusal(self) -> bool:
         """Whether a refusal can leave the unread body for uvicorn to read and discard (keeping the connection,
         so the client reads the answer instead of a reset): only a declared body of at most `DRAIN_BYTES`."""
@@ -373,91 +369,3 @@ def _preflight_headers(facts: Facts) -> tuple[tuple[str, str], ...]:
         ("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE_S)),
         ("Vary", "Origin"),
     )
-
-
-_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 413: "request_too_large"}
-_CODES |= {415: "unsupported_media_type", 421: "misdirected_request"}
-
-
-def refusal_body(refusal: Refuse) -> dict[str, Any]:
-    """The refusal in the shape its API uses (OpenAI, Anthropic, or the console's)."""
-    return error_body(refusal.flavor, refusal.status, refusal.message, _CODES.get(refusal.status))
-
-
-def is_local(scope: Scope) -> bool:
-    """Whether `HttpGuard` found this request local (this machine, a loopback Host, no foreign Origin)."""
-    return scope.get(LOCAL) is True
-
-
-async def _answer(send: Send, status: int, body: bytes, headers: tuple[tuple[str, str], ...], close: bool) -> None:
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    if body:
-        raw += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if close:  # the rest of the body is not worth reading: uvicorn closes after the answer
-        raw.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-class HttpGuard:
-    """ASGI middleware: `decide` on every request, then act (see the module docstring)."""
-
-    def __init__(self, app: ASGIApp, policy: Policy, surface: Surface) -> None:
-        self.app, self.policy, self.surface = app, policy, surface
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] != "http":  # neither server speaks WebSocket
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        facts = Facts.of(scope)
-        verdict = decide(self.policy, self.surface, facts)
-        if isinstance(verdict, Refuse):
-            body = json.dumps(refusal_body(verdict)).encode()
-            await _answer(send, verdict.status, body, verdict.headers, close=not facts.drain_after_refusal())
-            return
-        if isinstance(verdict, Preflight):
-            await _answer(send, 204, b"", verdict.headers, close=False)
-            return
-        await self._admit(verdict, {**scope, LOCAL: verdict.local}, receive, send)
-
-    async def _admit(self, verdict: Admit, scope: Scope, receive: Receive, send: Send) -> None:
-        cors = () if verdict.cors_origin is None else (("Access-Control-Allow-Origin", verdict.cors_origin),)
-        received = 0
-        started = answered = False  # answered: the guard sent the response itself (a 413 mid-body)
-
-        async def bounded_receive() -> Message:
-            nonlocal received, answered
-            if answered:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > verdict.body_limit:
-                    if not started:
-                        answered = True
-                        refusal = Refuse(413, f"the request body is over {verdict.body_limit} bytes", verdict.flavor)
-                        await _answer(send, 413, json.dumps(refusal_body(refusal)).encode(), cors, close=True)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if answered:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-                if verdict.cors_origin is not None:
-                    headers = list(message.get("headers", ()))
-                    headers += [(b"access-control-allow-origin", verdict.cors_origin.encode("latin-1"))]
-                    headers += [(b"vary", b"Origin")]
-                    message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, bounded_receive, guarded_send)
-        except Exception:
-            if not answered:  # the app's own failure; after our 413 it only saw the disconnect we gave it
-                raise

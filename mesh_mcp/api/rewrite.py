@@ -9,12 +9,16 @@ bytes out), bounded, and idempotent (a response a peer already rewrote passes un
 - Context overflow: llama-server's `exceed_context_size_error` becomes OpenAI's `context_length_exceeded`
   (`invalid_request_error`, `param`) or Anthropic's "prompt is too long: N tokens > M maximum", the sentences
   clients look for to shorten or compact a conversation.
+- Errors on Anthropic's API: llama-server answers them in OpenAI's shape; `anthropic_error_body` gives Anthropic's.
+The error shapes themselves are built by `errors`.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from mesh_mcp.api.errors import error_body, error_bytes
 
 MAX_LINE = 1 << 20  # an SSE line held back while incomplete; past it, the rest of the line passes unread
 MAX_MESSAGE_BODY = 16 << 20  # a non-streaming answer rewritten whole; a longer one passes unchanged
@@ -170,8 +174,7 @@ def openai_context_error(raw: bytes, path: str) -> bytes | None:
         )
     else:
         message = f"{upstream}. Please reduce the length of the {what}."
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "context_length_exceeded"}
-    return _dumps({"error": error})
+    return _dumps(error_body("openai", 400, message, "context_length_exceeded", param=param))
 
 
 def anthropic_context_message(raw: bytes) -> str | None:
@@ -184,3 +187,26 @@ def anthropic_context_message(raw: bytes) -> str | None:
     if prompt is not None and ctx is not None:
         return f"prompt is too long: {prompt} tokens > {ctx} maximum ({hint})"
     return f"prompt is too long: {upstream} ({hint})"
+
+
+def anthropic_error_body(status: int, raw: bytes) -> bytes:
+    """An upstream error body in Anthropic's shape; the message is kept. A body already in Anthropic's shape (a
+    peer rewrote it) passes unchanged; a context overflow reads as Anthropic's "prompt is too long"."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "error" and isinstance(parsed.get("error"), dict):
+        return raw
+    if (overflow := anthropic_context_message(raw)) is not None:
+        return error_bytes("anthropic", status, overflow)
+    message = raw.decode("utf-8", "replace").strip()[:4096] or f"upstream error {status}"
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(parsed.get("message"), str):
+            message = parsed["message"]
+    return error_bytes("anthropic", status, message)

@@ -6,53 +6,20 @@ client (httpx2 → httpcore2 → h11) cost about 0.6 ms of CPU per relayed chunk
 parses the status line and headers once and then reads chunked framing with `readline` +
 `readexactly`, handing each chunk on untouched. Keep-alive connections are pooled per upstream.
 
-`Response` is also the shape the mesh tunnel produces, so the proxy relays either the same way.
-A request given up at any point (cancelled before the head, or its body not read to the end) closes its
+`Response` (`mesh_mcp/response.py`) is also the shape the mesh tunnel produces, so the proxy relays either the same
+way. A request given up at any point (cancelled before the head, or its body not read to the end) closes its
 connection: llama-server stops decoding when its client's socket closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
-from mesh_mcp.errors import BackendError
+from mesh_mcp.errors import UpstreamBroken, UpstreamUnavailable
+from mesh_mcp.response import Response
 
 MAX_HEADER_BYTES = 64 << 10
-
-
-class UpstreamUnavailable(BackendError):
-    """The upstream could not be reached, or failed before sending a response head."""
-
-
-class UpstreamBroken(BackendError):
-    """The upstream failed after the response started (truncated body)."""
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    _body: AsyncIterator[bytes]
-    _close: list[asyncio.StreamWriter] = field(default_factory=list)
-    _done: bool = False
-
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._body:
-            yield chunk
-        self._done = True
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._body.aclose()  # type: ignore[attr-defined]
 
 
 class Pool:

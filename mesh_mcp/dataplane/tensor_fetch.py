@@ -5,7 +5,7 @@ will offer its rpc-server by hash (`rpc_cache.hashed_tensors` for its range) fro
 file — the host that asked, normally — instead of the whole model from the internet. Once they are in
 its cache the load sends (almost) no weights, as when the worker seeds its cache from its own copy.
 
-The bytes go over the RPC data plane (`dataplane.py`: TLS 1.3 over TCP after the mesh handshake, so
+The bytes go over the RPC data plane (`dataplane/`: TLS 1.3 over TCP after the mesh handshake, so
 only an authenticated member of the mesh is served; ~0.6 GB/s on loopback, where an aioquic stream
 manages 15 MB/s) as a request/answer service, `TensorService`, on the data plane server of every node
 that lends or serves. Frames are `u32 big-endian length | JSON`; tensor bytes follow their frame raw:
@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from inference.diskspace import HOME_HINT, disk_full_is_an_error, require_space
-from mesh_mcp.dataplane.relay import CredentialsProvider, Stream, connect
+from mesh_mcp.dataplane.services import Stream, connect
+from mesh_mcp.dataplane.tls import CredentialsProvider
 from mesh_mcp.errors import BackendError, ModelError, ProtocolError
 from mesh_mcp.mesh import handshake as hs
 from mesh_mcp.mesh.identity import Identity
@@ -72,7 +73,7 @@ class FetchError(BackendError):
 
 
 class TensorService:
-    """Serves the tensors of the GGUFs in `models_dir` (a `dataplane.Service` under `REQUEST`).
+    """Serves the tensors of the GGUFs in `models_dir` (a `services.Service` of the data plane under `REQUEST`).
     `cache_dir` holds the seed manifest that remembers their hashes."""
 
     def __init__(self, models_dir: Path, cache_dir: Path, *, threshold: int | None = None) -> None:

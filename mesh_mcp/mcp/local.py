@@ -7,10 +7,10 @@ while its process lives. `attach_or_start` uses the node it describes if that no
 otherwise starts a client node (`--client --blackboard`) in the background for as long as it is
 needed, and stops it afterwards, also when cancelled. Without `--join` the started node uses this
 home's `mesh.toml` (the mesh it last joined or created) and dials the members listed in `peers.json`,
-i.e. it rejoins the last mesh this machine used. `run_stdio` serves the MCP tools over stdio on top.
+i.e. it rejoins the last mesh this machine used. `stdio.run_stdio` serves the MCP tools over stdio on top.
 
-In stdio mode stdout carries the MCP protocol: nothing here prints; logs go to stderr (logging)
-and the started node's output to `HOME/logs/mcp-node.log` (`agent-node.log` for the launchers).
+Nothing here prints (in stdio mode stdout carries the MCP protocol): logs go to stderr (logging) and the
+started node's output to `HOME/logs/mcp-node.log` (`agent-node.log` for the launchers).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import anyio
 import httpx2
 from anyio.abc import Process
 
-from mesh_mcp.errors import MeshLLMError, user_error
+from mesh_mcp.errors import MeshLLMError
 
 log = logging.getLogger("mesh_llm.mcp")
 
@@ -350,33 +350,3 @@ def _tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-async def run_stdio(home: Path, join: Sequence[str] = (), name: str | None = None) -> None:
-    """`mesh-llm blackboard --mcp`: the MCP tools over stdin/stdout, backed by the local node.
-
-    Returns when the client closes stdin, or on SIGTERM/SIGINT/SIGHUP; a node started for this
-    session is stopped either way."""
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
-            async with attach_or_start(home, join, name) as info:
-                from mesh_mcp.mcp.server import HttpTools, build_server
-
-                server = build_server(HttpTools(info.console_url, info.api_url))
-                log.info("serving MCP over stdio for node %s", info.node_id)
-                await server.run_stdio_async()
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The task group wraps what failed; a MeshLLMError (the node could not start) is for the user.
-        if (first := user_error(group)) is None:
-            raise
-        raise first from None
-
-
-async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s received: stopping", signal.Signals(signum).name)
-            scope.cancel()
-            return

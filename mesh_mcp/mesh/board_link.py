@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from typing import Any
 
 import anyio
@@ -37,10 +36,11 @@ from blackboard.sync import (
     plan_exchange,
     push_targets,
 )
-from mesh_mcp.errors import MeshLLMError, ProtocolError
+from mesh_mcp.errors import MeshLLMError, PeerUnreachable, ProtocolError
 
-from .quic import Connection, close_quietly
-from .runtime import SEND_TIMEOUT_S, Mesh
+from .quic import close_quietly
+from .runtime import Mesh
+from .transport import PeerConnection
 from .wire import CONTROL_LIMIT, decode_json, encode_json, read_frame, read_json
 
 log = logging.getLogger("mesh_llm.blackboard")
@@ -48,6 +48,7 @@ log = logging.getLogger("mesh_llm.blackboard")
 WATCH_S = 0.5  # how often membership is checked for nodes to sync with
 SUBSCRIPTION_S = 30.0  # a client stays subscribed this long after its last sync
 PUSH_RETRY_S = (0.1, 0.4, 0.0)  # a failed push is tried three times
+SYNC_TIMEOUT_S = 30.0  # one anti-entropy exchange, dial included
 
 
 class BoardLink:
@@ -65,18 +66,19 @@ class BoardLink:
         return self.mesh.settings.role == "client"
 
     async def run(self) -> None:
+        clock = self.mesh.clock
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            next_random = time.monotonic() + SYNC_S
+            next_random = clock.monotonic() + SYNC_S
             while True:
-                await anyio.sleep(WATCH_S)
+                await clock.sleep(WATCH_S)
                 peers = self._sync_peers()
                 for node_id in [p for p in peers if p not in self._synced]:
                     self._synced.add(node_id)
                     tg.start_soon(self._sync_with, node_id)
                 self._synced &= set(peers)  # a node that went away is synced with again when it returns
-                if peers and time.monotonic() >= next_random:
-                    next_random = time.monotonic() + SYNC_S
+                if peers and clock.monotonic() >= next_random:
+                    next_random = clock.monotonic() + SYNC_S
                     tg.start_soon(self._sync_with, self._rng.choice(peers))
 
     def _members(self) -> list[str]:
@@ -94,7 +96,7 @@ class BoardLink:
     def _accepted(self, post: Post, sender: str | None) -> None:
         if self._tg is None:
             return
-        now = time.monotonic()
+        now = self.mesh.clock.monotonic()
         subscribers = [c for c, t in self._subscribers.items() if now - t < SUBSCRIPTION_S]
         if self._client:
             targets = [m for m in self._sync_peers() if m != sender] if sender is None else []
@@ -107,19 +109,16 @@ class BoardLink:
     async def _push(self, node_id: str, post: Post) -> None:
         for attempt, pause in enumerate(PUSH_RETRY_S):
             try:
-                with anyio.fail_after(SEND_TIMEOUT_S):
-                    conn = await self._connect(node_id)
-                    for batch in batches([post]):
-                        _, writer = await conn.open_stream({"t": "bb", "posts": batch})
-                        close_quietly(writer)
-                    conn.transmit()
+                for batch in batches([post]):
+                    _, writer = await self.mesh.dial(node_id, "bb", posts=batch)
+                    close_quietly(writer)
                 return
-            except (OSError, TimeoutError, MeshLLMError, ConnectionError) as exc:
+            except PeerUnreachable as exc:
                 log.debug("blackboard push %d of %s to %s failed: %s", attempt + 1, post.id, node_id, exc)
-            await anyio.sleep(pause)  # then the anti-entropy sync is the safety net
+            await self.mesh.clock.sleep(pause)  # then the anti-entropy sync is the safety net
 
     async def _on_push(
-        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: PeerConnection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         assert conn.peer is not None
         posts = header.get("posts")
@@ -129,25 +128,23 @@ class BoardLink:
 
     # --- anti-entropy -------------------------------------------------------------------------------
 
-    async def _connect(self, node_id: str) -> Connection:
-        return await self.mesh.reach(node_id, within_s=30)
-
     async def _sync_with(self, node_id: str) -> None:
         try:
-            with anyio.fail_after(30):
-                conn = await self._connect(node_id)
-                got, gave = await self.sync(conn)
+            with anyio.fail_after(SYNC_TIMEOUT_S):
+                got, gave = await self.sync(node_id)
             if got or gave:
                 log.info("blackboard: synced with %s: received %d post(s), sent %d", node_id, got, gave)
-        except (OSError, TimeoutError, MeshLLMError, ConnectionError, asyncio.IncompleteReadError) as exc:
+        except PeerUnreachable as exc:
+            log.debug("blackboard sync with %s: not reachable: %s", node_id, exc)
+            self._synced.discard(node_id)
+        except (TimeoutError, ConnectionError, MeshLLMError) as exc:  # reached, but the exchange failed
             log.debug("blackboard sync with %s failed: %s", node_id, exc)
             self._synced.discard(node_id)
 
-    async def sync(self, conn: Connection) -> tuple[int, int]:
-        """One digest exchange over `conn`; returns (posts received, posts sent)."""
-        assert conn.peer is not None
-        sender = conn.peer.node_id
-        reader, writer = await conn.open_stream({"t": "bb-sync", "digest": await self.board.digest(), "carry": True})
+    async def sync(self, sender: str) -> tuple[int, int]:
+        """One digest exchange with member `sender`; returns (posts received, posts sent)."""
+        digest = await self.board.digest()
+        reader, writer = await self.mesh.dial(sender, "bb-sync", within_s=SYNC_TIMEOUT_S, digest=digest, carry=True)
         try:
             theirs = parse_ids((await read_json(reader)).get("ids"))
             exchange = plan_exchange(await self.board.ids_in(theirs), theirs)
@@ -166,12 +163,12 @@ class BoardLink:
             close_quietly(writer)
 
     async def _on_sync(
-        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: PeerConnection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         assert conn.peer is not None
         sender = conn.peer.node_id
         if header.get("carry") is True and sender not in self._members():
-            self._subscribers[sender] = time.monotonic()  # a client carrying the blackboard
+            self._subscribers[sender] = self.mesh.clock.monotonic()  # a client carrying the blackboard
         diff = differing(await self.board.digest(), parse_digest(header.get("digest")))[:MAX_BUCKETS]
         ids = bounded_ids(await self.board.ids_in(diff))
         for bucket in diff:

@@ -42,6 +42,10 @@ under MAX_MESSAGE_BYTES.
 Clients (role "client") are not members: nobody stores their records or gossips with them. A
 client's tick sends a `pull` syn to one member, which answers without merging anything from it;
 a client wants records but never sends any, and never relays.
+
+Size: one responsibility earns this module's length (about 700 lines, a tenth of them the specification above):
+the membership protocol, its pure state machine and the bounded wire messages only it speaks. Each message's
+limits and the reducer that applies it are one design, checked together (tests/test_gossip.py, the fuzzer).
 """
 
 from __future__ import annotations

@@ -251,6 +251,23 @@ def path_for(home: Path) -> Path:
     return home / MESH_FILE
 
 
+def for_node(home: Path, tokens: tuple[InviteToken, ...], owner: bytes) -> MeshConfig:
+    """The mesh a starting node belongs to: the one a token names, else the one it created before, else a new one
+    owned by `owner` (the node's public key). A token's mesh is not saved here: the mesh saves it once the join
+    succeeded, so a refused join leaves mesh.toml as it was."""
+    existing = load(home)
+    if tokens:
+        joined = from_token(tokens[0])
+        if existing is not None and existing.mesh_id == joined.mesh_id and existing.epoch >= joined.epoch:
+            return existing
+        return joined
+    if existing is None:
+        existing = create(owner=owner)
+        save(home, existing)
+        log.info("created mesh %s", existing.mesh_id_hex[:8])
+    return existing
+
+
 def load(home: Path) -> MeshConfig | None:
     """The saved membership, or None if this node has not joined or created a mesh yet."""
     path = path_for(home)

@@ -10,6 +10,11 @@ A malformed frame or a failed handshake closes that stream or connection with a 
 never the node. Before authenticating, a connection is limited (`admission.py`): per source address, in
 all, with slots reserved for known members' addresses, and closed `AUTH_DEADLINE_S` after it was created;
 under pressure a new one must first prove its address (a QUIC Retry). Refusals are logged rate-limited.
+
+Size: one responsibility earns this module's length (about 700 lines): the adapter over aioquic — its connection,
+its listener's pre-authentication defences (admission, Retry, refusal packets) and dialling all reach into
+aioquic's internals, and are kept in the one place that does. What the planes above need of it is the
+`transport.Transport` seam; reaching a member by node id is `Mesh.reach`/`Mesh.dial`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from aioquic.asyncio import QuicConnectionProtocol
@@ -43,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from mesh_mcp.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, ProtocolError
+from mesh_mcp.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, PeerUnreachable, ProtocolError
 from mesh_mcp.mesh.identity import Identity
 
 from . import handshake as hs
@@ -282,8 +287,13 @@ class Connection(QuicConnectionProtocol):
     # --- use ----------------------------------------------------------------------------------------
 
     async def open_stream(self, header: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await self.create_stream()
-        writer.write(encode_json(header))
+        """A new stream, its header frame written. `PeerUnreachable` when this connection has closed under us."""
+        try:
+            reader, writer = await self.create_stream()
+            writer.write(encode_json(header))
+        except (ConnectionError, RuntimeError) as exc:  # aioquic: RuntimeError on a closing connection
+            who = self.peer.node_id if self.peer is not None else self.remote or "?"
+            raise PeerUnreachable(f"node {who}: its connection closed ({exc or type(exc).__name__})") from exc
         return reader, writer
 
 
@@ -400,8 +410,10 @@ def _refusal(version: int, source_cid: bytes, destination_cid: bytes, reason: st
 
 
 # What builds the Mesh's transport (`MeshTransport` itself, or `mesh_mcp.testing`'s in-memory one): called with
-# MeshTransport's arguments (creds, handlers, host=, port=, member_addresses=).
-TransportFactory = Callable[..., "MeshTransport"]
+# MeshTransport's arguments (creds, handlers, host=, port=, member_addresses=); the seam is `transport.Transport`.
+if TYPE_CHECKING:
+    from .transport import Transport
+TransportFactory = Callable[..., "Transport"]
 
 
 class MeshTransport:

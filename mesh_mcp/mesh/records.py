@@ -16,6 +16,9 @@ without them keep their encoding and signature. A served model's optional fields
 `tools` (whether its chat template lets it call tools, as the serving llama-server reports it; absent
 while unknown), `bytes` (its GGUF size, the launchers' measure of strength; absent when 0) and `ctx` (tokens one
 request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0).
+
+Size: one responsibility earns this module's length (about 470 lines): the signed record format — its fields and
+their limits, the canonical signing form and the strict parser that enforces the same limits.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message
 
-from mesh_mcp.api.upstream import Response, UpstreamBroken, UpstreamUnavailable
-from mesh_mcp.errors import ProtocolError
+from mesh_mcp.errors import PeerUnreachable, ProtocolError, UpstreamBroken, UpstreamUnavailable
+from mesh_mcp.response import Response
 
-from .quic import Connection
+from .transport import PeerConnection
 from .wire import CONTROL_LIMIT, DATA_LIMIT, decode_json, encode, encode_json, field, read_frame
 
 log = logging.getLogger("mesh_llm.mesh")
@@ -58,7 +58,7 @@ def _headers(value: Any) -> list[tuple[bytes, bytes]]:
 
 
 async def request(
-    conn: Connection, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    conn: PeerConnection, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> Response:
     """Send a request to the peer; return once its response head arrives (UpstreamUnavailable before).
     Cancelled before that (the client hung up during prompt processing), the stream is abandoned: the server
@@ -72,8 +72,8 @@ async def request(
                 "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
             }
         )
-    except (ConnectionError, RuntimeError) as exc:  # aioquic: RuntimeError on a closing connection
-        raise UpstreamUnavailable(f"peer {conn.peer.node_id if conn.peer else '?'}: {exc}") from exc
+    except PeerUnreachable as exc:  # the connection closed under us
+        raise UpstreamUnavailable(str(exc)) from exc
     try:
         writer.write(encode(body))
         writer.write_eof()
@@ -94,7 +94,9 @@ async def request(
     return Response(status, resp_headers, _body(conn, reader, writer))
 
 
-async def _body(conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> AsyncIterator[bytes]:
+async def _body(
+    conn: PeerConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> AsyncIterator[bytes]:
     complete = False
     try:
         while True:
@@ -113,7 +115,11 @@ async def _body(conn: Connection, reader: asyncio.StreamReader, writer: asyncio.
 
 
 async def serve(
-    app: ASGIApp, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    app: ASGIApp,
+    conn: PeerConnection,
+    header: dict[str, Any],
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
 ) -> None:
     """Run one tunnelled request through the local API app, streaming the response back."""
     method = field(header, "method", str, 16)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -34,8 +33,8 @@ from inference.placement import NodeCap
 from mesh_mcp.errors import MeshLLMError, first_leaf
 from mesh_mcp.mesh.runtime import llama_cpp_identity
 from mesh_mcp.mesh.wire import encode_json
+from mesh_mcp.serving.run import MeshRun, ShardingRefused
 from mesh_mcp.serving.shard_node import ShardReport, lease_shard, serve_shard
-from mesh_mcp.serving.split import ModelRun
 
 log = logging.getLogger("mesh_llm.moe")
 
@@ -45,13 +44,8 @@ WATCH_S = 0.5
 SPARE_RETRY_S = 5.0  # a lost shard with no spare node: look again this often
 
 
-class ShardingRefused(MeshLLMError):
-    """Expert shards cannot serve this model well (the gate refused a shard, or the trunk fits no node): serve it
-    as a pipeline split instead."""
-
-
 @dataclass
-class ShardedModel(ModelRun):
+class ShardedModel(MeshRun):
     force: int | None = None
     gate: Any = None  # moe_quality.Gate; None = DEFAULT_GATE
     _stats: Any = field(default=None, repr=False)
@@ -61,8 +55,8 @@ class ShardedModel(ModelRun):
 
     async def run(self) -> None:
         """Serve until cancelled; `ShardingRefused` when this model must be a pipeline split instead."""
+        from inference.moe_layout import ShardError, moe_layout
         from inference.moe_quality import DEFAULT_GATE
-        from inference.moe_shard import ShardError, moe_layout
 
         gate = self.gate or DEFAULT_GATE
         try:
@@ -83,9 +77,9 @@ class ShardedModel(ModelRun):
             self.on_state(placement=_describe(current, gate, moe=self._moe))
             if current.kind == "none":
                 self.on_state(state="loading", detail="waiting for nodes for expert shards: " + current.reasons[-1])
-                await anyio.sleep(WAIT_FOR_NODES_S)
+                await self.clock.sleep(WAIT_FOR_NODES_S)
                 continue
-            started = time.monotonic()
+            started = self.clock.monotonic()
             refused: BaseException | None = None
             try:
                 await self._serve(current, gate)
@@ -97,8 +91,9 @@ class ShardedModel(ModelRun):
                 self.on_state(state="loading", detail=f"re-planning: {exc}", upstream=None, pid=None)
             if refused is not None:
                 raise refused
-            log.info("expert shards of %s ended after %.0f s; planning again", self.alias, time.monotonic() - started)
-            await anyio.sleep(REPLAN_PAUSE_S)
+            took = self.clock.monotonic() - started
+            log.info("expert shards of %s ended after %.0f s; planning again", self.alias, took)
+            await self.clock.sleep(REPLAN_PAUSE_S)
 
     def plan(self, sizes: Any) -> ShardPlan:
         return plan_shards(
@@ -139,24 +134,25 @@ class ShardedModel(ModelRun):
         key = self._model_key
         if self._stats is None:
             self.on_state(state="loading", detail="measuring expert routing (llama-imatrix over calibration text)")
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             self._stats = await ensure_stats(
                 self.llama, self.model_path, cache_dir=self.home / "moe-stats", model_key=key, threads=self.threads
             )
-            log.info("%s: expert statistics (%s) in %.1f s", self.alias, self._stats.source, time.monotonic() - t0)
+            took = self.clock.monotonic() - t0
+            log.info("%s: expert statistics (%s) in %.1f s", self.alias, self._stats.source, took)
         if self._reference is None:
             self.on_state(state="loading", detail="recording the full model's answers to held-out prompts")
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             self._reference = await reference_for(
                 self.llama, self.model_path, cache_dir=self.home / "moe-stats", model_key=key, threads=self.threads
             )
-            log.info("%s: quality reference in %.1f s", self.alias, time.monotonic() - t0)
+            log.info("%s: quality reference in %.1f s", self.alias, self.clock.monotonic() - t0)
         return key, self._stats, self._reference
 
     def _assign(self, current: ShardPlan, stats: Any) -> tuple[tuple[tuple[int, ...], ...], ...]:
         """Per shard, per `blk.N` layer, the kept experts (() for layers without experts)."""
         from inference.moe_assign import AssignmentError, assign
-        from inference.moe_shard import moe_layout
+        from inference.moe_layout import moe_layout
 
         layout = moe_layout(self.facts)
         mass = stats.mass()
@@ -275,7 +271,7 @@ class ShardedModel(ModelRun):
         hashing, and its shard (the same experts) is offered to a spare node, scored there before it serves."""
         lost: dict[int, float] = {}  # shard → when to look for a spare next
         while True:
-            await anyio.sleep(WATCH_S)
+            await self.clock.sleep(WATCH_S)
             alive = {r.node_id for r in self.mesh.members() if not r.leaving}
             for i, (node_id, _, reader) in list(group.streams.items()):
                 if node_id in alive and not reader.at_eof():
@@ -290,10 +286,10 @@ class ShardedModel(ModelRun):
                     group.plan.n_shards,
                 )
             for i, when in list(lost.items()):
-                if time.monotonic() >= when and await self._replace(stack, group, i):
+                if self.clock.monotonic() >= when and await self._replace(stack, group, i):
                     del lost[i]
                 else:
-                    lost[i] = max(when, time.monotonic() + SPARE_RETRY_S)
+                    lost[i] = max(when, self.clock.monotonic() + SPARE_RETRY_S)
 
     async def _replace(self, stack: contextlib.AsyncExitStack, group: _Group, i: int) -> bool:
         """Offer shard `i` to a spare node; True once one serves it."""

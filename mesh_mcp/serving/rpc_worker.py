@@ -10,9 +10,9 @@ Streams (QUIC control plane):
   absent: the host's mesh port number), then members whose records list the file. Then it starts a
   ggml-rpc-server on 127.0.0.1, registers it with its data plane under `ID`, and answers
   `{"ok": true, "port": DATA_PLANE_PORT, "target": ID, "seeded": N}` (or `{"ok": false, "error": ...}`).
-  The stream stays open: it *is* the lease. When the host ends it, its connection dies, or membership
-  declares the host dead (`Mesh.cancel_when_gone`: seconds, not QUIC's idle timeout) the worker stops
-  that rpc-server.
+  The stream stays open: it *is* the lease (both halves: `lease.py`). When the host ends it, its
+  connection dies, or membership declares the host dead (`Mesh.cancel_when_gone`: seconds, not QUIC's
+  idle timeout) the worker stops that rpc-server.
 
 Every node's data plane also serves its models' tensors to peers that lack them
 (`tensor_fetch.TensorService`, the data-plane service `tensors`). The bytes of llama.cpp RPC and of
@@ -22,9 +22,7 @@ tensors never travel on QUIC: they go over the data plane (`dataplane.py`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,20 +34,19 @@ import anyio
 
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import RpcServer, RpcSettings
-from mesh_mcp.dataplane.relay import DataPlaneServer
+from mesh_mcp.dataplane.listener import DataPlaneServer
 from mesh_mcp.dataplane.tensor_fetch import REQUEST as TENSORS
 from mesh_mcp.dataplane.tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
 from mesh_mcp.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
-from mesh_mcp.mesh.quic import Connection, close_quietly
+from mesh_mcp.mesh.quic import Connection
 from mesh_mcp.mesh.runtime import Mesh
 from mesh_mcp.mesh.tokens import split_address
-from mesh_mcp.mesh.wire import encode_json, read_json
+from mesh_mcp.serving.lease import Grant, hold, lease_id, local_copy, requested_file
 
 log = logging.getLogger("mesh_llm.split")
 
 LEASE_START_TIMEOUT_S = 600.0  # seeding a large model's cache and starting rpc-server
-_SPLIT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -109,42 +106,39 @@ class RpcLink:
     async def _on_lease(
         self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        assert conn.peer is not None
-        split = wire.field(header, "split", str, 64)
-        if not _SPLIT_ID.fullmatch(split):
-            raise ProtocolError("a split id is 1-64 letters, digits, dots, dashes or underscores")
-        name = Path(wire.field(header, "file", str, 255)).name
-        size = wire.field(header, "size", int)
+        grant = Grant(self.mesh, conn, reader, writer)
+        host = grant.holder
+        split = lease_id(header, "split", "split")
+        name, size = requested_file(header)
         layers = header.get("layers")
         if layers is not None and not (
             isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) and x >= 0 for x in layers)
         ):
             raise ProtocolError("layers is [first, last] or null")
-        try:
+        with grant.refusals():
             if self.llama is None:
                 raise BackendError("llama.cpp is not built on this node yet")
-            path = self.models_dir / name
-            if path.is_file() and path.stat().st_size == size:
-                n_cached = await self._seed(split, conn.peer.node_id, path, layers)
+            path = local_copy(self.models_dir, name, size)
+            if path is not None:
+                n_cached = await self._seed(split, host, path, layers)
             else:
                 source_port = header.get("source_port")
                 port = source_port if isinstance(source_port, int) and 0 < source_port < 65536 else 0
-                n_cached = await self._fetch(split, conn.peer.node_id, name, size, layers, port)
+                n_cached = await self._fetch(split, host, name, size, layers, port)
             server = RpcServer(self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split}")
-            host = conn.peer.node_id
             # The lease is held while the host keeps this stream open and membership holds it alive: a host
             # declared dead ends it at once, whatever its connection still looks like.
             lent = False
-            with self.mesh.cancel_when_gone(host) as gone:
+            with grant.held() as gone:
                 async with anyio.create_task_group() as tg:
                     await tg.start(server.run)
                     if server.endpoint is not None and server.port is not None:
                         lent = True
                         self.dataplane.targets[split] = server.port
-                        writer.write(encode_json({"ok": True, "port": self.port, "target": split, "seeded": n_cached}))
+                        grant.ready(port=self.port, target=split, seeded=n_cached)
                         log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, host)
                         try:
-                            await _until_closed(reader)
+                            await grant.until_closed()
                         finally:
                             self.dataplane.targets.pop(split, None)
                     tg.cancel_scope.cancel()
@@ -152,9 +146,6 @@ class RpcLink:
                 raise BackendError(f"rpc-server did not start; see {server.log_path}")
             why = "its host was declared dead" if gone.cancel_called else f"lease ended by {host}"
             log.info("split %s: %s; rpc-server stopped", split, why)
-        except MeshLLMError as exc:
-            writer.write(encode_json({"ok": False, "error": str(exc)}))
-            writer.write_eof()
 
     async def _seed(self, split: str, host: str, path: Path, layers: list[int] | None) -> int:
         from inference.rpc_cache import seed  # numpy: loaded when a host first asks, not at start-up
@@ -249,39 +240,23 @@ class RpcLink:
         return out
 
 
-async def _until_closed(reader: asyncio.StreamReader) -> None:
-    with contextlib.suppress(ConnectionError):  # a reset (the host shutting down) ends the lease too
-        while await reader.read(4096):
-            pass
-
-
 @asynccontextmanager
 async def lease(
     mesh: Mesh, node_id: str, split: str, model: Path, layers: tuple[int, int] | None, *, source_port: int = 0
 ) -> AsyncIterator[Lease]:
     """Hold an rpc-server on `node_id` for the duration of the context. `source_port`: this node's
     data plane, where a worker without the file fetches its layers' tensors."""
-    record = mesh.gossip.record(node_id) if mesh.gossip is not None else None
-    if record is None:
-        raise BackendError(f"node {node_id} is not in the mesh")
-    conn = await mesh.reach(node_id, within_s=30)
-    reader, writer = await conn.open_stream(
-        {
-            "t": "rpc-lease",
-            "split": split,
-            "file": model.name,
-            "size": model.stat().st_size,
-            "layers": list(layers) if layers else None,
-            **({"source_port": source_port} if source_port else {}),
-        }
-    )
-    try:
-        with anyio.fail_after(LEASE_START_TIMEOUT_S):
-            reply = await read_json(reader)
-        if reply.get("ok") is not True:
-            raise BackendError(f"node {node_id} cannot take part: {reply.get('error', 'no reason given')}")
+    request = {
+        "split": split,
+        "file": model.name,
+        "size": model.stat().st_size,
+        "layers": list(layers) if layers else None,
+        **({"source_port": source_port} if source_port else {}),
+    }
+    async with hold(
+        mesh, node_id, "rpc-lease", request, reply_within_s=LEASE_START_TIMEOUT_S, refused="cannot take part"
+    ) as held:
+        reply = held.reply
         port = wire.field(reply, "port", int)
-        host = record.addresses[0].rsplit(":", 1)[0]  # the data plane listens on the mesh interface
+        host = held.addresses[0].rsplit(":", 1)[0]  # the data plane listens on the mesh interface
         yield Lease(node_id, wire.field(reply, "target", str, 64), f"{host}:{port}", wire.field(reply, "seeded", int))
-    finally:
-        close_quietly(writer)

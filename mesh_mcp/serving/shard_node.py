@@ -19,17 +19,16 @@ teacher-forced top-1 agreement and KL on held-out prompts). It answers
 The coordinator answers `{"t": "serve"}` when every shard passed: the model becomes `serving` here, gossiped like any
 local model, and the router sends it whole sessions. Closing the stream instead (a shard failed the gate, the
 coordinator re-plans or stops, or its connection dies) ends the lease, and so does membership declaring the
-coordinator dead (`Mesh.cancel_when_gone`): llama-server is stopped and the model is gone from this node. Per
+coordinator dead (`Mesh.cancel_when_gone`): llama-server is stopped and the model is gone from this node (both
+halves of the lease: `lease.py`). Per
 token nothing crosses the network: every shard is a complete model on its node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,16 +43,15 @@ from inference.llamacpp import LlamaCpp
 from inference.supervise import SERVING
 from mesh_mcp.errors import BackendError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
-from mesh_mcp.mesh.quic import Connection, close_quietly
+from mesh_mcp.mesh.quic import Connection
 from mesh_mcp.mesh.runtime import Mesh
-from mesh_mcp.mesh.wire import encode_json, read_json
-from mesh_mcp.serving.split import safe_name
+from mesh_mcp.serving.lease import Grant, hold, lease_id, local_copy, requested_file
+from mesh_mcp.serving.run import safe_name
 from mesh_mcp.state import NodeState
 
 log = logging.getLogger("mesh_llm.moe")
 
 SHARD_START_TIMEOUT_S = 1800.0  # writing a large shard, loading it and scoring it
-_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_EXPERTS = 4096
 
 
@@ -80,14 +78,11 @@ class ShardLink:
     ) -> None:
         from inference.moe_quality import Gate, Reference
 
-        assert conn.peer is not None
-        coordinator = conn.peer.node_id
-        lease_id = wire.field(header, "id", str, 64)
-        if not _ID.fullmatch(lease_id):
-            raise ProtocolError("a shard id is 1-64 letters, digits, dots, dashes or underscores")
+        grant = Grant(self.mesh, conn, reader, writer)
+        coordinator = grant.holder
+        lease_id(header, "id", "shard")
         alias = wire.field(header, "model", str, 128)
-        name = Path(wire.field(header, "file", str, 255)).name
-        size = wire.field(header, "size", int)
+        name, size = requested_file(header)
         model_key = wire.field(header, "model_key", str, 64)
         shard, of = wire.field(header, "shard", int), wire.field(header, "of", int)
         ctx, slots = wire.field(header, "ctx", int), wire.field(header, "slots", int)
@@ -106,18 +101,18 @@ class ShardLink:
             raise ProtocolError("the reference is for another model")
         await self._keep(model_key, ref, header.get("stats"))
         where = f"expert shard {shard + 1}/{of} of {alias}"
-        try:
+        with grant.refusals(lambda exc: log.warning("%s for %s: %s", where, coordinator, exc)):
             if self.llama is None:
                 raise BackendError("llama.cpp is not built on this node yet")
-            path = self.models_dir / name
-            if not (path.is_file() and path.stat().st_size == size):
+            path = local_copy(self.models_dir, name, size)
+            if path is None:
                 raise BackendError(
                     f"this node does not have {name} ({size} bytes) in {self.models_dir}: an expert shard is written "
                     "from the node's own copy of the model"
                 )
             # Held while the coordinator keeps this stream open and membership holds it alive: a coordinator
             # declared dead ends the lease at once.
-            with self.mesh.cancel_when_gone(coordinator) as gone:
+            with grant.held() as gone:
                 async with serve_shard(
                     self.llama,
                     lambda **changes: self.state.update_model(alias, **changes),
@@ -136,25 +131,17 @@ class ShardLink:
                     log.info(
                         "%s for %s: %s — %s", where, coordinator, quality.describe(), "passed" if passed else "REFUSED"
                     )
-                    writer.write(
-                        encode_json(
-                            {"ok": True, "quality": asdict(quality), "passed": passed, "bytes": shard_server.n_bytes}
-                        )
-                    )
-                    go = await _next_message(reader)
+                    grant.ready(quality=asdict(quality), passed=passed, bytes=shard_server.n_bytes)
+                    go = await grant.next_message()
                     if go is None or go.get("t") != "serve" or not passed:
                         log.info("%s: not served (the coordinator ended the lease)", where)
                         return
                     shard_server.go()
                     log.info("%s: serving sessions the mesh routes here (coordinator %s)", where, coordinator)
-                    await _until_closed(reader)
+                    await grant.until_closed()
                     log.info("%s: lease ended by %s; llama-server stopped", where, coordinator)
             if gone.cancel_called:
                 log.info("%s: the coordinator %s was declared dead; llama-server stopped", where, coordinator)
-        except MeshLLMError as exc:
-            log.warning("%s for %s: %s", where, coordinator, exc)
-            writer.write(encode_json({"ok": False, "error": str(exc)}))
-            writer.write_eof()
 
     async def _keep(self, model_key: str, ref: Any, stats: object) -> None:
         """Cache what the coordinator measured (reference, statistics) unless this node has it already."""
@@ -298,18 +285,6 @@ def _experts(value: object) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-async def _next_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    with contextlib.suppress(ConnectionError, ProtocolError, asyncio.IncompleteReadError, EOFError):
-        return await read_json(reader)
-    return None
-
-
-async def _until_closed(reader: asyncio.StreamReader) -> None:
-    with contextlib.suppress(ConnectionError):
-        while await reader.read(4096):
-            pass
-
-
 @asynccontextmanager
 async def lease_shard(
     mesh: Mesh,
@@ -318,16 +293,10 @@ async def lease_shard(
 ) -> AsyncIterator[tuple[ShardReport, asyncio.StreamWriter, asyncio.StreamReader]]:
     """Ask `node_id` to write, load and score its shard (`request`: the stream header without `t`); yields its report
     and the open stream (write `{"t": "serve"}` to open it to sessions; leaving the context ends the lease)."""
-    record = mesh.gossip.record(node_id) if mesh.gossip is not None else None
-    if record is None:
-        raise BackendError(f"node {node_id} is not in the mesh")
-    conn = await mesh.reach(node_id, within_s=30)
-    reader, writer = await conn.open_stream({"t": "moe-shard", **request})
-    try:
-        with anyio.fail_after(SHARD_START_TIMEOUT_S):
-            reply = await read_json(reader)
-        if reply.get("ok") is not True:
-            raise BackendError(f"node {node_id} cannot serve its shard: {reply.get('error', 'no reason given')}")
+    async with hold(
+        mesh, node_id, "moe-shard", request, reply_within_s=SHARD_START_TIMEOUT_S, refused="cannot serve its shard"
+    ) as held:
+        reply = held.reply
         quality = reply.get("quality")
         report = ShardReport(
             node_id,
@@ -336,6 +305,4 @@ async def lease_shard(
             quality if isinstance(quality, dict) else {},
             wire.field(reply, "bytes", int),
         )
-        yield report, writer, reader
-    finally:
-        close_quietly(writer)
+        yield report, held.writer, held.reader

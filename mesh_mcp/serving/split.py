@@ -21,26 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 
 from inference.exits import describe_exit
-from inference.gguf_facts import GGUFFacts
-from inference.llama_server import LlamaServer, ServerSettings
-from inference.llamacpp import LlamaCpp
-from inference.placement import NodeCap, Plan, plan
+from inference.llama_server import LlamaServer
+from inference.placement import Plan, plan
 from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe, require_compatible
 from mesh_mcp.dataplane.relay import Relay
-from mesh_mcp.errors import MeshLLMError, first_leaf
+from mesh_mcp.errors import MeshLLMError, PeerUnreachable, ProtocolError, first_leaf
 from mesh_mcp.mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
-from mesh_mcp.mesh.runtime import Mesh, llama_cpp_identity
 from mesh_mcp.serving.rpc_worker import lease
+from mesh_mcp.serving.run import MeshRun, safe_name
+from mesh_mcp.serving.view import mesh_view
 
 log = logging.getLogger("mesh_llm.split")
 
@@ -50,32 +46,8 @@ WATCH_S = 0.5
 RTT_CHECK_S = KEEP_EVERY_S  # a worker's RTT above the cap on 2 checks this far apart: re-plan
 
 
-T = TypeVar("T", bound="ModelRun")
-
-
 @dataclass
-class ModelRun:
-    """What serving one model over several nodes needs, whatever the way (layers here, experts in moe_serve)."""
-
-    mesh: Mesh
-    llama: LlamaCpp
-    home: Path
-    model_path: Path
-    alias: str
-    facts: GGUFFacts
-    settings: ServerSettings
-    capacity_bytes: int
-    threads: int | None = None
-    on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
-
-    @classmethod
-    def of(cls: type[T], run: ModelRun, **extra: Any) -> T:
-        """This kind of run of `run`'s model, with its own settings `extra`."""
-        return cls(**{f.name: getattr(run, f.name) for f in fields(ModelRun)}, **extra)
-
-
-@dataclass
-class SplitModel(ModelRun):
+class SplitModel(MeshRun):
     force_split: int | None = None
     rtt_cap_ms: float = 80.0
     dataplane_port: int = 0  # this node's data plane: workers without the file fetch their tensors there
@@ -88,41 +60,36 @@ class SplitModel(ModelRun):
             log.info("placement for %s: %s", self.alias, "; ".join(current.reasons))
             if current.kind == "none":
                 self.on_state(state="loading", detail="waiting for capacity: " + current.reasons[-1])
-                await anyio.sleep(WAIT_FOR_CAPACITY_S)
+                await self.clock.sleep(WAIT_FOR_CAPACITY_S)
                 continue
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 await self._serve(current)
             except* (MeshLLMError, OSError, TimeoutError) as group:
                 exc = first_leaf(group)
                 log.warning("split of %s failed: %s", self.alias, exc)
                 self.on_state(state="loading", detail=f"re-planning: {exc}", upstream=None, pid=None)
-            log.info("split of %s ended after %.0f s; planning again", self.alias, time.monotonic() - started)
-            await anyio.sleep(REPLAN_PAUSE_S)
+            log.info("split of %s ended after %.0f s; planning again", self.alias, self.clock.monotonic() - started)
+            await self.clock.sleep(REPLAN_PAUSE_S)
 
     async def plan(self) -> Plan:
         """The plan from gossiped state: capacities, files, llama.cpp builds, and every member's RTT map
         (placement takes the worse direction); a member with no RTT either way yet is pinged once here."""
         me = self.mesh.identity.node_id
-        mine = self.mesh.rtt.measured(time.time())
-        nodes = []
-        for record in self.mesh.members():
-            if record.node_id == me or record.role == "client" or record.leaving:
-                continue
-            theirs = as_ms(record.rtt)
-            if record.node_id not in mine and me not in theirs:
+        unreachable = set()
+        *others, mine = mesh_view(self.mesh, self.model_path, self.capacity_bytes, self.clock.time())
+        for node in others:
+            if node.node_id not in mine.rtt_ms and me not in node.rtt_ms:
                 try:
                     with anyio.fail_after(3):
-                        mine[record.node_id] = await self.mesh.ping(record.node_id)
-                except (OSError, TimeoutError, MeshLLMError) as exc:
-                    log.info("no RTT to %s (%s): left out of the plan", record.node_id, exc)
+                        rtt = await self.mesh.ping(node.node_id)
+                except (PeerUnreachable, ProtocolError, ConnectionError, TimeoutError) as exc:
+                    log.info("no RTT to %s (%s): left out of the plan", node.node_id, exc)
+                    unreachable.add(node.node_id)
                     continue
-                self.mesh.rtt.observe(record.node_id, mine[record.node_id], time.time())
-            has_file = self.model_path.name.removesuffix(".gguf") in record.models_on_disk
-            nodes.append(
-                NodeCap(record.node_id, record.capacity_bytes, theirs, has_file=has_file, llama_cpp=record.llama_cpp)
-            )
-        nodes.append(NodeCap(me, self.capacity_bytes, rtt_ms=mine, has_file=True, llama_cpp=llama_cpp_identity()))
+                self.mesh.rtt.observe(node.node_id, rtt, self.clock.time())
+        view = mesh_view(self.mesh, self.model_path, self.capacity_bytes, self.clock.time())
+        nodes = [n for n in view if n.node_id not in unreachable]
         return plan(
             self.alias,
             self.facts,
@@ -225,10 +192,10 @@ class SplitModel(ModelRun):
         `rtt_cap_ms` on two consecutive checks `RTT_CHECK_S` apart (the re-plan leaves it out)."""
         me = self.mesh.identity.node_id
         over = OverCap(self.rtt_cap_ms)
-        next_rtt_check = time.monotonic() + RTT_CHECK_S
+        next_rtt_check = self.clock.monotonic() + RTT_CHECK_S
         with self.mesh.keep_measuring(workers):
             while True:
-                await anyio.sleep(WATCH_S)
+                await self.clock.sleep(WATCH_S)
                 records = {r.node_id: r for r in self.mesh.members() if not r.leaving}
                 gone = [w for w in workers if w not in records]
                 if gone:
@@ -236,9 +203,9 @@ class SplitModel(ModelRun):
                     self.on_state(state="loading", detail=f"worker {gone[0]} left; re-planning", upstream=None)
                     scope.cancel()
                     return
-                if time.monotonic() < next_rtt_check:
+                if self.clock.monotonic() < next_rtt_check:
                     continue
-                next_rtt_check = time.monotonic() + RTT_CHECK_S
+                next_rtt_check = self.clock.monotonic() + RTT_CHECK_S
                 seen = {w: (self.mesh.rtt.get(w), as_ms(records[w].rtt).get(me)) for w in workers}
                 far = over.check({w: worse(*pair) for w, pair in seen.items()})
                 if far:
@@ -284,11 +251,6 @@ def _describe(p: Plan) -> dict[str, Any]:
         "reasons": list(p.reasons),
         "missing_bytes": p.missing_bytes,
     }
-
-
-def safe_name(name: str) -> str:
-    """A model name as a file name (logs)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _ms(value: float | None) -> str:

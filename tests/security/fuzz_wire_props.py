@@ -690,7 +690,7 @@ def prop_tunnel_response(case: tuple[Any, bool]) -> Outcome:
     """The requester's side: the serving node's response head is a Response with an HTTP status, or
     UpstreamUnavailable (what the API turns into a 502/503)."""
     head, changed = case
-    from mesh_mcp.api.upstream import UpstreamUnavailable
+    from mesh_mcp.errors import UpstreamUnavailable
 
     async def main() -> Outcome:
         reader = asyncio.StreamReader()
@@ -824,7 +824,7 @@ class DataPlanePeer:
         return lambda: c
 
     async def _main(self) -> None:
-        from mesh_mcp.dataplane.relay import DataPlaneServer
+        from mesh_mcp.dataplane.listener import DataPlaneServer
 
         dead = socket.socket()
         dead.bind(("127.0.0.1", 0))
@@ -891,7 +891,7 @@ def set_dataplane_peer(peer: DataPlanePeer | None) -> None:
 def prop_dataplane(case: tuple[str, Any]) -> Outcome:
     """One authenticated connection to a real data plane server with a mutated request (a target, or the
     `tensors` service, then a mutated `want`): the server answers or refuses, and logs no error."""
-    from mesh_mcp.dataplane.relay import connect
+    from mesh_mcp.dataplane.services import connect
 
     peer = _PEER
     assert peer is not None, "run inside DataPlanePeer.running() and set_dataplane_peer()"

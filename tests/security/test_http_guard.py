@@ -32,15 +32,14 @@ from mesh_mcp.api.guard import (
     CONSOLE,
     Admit,
     Facts,
-    HttpGuard,
     Policy,
     Preflight,
     Refuse,
     api_keys,
     cors_origin,
     decide,
-    is_local,
 )
+from mesh_mcp.api.middleware import HttpGuard, is_local
 from mesh_mcp.api.serve import serve_http
 from mesh_mcp.errors import ConfigError
 from mesh_mcp.state import NodeState

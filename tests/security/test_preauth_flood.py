@@ -29,8 +29,9 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from mesh_mcp.dataplane import relay as dataplane
-from mesh_mcp.dataplane.relay import DataPlaneServer, Stream, connect
+from mesh_mcp.dataplane import limits as dataplane
+from mesh_mcp.dataplane.listener import DataPlaneServer
+from mesh_mcp.dataplane.services import Stream, connect
 from mesh_mcp.mesh import quic
 from mesh_mcp.mesh.admission import FULL, PER_SOURCE, Admission, Limits, RefusalLog, source_ip
 from mesh_mcp.mesh.identity import Identity, load_or_create

@@ -1,0 +1,317 @@
+"""The proxy: a raw ASGI endpoint forwarding one API path to a server of the model a request names — this node's
+llama-server or, through the `Directory`, another node of the mesh — best server first, the next one when a server
+fails before answering.
+
+Raw ASGI so that it (a) streams upstream bytes as they arrive, with no buffering, (b) watches for the client going
+away from the first byte on and cancels the upstream request (llama-server then stops generating), and (c) never
+lets bad input reach llama-server: oversized bodies get 413, malformed or too deeply nested JSON 400 (`jsonlimits`),
+unknown models 404 (listing what is served), a model still loading 503 with Retry-After, requests the official APIs
+refuse 400 naming the field (`checks`). Those answers are `HttpError`s raised here and shaped by the app's one
+boundary (`app.build_api`); where llama-server's answers differ from the official APIs' (Anthropic ids and stop
+sequences, context overflows, error shapes) they are rewritten on the way (`rewrite`). A stream that breaks off
+after its head ends with the API's in-stream error event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
+
+from mesh_mcp.api import rewrite as api_rewrite
+from mesh_mcp.api.checks import Flavor, ModelFacts, Rejection, check_model_field, check_request
+from mesh_mcp.api.directory import Directory, RemoteModel
+from mesh_mcp.api.errors import HttpError, sse_error_event
+from mesh_mcp.api.router import Candidate, match_model, ranked, session_key
+from mesh_mcp.api.upstream import Pool, request
+from mesh_mcp.errors import UpstreamBroken, UpstreamUnavailable
+from mesh_mcp.jsonlimits import JsonRejected, parse_object
+from mesh_mcp.mesh.tunnel import HOP_HEADER
+from mesh_mcp.response import Response
+from mesh_mcp.state import SERVING, ModelStatus, NodeState
+
+log = logging.getLogger("mesh_llm.api")
+
+RETRY_AFTER_S = 5
+MAX_ERROR_BODY = 64 << 10
+SERVED_BY = b"x-mesh-node"  # response header: the node whose llama-server answered
+# Headers that describe one hop, never forwarded.
+_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"te", b"trailer", b"upgrade"}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = HttpError(413, f"request body exceeds {limit} bytes", "request_too_large")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HttpError(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def _parse_payload(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object within `jsonlimits`' bounds (depth, string size), with a usable `model`."""
+    try:
+        payload = parse_object(body)
+    except JsonRejected as exc:
+        raise HttpError(400, str(exc)) from exc
+    if (bad := check_model_field(payload)) is not None:
+        raise _rejected(bad)
+    return payload
+
+
+def _rejected(rejection: Rejection) -> HttpError:
+    return HttpError(rejection.status, rejection.message, rejection.code, param=rejection.param)
+
+
+@dataclass(frozen=True)
+class Target:
+    node_id: str
+    base_url: str | None  # local llama-server; None for a remote node
+
+
+class Proxy:
+    """ASGI endpoint forwarding one API path to a server of the requested model: the local
+    llama-server or, through the directory, another node of the mesh."""
+
+    def __init__(
+        self, node: NodeState, directory: Directory, pool: Pool, path: str, flavor: Flavor, max_body: int
+    ) -> None:
+        self.node, self.directory, self.pool = node, directory, pool
+        self.path, self.flavor, self.max_body = path, flavor, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        routed = request.headers.get(HOP_HEADER.decode()) is not None  # from another node: serve locally only
+        body = await _read_body(request, self.max_body)
+        payload = _parse_payload(body)
+        name, routes, facts = self._routes(payload.get("model"), routed, session_key(payload))
+        if (rejection := check_request(payload, self.flavor, self.path, facts)) is not None:
+            raise _rejected(rejection)
+        asked = payload.get("stop_sequences")
+        stops = tuple(s for s in asked if isinstance(s, str)) if isinstance(asked, list) else ()
+        query = scope.get("query_string") or b""
+        target = self.path + ("?" + query.decode("latin-1") if query else "")
+        headers = [(b"content-type", b"application/json")]
+        if accept := request.headers.get("accept"):
+            headers.append((b"accept", accept.encode("latin-1")))
+        self._count(name, +1)
+        started = time.perf_counter()
+        try:
+            await self._forward(routes, target, body, headers, receive, send, stops)
+        finally:
+            self._count(name, -1)
+            log.debug("%s %s in %.1f ms", self.path, name, 1e3 * (time.perf_counter() - started))
+
+    def _count(self, name: str, delta: int) -> None:
+        status = self.node.models.get(name)
+        if status is not None:
+            self.node.models[name] = replace(status, in_flight=max(0, status.in_flight + delta))
+
+    def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target], ModelFacts]:
+        """The model's name, its servers (best first) and what they know of it; or the `HttpError` to answer."""
+        remote = [] if routed else self.directory.remote_models()
+        names = self.node.served_names() + sorted({r.name for r in remote} - set(self.node.served_names()))
+        name = match_model(requested, names)
+        if name is None:
+            msg = (
+                f"model '{requested}' is not served by this mesh; available: {', '.join(names)}"
+                if names
+                else f"model '{requested}' is not served: no node of this mesh serves a model yet"
+            )
+            raise HttpError(404, msg, "model_not_found", available=names)
+        local = self.node.models.get(name)
+        if local is not None and local.state == "stopped":
+            local = None
+        if local is not None and self.path.endswith("/embeddings") and not local.embeddings:
+            raise HttpError(400, f"model '{name}' is a generation model and does not serve embeddings")
+        candidates: dict[str, Target] = {}
+        pool: list[Candidate] = []
+        if local is not None and local.state == SERVING and local.upstream is not None:
+            candidates[self.node.node_id] = Target(self.node.node_id, local.upstream)
+            pool.append(Candidate(self.node.node_id, local.in_flight, local=True))
+        for r in remote:
+            if r.name == name and r.state == SERVING and r.node_id not in candidates:
+                candidates[r.node_id] = Target(r.node_id, None)
+                pool.append(Candidate(r.node_id, r.in_flight))
+        if candidates:
+            facts = _facts(name, local, [r for r in remote if r.name == name and r.node_id in candidates])
+            return name, [candidates[c.node_id] for c in ranked(pool, session)], facts
+        if local is not None and local.state == "failed":
+            raise HttpError(503, f"model '{name}' failed to start: {local.detail}", "model_failed")
+        state = local.state if local is not None else "loading"
+        msg = f"model '{name}' is {state}; retry in {RETRY_AFTER_S}s"
+        raise HttpError(503, msg, "model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def _open(self, route: Target, target: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
+        if route.base_url is None:
+            return await self.directory.open(route.node_id, "POST", target, headers, body)
+        url = urlsplit(route.base_url)
+        return await request(self.pool, url.hostname or "127.0.0.1", url.port or 80, "POST", target, body, headers)
+
+    async def _forward(
+        self,
+        routes: list[Target],
+        target: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+        stop_sequences: tuple[str, ...] = (),
+    ) -> None:
+        failed: HttpError | None = None
+        async with anyio.create_task_group() as tg:
+            # From here on, a client disconnect cancels the upstream request (llama-server stops).
+            tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            try:
+                await self._answer(routes, target, body, headers, send, stop_sequences)
+            except HttpError as exc:  # carried out of the task group (which would wrap it) to the app's boundary
+                failed = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+
+    async def _answer(
+        self,
+        routes: list[Target],
+        target: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        stop_sequences: tuple[str, ...],
+    ) -> None:
+        resp: Response | None = None
+        for route in routes:  # a server that fails before answering is skipped for the next
+            try:
+                resp = await self._open(route, target, body, headers)
+                break
+            except UpstreamUnavailable as exc:
+                log.warning("server %s of this model is unavailable: %s", route.node_id, exc)
+        if resp is None:
+            msg = "no server of this model answered; retry shortly"
+            raise HttpError(503, msg, "backend_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            await self._relay(resp, send, route.node_id, stop_sequences)
+        finally:
+            await resp.aclose()
+
+    async def _relay(self, resp: Response, send: Send, node_id: str, stop_sequences: tuple[str, ...]) -> None:
+        out_headers = [(k, v) for k, v in resp.headers if k not in _HOP]
+        if not any(k == SERVED_BY for k, _ in out_headers):  # a peer that served it has named itself
+            out_headers.append((SERVED_BY, node_id.encode()))
+        if resp.status >= 400:
+            await self._error(resp, out_headers, send)
+            return
+        content_type = resp.header(b"content-type") or b""
+        is_sse = content_type.startswith(b"text/event-stream")
+        stream: api_rewrite.AnthropicStream | None = None
+        if self.flavor == "anthropic" and self.path == "/v1/messages":
+            if not is_sse:
+                await self._anthropic_message(resp, out_headers, send, stop_sequences)
+                return
+            stream = api_rewrite.AnthropicStream(stop_sequences)
+            out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+        try:
+            async for chunk in resp.chunks():
+                if stream is not None and not (chunk := stream.feed(chunk)):
+                    continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if stream is not None and (tail := stream.flush()):
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
+        except UpstreamBroken as exc:
+            log.warning("upstream failed mid-response: %s", exc)
+            if is_sse:  # an incomplete line a stream held back is dropped: the error event follows whole events
+                msg = "the model's server failed mid-stream; the response is incomplete"
+                event = sse_error_event(self.flavor, msg, "upstream_failed")
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _error(self, resp: Response, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """An upstream error, read whole (at most `MAX_ERROR_BODY`) and answered in the client's API's shape.
+
+        llama-server answers errors on /v1/messages in OpenAI's shape (`{"error": {"code", "type", ...}}`);
+        Anthropic clients expect `{"type": "error", "error": {"type", "message"}}`. A context overflow becomes each
+        API's own (`api_rewrite`). Rewritten once: a body a peer already rewrote passes unchanged."""
+        raw = await _read_at_most(resp, MAX_ERROR_BODY)
+        out = [(k, v) for k, v in headers if k != b"content-length"]
+        if self.flavor == "anthropic":
+            body = api_rewrite.anthropic_error_body(resp.status, raw)
+        elif (rewritten := api_rewrite.openai_context_error(raw, self.path)) is not None:
+            body = rewritten
+        else:
+            body = raw
+        if body is not raw:
+            out = [(k, v) for k, v in out if k != b"content-type"] + [(b"content-type", b"application/json")]
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _anthropic_message(
+        self, resp: Response, headers: list[tuple[bytes, bytes]], send: Send, stop_sequences: tuple[str, ...]
+    ) -> None:
+        """A non-streaming /v1/messages answer, read whole and rewritten (`api_rewrite.anthropic_message`); one
+        longer than `MAX_MESSAGE_BODY` passes unchanged. An upstream that breaks off before is a 502."""
+        chunks = resp.chunks()
+        raw = bytearray()
+        try:
+            async for chunk in chunks:
+                raw += chunk
+                if len(raw) > api_rewrite.MAX_MESSAGE_BODY:
+                    break
+        except UpstreamBroken as exc:
+            log.warning("upstream failed mid-response: %s", exc)
+            raise HttpError(502, "the model's server failed mid-answer; retry") from exc
+        if len(raw) > api_rewrite.MAX_MESSAGE_BODY:
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": bytes(raw), "more_body": True})
+            with contextlib.suppress(UpstreamBroken):
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        body = api_rewrite.anthropic_message(bytes(raw), stop_sequences)
+        out = [(k, v) for k, v in headers if k != b"content-length"] + [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _read_at_most(resp: Response, limit: int) -> bytes:
+    """An upstream body up to about `limit` bytes (a failure mid-body keeps what arrived)."""
+    raw = bytearray()
+    with contextlib.suppress(UpstreamBroken):
+        async for chunk in resp.chunks():
+            raw += chunk
+            if len(raw) > limit:
+                break
+    return bytes(raw)
+
+
+def _facts(name: str, local: ModelStatus | None, remote: list[RemoteModel]) -> ModelFacts:
+    """What the servers of a model know of it: the least context any gives, and whether it can call tools
+    (true if any server says so, false only if one says so and none says otherwise)."""
+    contexts = [c for c in ([local.context] if local else []) + [r.ctx for r in remote] if c]
+    said = [t for t in ([local.tools] if local else []) + [r.tools for r in remote] if t is not None]
+    return ModelFacts(name, min(contexts) if contexts else None, any(said) if said else None)
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

@@ -1,0 +1,241 @@
+"""The serving plane's supervisor: for each model this node was asked to serve, gather what the planner needs, let
+it decide, and run the matching runner — decide, then do.
+
+Per model: resolve and download the GGUF (progress in the bars and `/api/status`), read its facts, clamp the
+context to the model's training context, wait for llama.cpp, `plan.decide()`, then `runners.runner_for()` serves
+until cancelled (`drop`) — a `ShardingRefused` from the expert-shard runner makes it decide again with the reason,
+which falls back to a pipeline split. A model's failure (its download, a corrupt file, a full disk) fails that model
+visibly; the node and its other models go on. With no model, `standby()` holds the node's `Standby` decision (a
+member lends capacity to splits through its rpc-server link; demand-driven promotion will live here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import anyio
+
+from inference import hardware, models
+from inference.diskspace import is_disk_full
+from inference.gguf_facts import GGUFFacts, read_facts
+from inference.llama_server import ServerSettings
+from inference.llamacpp import LlamaCpp
+from inference.placement import NodeCap
+from mesh_mcp.clock import SYSTEM_CLOCK, Clock
+from mesh_mcp.errors import ConfigError, MeshLLMError
+from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.serving.plan import Flags, Standby, ThisNode, decide
+from mesh_mcp.serving.run import ModelRun, ShardingRefused
+from mesh_mcp.serving.runners import runner_for
+from mesh_mcp.serving.view import mesh_view
+from mesh_mcp.state import NodeState
+
+log = logging.getLogger("mesh_llm.node")
+
+# Architectures that are embedding models: their llama-server runs with --embeddings.
+EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert"})
+
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class ServingSetup:
+    """What the node hands the serving plane at start-up."""
+
+    state: NodeState
+    hardware: hardware.Hardware
+    home: Path
+    models_dir: Path
+    server: ServerSettings
+    mesh: Mesh | None = None
+    client: bool = False
+    split: int | None = None  # --split N
+    threads: int | None = None  # --threads (default: all cores)
+    dataplane_port: int = 0  # this node's data plane (split workers without the file fetch tensors there)
+    on_download: Progress = lambda label, done, total: None  # the terminal's progress bars
+    clock: Clock = SYSTEM_CLOCK
+    _llama: LlamaCpp | None = field(default=None, repr=False)
+    _llama_ready: anyio.Event = field(default_factory=anyio.Event, repr=False)
+
+    def this_node(self, backend: str = "cpu") -> ThisNode:
+        hw = self.hardware
+        return ThisNode(
+            self.state.node_id,
+            hw.capacity_bytes,
+            gpus=len(hw.gpus),
+            backend=backend,
+            bandwidth_bytes_s=hw.bandwidth_bytes_s,
+            client=self.client,
+            in_mesh=self.mesh is not None,
+        )
+
+    def flags(self) -> Flags:
+        return Flags(split=self.split, ctx_per_slot=self.server.ctx_per_slot, slots=self.server.slots)
+
+
+class Serving:
+    """Every model this node serves, each in its own cancel scope (`drop` ends one)."""
+
+    def __init__(self, setup: ServingSetup) -> None:
+        self.setup = setup
+        self._scopes: dict[str, anyio.CancelScope] = {}
+
+    def llama_ready(self, llama: LlamaCpp) -> None:
+        """llama.cpp is built and passed its self-test: models waiting to load go on."""
+        self.setup._llama = llama
+        self.setup._llama_ready.set()
+
+    async def _llama(self) -> LlamaCpp:
+        await self.setup._llama_ready.wait()
+        assert self.setup._llama is not None
+        return self.setup._llama
+
+    async def standby(self) -> None:
+        """No model to serve: hold the `Standby` decision (logged with why) until cancelled."""
+        plan = decide(None, None, self.setup.this_node(), self.setup.flags())
+        assert isinstance(plan, Standby)
+        if plan.lends_capacity:
+            log.info("%s", plan.reasons[0])
+        elif not self.setup.client:
+            log.info(
+                "no model given: serving the console only. Next: `mesh-llm --model SmolLM2-135M-Instruct` "
+                "to serve the embedded default, or `mesh-llm download` to list the catalog."
+            )
+        await anyio.sleep_forever()
+
+    def drop(self, requested: str) -> str:
+        """Stop serving a model (its llama-server is terminated); returns its name."""
+        state = self.setup.state
+        status = state.find_model(requested)
+        if status is None:
+            raise ConfigError(f"this node does not serve {requested!r}; it serves {state.served_names()}")
+        if (scope := self._scopes.pop(status.name, None)) is not None:
+            scope.cancel()
+        state.update_model(status.name, state="stopped", detail="dropped", upstream=None, pid=None)
+        log.info("dropped %s", status.name)
+        return status.name
+
+    async def serve(self, spec: str) -> None:
+        """Serve the model `spec` names until dropped or cancelled; a failure fails this model only."""
+        with anyio.CancelScope() as scope:
+            try:
+                await self._serve(spec, scope)
+            except OSError as exc:
+                # A full disk met by a writer that did not say so itself (an rpc cache, a shard): this model
+                # fails, visibly; the node and its other models go on. Other OSErrors are bugs: they propagate.
+                if not is_disk_full(exc):
+                    raise
+                name = next((n for n, s in self._scopes.items() if s is scope), spec)
+                detail = f"the disk is full: {exc.strerror} ({exc.filename or 'a file'}); free some space and restart"
+                log.error("model %s: %s", name, detail)
+                self.setup.state.update_model(name, state="failed", detail=detail, progress=None, upstream=None)
+
+    async def _serve(self, spec: str, scope: anyio.CancelScope) -> None:
+        setup = self.setup
+        fetched = await self._fetch(spec, scope)
+        if fetched is None:
+            return
+        name, path, facts = fetched
+        embeddings = facts.architecture in EMBEDDING_ARCHS
+        context = _context(name, facts, setup.server)
+        setup.state.update_model(
+            name,
+            state="loading",
+            progress=None,
+            context=context,
+            path=str(path),
+            size_bytes=facts.file_size,
+            architecture=facts.architecture,
+            layers=facts.block_count,
+            embeddings=embeddings,
+            tools=None if embeddings else facts.template_calls_tools,  # until llama-server's /props says
+            detail="waiting for llama.cpp" if not setup._llama_ready.is_set() else "starting llama-server",
+        )
+        plan = decide(name, facts, setup.this_node(), setup.flags(), self._view(path))
+        log.info("placement for %s: %s", name, "; ".join(plan.reasons))
+        llama = await self._llama()
+        # The backend is known now: it decides whether a solo server offloads layers to the GPU(s).
+        plan = decide(name, facts, setup.this_node(llama.backend), setup.flags(), self._view(path))
+        run = ModelRun(
+            llama=llama,
+            home=setup.home,
+            model_path=path,
+            alias=name,
+            facts=facts,
+            settings=replace(setup.server, embeddings=embeddings),
+            capacity_bytes=setup.hardware.capacity_bytes,
+            threads=setup.threads or setup.hardware.cpu_cores,
+            on_state=lambda **changes: setup.state.update_model(name, **changes),
+            clock=setup.clock,
+        )
+        while True:
+            if isinstance(plan, Standby):  # decide() gives a model's facts no Standby; guard the type
+                raise AssertionError(f"{name}: standby for a model")
+            try:
+                await runner_for(plan, run, setup.mesh, setup.dataplane_port).run()
+                return
+            except ShardingRefused as exc:
+                log.warning("%s: not served as expert shards (%s); falling back to a pipeline split", name, exc)
+                setup.state.update_model(
+                    name, state="loading", detail=f"expert shards refused: {exc}; pipeline split", upstream=None
+                )
+                node, flags = setup.this_node(llama.backend), setup.flags()
+                plan = decide(name, facts, node, flags, self._view(path), shards_refused=str(exc))
+
+    def _view(self, path: Path) -> list[NodeCap]:
+        """The mesh as placement sees it now (gossip only: the split runner pings members it lacks RTTs for)."""
+        mesh = self.setup.mesh
+        return (
+            [] if mesh is None else mesh_view(mesh, path, self.setup.hardware.capacity_bytes, self.setup.clock.time())
+        )
+
+    async def _fetch(self, spec: str, scope: anyio.CancelScope) -> tuple[str, Path, GGUFFacts] | None:
+        """Resolve, download and read the model; None (the model failed, with why) when that cannot be done."""
+        setup, name = self.setup, spec
+        try:
+            name = models.request_name(models.parse_spec(spec))
+            self._scopes[name] = scope
+            setup.state.update_model(name, state="downloading", detail=f"resolving {spec}")
+
+            def progress(label: str, done: int, total: int | None) -> None:
+                setup.on_download(label, done, total)
+                frac = done / total if total else None
+                setup.state.update_model(name, state="downloading", progress=frac, detail=f"downloading {label}")
+
+            local = await models.ensure_model(spec, models_dir=setup.models_dir, on_progress=progress)
+            setup.state.models_on_disk = models.on_disk(setup.models_dir)
+            facts = await anyio.to_thread.run_sync(read_facts, local.path)
+        except MeshLLMError as exc:  # DiskFull included: "needs 98 MB in /models but only 38 MB is free: ..."
+            log.error("model %s: %s", spec, exc)
+            setup.state.update_model(name, state="failed", detail=str(exc), progress=None)
+            return None
+        except OSError as exc:  # the models directory itself (creating it, a lock file): fail this model only
+            full = " (the disk is full: free some space or pass --models-dir on a larger disk)"
+            full = full if is_disk_full(exc) else ""
+            detail = f"cannot use the models directory {setup.models_dir}: {exc.strerror or exc}{full}"
+            log.error("model %s: %s", spec, detail)
+            setup.state.update_model(name, state="failed", detail=detail, progress=None)
+            return None
+        return name, local.path, facts
+
+
+def _context(name: str, facts: GGUFFacts, server: ServerSettings) -> int:
+    """Tokens one request may hold. The KV cache is unified: one request may fill all of it (--ctx-size ×
+    --parallel), up to the model's training context, where llama-server caps a slot silently."""
+    asked = server.ctx_per_slot
+    context = asked * server.slots
+    if facts.context_length and context > facts.context_length:
+        if asked > facts.context_length:
+            log.warning(
+                "%s was trained with a %d-token context: llama-server caps each request at %d tokens, not the %d "
+                "asked with --ctx-size",
+                name,
+                facts.context_length,
+                facts.context_length,
+                asked,
+            )
+        context = facts.context_length
+    return context
