@@ -19,7 +19,7 @@ that did not, to be closed. Authenticated connections are released and never cou
 quiet interval is one line at once (a misconfigured member is seen immediately); the rest of the interval
 is one summary line.
 
-Both planes use these: `quic.py` (keyed by connection id) and `dataplane.py` (keyed by tunnel).
+Both planes use these: `quic.py` (keyed by connection id) and `dataplane/listener.py` (keyed by tunnel).
 """
 
 from __future__ import annotations

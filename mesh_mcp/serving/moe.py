@@ -7,7 +7,7 @@ Decide, then do:
    and `moe_assign.assign` choose each shard's experts: the most-used ones on every shard, the rest dealt out;
 3. the full model's reference on held-out prompts (`moe_quality.reference_for`, cached the same way);
 4. every shard node — this one included — writes its shard from its own copy of the GGUF, loads it and scores it
-   against the reference (top-1 agreement, KL) over a `moe-shard` lease (`mesh/shard_link.py`);
+   against the reference (top-1 agreement, KL) over a `moe-shard` lease (`serving/shard_node.py`);
 5. only when **every** shard passes the gate are they opened to sessions (`serve`); the router then hashes each
    session to one shard node (rendezvous on the session key: a node joining or leaving moves only its share).
    If one fails, all leases end and `ShardingRefused` tells the node to serve the model as a pipeline split,

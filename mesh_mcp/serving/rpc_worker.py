@@ -16,7 +16,7 @@ Streams (QUIC control plane):
 
 Every node's data plane also serves its models' tensors to peers that lack them
 (`tensor_fetch.TensorService`, the data-plane service `tensors`). The bytes of llama.cpp RPC and of
-tensors never travel on QUIC: they go over the data plane (`dataplane.py`).
+tensors never travel on QUIC: they go over the data plane (`mesh_mcp/dataplane/`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Decide, then do: `placement.plan()` (pure) says which workers take which layers from what the mesh
 gossips (capacity, the file on disk, llama.cpp build, RTT maps); this module acts on it:
 
-1. lease an rpc-server on every worker (`rpc_link.lease`; the worker pre-seeds its cache for its
+1. lease an rpc-server on every worker (`rpc_worker.lease`; the worker pre-seeds its cache for its
    layers from its own copy of the GGUF, or fetches just those tensors from this node's data plane,
    so no weight crosses the network at load);
 2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
