@@ -123,7 +123,7 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from mesh_mcp.mesh.quic import make_certificate
+    from mesh_mcp.mesh.credentials import make_certificate
 
     key = Ed25519PrivateKey.generate()
     cert = make_certificate(key, "bench")
@@ -380,8 +380,8 @@ async def relay_asyncio_main(side: str, to_port: int, impl: str) -> None:
 async def relay_dataplane_main(side: str, to_port: int) -> None:
     from mesh_mcp.dataplane.listener import DataPlaneServer
     from mesh_mcp.dataplane.relay import Relay
+    from mesh_mcp.mesh.credentials import Credentials
     from mesh_mcp.mesh.identity import load_or_create
-    from mesh_mcp.mesh.quic import Credentials
 
     secret = b"s" * 32
     with tempfile.TemporaryDirectory() as home:

@@ -100,6 +100,11 @@ class Hardware:
             return min(g.bandwidth_bytes_s for g in self.gpus)
         return CPU_BANDWIDTH
 
+    def describe(self) -> str:
+        """One line for the log: cores, RAM, GPUs."""
+        gpus = ", ".join(f"{g.name} {g.memory_bytes / 2**30:.0f} GiB" for g in self.gpus) or "no GPU"
+        return f"{self.cpu_cores} cores, {self.ram_bytes / 2**30:.0f} GiB RAM, {gpus}"
+
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["vram_bytes"] = self.vram_bytes

@@ -28,10 +28,10 @@ from mesh_mcp.api.app import build_api
 from mesh_mcp.api.console import build_console
 from mesh_mcp.api.guard import API, CONSOLE, Policy
 from mesh_mcp.api.mesh_directory import MeshDirectory
-from mesh_mcp.api.middleware import HttpGuard
+from mesh_mcp.api.middleware import HttpGuard, log_exposure
 from mesh_mcp.api.serve import serve_http
 from mesh_mcp.errors import ConfigError, MeshLLMError
-from mesh_mcp.mcp.local import RuntimeInfo, remove_runtime, write_runtime
+from mesh_mcp.mcp.local import RuntimeInfo, withdraw_on_exit, write_runtime
 from mesh_mcp.mcp.mount import McpMount
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.serving.rpc_worker import RpcLink
@@ -127,7 +127,7 @@ class Node:
                     gossip=config.gossip,
                 ),
             )
-            self.state.peers = self._peers
+            self.state.peers = self.mesh.peer_table
             self.state.traffic = self._traffic
         self.board: Board | None = None
         self.board_link: BoardLink | None = None
@@ -195,7 +195,7 @@ class Node:
             console_app = HttpGuard(build_console(self.state, self, self.board), policy, CONSOLE)
             api_port = await tg.start(serve_http, api_app, cfg.host, cfg.api_port)
             console_port = await tg.start(serve_http, console_app, cfg.host, cfg.console_port)
-            _log_exposure(policy, api_port, console_port)
+            log_exposure(policy, api_port, console_port)
             self.state.set_info(
                 api_url=f"http://{_display_host(cfg.host)}:{api_port}/v1",
                 console_url=f"http://{_display_host(cfg.host)}:{console_port}",
@@ -206,12 +206,12 @@ class Node:
                 self.state.node_id,
                 self.state.api_url,
                 self.state.console_url,
-                _describe_hw(self.hardware),
+                self.hardware.describe(),
             )
             write_runtime(
                 cfg.home, RuntimeInfo(os.getpid(), self.identity.node_id, self.state.api_url, self.state.console_url)
             )
-            tg.start_soon(_remove_runtime_on_exit, cfg.home)
+            tg.start_soon(withdraw_on_exit, cfg.home)
             if self.mesh is not None:
                 tg.start_soon(self._print_token, self.mesh)
             task_status.started()
@@ -285,59 +285,6 @@ class Node:
             out["rpc_bytes_in"] = sum(c.to_rpc_server for c in counters)
             out["rpc_bytes_out"] = sum(c.from_rpc_server for c in counters)
         return out
-
-    def _peers(self) -> list[dict[str, object]]:
-        assert self.mesh is not None
-        return [
-            {
-                "node_id": r.node_id,
-                "name": r.name,
-                "role": r.role,
-                "addresses": list(r.addresses),
-                "models": [m.name for m in r.models_served],
-                "serving": [m.name for m in r.models_served if m.state == "serving"],
-                "self": r.node_id == self.identity.node_id,
-                "rtt_ms": None if (ms := self.mesh.rtt.get(r.node_id)) is None else round(ms, 1),
-                "rtt_gossiped": {peer: tenths / 10 for peer, tenths in r.rtt},
-                "llama_cpp": r.llama_cpp,
-            }
-            for r in self.mesh.members()
-        ]
-
-
-async def _remove_runtime_on_exit(home: Path) -> None:
-    try:
-        await anyio.sleep_forever()
-    finally:
-        remove_runtime(home)
-
-
-def _log_exposure(policy: Policy, api_port: int, console_port: int) -> None:
-    """Say what other machines and browser apps can reach (never the keys themselves)."""
-    if policy.cors_origins:
-        log.info("browser apps allowed to call this node (--cors-origin): %s", ", ".join(sorted(policy.cors_origins)))
-    if not policy.listen_all:
-        return
-    ports = f"ports {api_port} (API, /mcp) and {console_port} (console)"
-    if policy.no_auth:
-        log.warning(
-            "--listen-all --no-auth: anyone who can reach this machine on %s can use its models and the mesh's, "
-            "call its MCP tools and read and post to the blackboard, with no key; the invite token and node "
-            "controls stay on this machine",
-            ports,
-        )
-    else:
-        log.info(
-            "--listen-all: other machines reach %s with one of the %d API key(s) (Authorization: Bearer KEY or "
-            "x-api-key: KEY); the invite token and node controls stay on this machine",
-            ports,
-            len(policy.api_keys),
-        )
-
-
-def _describe_hw(hw: hardware.Hardware) -> str:
-    gpus = ", ".join(f"{g.name} {g.memory_bytes / 2**30:.0f} GiB" for g in hw.gpus) or "no GPU"
-    return f"{hw.cpu_cores} cores, {hw.ram_bytes / 2**30:.0f} GiB RAM, {gpus}"
 
 
 def _display_host(host: str) -> str:

@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from blackboard.post import make_post, to_wire
 from mesh_mcp.mesh import tokens
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
-from mesh_mcp.mesh.quic import Credentials, MeshTransport, close_quietly
+from mesh_mcp.mesh.quic import MeshTransport
+from mesh_mcp.mesh.wire import close_quietly
 from tests.harness import NodeProcess
 
 pytestmark = pytest.mark.slow

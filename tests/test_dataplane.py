@@ -28,8 +28,8 @@ from mesh_mcp.dataplane.listener import DataPlaneServer
 from mesh_mcp.dataplane.relay import Relay, open_relay
 from mesh_mcp.dataplane.services import Stream, connect
 from mesh_mcp.errors import AuthError
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import Identity
-from mesh_mcp.mesh.quic import Credentials
 from mesh_mcp.mesh.wire import encode
 from tests.harness import free_port
 

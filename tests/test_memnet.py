@@ -20,8 +20,8 @@ from mesh_mcp.api.app import build_api
 from mesh_mcp.api.mesh_directory import MeshDirectory
 from mesh_mcp.errors import HandshakeRefused
 from mesh_mcp.mesh import meshfile, tokens
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
-from mesh_mcp.mesh.quic import Credentials
 from mesh_mcp.mesh.runtime import Mesh, MeshSettings
 from mesh_mcp.state import NodeState
 from mesh_mcp.testing import FakeClock, MemoryNetwork, MemoryTransport, settle

@@ -24,8 +24,9 @@ import pytest
 
 from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh import tokens
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
-from mesh_mcp.mesh.quic import Credentials, MeshTransport
+from mesh_mcp.mesh.quic import MeshTransport
 from mesh_mcp.mesh.wire import read_frame
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, pid_alive

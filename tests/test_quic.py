@@ -10,8 +10,9 @@ import anyio
 import pytest
 
 from mesh_mcp.errors import AuthError
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
-from mesh_mcp.mesh.quic import Connection, Credentials, MeshTransport
+from mesh_mcp.mesh.quic import Connection, MeshTransport
 from mesh_mcp.mesh.wire import encode, read_frame
 
 MESH = b"m" * 16

@@ -7,10 +7,14 @@ local or not for the app (`is_local`), and adds `Access-Control-Allow-Origin` fo
 
 from __future__ import annotations
 
+import logging
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh_mcp.api.errors import error_bytes
 from mesh_mcp.api.guard import Admit, Facts, Policy, Preflight, Refuse, Surface, decide
+
+log = logging.getLogger("mesh_llm.node")
 
 LOCAL = "mesh_llm.local"  # scope key: the request comes from this machine, to a loopback name, not from a web page
 # The `code` of each refusal where the shape has one (OpenAI's).
@@ -100,3 +104,26 @@ class HttpGuard:
         except Exception:
             if not answered:  # the app's own failure; after our 413 it only saw the disconnect we gave it
                 raise
+
+
+def log_exposure(policy: Policy, api_port: int, console_port: int) -> None:
+    """Say, at start-up, what other machines and browser apps can reach (never the keys themselves)."""
+    if policy.cors_origins:
+        log.info("browser apps allowed to call this node (--cors-origin): %s", ", ".join(sorted(policy.cors_origins)))
+    if not policy.listen_all:
+        return
+    ports = f"ports {api_port} (API, /mcp) and {console_port} (console)"
+    if policy.no_auth:
+        log.warning(
+            "--listen-all --no-auth: anyone who can reach this machine on %s can use its models and the mesh's, "
+            "call its MCP tools and read and post to the blackboard, with no key; the invite token and node "
+            "controls stay on this machine",
+            ports,
+        )
+    else:
+        log.info(
+            "--listen-all: other machines reach %s with one of the %d API key(s) (Authorization: Bearer KEY or "
+            "x-api-key: KEY); the invite token and node controls stay on this machine",
+            ports,
+            len(policy.api_keys),
+        )

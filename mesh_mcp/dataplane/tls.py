@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives import serialization
 from mesh_mcp.dataplane import limits
 from mesh_mcp.errors import AuthError, ProtocolError
 from mesh_mcp.mesh import handshake as hs
+from mesh_mcp.mesh.credentials import Credentials, make_certificate, raw_public_key
 from mesh_mcp.mesh.identity import Identity
-from mesh_mcp.mesh.quic import Credentials, _raw, make_certificate
 from mesh_mcp.mesh.wire import decode_json, encode_json
 
 CredentialsProvider = Callable[[], Credentials]
@@ -86,7 +86,7 @@ class Tls:
         der = self._obj.getpeercert(binary_form=True)
         if not der:
             raise AuthError("peer presented no certificate")
-        return _raw(x509.load_der_x509_certificate(der).public_key())
+        return raw_public_key(x509.load_der_x509_certificate(der).public_key())
 
     def _flush(self) -> None:
         if self._out.pending:

@@ -90,6 +90,14 @@ def write_runtime(home: Path, info: RuntimeInfo) -> None:
         raise
 
 
+async def withdraw_on_exit(home: Path) -> None:
+    """Wait until cancelled, then withdraw this node's announcement (`remove_runtime`)."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        remove_runtime(home)
+
+
 def remove_runtime(home: Path, pid: int | None = None) -> None:
     """Withdraw the announcement of the node with `pid` (default: this process), if the file is its.
 

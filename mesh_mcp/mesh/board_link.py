@@ -38,10 +38,9 @@ from blackboard.sync import (
 )
 from mesh_mcp.errors import MeshLLMError, PeerUnreachable, ProtocolError
 
-from .quic import close_quietly
 from .runtime import Mesh
 from .transport import PeerConnection
-from .wire import CONTROL_LIMIT, decode_json, encode_json, read_frame, read_json
+from .wire import CONTROL_LIMIT, close_quietly, decode_json, encode_json, read_frame, read_json
 
 log = logging.getLogger("mesh_llm.blackboard")
 

@@ -21,9 +21,9 @@ import anyio
 from mesh_mcp.errors import ConfigError, PeerUnreachable, ProtocolError, RotationRefused
 
 from . import meshfile, rotation, wire
+from .credentials import Credentials
 from .liveness import SEND_TIMEOUT_S
 from .meshfile import MeshConfig
-from .quic import Credentials
 from .transport import PeerConnection
 from .wire import encode_json, read_json
 

@@ -21,10 +21,9 @@ import anyio
 
 from mesh_mcp.errors import PeerUnreachable, ProtocolError
 
-from .quic import close_quietly
 from .rtt import TICK_S
 from .transport import PeerConnection
-from .wire import encode_json, read_json
+from .wire import close_quietly, encode_json, read_json
 
 if TYPE_CHECKING:
     from .runtime import Mesh

@@ -11,25 +11,24 @@ never the node. Before authenticating, a connection is limited (`admission.py`):
 all, with slots reserved for known members' addresses, and closed `AUTH_DEADLINE_S` after it was created;
 under pressure a new one must first prove its address (a QUIC Retry). Refusals are logged rate-limited.
 
-Size: one responsibility earns this module's length (about 700 lines): the adapter over aioquic — its connection,
+Size: one responsibility earns this module's length (about 600 lines): the adapter over aioquic — its connection,
 its listener's pre-authentication defences (admission, Retry, refusal packets) and dialling all reach into
 aioquic's internals, and are kept in the one place that does. What the planes above need of it is the
-`transport.Transport` seam; reaching a member by node id is `Mesh.reach`/`Mesh.dial`.
+`transport.Transport` seam (streams are dispatched by `transport.serve_stream`, dials by `transport.dial_any`, as
+the in-memory twin does); the credentials and certificate are `credentials.py`'s; reaching a member by node id is `Mesh.reach`/`Mesh.dial`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import socket
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from aioquic.asyncio import QuicConnectionProtocol
@@ -43,18 +42,15 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pu
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from anyio.abc import TaskStatus
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.x509.oid import NameOID
 
 from mesh_mcp.errors import AuthError, ConfigError, HandshakeRefused, MeshLLMError, PeerUnreachable, ProtocolError
-from mesh_mcp.mesh.identity import Identity
 
 from . import handshake as hs
 from .admission import Admission, Limits, RefusalLog, source_ip
+from .credentials import Credentials, make_certificate, raw_public_key
 from .tokens import split_address
-from .wire import encode_json, read_json
+from .transport import PeerConnection, StreamHandler, Traffic, dial_any, serve_stream
+from .wire import close_quietly, encode_json, read_json
 
 log = logging.getLogger("mesh_llm.quic")
 
@@ -70,40 +66,6 @@ PENDING_LIMITS = Limits(per_source=8, shared=64, reserved=32, deadline_s=AUTH_DE
 RETRY_ABOVE = 4  # pending connections beyond which a new one must first prove its address (a QUIC Retry)
 SWEEP_S = 0.25  # how often overdue connections are looked for (the deadline's precision)
 KNOWN_TTL_S = 1.0  # the known members' addresses are recomputed at most this often
-
-StreamHandler = Callable[["Connection", dict[str, Any], asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Credentials:
-    identity: Identity
-    mesh_id: bytes
-    secret: bytes  # the current secret: what this node proves with
-    accepted: Callable[[str | None], tuple[bytes, ...]]  # secrets accepted from a node id (None: unknown)
-    epoch: int = 0  # the current secret's epoch: told to a node refused for proving an older secret
-    previous: tuple[bytes, ...] = ()  # superseded secrets: a new node proving one is told its token is old
-    evicted: frozenset[str] = frozenset()  # node ids an owner removed: refused whatever they prove
-
-
-def make_certificate(key: Ed25519PrivateKey, common_name: str) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, None)
-    )
-
-
-def _raw(public: Any) -> bytes:
-    if not isinstance(public, Ed25519PublicKey):
-        raise AuthError("peer certificate is not an Ed25519 node key")
-    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 @asynccontextmanager
@@ -146,14 +108,6 @@ async def _dial(
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await conn.wait_closed()
         transport.close()
-
-
-def close_quietly(writer: asyncio.StreamWriter) -> None:
-    """Half-close our side of a stream if it is still open (never raises)."""
-    try:
-        writer.close()
-    except Exception:
-        writer.transport._closing = True  # type: ignore[attr-defined]
 
 
 class Connection(QuicConnectionProtocol):
@@ -249,40 +203,34 @@ class Connection(QuicConnectionProtocol):
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        owner = self.transport_owner
         try:
-            if not self.authenticated.is_set():
-                if self.is_client_side:
-                    # Streams the server opens right after its welcome may arrive before it: wait, bounded.
-                    await asyncio.wait_for(self.authenticated.wait(), HANDSHAKE_TIMEOUT_S)
-                elif self._handshake_started:
-                    raise AuthError("opened a second stream before authenticating")
-                else:
-                    self._handshake_started = True
-                    await asyncio.wait_for(owner._server_handshake(self, reader, writer), HANDSHAKE_TIMEOUT_S)
-                    return
-            header = await read_json(reader)
-            handler = owner.handlers.get(str(header.get("t")))
-            if handler is None:
-                raise ProtocolError(f"unknown stream type {header.get('t')!r}")
-            await handler(self, header, reader, writer)
-        except (AuthError, TimeoutError) as exc:
-            owner._refused(self, exc)
-            self.close(error_code=0x1, reason_phrase="refused")
-        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            if not self.authenticated.is_set() and not self.is_client_side:
-                owner._refused(self, exc)  # before authentication: counted and summarised, not one line each
-                self.close(error_code=0x1, reason_phrase="refused")
-                return
-            who = self.peer.node_id if self.peer else self.remote
-            log.warning("dropped a stream from %s: %s", who, exc)
-            self.reset(writer)
-        except Exception:
-            log.exception("stream handler failed")
-            self.reset(writer)
+            if self.authenticated.is_set() or await self._authenticate(reader, writer):
+                await serve_stream(self, self.transport_owner.handlers, reader, writer)
         finally:
             close_quietly(writer)
             self._stream_closed.pop(writer.get_extra_info("stream_id"), None)  # one per served stream, not forever
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """A stream on a connection not yet authenticated: the server's first is the handshake (served here, then
+        False); a client's waits, bounded, for the welcome (then True: serve it). A failure refuses the connection
+        (counted and summarised, not one line each) and answers False."""
+        owner = self.transport_owner
+        try:
+            if self.is_client_side:
+                # Streams the server opens right after its welcome may arrive before it: wait, bounded.
+                await asyncio.wait_for(self.authenticated.wait(), HANDSHAKE_TIMEOUT_S)
+                return True
+            if self._handshake_started:
+                raise AuthError("opened a second stream before authenticating")
+            self._handshake_started = True
+            await asyncio.wait_for(owner._server_handshake(self, reader, writer), HANDSHAKE_TIMEOUT_S)
+        except (AuthError, TimeoutError, ProtocolError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            owner._refused(self, exc)
+            self.close(error_code=0x1, reason_phrase="refused")
+        except Exception:
+            log.exception("the handshake failed")
+            self.reset(writer)
+        return False
 
     # --- use ----------------------------------------------------------------------------------------
 
@@ -295,24 +243,6 @@ class Connection(QuicConnectionProtocol):
             who = self.peer.node_id if self.peer is not None else self.remote or "?"
             raise PeerUnreachable(f"node {who}: its connection closed ({exc or type(exc).__name__})") from exc
         return reader, writer
-
-
-@dataclass
-class Traffic:
-    """Bytes of UDP datagrams (QUIC: control plane, gossip, tunnelled API requests) a transport sent and received."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    datagrams_in: int = 0
-    datagrams_out: int = 0
-
-    def add_in(self, n: int) -> None:
-        self.bytes_in += n
-        self.datagrams_in += 1
-
-    def add_out(self, n: int) -> None:
-        self.bytes_out += n
-        self.datagrams_out += 1
 
 
 class _CountingTransport:
@@ -407,13 +337,6 @@ def _refusal(version: int, source_cid: bytes, destination_cid: bytes, reason: st
     buf.push_bytes(phrase)
     datagrams, _ = builder.flush()
     return datagrams[0]
-
-
-# What builds the Mesh's transport (`MeshTransport` itself, or `mesh_mcp.testing`'s in-memory one): called with
-# MeshTransport's arguments (creds, handlers, host=, port=, member_addresses=); the seam is `transport.Transport`.
-if TYPE_CHECKING:
-    from .transport import Transport
-TransportFactory = Callable[..., "Transport"]
 
 
 class MeshTransport:
@@ -630,23 +553,9 @@ class MeshTransport:
             raise
         return conn
 
-    async def connect_any(self, node_id: str | None, addresses: tuple[str, ...]) -> Connection:
+    async def connect_any(self, node_id: str | None, addresses: tuple[str, ...]) -> PeerConnection:
         """An authenticated connection to a node: reuse one, or dial its addresses in order."""
-        if node_id is not None and (conn := self.connection(node_id)) is not None:
-            return conn
-        errors = []
-        for address in addresses:
-            try:
-                conn = await self.connect(address)
-            except OSError as exc:
-                errors.append(str(exc))
-                continue
-            if node_id is not None and conn.peer is not None and conn.peer.node_id != node_id:
-                conn.close(reason_phrase="unexpected node")
-                errors.append(f"{address} is node {conn.peer.node_id}, not {node_id}")
-                continue
-            return conn
-        raise OSError("; ".join(errors) or "no address to dial")
+        return await dial_any(self, node_id, addresses)
 
     # --- handshakes ---------------------------------------------------------------------------------
 
@@ -668,7 +577,7 @@ class MeshTransport:
         peer_cert = conn._quic.tls._peer_certificate
         if peer_cert is None:
             raise AuthError("peer presented no certificate")
-        server_pub = _raw(peer_cert.public_key())
+        server_pub = raw_public_key(peer_cert.public_key())
         t = hs.transcript(creds.mesh_id, nonce_c, nonce_s, server_pub, me.public_bytes)
         writer.write(encode_json(hs.proof("auth", me.key, me.public_bytes, creds.secret, t)))
         welcome = await read_json(reader)

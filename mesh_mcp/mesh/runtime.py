@@ -41,11 +41,12 @@ from .joining import Joiner
 from .keys import Keys
 from .liveness import SEND_TIMEOUT_S, Liveness
 from .meshfile import MeshConfig
-from .quic import MeshTransport, TransportFactory, close_quietly
+from .quic import MeshTransport
 from .records import NodeRecord, ServedModel, unsigned
 from .rtt import RttTable
 from .tokens import InviteToken, encode
-from .transport import PeerConnection
+from .transport import PeerConnection, TransportFactory
+from .wire import close_quietly
 
 log = logging.getLogger("mesh_llm.mesh")
 
@@ -305,6 +306,24 @@ class Mesh:
 
     def members(self) -> list[NodeRecord]:
         return self.gossip.alive(self.clock.time()) if self.gossip is not None else []
+
+    def peer_table(self) -> list[dict[str, object]]:
+        """The members as `/api/status` shows them: who, where, what they serve, RTT measured here and gossiped."""
+        return [
+            {
+                "node_id": r.node_id,
+                "name": r.name,
+                "role": r.role,
+                "addresses": list(r.addresses),
+                "models": [m.name for m in r.models_served],
+                "serving": [m.name for m in r.models_served if m.state == "serving"],
+                "self": r.node_id == self.identity.node_id,
+                "rtt_ms": None if (ms := self.rtt.get(r.node_id)) is None else round(ms, 1),
+                "rtt_gossiped": {peer: tenths / 10 for peer, tenths in r.rtt},
+                "llama_cpp": r.llama_cpp,
+            }
+            for r in self.members()
+        ]
 
     # --- the API tunnelled to this node -------------------------------------------------------------
 

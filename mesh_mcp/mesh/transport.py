@@ -12,15 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mesh_mcp.errors import ProtocolError
 
+from .credentials import Credentials
 from .handshake import Peer
-from .quic import Credentials, Traffic, close_quietly
-from .wire import read_json
+from .wire import close_quietly, read_json
 
 log = logging.getLogger("mesh_llm.quic")
+
+
+@dataclass
+class Traffic:
+    """Bytes of UDP datagrams (QUIC: control plane, gossip, tunnelled API requests) a transport sent and received."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+
+    def add_in(self, n: int) -> None:
+        self.bytes_in += n
+        self.datagrams_in += 1
+
+    def add_out(self, n: int) -> None:
+        self.bytes_out += n
+        self.datagrams_out += 1
 
 
 class PeerConnection(Protocol):
@@ -43,7 +62,7 @@ class PeerConnection(Protocol):
         ...
 
     async def open_stream(self, header: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A new stream whose header frame is already written. ConnectionError (or RuntimeError) when closed."""
+        """A new stream whose header frame is already written. `PeerUnreachable` when the connection has closed."""
         ...
 
     def stream_closed(self, stream_id: int) -> asyncio.Event:

@@ -72,3 +72,11 @@ def field(obj: dict[str, Any], name: str, kind: type, max_len: int = 4096) -> An
     if isinstance(value, str | list) and len(value) > max_len:
         raise ProtocolError(f"message field {name!r} is too long")
     return value
+
+
+def close_quietly(writer: asyncio.StreamWriter) -> None:
+    """Half-close our side of a stream if it is still open (never raises)."""
+    try:
+        writer.close()
+    except Exception:
+        writer.transport._closing = True  # type: ignore[attr-defined]

@@ -30,9 +30,9 @@ import anyio
 
 from mesh_mcp.errors import BackendError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
-from mesh_mcp.mesh.quic import Connection, close_quietly
 from mesh_mcp.mesh.runtime import Mesh
-from mesh_mcp.mesh.wire import encode_json, read_json
+from mesh_mcp.mesh.transport import PeerConnection
+from mesh_mcp.mesh.wire import close_quietly, encode_json, read_json
 
 DIAL_S = 30.0  # reaching the peer: a dial of every address it gossips, with the handshake
 _LEASE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -93,7 +93,7 @@ class Grant:
     """The granting side of one lease stream, from its holder (the peer that opened it)."""
 
     def __init__(
-        self, mesh: Mesh, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, mesh: Mesh, conn: PeerConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         assert conn.peer is not None
         self.mesh, self.reader, self.writer = mesh, reader, writer

@@ -39,9 +39,9 @@ from mesh_mcp.dataplane.tensor_fetch import REQUEST as TENSORS
 from mesh_mcp.dataplane.tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
 from mesh_mcp.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
-from mesh_mcp.mesh.quic import Connection
 from mesh_mcp.mesh.runtime import Mesh
 from mesh_mcp.mesh.tokens import split_address
+from mesh_mcp.mesh.transport import PeerConnection
 from mesh_mcp.serving.lease import Grant, hold, lease_id, local_copy, requested_file
 
 log = logging.getLogger("mesh_llm.split")
@@ -104,7 +104,7 @@ class RpcLink:
         return await self.dataplane.start()
 
     async def _on_lease(
-        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: PeerConnection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         grant = Grant(self.mesh, conn, reader, writer)
         host = grant.holder

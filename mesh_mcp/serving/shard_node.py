@@ -43,8 +43,8 @@ from inference.llamacpp import LlamaCpp
 from inference.supervise import SERVING
 from mesh_mcp.errors import BackendError, MeshLLMError, ProtocolError
 from mesh_mcp.mesh import wire
-from mesh_mcp.mesh.quic import Connection
 from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.mesh.transport import PeerConnection
 from mesh_mcp.serving.lease import Grant, hold, lease_id, local_copy, requested_file
 from mesh_mcp.serving.run import safe_name
 from mesh_mcp.state import NodeState
@@ -74,7 +74,7 @@ class ShardLink:
         mesh.transport.handlers.update({"moe-shard": self._on_lease})
 
     async def _on_lease(
-        self, conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: PeerConnection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         from inference.moe_quality import Gate, Reference
 

@@ -29,9 +29,10 @@ from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.errors import AuthError, HandshakeRefused, MeshLLMError
 from mesh_mcp.mesh import handshake as hs
 from mesh_mcp.mesh.admission import source_ip
-from mesh_mcp.mesh.quic import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, Credentials, Traffic
+from mesh_mcp.mesh.credentials import Credentials
+from mesh_mcp.mesh.quic import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S
 from mesh_mcp.mesh.tokens import split_address
-from mesh_mcp.mesh.transport import PeerConnection, StreamHandler, dial_any, serve_stream
+from mesh_mcp.mesh.transport import PeerConnection, StreamHandler, Traffic, dial_any, serve_stream
 from mesh_mcp.mesh.wire import encode_json
 
 log = logging.getLogger("mesh_llm.memnet")

@@ -818,7 +818,7 @@ class DataPlanePeer:
         self._server: Any = None
 
     def _creds(self, ident: Identity) -> Callable[[], Any]:
-        from mesh_mcp.mesh.quic import Credentials
+        from mesh_mcp.mesh.credentials import Credentials
 
         c = Credentials(identity=ident, mesh_id=MESH, secret=SECRET, accepted=lambda node_id: (SECRET,))
         return lambda: c

@@ -29,8 +29,9 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from mesh_mcp.mesh import tunnel
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
-from mesh_mcp.mesh.quic import Connection, Credentials, MeshTransport
+from mesh_mcp.mesh.quic import Connection, MeshTransport
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, pid_alive
 from tests.test_mesh import mesh_node, token_of, wait_models

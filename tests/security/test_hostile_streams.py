@@ -21,8 +21,9 @@ import anyio
 import pytest
 
 from mesh_mcp.mesh import tokens
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
-from mesh_mcp.mesh.quic import Connection, Credentials, MeshTransport
+from mesh_mcp.mesh.quic import Connection, MeshTransport
 from mesh_mcp.mesh.wire import encode
 from tests.harness import NodeProcess
 

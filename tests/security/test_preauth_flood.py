@@ -34,8 +34,9 @@ from mesh_mcp.dataplane.listener import DataPlaneServer
 from mesh_mcp.dataplane.services import Stream, connect
 from mesh_mcp.mesh import quic
 from mesh_mcp.mesh.admission import FULL, PER_SOURCE, Admission, Limits, RefusalLog, source_ip
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import Identity, load_or_create
-from mesh_mcp.mesh.quic import Credentials, MeshTransport
+from mesh_mcp.mesh.quic import MeshTransport
 from tests.conftest import SMOLLM
 from tests.harness import NodeProcess, free_port, post_served
 

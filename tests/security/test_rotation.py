@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mesh_mcp.errors import ConfigError, HandshakeRefused, InvalidToken, RotationRefused
 from mesh_mcp.mesh import handshake as hs
 from mesh_mcp.mesh import meshfile, rotation, tokens
+from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import Identity, load_or_create, node_id_for
 from mesh_mcp.mesh.meshfile import MeshConfig
-from mesh_mcp.mesh.quic import Credentials, MeshTransport
+from mesh_mcp.mesh.quic import MeshTransport
 from mesh_mcp.mesh.records import public_key_bytes
 from mesh_mcp.mesh.wire import read_json
 from tests.harness import NodeProcess
