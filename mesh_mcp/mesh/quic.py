@@ -15,7 +15,8 @@ Size: one responsibility earns this module's length (about 600 lines): the adapt
 its listener's pre-authentication defences (admission, Retry, refusal packets) and dialling all reach into
 aioquic's internals, and are kept in the one place that does. What the planes above need of it is the
 `transport.Transport` seam (streams are dispatched by `transport.serve_stream`, dials by `transport.dial_any`, as
-the in-memory twin does); the credentials and certificate are `credentials.py`'s; reaching a member by node id is `Mesh.reach`/`Mesh.dial`.
+the in-memory twin does); the credentials and certificate are `credentials.py`'s; reaching a member by node id
+is `Mesh.reach`/`Mesh.dial`.
 """
 
 from __future__ import annotations
