@@ -1,7 +1,7 @@
 """Discrete-event simulation of gossip membership: the real `Gossip` class on an in-process network.
 
 Each message is delayed by a random one-way latency and may be lost. Its size is the length of
-its compact JSON (`gossip.encode`, what the transport sends), computed from cached record sizes;
+its compact JSON (`gossip_wire.encode`, what the transport sends), computed from cached record sizes;
 every 500th message really goes through JSON, and its size is checked against that count. All
 randomness comes from one seeded RNG, so a run is reproducible. For each mesh size:
 
@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing, decode, encode
+from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Outgoing
+from mesh_mcp.mesh.gossip_wire import decode, encode
 from mesh_mcp.mesh.identity import node_id_for
 from mesh_mcp.mesh.records import MAX_RTT, ServedModel, encoded_size, public_key_bytes, to_wire, unsigned
 from mesh_mcp.mesh.rtt import publish_period

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh_mcp.errors import ProtocolError
-from mesh_mcp.mesh.gossip import (
+from mesh_mcp.mesh.gossip import Gossip, GossipConfig, Member, Outgoing
+from mesh_mcp.mesh.gossip_wire import (
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,
     MAX_ROWS,
@@ -23,10 +24,6 @@ from mesh_mcp.mesh.gossip import (
     RECORD_BUDGET,
     Ack,
     Delta,
-    Gossip,
-    GossipConfig,
-    Member,
-    Outgoing,
     Syn,
     decode,
     encode,

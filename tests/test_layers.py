@@ -25,13 +25,30 @@ def _is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def imports() -> set[tuple[str, str]]:
-    """(importing module, imported module) for every import between our packages."""
+def _nodes(tree: ast.AST, typing_only: bool) -> list[ast.AST]:
+    """Every node of `tree`; without `typing_only`, not those under `if TYPE_CHECKING:` (never run)."""
+    if typing_only:
+        return list(ast.walk(tree))
+    out: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def imports(typing_only: bool = True) -> set[tuple[str, str]]:
+    """(importing module, imported module) for every import between our packages (with `typing_only=False`, only
+    those that run: not under `if TYPE_CHECKING:`)."""
     out: set[tuple[str, str]] = set()
     for path in [p for pkg in OURS for p in (ROOT / pkg).rglob("*.py")]:
         mod = _module(path)
         package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _nodes(ast.parse(path.read_text()), typing_only):
             if isinstance(node, ast.ImportFrom):
                 base = package[: len(package) - node.level + 1] if node.level else []
                 target = ".".join([*base, *([node.module] if node.module else [])])
@@ -80,3 +97,25 @@ def test_one_home_per_serving_mode() -> None:
     assert not _crossing("mesh_mcp.serving.plan", ("mesh_mcp.serving.", "mesh_mcp.mesh", "mesh_mcp.api"))
     importers = {a for a, b in imports() if b.startswith(RUNNERS) and not a.startswith(RUNNERS)}
     assert importers == {"mesh_mcp.serving.runners"}, importers
+
+
+def test_no_import_cycles() -> None:
+    """No cycle among the imports that run (a helper may name its facade's type under `if TYPE_CHECKING:`)."""
+    graph: dict[str, set[str]] = {}
+    for a, b in imports(typing_only=False):
+        if a != b:
+            graph.setdefault(a, set()).add(b)
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            raise AssertionError("import cycle: " + " → ".join([*path[path.index(node) :], node]))
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for start in sorted(graph):
+        visit(start, [])
+    assert ("mesh_mcp.mesh.runtime", "mesh_mcp.mesh.liveness") in imports(typing_only=False)  # the graph is read

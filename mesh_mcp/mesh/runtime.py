@@ -36,7 +36,8 @@ from mesh_mcp.mesh.identity import Identity
 
 from ..state import NodeState
 from . import meshfile, tunnel
-from .gossip import Delta, Gossip, GossipConfig, Outgoing, message_to_wire
+from .gossip import Gossip, GossipConfig, Outgoing
+from .gossip_wire import Delta, message_to_wire
 from .joining import Joiner
 from .keys import Keys
 from .liveness import SEND_TIMEOUT_S, Liveness

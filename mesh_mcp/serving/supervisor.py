@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -57,8 +57,6 @@ class ServingSetup:
     dataplane_port: int = 0  # this node's data plane (split workers without the file fetch tensors there)
     on_download: Progress = lambda label, done, total: None  # the terminal's progress bars
     clock: Clock = SYSTEM_CLOCK
-    _llama: LlamaCpp | None = field(default=None, repr=False)
-    _llama_ready: anyio.Event = field(default_factory=anyio.Event, repr=False)
 
     def this_node(self, backend: str = "cpu") -> ThisNode:
         hw = self.hardware
@@ -82,16 +80,18 @@ class Serving:
     def __init__(self, setup: ServingSetup) -> None:
         self.setup = setup
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._llama: LlamaCpp | None = None
+        self._llama_ready = anyio.Event()
 
     def llama_ready(self, llama: LlamaCpp) -> None:
         """llama.cpp is built and passed its self-test: models waiting to load go on."""
-        self.setup._llama = llama
-        self.setup._llama_ready.set()
+        self._llama = llama
+        self._llama_ready.set()
 
-    async def _llama(self) -> LlamaCpp:
-        await self.setup._llama_ready.wait()
-        assert self.setup._llama is not None
-        return self.setup._llama
+    async def _built_llama(self) -> LlamaCpp:
+        await self._llama_ready.wait()
+        assert self._llama is not None
+        return self._llama
 
     async def standby(self) -> None:
         """No model to serve: hold the `Standby` decision (logged with why) until cancelled."""
@@ -152,11 +152,11 @@ class Serving:
             layers=facts.block_count,
             embeddings=embeddings,
             tools=None if embeddings else facts.template_calls_tools,  # until llama-server's /props says
-            detail="waiting for llama.cpp" if not setup._llama_ready.is_set() else "starting llama-server",
+            detail="waiting for llama.cpp" if not self._llama_ready.is_set() else "starting llama-server",
         )
         plan = decide(name, facts, setup.this_node(), setup.flags(), self._view(path))
         log.info("placement for %s: %s", name, "; ".join(plan.reasons))
-        llama = await self._llama()
+        llama = await self._built_llama()
         # The backend is known now: it decides whether a solo server offloads layers to the GPU(s).
         plan = decide(name, facts, setup.this_node(llama.backend), setup.flags(), self._view(path))
         run = ModelRun(

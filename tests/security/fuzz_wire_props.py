@@ -37,7 +37,7 @@ from blackboard import post as posts
 from mesh_mcp import jsonlimits
 from mesh_mcp.dataplane import tensor_fetch
 from mesh_mcp.errors import InvalidToken, MeshLLMError, ProtocolError
-from mesh_mcp.mesh import gossip, handshake, records, tokens, tunnel, wire
+from mesh_mcp.mesh import gossip, gossip_wire, handshake, records, tokens, tunnel, wire
 from mesh_mcp.mesh.identity import Identity, node_id_for
 from mesh_mcp.mesh.records import MAX_INT, MAX_RTT_TENTHS, MODEL_STATES, ROLES, NodeRecord, ServedModel
 
@@ -333,9 +333,9 @@ ROWS = st.dictionaries(
 WANTS = st.lists(NODE_IDS, max_size=3).map(tuple)
 RECS = st.lists(signed_records(), max_size=3).map(tuple)
 MESSAGES = st.one_of(
-    st.builds(gossip.Syn, full=st.booleans(), pull=st.booleans(), digest=ROWS, heartbeats=ROWS),
+    st.builds(gossip_wire.Syn, full=st.booleans(), pull=st.booleans(), digest=ROWS, heartbeats=ROWS),
     st.builds(
-        gossip.Ack,
+        gossip_wire.Ack,
         full=st.booleans(),
         heartbeats=ROWS,
         digest=ROWS,
@@ -343,20 +343,20 @@ MESSAGES = st.one_of(
         wants=WANTS,
         more=st.booleans(),
     ),
-    st.builds(gossip.Delta, records=RECS, wants=WANTS, more=st.booleans()),
+    st.builds(gossip_wire.Delta, records=RECS, wants=WANTS, more=st.booleans()),
 )
 GOSSIP_KEYS = ("v", "type", "full", "pull", "digest", "hb", "records", "wants", "more", *RECORD_KEYS)
-GOSSIP_INPUTS = MESSAGES.flatmap(lambda m: mutated(_json_round(gossip.message_to_wire(m)), GOSSIP_KEYS))
+GOSSIP_INPUTS = MESSAGES.flatmap(lambda m: mutated(_json_round(gossip_wire.message_to_wire(m)), GOSSIP_KEYS))
 
 
 def prop_gossip_parse(case: tuple[Any, bool]) -> Outcome:
     obj, changed = case
     try:
-        msg = gossip.parse_message(obj)
+        msg = gossip_wire.parse_message(obj)
     except ProtocolError:
         assert changed, "a gossip message from message_to_wire was refused"
         return _count("gossip.parse_message", "rejected")
-    assert gossip.parse_message(_json_round(gossip.message_to_wire(msg))) == msg
+    assert gossip_wire.parse_message(_json_round(gossip_wire.message_to_wire(msg))) == msg
     return _count("gossip.parse_message", "accepted")
 
 
@@ -387,8 +387,8 @@ def prop_gossip_receive(session: tuple[str, list[tuple[str, tuple[Any, bool], fl
             outcome = "rejected"
             continue
         for out in replies:
-            assert gossip.decode(gossip.encode(out.message)) == _json_round(out.message)
-            gossip.parse_message(_json_round(out.message))
+            assert gossip_wire.decode(gossip_wire.encode(out.message)) == _json_round(out.message)
+            gossip_wire.parse_message(_json_round(out.message))
     for later in (now, now + 30, now + 120):
         node.tick(later)
         node.alive(later)

@@ -189,7 +189,7 @@ def test_a_record_of_ours_at_the_last_version_does_not_crash_gossip() -> None:
     # (ValueError out of Gossip.receive: "stream handler failed").
     node = fz._node()
     mine = fz.records.sign(replace(node.me, version=fz.MAX_INT), fz.KEYS[0])
-    delta = fz.gossip.message_to_wire(fz.gossip.Delta(records=(mine,)))
+    delta = fz.gossip_wire.message_to_wire(fz.gossip_wire.Delta(records=(mine,)))
     node.receive(fz.IDS[1], fz._json_round(delta), fz.NOW + 1)
     assert node.me.version < fz.MAX_INT
     node.tick(fz.NOW + 2)
