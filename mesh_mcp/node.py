@@ -34,6 +34,7 @@ from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mcp.local import RuntimeInfo, withdraw_on_exit, write_runtime
 from mesh_mcp.mcp.mount import McpMount
 from mesh_mcp.mesh.identity import load_or_create
+from mesh_mcp.serving.mesh_demand import connect as connect_demand
 from mesh_mcp.serving.rpc_worker import RpcLink
 from mesh_mcp.serving.shard_node import ShardLink
 from mesh_mcp.serving.supervisor import Serving, ServingSetup
@@ -183,7 +184,8 @@ class Node:
             if self.board is not None and self.board_link is not None:
                 tg.start_soon(self._run_board, self.board)
                 tg.start_soon(self.board_link.run)
-            api = build_api(self.state, None if self.mesh is None else MeshDirectory(self.mesh))
+            on_demand = None if self.mesh is None else connect_demand(self.serving.demand, self.mesh, self.state)
+            api = build_api(self.state, None if self.mesh is None else MeshDirectory(self.mesh), on_demand=on_demand)
             if self.mesh is not None:
                 self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only
             listen_all = cfg.host in ("0.0.0.0", "::")

@@ -68,6 +68,8 @@ class NodeState:
     blackboard: dict[str, Any] | None = None  # {"state": "loading" | "ready"} when carried
     peers: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     traffic: Callable[[], dict[str, int]] = field(default=lambda: {}, repr=False)  # bytes this node moved to peers
+    # The mesh's demand map, hottest first (bounded: serving/mesh_demand.py): [{"model", "rate_per_min", ...}]
+    demand: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
 
     def update_model(self, name: str, **changes: Any) -> ModelStatus:
@@ -109,6 +111,7 @@ class NodeState:
             "mesh_id": self.mesh_id,
             "peers": self.peers(),
             "traffic": self.traffic(),
+            "demand": self.demand(),
             "models": [m.public() for m in self.models.values()],
             "blackboard": self.blackboard,
         }

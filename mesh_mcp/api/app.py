@@ -22,7 +22,7 @@ from starlette.routing import Route
 from mesh_mcp.api.checks import Flavor
 from mesh_mcp.api.directory import Directory, Solo
 from mesh_mcp.api.errors import HttpError, error_response
-from mesh_mcp.api.proxy import Proxy
+from mesh_mcp.api.proxy import OnDemand, Proxy
 from mesh_mcp.api.upstream import Pool
 from mesh_mcp.state import SERVING, NodeState
 
@@ -34,8 +34,14 @@ def _flavor(path: str) -> Flavor:
     return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
-def build_api(node: NodeState, directory: Directory | None = None, max_body: int = MAX_BODY_BYTES) -> Starlette:
-    """The :9337 application. One pool of upstream connections, closed with the app."""
+def build_api(
+    node: NodeState,
+    directory: Directory | None = None,
+    max_body: int = MAX_BODY_BYTES,
+    on_demand: OnDemand | None = None,
+) -> Starlette:
+    """The :9337 application. One pool of upstream connections, closed with the app. `on_demand(name)` is called
+    once per request that names a model (served or not), before routing: the node's demand map."""
     pool = Pool()
     mesh: Directory = directory or Solo()
 
@@ -68,7 +74,7 @@ def build_api(node: NodeState, directory: Directory | None = None, max_body: int
         return JSONResponse({"status": "ok", "node_id": node.node_id})
 
     def proxy(path: str) -> Route:
-        return Route(path, Proxy(node, mesh, pool, path, _flavor(path), max_body), methods=["POST"])
+        return Route(path, Proxy(node, mesh, pool, path, _flavor(path), max_body, on_demand), methods=["POST"])
 
     async def http_error(request: Request, exc: Exception) -> HTTPResponse:
         assert isinstance(exc, HttpError)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ from mesh_mcp.state import SERVING, ModelStatus, NodeState
 log = logging.getLogger("mesh_llm.api")
 
 RETRY_AFTER_S = 5
+OnDemand = Callable[[str], None]  # a request named this model (served or not): the node's demand map counts it
 MAX_ERROR_BODY = 64 << 10
 SERVED_BY = b"x-mesh-node"  # response header: the node whose llama-server answered
 # Headers that describe one hop, never forwarded.
@@ -88,10 +90,18 @@ class Proxy:
     llama-server or, through the directory, another node of the mesh."""
 
     def __init__(
-        self, node: NodeState, directory: Directory, pool: Pool, path: str, flavor: Flavor, max_body: int
+        self,
+        node: NodeState,
+        directory: Directory,
+        pool: Pool,
+        path: str,
+        flavor: Flavor,
+        max_body: int,
+        on_demand: OnDemand | None = None,
     ) -> None:
         self.node, self.directory, self.pool = node, directory, pool
         self.path, self.flavor, self.max_body = path, flavor, max_body
+        self.on_demand = on_demand
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -121,11 +131,22 @@ class Proxy:
         if status is not None:
             self.node.models[name] = replace(status, in_flight=max(0, status.in_flight + delta))
 
+    def _wanted(self, name: str) -> None:
+        """Tell the demand map a request named `name`; its failure never fails the request."""
+        if self.on_demand is None:
+            return
+        try:
+            self.on_demand(name)
+        except Exception:  # a bug in the demand map: logged, the request goes on
+            log.exception("counting a request for %r as demand failed", name[:128])
+
     def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target], ModelFacts]:
         """The model's name, its servers (best first) and what they know of it; or the `HttpError` to answer."""
         remote = [] if routed else self.directory.remote_models()
         names = self.node.served_names() + sorted({r.name for r in remote} - set(self.node.served_names()))
         name = match_model(requested, names)
+        if not routed and isinstance(requested, str) and requested:  # counted where it entered the mesh, once
+            self._wanted(name or requested)
         if name is None:
             msg = (
                 f"model '{requested}' is not served by this mesh; available: {', '.join(names)}"

@@ -16,8 +16,10 @@ without them keep their encoding and signature. A served model's optional fields
 `tools` (whether its chat template lets it call tools, as the serving llama-server reports it; absent
 while unknown), `bytes` (its GGUF size, the launchers' measure of strength; absent when 0) and `ctx` (tokens one
 request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0).
+`demand` (the origin's published demand view, issue 14: which models it wants and how hot they are) is optional
+too, absent when empty, present never empty; its form and its one strict parser are `demand_wire.py`'s.
 
-Size: one responsibility earns this module's length (about 470 lines): the signed record format — its fields and
+Size: one responsibility earns this module's length (about 490 lines): the signed record format — its fields and
 their limits, the canonical signing form and the strict parser that enforces the same limits.
 """
 
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from inference.keys import is_small_order
 from mesh_mcp.errors import ProtocolError
+from mesh_mcp.mesh import demand_wire
 from mesh_mcp.mesh.identity import node_id_for
 
 ROLES = frozenset({"host", "worker", "client", "standby"})
@@ -70,7 +73,7 @@ _FIELDS = frozenset(
         "signature",
     }
 )
-_OPTIONAL = frozenset({"rtt", "llama_cpp"})
+_OPTIONAL = frozenset({"rtt", "llama_cpp", "demand"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
 _SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx"})
 
@@ -102,6 +105,7 @@ class NodeRecord:
     signature: bytes = b""
     rtt: tuple[tuple[str, int], ...] = ()  # (peer node id, round trip in tenths of a ms), sorted by id
     llama_cpp: str = ""  # llama.cpp build identity: nodes of one split must share it
+    demand: tuple[demand_wire.Item, ...] = ()  # the origin's demand view (demand_wire.py), sorted by name
 
 
 def next_version(previous: int, now: float) -> int:
@@ -234,6 +238,8 @@ def _wire_body(record: NodeRecord) -> dict[str, Any]:
         body["rtt"] = dict(record.rtt)
     if record.llama_cpp:
         body["llama_cpp"] = record.llama_cpp
+    if record.demand:
+        body["demand"] = demand_wire.to_json(record.demand)
     return body
 
 
@@ -304,6 +310,9 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
             return False
         if "tools" in m and type(m["tools"]) is not bool:
             return False
+    for item in obj.get("demand", ()):  # [name, milli, as_of, last_wanted, pinned]
+        if any(type(v) is not int for v in item[1:4]) or type(item[4]) is not bool:
+            return False
     return all(type(v) is int for v in obj.get("rtt", {}).values())
 
 
@@ -332,6 +341,7 @@ def _parse(obj: dict[str, Any]) -> NodeRecord:
         signature=unb64(obj["signature"], "signature", SIGNATURE_LEN),
         rtt=_rtt(obj["rtt"]) if "rtt" in obj else (),
         llama_cpp=_str(obj, "llama_cpp", MAX_SOFTWARE) if "llama_cpp" in obj else "",
+        demand=_demand(obj["demand"]) if "demand" in obj else (),
     )
     problem = _problem(record)
     if problem:
@@ -369,6 +379,13 @@ def _rtt(obj: object) -> tuple[tuple[str, int], ...]:
         if not is_node_id(peer) or type(tenths) is not int or not 0 <= tenths <= MAX_RTT_TENTHS:
             raise ProtocolError("node record: rtt maps node ids to round trips in tenths of a ms")
     return tuple(sorted(obj.items()))
+
+
+def _demand(obj: object) -> tuple[demand_wire.Item, ...]:
+    items = demand_wire.parse(obj)
+    if not items:
+        raise ProtocolError("node record: demand is left out when empty, never sent empty")
+    return items
 
 
 def _str(obj: dict[str, Any], key: str, max_len: int) -> str:
@@ -462,7 +479,7 @@ def _problem(r: NodeRecord) -> str:
             return "rtt maps node ids to round trips in tenths of a ms"
     if not isinstance(r.leaving, bool):
         return "leaving must be a boolean"
-    return ""
+    return demand_wire.problem(r.demand)
 
 
 def _is_address(address: str) -> bool:

@@ -36,6 +36,7 @@ from mesh_mcp.mesh.identity import Identity
 
 from ..state import NodeState
 from . import meshfile, tunnel
+from .demand_wire import Item as DemandItem
 from .gossip import Gossip, GossipConfig, Outgoing
 from .gossip_wire import Delta, message_to_wire
 from .joining import Joiner
@@ -52,6 +53,8 @@ from .wire import close_quietly
 log = logging.getLogger("mesh_llm.mesh")
 
 IN_FLIGHT_PUBLISH_S = 1.0
+DEMAND_PUBLISH_S = 1.0  # a changed demand view is re-signed at most this often (each request changes it)
+DemandProvider = Callable[[float], tuple[DemandItem, ...]]  # now -> this node's demand view (demand_wire.py)
 
 
 @dataclass
@@ -114,6 +117,9 @@ class Mesh:
         self.addresses: tuple[str, ...] = ()
         self._tg: TaskGroup | None = None
         self._published_in_flight = 0.0
+        self._published_demand = -DEMAND_PUBLISH_S
+        # This node's demand view for its record, set by the node (the serving plane's map); none by default.
+        self.demand: DemandProvider = lambda now: ()
         self.rtt = RttTable()  # smoothed RTT to peers (ping streams); the nearest published in our record
         self.ready = anyio.Event()
         self.joined = anyio.Event()  # a member: created or restarted in its mesh, or a join succeeded
@@ -261,6 +267,7 @@ class Mesh:
         on_disk = self.state.models_on_disk[:256]
         if on_disk != self.gossip.me.models_on_disk:
             self.gossip.update_self(now, models_on_disk=on_disk)
+        self._sync_demand(now)
         served = self._served()
         current = self.gossip.me.models_served
         if served == current:
@@ -270,6 +277,20 @@ class Mesh:
         if states_changed or now - self._published_in_flight >= IN_FLIGHT_PUBLISH_S:
             self._published_in_flight = now
             self.gossip.update_self(now, models_served=served, in_flight=sum(m.in_flight for m in served))
+
+    def _sync_demand(self, now: float) -> None:
+        """Re-sign our record when the demand view the provider gives changed, at most once a `DEMAND_PUBLISH_S`."""
+        assert self.gossip is not None
+        if now - self._published_demand < DEMAND_PUBLISH_S:
+            return
+        try:
+            demand = self.demand(now)
+            if demand != self.gossip.me.demand:
+                self._published_demand = now
+                self.gossip.update_self(now, demand=demand)
+        except ValueError as exc:  # a view over the wire's limits (a bug upstream): gossip goes on without it
+            self._published_demand = now
+            log.warning("not publishing this node's demand view: %s", exc)
 
     def log_events(self) -> None:
         """Log what membership noticed since the last call; act on members that died or left."""

@@ -33,30 +33,26 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from mesh_mcp.errors import ProtocolError
-from mesh_mcp.mesh.records import MAX_NAME
+from mesh_mcp.mesh.demand_wire import (
+    MAX_PINS,
+    MAX_RATE,
+    MAX_RATE_MILLI,
+    MAX_TIME_S,
+    MAX_WIRE,
+    PUBLISH_K,
+    Item,
+    name_problem,
+    parse,
+)
 
 HALF_LIFE_S = 300.0  # a burst halves in 5 min: steady enough for "3x hotter" comparisons, quick to follow a shift
 PER_REQUEST = 60.0 * math.log(2) / HALF_LIFE_S  # req/min one request adds (0.139): the estimator's unit step
 TTL_S = 1800.0  # unpinned and not wanted for 30 min: gone (covers a lull in interactive use; frees standbys soon)
 MAX_ENTRIES = 256  # names one node keeps: records carry at most 256 models on disk; the catalog holds < 100
-PUBLISH_K = 16  # hottest names in a record: ~75 B each (35-char names): 1.2 KB, 1.8 KB with 8 pins
-MAX_PINS = 8  # models one node pins (its --model and what it serves; a node serves one or two)
-MAX_WIRE = PUBLISH_K + MAX_PINS  # entries in one published view
-MAX_RATE = 1_000_000.0  # req/min one entry may claim (16 667 req/s: beyond any node); the wire's cap
-MAX_TIME_S = 10**10  # wall-clock seconds on the wire (year 2286)
 MAX_SKEW_S = 300.0  # absorbed timestamps further ahead of our clock than this are refused, not trusted
+# The wire's limits (PUBLISH_K, MAX_PINS, MAX_WIRE, MAX_RATE, MAX_TIME_S) live with its parser: mesh/demand_wire.py.
 
 Accepts = Callable[[str], bool]
-
-
-def name_problem(name: object) -> str:
-    """What makes `name` unfit for the demand map ('' if fine): the records' limit, printable, no edge spaces."""
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
-        return f"a model name must be 1 to {MAX_NAME} characters"
-    if not name.isprintable() or name != name.strip():
-        return f"model name {name[:40]!r} has control characters or surrounding spaces"
-    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,64 +255,39 @@ class NodeDemand:
 
 
 # ---------------------------------------------------------------------------------------------------- wire
-# A view is a list of [name, rate in milli-req/min, as_of s, last_wanted s, pinned]: integers only, so the signed
-# record has one canonical encoding and no NaN or float formatting can reach it. A pin with no entry is
-# [name, 0, 0, 0, true]; an unpinned all-zero entry says nothing and is refused.
+# The form and its one strict parser are the mesh plane's (mesh/demand_wire.py: records carry it); here a view
+# becomes its items (`to_items`, the record's `demand` field) and back (`from_items`).
 
 
-def to_wire(view: DemandMap) -> list[list[object]]:
-    """The compact JSON-able form, sorted by name. ValueError when the view is over the wire's limits."""
+def to_items(view: DemandMap) -> tuple[Item, ...]:
+    """The canonical wire items, sorted by name. ValueError when the view is over the wire's limits."""
     if len(view.pins) > MAX_PINS or len(view.entries.keys() | view.pins) > MAX_WIRE:
         raise ValueError(f"a demand view holds at most {MAX_WIRE} names and {MAX_PINS} pins: publish() bounds it")
-    out: list[list[object]] = []
+    out: list[Item] = []
     for name in sorted(view.entries.keys() | view.pins):
         if problem := name_problem(name):
             raise ValueError(f"demand for {name!r}: {problem}")
         e = view.entries.get(name)
         if e is None:
-            out.append([name, 0, 0, 0, True])
+            out.append((name, 0, 0, 0, True))
             continue
         as_of = math.floor(e.as_of)  # whole seconds, the rate as it was at that second (< 1 s earlier)
-        milli = min(round(e.rate * 2.0 ** ((e.as_of - as_of) / HALF_LIFE_S) * 1000), round(MAX_RATE * 1000))
-        out.append([name, milli, min(as_of, MAX_TIME_S), min(math.floor(e.last_wanted), MAX_TIME_S), name in view.pins])
-    return out
+        milli = min(round(e.rate * 2.0 ** ((e.as_of - as_of) / HALF_LIFE_S) * 1000), MAX_RATE_MILLI)
+        out.append((name, milli, min(as_of, MAX_TIME_S), min(math.floor(e.last_wanted), MAX_TIME_S), name in view.pins))
+    return tuple(out)
+
+
+def from_items(items: tuple[Item, ...]) -> DemandMap:
+    """A view from parsed items (`demand_wire.parse`, or a verified record's `demand`)."""
+    entries = {n: Entry(milli / 1000, float(as_of), float(last)) for n, milli, as_of, last, _ in items if milli or last}
+    return DemandMap(entries, frozenset(n for n, *_, pinned in items if pinned))
+
+
+def to_wire(view: DemandMap) -> list[list[object]]:
+    """The compact JSON-able form, sorted by name. ValueError when the view is over the wire's limits."""
+    return [list(i) for i in to_items(view)]
 
 
 def from_wire(obj: object) -> DemandMap:
-    """A peer's published view, parsed strictly: ProtocolError on any malformed, duplicate or oversized part."""
-    if not isinstance(obj, list):
-        raise ProtocolError("demand view: must be a list of [name, milli-req/min, as_of, last_wanted, pinned]")
-    if len(obj) > MAX_WIRE:
-        raise ProtocolError(f"demand view: {len(obj)} entries, more than the {MAX_WIRE} allowed")
-    entries: dict[str, Entry] = {}
-    pins: set[str] = set()
-    seen: set[str] = set()
-    for item in obj:
-        if not isinstance(item, list) or len(item) != 5:
-            raise ProtocolError("demand view: each entry must be [name, milli-req/min, as_of, last_wanted, pinned]")
-        name, milli, as_of, last, pinned = item
-        if problem := name_problem(name):
-            raise ProtocolError(f"demand view: {problem}")
-        if name in seen:
-            raise ProtocolError(f"demand view: {name!r} appears twice")
-        seen.add(name)
-        for what, value, cap in (("rate", milli, int(MAX_RATE * 1000)), ("as_of", as_of, MAX_TIME_S)):
-            if type(value) is not int or not 0 <= value <= cap:
-                raise ProtocolError(f"demand view {name!r}: {what} must be an integer from 0 to {cap}")
-        if type(last) is not int or not 0 <= last <= MAX_TIME_S:
-            raise ProtocolError(f"demand view {name!r}: last_wanted must be an integer from 0 to {MAX_TIME_S}")
-        if as_of > last:
-            raise ProtocolError(
-                f"demand view {name!r}: as_of {as_of} is after last_wanted {last} (rates are as of a request)"
-            )
-        if type(pinned) is not bool:
-            raise ProtocolError(f"demand view {name!r}: pinned must be a boolean")
-        if pinned:
-            pins.add(name)
-        if milli or as_of or last:
-            entries[name] = Entry(milli / 1000, float(as_of), float(last))
-        elif not pinned:
-            raise ProtocolError(f"demand view {name!r}: an unpinned entry with no rate and no times says nothing")
-    if len(pins) > MAX_PINS:
-        raise ProtocolError(f"demand view: {len(pins)} pins, more than the {MAX_PINS} allowed")
-    return DemandMap(entries, frozenset(pins))
+    """A peer's published view, parsed strictly (`demand_wire.parse`): ProtocolError on any malformed part."""
+    return from_items(parse(obj))

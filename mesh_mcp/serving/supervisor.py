@@ -6,7 +6,9 @@ context to the model's training context, wait for llama.cpp, `plan.decide()`, th
 until cancelled (`drop`) — a `ShardingRefused` from the expert-shard runner makes it decide again with the reason,
 which falls back to a pipeline split. A model's failure (its download, a corrupt file, a full disk) fails that model
 visibly; the node and its other models go on. With no model, `standby()` holds the node's `Standby` decision (a
-member lends capacity to splits through its rpc-server link; demand-driven promotion will live here).
+member lends capacity to splits through its rpc-server link; demand-driven promotion will live here). It owns the
+node's demand map (`demand`, serving/mesh_demand.py): each model it is asked to serve is pinned from the start
+until dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from inference.placement import NodeCap
 from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.serving.mesh_demand import MeshDemand
 from mesh_mcp.serving.plan import Flags, Standby, ThisNode, decide
 from mesh_mcp.serving.run import ModelRun, ShardingRefused
 from mesh_mcp.serving.runners import runner_for
@@ -82,6 +85,8 @@ class Serving:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._llama: LlamaCpp | None = None
         self._llama_ready = anyio.Event()
+        mesh = setup.mesh
+        self.demand = MeshDemand(setup.state.node_id, mesh.members if mesh is not None else list)
 
     def llama_ready(self, llama: LlamaCpp) -> None:
         """llama.cpp is built and passed its self-test: models waiting to load go on."""
@@ -114,6 +119,7 @@ class Serving:
             raise ConfigError(f"this node does not serve {requested!r}; it serves {state.served_names()}")
         if (scope := self._scopes.pop(status.name, None)) is not None:
             scope.cancel()
+        self.demand.unpin(status.name)
         state.update_model(status.name, state="stopped", detail="dropped", upstream=None, pid=None)
         log.info("dropped %s", status.name)
         return status.name
@@ -198,6 +204,7 @@ class Serving:
         try:
             name = models.request_name(models.parse_spec(spec))
             self._scopes[name] = scope
+            self.demand.pin(name)  # demanded while this node serves it (or keeps trying to), until dropped
             setup.state.update_model(name, state="downloading", detail=f"resolving {spec}")
 
             def progress(label: str, done: int, total: int | None) -> None:

@@ -1,0 +1,153 @@
+"""This node's demand map in its mesh (issue 14, item 1): the pure `NodeDemand` fed by the API, its pins and the
+members' gossiped records — what the node publishes in its record and what `/api/status` shows.
+
+No I/O and no clock read: `members` is a provider (`Mesh.members`), and every method that needs the time takes
+`now`; `connect` wires one to a running `Mesh` (its record's `demand` provider), a `NodeState` (`/api/status`) and
+returns the API's per-request callback.
+
+Which names count (junk cannot flood the map): a catalog entry's exact name, or a model some live member holds on
+disk or serves (its record's `models_on_disk`, `models_served`). A request is counted under its canonical name: the
+name itself when known, else the catalog entry it names in another case, else a member's model in another case.
+Refused names are counted nowhere and logged at debug level, once per name.
+
+Peers' views are absorbed on every `publish` and `mesh_map` (idempotent: the merge is a CRDT), so a dead member's
+demand stays in this node's map, and in its record, until the TTL; its pins end with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from inference.catalog import CATALOG
+from mesh_mcp.mesh.demand_wire import Item
+from mesh_mcp.mesh.records import NodeRecord
+from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.serving.demand import DemandMap, NodeDemand, from_items, to_items
+from mesh_mcp.state import NodeState
+
+log = logging.getLogger("mesh_llm.demand")
+
+MAX_STATUS = 64  # rows of /api/status's demand map: the hottest (a record carries 24; the catalog holds < 100)
+MAX_LOGGED = 256  # refused names remembered so each is logged once (then forgotten all at once)
+CATALOG_NAMES = frozenset(e.name for e in CATALOG)
+
+Members = Callable[[], Sequence[NodeRecord]]
+
+
+class MeshDemand:
+    """One node's `NodeDemand`, its view of which names exist, and its members' published views."""
+
+    def __init__(self, node_id: str, members: Members, catalog: Iterable[str] = CATALOG_NAMES) -> None:
+        self.node_id = node_id
+        self._members = members
+        self._catalog = frozenset(catalog)
+        self._held: frozenset[str] = frozenset()  # models members hold or serve, as of the last refresh
+        self._folded = _folded(self._catalog)  # casefolded known name -> the name
+        self._logged: set[str] = set()
+        self.node = NodeDemand(self.known)
+
+    # --- which names exist ------------------------------------------------------------------------------
+
+    def known(self, name: str) -> bool:
+        """A catalog entry's exact name or a model some member holds or serves (as of the last refresh)."""
+        return name in self._catalog or name in self._held
+
+    def _refresh(self, members: Sequence[NodeRecord]) -> None:
+        held = frozenset(
+            {d for r in members for d in r.models_on_disk} | {m.name for r in members for m in r.models_served}
+        )
+        if held != self._held:
+            self._held = held
+            self._folded = _folded(self._catalog | held)
+
+    def canonical(self, requested: str) -> str | None:
+        """The known name a request means: itself, else the one it names in another case; None if none."""
+        if self.known(requested):
+            return requested
+        return self._folded.get(requested.casefold())
+
+    # --- fed by the node -----------------------------------------------------------------------------------
+
+    def want(self, requested: str, now: float) -> str:
+        """Count one API request naming `requested` at `now`. '' when counted, else the sentence saying why not."""
+        name = self.canonical(requested)
+        if name is None:
+            self._refresh(self._members())  # a model that appeared since the last tick
+            name = self.canonical(requested)
+        why = self.node.observe(name if name is not None else requested, now)
+        if why and requested not in self._logged:
+            if len(self._logged) >= MAX_LOGGED:
+                self._logged.clear()
+            self._logged.add(requested)
+            log.debug("request for %r: %s", requested[:128], why)
+        return why
+
+    def pin(self, name: str) -> None:
+        """This node serves `name` or was started with it: demanded while it does. Past the pin limit it is
+        logged, not raised (the model is still served)."""
+        try:
+            self.node.pin(name)
+        except ValueError as exc:
+            log.warning("%s; it is served but not pinned as demand", exc)
+
+    def unpin(self, name: str) -> None:
+        self.node.unpin(name)
+
+    # --- the mesh's map ----------------------------------------------------------------------------------
+
+    def _views(self, now: float) -> list[DemandMap]:
+        """The other live members' views, absorbed into this node's state (refused parts logged at debug)."""
+        members = self._members()
+        self._refresh(members)
+        views = [from_items(r.demand) for r in members if r.demand and r.node_id != self.node_id]
+        for view in views:
+            for why in self.node.absorb(view, now):
+                log.debug("%s", why)
+        return views
+
+    def publish(self, now: float) -> tuple[Item, ...]:
+        """This node's view for its record (`Mesh.demand`): what it observed and absorbed, hottest first, its pins."""
+        self._views(now)
+        return to_items(self.node.publish(now))
+
+    def mesh_map(self, now: float) -> DemandMap:
+        """The mesh's demand map at `now`: this node's state merged with the live members' views."""
+        return self.node.mesh_map(self._views(now), now)
+
+    def status(self, now: float, limit: int = MAX_STATUS) -> list[dict[str, Any]]:
+        """`/api/status`'s `demand`: the hottest `limit` wanted models, each with how many members serve it."""
+        serving: dict[str, int] = {}
+        for r in self._members():
+            for m in r.models_served:
+                if m.state == "serving":
+                    serving[m.name] = serving.get(m.name, 0) + 1
+        return [
+            {
+                "model": w.name,
+                "rate_per_min": round(w.rate, 3),
+                "last_wanted_s_ago": round(max(0.0, now - w.last_wanted), 1) if w.last_wanted else None,
+                "pinned": w.pinned,
+                "servers": serving.get(w.name, 0),
+            }
+            for w in self.mesh_map(now).wanted(now)[:limit]
+        ]
+
+
+def _folded(names: frozenset[str]) -> dict[str, str]:
+    """Casefolded name -> the name (names that fold alike: the first in sorted order, so every node picks it)."""
+    return {n.casefold(): n for n in sorted(names, reverse=True)}
+
+
+def connect(demand: MeshDemand, mesh: Mesh, state: NodeState) -> Callable[[str], None]:
+    """Publish `demand` in `mesh`'s record and show it in `state`'s `/api/status` (both on the mesh's clock);
+    returns the API's per-request callback (`build_api(on_demand=...)`)."""
+    clock = mesh.clock
+    mesh.demand = demand.publish
+    state.demand = lambda: demand.status(clock.time())
+
+    def on_request(requested: str) -> None:
+        demand.want(requested, clock.time())
+
+    return on_request
