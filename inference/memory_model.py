@@ -111,3 +111,10 @@ def memory_need(
 def model_need_bytes(facts: ModelShape, ctx_tokens: int, slots: int) -> int:
     """Bytes to serve the whole model on one device: weights + KV (slots × ctx_tokens, f16) + compute overhead."""
     return memory_need(facts, ctx_tokens, slots).total
+
+
+def estimate_need(file_bytes: int) -> int:
+    """Bytes a model needs before its header is read (a catalog entry not downloaded yet): the file + 25 % + 64 MiB
+    for the KV cache and compute buffers at the default 4 × 4096 context; `memory_need` replaces it once the file is
+    here."""
+    return int(file_bytes * 1.25) + (64 << 20)

@@ -85,8 +85,11 @@ class NodeConfig:
 
     @property
     def role(self) -> str:
-        # A client with nobody to join starts the mesh, so it must be a member others can gossip with.
-        return "client" if self.client and self.joins else "host"
+        # A client with nobody to join starts the mesh, so it must be a member others can gossip with. A member
+        # with no model is a standby: it lends capacity and promotes itself to serve what the mesh wants.
+        if self.client:
+            return "client" if self.joins else "host"
+        return "host" if self.models else "standby"
 
     @property
     def carries_blackboard(self) -> bool:
@@ -163,6 +166,7 @@ class Node:
                 on_download=self.bars.download,
             )
         )
+        self.state.standby = self.serving.standby_status
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -70,6 +70,8 @@ class NodeState:
     traffic: Callable[[], dict[str, int]] = field(default=lambda: {}, repr=False)  # bytes this node moved to peers
     # The mesh's demand map, hottest first (bounded: serving/mesh_demand.py): [{"model", "rate_per_min", ...}]
     demand: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
+    # A standby's latest decision and its reasons (serving/standby.py); None when this node is no standby
+    standby: Callable[[], dict[str, Any] | None] = field(default=lambda: None, repr=False)
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
 
     def update_model(self, name: str, **changes: Any) -> ModelStatus:
@@ -112,6 +114,7 @@ class NodeState:
             "peers": self.peers(),
             "traffic": self.traffic(),
             "demand": self.demand(),
+            "standby": self.standby(),
             "models": [m.public() for m in self.models.values()],
             "blackboard": self.blackboard,
         }

@@ -41,7 +41,9 @@ from mesh_mcp.state import SERVING, ModelStatus, NodeState
 log = logging.getLogger("mesh_llm.api")
 
 RETRY_AFTER_S = 5
-OnDemand = Callable[[str], None]  # a request named this model (served or not): the node's demand map counts it
+# A request named this model (served or not): the node's demand map counts it. For a model no node serves, it may
+# answer why the mesh expects to serve it soon (a standby may promote itself): the request gets a 503, not a 404.
+OnDemand = Callable[[str], str | None]
 MAX_ERROR_BODY = 64 << 10
 SERVED_BY = b"x-mesh-node"  # response header: the node whose llama-server answered
 # Headers that describe one hop, never forwarded.
@@ -131,22 +133,31 @@ class Proxy:
         if status is not None:
             self.node.models[name] = replace(status, in_flight=max(0, status.in_flight + delta))
 
-    def _wanted(self, name: str) -> None:
-        """Tell the demand map a request named `name`; its failure never fails the request."""
+    def _wanted(self, name: str) -> str | None:
+        """Tell the demand map a request named `name`; why the mesh expects to serve it soon, if it does. Its
+        failure never fails the request."""
         if self.on_demand is None:
-            return
+            return None
         try:
-            self.on_demand(name)
+            return self.on_demand(name)
         except Exception:  # a bug in the demand map: logged, the request goes on
             log.exception("counting a request for %r as demand failed", name[:128])
+            return None
 
     def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target], ModelFacts]:
         """The model's name, its servers (best first) and what they know of it; or the `HttpError` to answer."""
         remote = [] if routed else self.directory.remote_models()
         names = self.node.served_names() + sorted({r.name for r in remote} - set(self.node.served_names()))
         name = match_model(requested, names)
-        if not routed and isinstance(requested, str) and requested:  # counted where it entered the mesh, once
-            self._wanted(name or requested)
+        expected = None
+        if isinstance(requested, str) and requested:
+            # Counted where it entered the mesh and, when tunnelled, where it is served: views merge by max, so
+            # the same requests seen twice do not add up, and a client's requests (clients publish no record)
+            # still reach the mesh's demand through the node that served them.
+            expected = self._wanted(name or requested)
+        if name is None and expected and not routed:
+            msg = f"model '{requested}' is not served right now: {expected}; retry in {RETRY_AFTER_S}s"
+            raise HttpError(503, msg, "model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
         if name is None:
             msg = (
                 f"model '{requested}' is not served by this mesh; available: {', '.join(names)}"
@@ -174,7 +185,9 @@ class Proxy:
         if local is not None and local.state == "failed":
             raise HttpError(503, f"model '{name}' failed to start: {local.detail}", "model_failed")
         state = local.state if local is not None else "loading"
-        msg = f"model '{name}' is {state}; retry in {RETRY_AFTER_S}s"
+        loaders = sorted({r.node_id for r in remote if r.name == name and r.state in ("downloading", "loading")})
+        where = f" on node {', '.join(loaders[:3])}" if local is None and loaders else ""
+        msg = f"model '{name}' is {state}{where}; retry in {RETRY_AFTER_S}s"
         raise HttpError(503, msg, "model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def _open(self, route: Target, target: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:

@@ -269,6 +269,10 @@ class Mesh:
             self.gossip.update_self(now, models_on_disk=on_disk)
         self._sync_demand(now)
         served = self._served()
+        # A standby that serves a model (it promoted itself) is a host until it serves nothing again.
+        role = "host" if self.settings.role == "standby" and any(m.state != "failed" for m in served) else None
+        if self.gossip.me.role != (role or self.settings.role):
+            self.gossip.update_self(now, role=role or self.settings.role)
         current = self.gossip.me.models_served
         if served == current:
             return

@@ -20,7 +20,9 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from inference import catalog
 from inference.catalog import CATALOG
+from inference.memory_model import estimate_need
 from mesh_mcp.mesh.demand_wire import Item
 from mesh_mcp.mesh.records import NodeRecord
 from mesh_mcp.mesh.runtime import Mesh
@@ -140,14 +142,30 @@ def _folded(names: frozenset[str]) -> dict[str, str]:
     return {n.casefold(): n for n in sorted(names, reverse=True)}
 
 
-def connect(demand: MeshDemand, mesh: Mesh, state: NodeState) -> Callable[[str], None]:
+def connect(demand: MeshDemand, mesh: Mesh, state: NodeState) -> Callable[[str], str | None]:
     """Publish `demand` in `mesh`'s record and show it in `state`'s `/api/status` (both on the mesh's clock);
     returns the API's per-request callback (`build_api(on_demand=...)`)."""
     clock = mesh.clock
     mesh.demand = demand.publish
     state.demand = lambda: demand.status(clock.time())
 
-    def on_request(requested: str) -> None:
+    def on_request(requested: str) -> str | None:
         demand.want(requested, clock.time())
+        return expected(demand, mesh, requested)
 
     return on_request
+
+
+def expected(demand: MeshDemand, mesh: Mesh, requested: str) -> str | None:
+    """Why the mesh expects to serve `requested` soon though no node serves it now: it is a known model (catalog,
+    or on a member's disk) and a standby with room for it is watching the demand — None otherwise (the API answers
+    404: nobody can serve it)."""
+    name = demand.canonical(requested)
+    if name is None:
+        return None
+    entry = catalog.by_name(name)
+    need = estimate_need(entry.size) if entry is not None else 0  # a file a member holds: its size is not gossiped
+    standbys = [r.node_id for r in mesh.members() if r.role == "standby" and r.capacity_bytes >= need]
+    if not standbys:
+        return None
+    return f"no node serves {name}, and {len(standbys)} standby node(s) with room may promote to serve it"

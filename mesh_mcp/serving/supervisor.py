@@ -20,19 +20,22 @@ from pathlib import Path
 
 import anyio
 
-from inference import hardware, models
+from inference import catalog, hardware, models
 from inference.diskspace import is_disk_full
 from inference.gguf_facts import GGUFFacts, read_facts
 from inference.llama_server import ServerSettings
 from inference.llamacpp import LlamaCpp
+from inference.memory_model import estimate_need, memory_need
 from inference.placement import NodeCap
 from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mesh.runtime import Mesh
+from mesh_mcp.serving.assign import Demand
 from mesh_mcp.serving.mesh_demand import MeshDemand
 from mesh_mcp.serving.plan import Flags, Standby, ThisNode, decide
 from mesh_mcp.serving.run import ModelRun, ShardingRefused
 from mesh_mcp.serving.runners import runner_for
+from mesh_mcp.serving.standby import StandbyRunner
 from mesh_mcp.serving.view import mesh_view
 from mesh_mcp.state import NodeState
 
@@ -85,6 +88,8 @@ class Serving:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._llama: LlamaCpp | None = None
         self._llama_ready = anyio.Event()
+        self.standby_runner: StandbyRunner | None = None
+        self._facts_cache: dict[Path, GGUFFacts] = {}
         mesh = setup.mesh
         self.demand = MeshDemand(setup.state.node_id, mesh.members if mesh is not None else list)
 
@@ -99,17 +104,69 @@ class Serving:
         return self._llama
 
     async def standby(self) -> None:
-        """No model to serve: hold the `Standby` decision (logged with why) until cancelled."""
+        """No model to serve: the `Standby` decision (logged with why). A member that lends capacity watches the
+        mesh's demand (`StandbyRunner`) and promotes itself to serve a model nobody serves; when that model is
+        dropped it is a standby again. A client, or a node in no mesh, just holds."""
         plan = decide(None, None, self.setup.this_node(), self.setup.flags())
         assert isinstance(plan, Standby)
-        if plan.lends_capacity:
-            log.info("%s", plan.reasons[0])
-        elif not self.setup.client:
-            log.info(
-                "no model given: serving the console only. Next: `mesh-llm --model SmolLM2-135M-Instruct` "
-                "to serve the embedded default, or `mesh-llm download` to list the catalog."
+        mesh = self.setup.mesh
+        if not plan.lends_capacity or mesh is None:
+            if not self.setup.client:
+                log.info(
+                    "no model given: serving the console only. Next: `mesh-llm --model SmolLM2-135M-Instruct` "
+                    "to serve the embedded default, or `mesh-llm download` to list the catalog."
+                )
+            await anyio.sleep_forever()
+            return
+        log.info("%s; watching the mesh's demand to promote itself", plan.reasons[0])
+        while True:
+            self.standby_runner = StandbyRunner(
+                mesh,
+                self.setup.state.node_id,
+                demand=self._demand_now,
+                sizes=self._need_here,
+                catalog=self._catalog_here,
+                promote=self._promote,
+                clock=self.setup.clock,
             )
-        await anyio.sleep_forever()
+            await self.standby_runner.run()  # returns once a promoted model is no longer served here (dropped)
+
+    def standby_status(self) -> dict[str, object] | None:
+        """The standby's latest decision and reasons for `/api/status` (None: this node is watching nothing)."""
+        return None if self.standby_runner is None else self.standby_runner.status()
+
+    def _demand_now(self, now: float) -> dict[str, Demand]:
+        return {w.name: Demand(w.rate, True) for w in self.demand.mesh_map(now).wanted(now)}
+
+    def _need_here(self, name: str) -> int | None:
+        """Bytes this node needs to serve `name` alone: from the GGUF header when the file is here, else estimated
+        from the catalog's file size (`estimate_need`); None when neither knows it."""
+        setup = self.setup
+        path = setup.models_dir / f"{name}.gguf"
+        if path.is_file():
+            try:
+                facts = self._facts_cache.get(path) or read_facts(path)
+            except MeshLLMError:
+                return None
+            self._facts_cache[path] = facts
+            return memory_need(facts, setup.server.ctx_per_slot, setup.server.slots).total
+        entry = catalog.by_name(name)
+        return None if entry is None else estimate_need(entry.size)
+
+    def _catalog_here(self) -> dict[str, int]:
+        """Catalog models this node could download and serve alone, name → bytes it would need."""
+        capacity = self.setup.hardware.capacity_bytes
+        needs = {e.name: estimate_need(e.size) for e in catalog.CATALOG}
+        return {name: need for name, need in needs.items() if need <= capacity}
+
+    async def _promote(self, model: str, source: str) -> None:
+        """Serve `model` (a standby's promotion) until it is dropped; `MeshLLMError` when it failed here, so the
+        standby hands the job on."""
+        log.info("promoted: serving %s (from %s)", model, source)
+        await self.serve(model)
+        status = self.setup.state.models.get(model)
+        if status is not None and status.state == "failed":
+            raise MeshLLMError(f"{model} failed here: {status.detail}")
 
     def drop(self, requested: str) -> str:
         """Stop serving a model (its llama-server is terminated); returns its name."""

@@ -1,0 +1,126 @@
+"""Issue 14 as a user runs it: a standby replaces a killed model server with nobody typing a command.
+
+Real node processes on loopback addresses: A serves SmolLM2, B joined without a model (a standby; SmolLM2 is in
+its models directory), C is a client sending the requests. A is killed -9 while C keeps asking: C's requests get
+503 with Retry-After (never a 404) until B, elected by the rules every node computes, promotes itself and answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.conftest import GEMMA, SMOLLM
+from tests.security.test_dead_peer import kill_node
+from tests.test_mesh import Spawn, mesh_node, token_of, wait_models
+
+pytestmark = pytest.mark.slow
+
+CHAT: dict[str, Any] = {"model": SMOLLM, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
+
+
+def _standby(status: dict[str, Any]) -> dict[str, Any]:
+    return status.get("standby") or {}
+
+
+def test_a_standby_replaces_a_killed_server_and_requests_in_the_gap_get_503(spawn: Spawn, smollm: object) -> None:
+    a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM)
+    a.wait_model_state(SMOLLM, "serving", timeout=240)
+    token = token_of(a)
+    b = mesh_node(spawn, "b", "127.0.0.3", "--join", token)
+    c = mesh_node(spawn, "c", "127.0.0.4", "--client", "--join", token)
+    c.wait_for("C up", lambda s: True, timeout=60)
+    wait_models(c, {SMOLLM}, timeout=60)
+    first = httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=120)
+    assert first.status_code == 200, first.text
+    a_id, b_id = a.status()["node_id"], b.wait_for("B up", lambda s: True, timeout=60)["node_id"]
+    assert first.headers["x-mesh-node"] == a_id
+
+    # B is a standby that stays: A serves the model, and B says so.
+    status = b.wait_for("B watching as a standby", lambda s: _standby(s).get("decision") == "stay", timeout=120)
+    assert any("standby" == p["role"] for p in status["peers"] if p["self"])
+    assert SMOLLM in {d["model"] for d in status["demand"]}, status["demand"]
+
+    killed = kill_node(a)
+    codes: list[int] = []
+    answered: httpx2.Response | None = None
+    deadline = time.monotonic() + 300
+    while answered is None and time.monotonic() < deadline:
+        r = httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=120)
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            answered = r
+            break
+        assert r.status_code == 503, f"a request in the gap got {r.status_code}, not 503: {r.text}"
+        assert r.headers.get("retry-after"), r.headers
+        assert r.json()["error"]["message"], r.text
+        time.sleep(0.5)
+    assert answered is not None, f"no answer from a promoted standby in 300 s; codes {codes}\n{b.log()[-4000:]}"
+    assert answered.headers["x-mesh-node"] == b_id, "answered by the promoted standby"
+    assert 503 in codes, "requests in the gap were answered 503 while B loaded"
+
+    # What B logged: A declared dead, then its decision with the numbers, then serving.
+    died = b.wait_log(rf"member {a_id} .*died", timeout=5)
+    decided = b.wait_log(r"promoting to serve " + SMOLLM + r"[^\n]*demand [0-9.]+ req/min", timeout=5)
+    assert died.start() < decided.start(), "the promotion came after A's death was known"
+    served = b.wait_model_state(SMOLLM, "serving", timeout=5)
+    assert served["state"] == "serving"
+    after = b.status()
+    assert not any(p["role"] == "standby" for p in after["peers"] if p["self"]), "a promoted standby is a host"
+    print(f"\nA killed → C answered by B after {time.monotonic() - killed:.1f} s; C saw {codes.count(503)} × 503")
+
+
+def test_two_standbys_and_one_wanted_model_exactly_one_loads_it(spawn: Spawn, smollm: object) -> None:
+    a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM)
+    a.wait_model_state(SMOLLM, "serving", timeout=240)
+    token = token_of(a)
+    standbys = [mesh_node(spawn, name, ip, "--join", token) for name, ip in (("s1", "127.0.0.3"), ("s2", "127.0.0.4"))]
+    c = mesh_node(spawn, "c", "127.0.0.5", "--client", "--join", token)
+    c.wait_for("C up", lambda s: True, timeout=60)
+    wait_models(c, {SMOLLM}, timeout=60)
+    assert httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=120).status_code == 200
+    for s in standbys:
+        s.wait_for("a standby that stays", lambda st: _standby(st).get("decision") == "stay", timeout=120)
+    kill_node(a)
+
+    def loaders(status: dict[str, Any]) -> set[str]:
+        return {p["node_id"] for p in status["peers"] if SMOLLM in p["models"]}
+
+    seen = c.wait_for("a standby loading the model", lambda st: bool(loaders(st)), timeout=120)
+    winner = loaders(seen)
+    assert len(winner) == 1, f"more than one standby took the model: {winner}"
+    # The other keeps watching, and says why it stays; the model ends up served by the winner alone.
+    final = c.wait_for("the model served again", lambda st: SMOLLM in {m for p in st["peers"] for m in p["serving"]})
+    assert loaders(final) == winner, f"a second standby loaded it too: {loaders(final)}"
+    loser = next(s for s in standbys if s.status()["node_id"] not in winner)
+    assert _standby(loser.status()).get("decision") == "stay"
+
+
+def test_requests_for_a_model_nobody_serves_make_a_standby_serve_it(
+    spawn: Spawn, smollm: object, gemma: object
+) -> None:
+    a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM)
+    a.wait_model_state(SMOLLM, "serving", timeout=240)
+    b = mesh_node(spawn, "b", "127.0.0.3", "--join", token_of(a))
+    b_id = b.wait_for("B watching as a standby", lambda s: _standby(s).get("decision") == "stay", timeout=120)[
+        "node_id"
+    ]
+    gemma_chat = {"model": GEMMA, "prompt": "Hello", "max_tokens": 4}
+    codes: list[int] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r = httpx2.post(a.api + "/v1/completions", json=gemma_chat, timeout=120)
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and r.headers.get("retry-after"), f"{r.status_code}: {r.text}"
+        time.sleep(0.5)
+    assert codes[-1] == 200, f"Gemma never served; codes {codes}\n{b.log()[-4000:]}"
+    assert r.headers["x-mesh-node"] == b_id
+    assert codes[0] == 503, "the first request for a wanted model nobody serves is a 503 while a standby may take it"
+    b.wait_log(r"promoting to serve " + GEMMA, timeout=5)
+    junk = httpx2.post(a.api + "/v1/completions", json={**gemma_chat, "model": "no-such-model"}, timeout=30)
+    assert junk.status_code == 404, junk.text
