@@ -22,7 +22,7 @@ from mesh_mcp.errors import ModelError
 from mesh_mcp.mesh import meshfile, tokens
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.records import NodeRecord, ServedModel
-from mesh_mcp.mesh.runtime import Mesh, MeshSettings
+from mesh_mcp.mesh.runtime import INTENT_REFRESH_S, Mesh, MeshSettings
 from mesh_mcp.serving import assign
 from mesh_mcp.serving.assign import Demand, Member, Serve, Served, Stay, View
 from mesh_mcp.serving.standby import CHECK_S, CONFIRM_CHECKS, StandbyRunner, build_view, decide, describe, member
@@ -419,6 +419,9 @@ def test_a_loading_intent_blocks_promotion_until_it_goes_stale(tmp_path: Path) -
             await c.converge()
             loader.state.update_model("A", state="loading")
             await c.clock.run_until(c.sees("s1", "A", "loading"), within=10, step=0.1)
+            # A live loader re-signs its intent every INTENT_REFRESH_S; this one stops (a loader whose record is no
+            # longer refreshed: the rule under test is what the others do about a stale intent).
+            loader._sync_record = lambda now: None  # type: ignore[method-assign]
             lid = loader.identity.node_id
 
             def version() -> int:
@@ -436,5 +439,29 @@ def test_a_loading_intent_blocks_promotion_until_it_goes_stale(tmp_path: Path) -
         stale_for = c.promoted[0][3] - stale_at
         assert c.promoted[0][1:3] == ("A", "disk") and 0 <= stale_for <= DECIDE_S + 0.5
         assert "announced loading A" in " ".join(c.runners["s1"].decision.reasons)  # type: ignore[union-attr]
+
+    anyio.run(main)
+
+
+def test_a_live_loader_keeps_its_intent_fresh_so_nobody_takes_over(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path) as c:
+            await c.node("host", "host")
+            loader = await c.node("loader", "host")
+            loader.rtt.report = lambda now, members: None  # type: ignore[method-assign]
+            await c.node("s1", "standby", disk=("A",))
+            await c.converge()
+            loader.state.update_model("A", state="loading")
+            await c.clock.run_until(c.sees("s1", "A", "loading"), within=10, step=0.1)
+            lid = loader.identity.node_id
+            c.standby("s1", wants_a)
+            versions = set()
+            for _ in range(int(3 * assign.Rules().loading_stale_s)):
+                await c.clock.run_for(1.0, step=0.5)
+                versions.add(next(r.version for r in c.meshes["s1"].members() if r.node_id == lid))
+            assert not c.promoted, "a standby took over a model a live node is loading"
+            assert len(versions) >= 3 * assign.Rules().loading_stale_s / INTENT_REFRESH_S - 1, (
+                "the intent was re-signed"
+            )
 
     anyio.run(main)

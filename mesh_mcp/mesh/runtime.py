@@ -53,6 +53,7 @@ from .wire import close_quietly
 log = logging.getLogger("mesh_llm.mesh")
 
 IN_FLIGHT_PUBLISH_S = 1.0
+INTENT_REFRESH_S = 30.0  # a loading intent is re-signed this often (serving/assign.py: stale after 90 s)
 DEMAND_PUBLISH_S = 1.0  # a changed demand view is re-signed at most this often (each request changes it)
 DemandProvider = Callable[[float], tuple[DemandItem, ...]]  # now -> this node's demand view (demand_wire.py)
 
@@ -275,6 +276,11 @@ class Mesh:
             self.gossip.update_self(now, role=role or self.settings.role)
         current = self.gossip.me.models_served
         if served == current:
+            # A model downloading or loading is an intent others respect (no standby promotes to serve it) only while
+            # it is fresh: re-sign at least every INTENT_REFRESH_S while one is under way.
+            loading = any(m.state in ("downloading", "loading") for m in served)
+            if loading and now - self.gossip.me.version / 1000 >= INTENT_REFRESH_S:
+                self.gossip.update_self(now)
             return
         facts = [(m.name, m.state, m.tools, m.ctx) for m in served]
         states_changed = facts != [(m.name, m.state, m.tools, m.ctx) for m in current]
