@@ -58,6 +58,12 @@ class Watch:
         return self.at
 
 
+def _watching(status: dict[str, Any]) -> bool:
+    """A standby that stays, having seen the requests (demand is requests; a server's pin ends with the server)."""
+    wanted = {d["model"] for d in status["demand"] if d["last_wanted_s_ago"] is not None}
+    return (status.get("standby") or {}).get("decision") == "stay" and MODEL in wanted
+
+
 def wait(node: NodeProcess, what: str, check: Any, timeout: float = 120) -> dict[str, Any]:
     return node.wait_for(what, check, timeout)
 
@@ -77,7 +83,7 @@ def one_run(tmp: Path, models: Path, run: int) -> dict[str, float]:
         wait(c, "C routes to A", lambda s: MODEL in {m for p in s["peers"] for m in p["serving"]})
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert httpx2.post(c.api + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
-        wait(b, "B a standby that stays", lambda s: (s.get("standby") or {}).get("decision") == "stay")
+        wait(b, "B a standby that stays, the request seen", _watching)
         died = Watch(b, rf"member {a_id} .*died")
         decided = Watch(b, r"promoting to serve " + MODEL)
         assert a.proc is not None

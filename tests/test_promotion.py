@@ -26,6 +26,12 @@ def _standby(status: dict[str, Any]) -> dict[str, Any]:
     return status.get("standby") or {}
 
 
+def _watching(status: dict[str, Any]) -> bool:
+    """A standby that stays, having seen requests for SmolLM2 (demand is requests; a server's pin ends with it)."""
+    wanted = {d["model"] for d in status["demand"] if d["last_wanted_s_ago"] is not None}
+    return _standby(status).get("decision") == "stay" and SMOLLM in wanted
+
+
 def test_a_standby_replaces_a_killed_server_and_requests_in_the_gap_get_503(spawn: Spawn, smollm: object) -> None:
     a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM)
     a.wait_model_state(SMOLLM, "serving", timeout=240)
@@ -40,9 +46,8 @@ def test_a_standby_replaces_a_killed_server_and_requests_in_the_gap_get_503(spaw
     assert first.headers["x-mesh-node"] == a_id
 
     # B is a standby that stays: A serves the model, and B says so.
-    status = b.wait_for("B watching as a standby", lambda s: _standby(s).get("decision") == "stay", timeout=120)
+    status = b.wait_for("B watching as a standby, the requests seen", _watching, timeout=120)
     assert any("standby" == p["role"] for p in status["peers"] if p["self"])
-    assert SMOLLM in {d["model"] for d in status["demand"]}, status["demand"]
 
     killed = kill_node(a)
     codes: list[int] = []
@@ -83,7 +88,7 @@ def test_two_standbys_and_one_wanted_model_exactly_one_loads_it(spawn: Spawn, sm
     wait_models(c, {SMOLLM}, timeout=60)
     assert httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=120).status_code == 200
     for s in standbys:
-        s.wait_for("a standby that stays", lambda st: _standby(st).get("decision") == "stay", timeout=120)
+        s.wait_for("a standby that stays, the requests seen", _watching, timeout=120)
     kill_node(a)
 
     def loaders(status: dict[str, Any]) -> set[str]:
