@@ -90,6 +90,11 @@ def _node_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--client", action="store_true", help="join without serving: API only, no GPU needed")
     p.add_argument(
+        "--auto",
+        action="store_true",
+        help="serve a catalog model chosen for this machine: what the mesh wants first, else the largest that fits",
+    )
+    p.add_argument(
         "--split",
         type=int,
         metavar="N",
@@ -274,6 +279,7 @@ def _run(args: argparse.Namespace) -> int:
         api_keys=keys,
         no_auth=args.no_auth,
         cors_origins=cors,
+        auto=args.auto and not args.client,
     )
     bars = Bars(console)
     try:

@@ -78,10 +78,11 @@ class NodeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESH_LLM_API_KEYS: never logged
     no_auth: bool = False  # --no-auth: --listen-all without keys, chosen explicitly
     cors_origins: tuple[str, ...] = ()  # --cors-origin: browser apps allowed to call the API (normalized)
+    auto: bool = False  # --auto: choose a catalog model for this node's hardware (what the mesh wants first)
 
     @property
     def in_mesh(self) -> bool:
-        return bool(self.models or self.joins or self.client or self.blackboard)
+        return bool(self.models or self.auto or self.joins or self.client or self.blackboard)
 
     @property
     def role(self) -> str:
@@ -89,7 +90,7 @@ class NodeConfig:
         # with no model is a standby: it lends capacity and promotes itself to serve what the mesh wants.
         if self.client:
             return "client" if self.joins else "host"
-        return "host" if self.models else "standby"
+        return "host" if self.models or self.auto else "standby"
 
     @property
     def carries_blackboard(self) -> bool:
@@ -225,9 +226,11 @@ class Node:
                 await anyio.sleep_forever()  # a client serves nothing and builds no llama.cpp
             for spec in cfg.models:
                 tg.start_soon(self.serving.serve, spec)
-            if not cfg.models:
+            if cfg.auto and not cfg.models:
+                tg.start_soon(self.serving.auto)
+            elif not cfg.models:
                 tg.start_soon(self.serving.standby)
-            if cfg.models or self.rpc_link is not None:
+            if cfg.models or cfg.auto or self.rpc_link is not None:
                 await self._build_llama()
 
     async def _build_llama(self) -> None:

@@ -31,6 +31,7 @@ from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mesh.runtime import Mesh
 from mesh_mcp.serving.assign import Demand
+from mesh_mcp.serving.auto import choose
 from mesh_mcp.serving.mesh_demand import MeshDemand
 from mesh_mcp.serving.plan import Flags, Standby, ThisNode, decide
 from mesh_mcp.serving.run import ModelRun, ShardingRefused
@@ -45,6 +46,7 @@ log = logging.getLogger("mesh_llm.node")
 EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert"})
 
 Progress = Callable[[str, int, int | None], None]
+AUTO_SETTLE_S = 2.0  # --auto in a mesh: how long after joining it listens to gossip before choosing
 
 
 @dataclass
@@ -131,6 +133,24 @@ class Serving:
             )
             await self.standby_runner.run()  # returns once a promoted model is no longer served here (dropped)
 
+    async def auto(self) -> None:
+        """`--auto`: choose a catalog model for this node — once joined, what the mesh wants first (`auto.choose`) —
+        then serve it (downloading it with progress); with nothing that fits, be a standby."""
+        setup, demand = self.setup, {}
+        if setup.mesh is not None:
+            await setup.mesh.joined.wait()
+            await setup.clock.sleep(AUTO_SETTLE_S)  # a gossip round or two: the mesh's records and demand arrive
+            now = setup.clock.time()
+            demand = {w.name: w.rate for w in self.demand.mesh_map(now).wanted(now)}
+        server = setup.server
+        choice = choose(catalog.CATALOG, setup.hardware.capacity_bytes, demand, server.ctx_per_slot, server.slots)
+        for reason in choice.reasons:
+            log.info("%s", reason)
+        if choice.model is None:
+            await self.standby()
+            return
+        await self.serve(choice.model)
+
     def standby_status(self) -> dict[str, object] | None:
         """The standby's latest decision and reasons for `/api/status` (None: this node is watching nothing)."""
         return None if self.standby_runner is None else self.standby_runner.status()
@@ -151,12 +171,12 @@ class Serving:
             self._facts_cache[path] = facts
             return memory_need(facts, setup.server.ctx_per_slot, setup.server.slots).total
         entry = catalog.by_name(name)
-        return None if entry is None else estimate_need(entry.size)
+        return None if entry is None else estimate_need(entry.size, setup.server.ctx_per_slot, setup.server.slots)
 
     def _catalog_here(self) -> dict[str, int]:
         """Catalog models this node could download and serve alone, name → bytes it would need."""
-        capacity = self.setup.hardware.capacity_bytes
-        needs = {e.name: estimate_need(e.size) for e in catalog.CATALOG}
+        capacity, server = self.setup.hardware.capacity_bytes, self.setup.server
+        needs = {e.name: estimate_need(e.size, server.ctx_per_slot, server.slots) for e in catalog.CATALOG}
         return {name: need for name, need in needs.items() if need <= capacity}
 
     async def _promote(self, model: str, source: str) -> None:
