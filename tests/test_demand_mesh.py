@@ -167,7 +167,7 @@ def test_demand_re_signs_the_record_at_most_once_a_second(tmp_path: Path) -> Non
         views: list[tuple[Any, ...]] = []
         start = clock.time()
         for _ in range(500):  # 50 req/s for 10 s: every gossip tick (2 a second) sees a changed view
-            a.on_demand(GEMMA)
+            a.on_demand(GEMMA, False)
             await clock.run_for(0.02, step=0.02)
             if a.mesh.gossip.me.demand != (views[-1] if views else ()):
                 views.append(a.mesh.gossip.me.demand)
@@ -206,7 +206,7 @@ def test_the_api_calls_back_once_per_request_naming_a_model_and_survives_a_faili
     state = NodeState(node_id="0123456789abcdef", name="n", version="0", api_url="", console_url="")
     seen: list[str] = []
 
-    def on_demand(name: str) -> None:
+    def on_demand(name: str, served: bool) -> None:
         seen.append(name)
         raise RuntimeError("a bug in the demand map")
 

@@ -25,7 +25,16 @@ from mesh_mcp.mesh.records import NodeRecord, ServedModel
 from mesh_mcp.mesh.runtime import INTENT_REFRESH_S, Mesh, MeshSettings
 from mesh_mcp.serving import assign
 from mesh_mcp.serving.assign import Demand, Member, Serve, Served, Stay, View
-from mesh_mcp.serving.standby import CHECK_S, CONFIRM_CHECKS, StandbyRunner, build_view, decide, describe, member
+from mesh_mcp.serving.standby import (
+    CHECK_S,
+    CONFIRM_CHECKS,
+    ELECTED_GRACE_S,
+    StandbyRunner,
+    build_view,
+    decide,
+    describe,
+    member,
+)
 from mesh_mcp.state import NodeState
 from mesh_mcp.testing import FakeClock, MemoryNetwork
 
@@ -462,5 +471,25 @@ def test_a_live_loader_keeps_its_intent_fresh_so_nobody_takes_over(tmp_path: Pat
             assert not c.promoted, "a standby took over a model a live node is loading"
             refreshes = 3 * assign.Rules().loading_stale_s / INTENT_REFRESH_S
             assert len(versions) >= refreshes - 1, f"the intent was re-signed {len(versions)} times"
+
+    anyio.run(main)
+
+
+def test_a_member_that_always_wins_the_election_but_never_loads_is_passed_over(tmp_path: Path) -> None:
+    """A hostile (or broken) member claims to be a standby with a huge capacity and the file on disk, so it wins
+    every election, and never starts: the others pass it over after ELECTED_GRACE_S and the model is served."""
+
+    async def main() -> None:
+        async with cluster(tmp_path) as c:
+            await c.node("host", "host")
+            hostile = await c.node("hostile", "standby", disk=("A",), cap=1000)
+            await c.node("s1", "standby", disk=("A",))
+            await c.converge()
+            c.standby("s1", wants_a)  # the hostile node runs no runner: it never announces loading
+            await c.clock.run_for(ELECTED_GRACE_S - 2 * CHECK_S, step=0.5)
+            assert not c.promoted, "s1 took over before the elected node's grace ran out"
+            assert isinstance(c.runners["s1"].decision, Stay) and hostile.identity.node_id
+            await c.clock.run_until(lambda: bool(c.promoted), within=2 * CHECK_S + DECIDE_S + 1, step=0.1)
+        assert [p[:3] for p in c.promoted] == [("s1", "A", "disk")]
 
     anyio.run(main)

@@ -43,7 +43,7 @@ log = logging.getLogger("mesh_llm.api")
 RETRY_AFTER_S = 5
 # A request named this model (served or not): the node's demand map counts it. For a model no node serves, it may
 # answer why the mesh expects to serve it soon (a standby may promote itself): the request gets a 503, not a 404.
-OnDemand = Callable[[str], str | None]
+OnDemand = Callable[[str, bool], str | None]  # (model, some node serves it)
 MAX_ERROR_BODY = 64 << 10
 SERVED_BY = b"x-mesh-node"  # response header: the node whose llama-server answered
 # Headers that describe one hop, never forwarded.
@@ -133,13 +133,13 @@ class Proxy:
         if status is not None:
             self.node.models[name] = replace(status, in_flight=max(0, status.in_flight + delta))
 
-    def _wanted(self, name: str) -> str | None:
+    def _wanted(self, name: str, served: bool) -> str | None:
         """Tell the demand map a request named `name`; why the mesh expects to serve it soon, if it does. Its
         failure never fails the request."""
         if self.on_demand is None:
             return None
         try:
-            return self.on_demand(name)
+            return self.on_demand(name, served)
         except Exception:  # a bug in the demand map: logged, the request goes on
             log.exception("counting a request for %r as demand failed", name[:128])
             return None
@@ -154,7 +154,7 @@ class Proxy:
             # Counted where it entered the mesh and, when tunnelled, where it is served: views merge by max, so
             # the same requests seen twice do not add up, and a client's requests (clients publish no record)
             # still reach the mesh's demand through the node that served them.
-            expected = self._wanted(name or requested)
+            expected = self._wanted(name or requested, name is not None)
         if name is None and expected and not routed:
             msg = f"model '{requested}' is not served right now: {expected}; retry in {RETRY_AFTER_S}s"
             raise HttpError(503, msg, "model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})

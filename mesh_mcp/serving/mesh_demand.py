@@ -142,16 +142,16 @@ def _folded(names: frozenset[str]) -> dict[str, str]:
     return {n.casefold(): n for n in sorted(names, reverse=True)}
 
 
-def connect(demand: MeshDemand, mesh: Mesh, state: NodeState) -> Callable[[str], str | None]:
+def connect(demand: MeshDemand, mesh: Mesh, state: NodeState) -> Callable[[str, bool], str | None]:
     """Publish `demand` in `mesh`'s record and show it in `state`'s `/api/status` (both on the mesh's clock);
     returns the API's per-request callback (`build_api(on_demand=...)`)."""
     clock = mesh.clock
     mesh.demand = demand.publish
     state.demand = lambda: demand.status(clock.time())
 
-    def on_request(requested: str) -> str | None:
+    def on_request(requested: str, served: bool) -> str | None:
         demand.want(requested, clock.time())
-        return expected(demand, mesh, requested)
+        return None if served else expected(demand, mesh, requested)  # the members are read only for a 404
 
     return on_request
 

@@ -38,6 +38,10 @@ log = logging.getLogger("mesh_llm.serving")
 
 CHECK_S = 2.0  # seconds between looks: 2 looks (CONFIRM_CHECKS) = 4 s, well inside the 10 s decision target
 CONFIRM_CHECKS = 2  # a Serve acted on only when this many looks in a row agree (model and source)
+# Another standby elected for a model that has not announced loading it within this long is passed over: a hostile
+# or broken member that always wins the election (huge claimed capacity, the file "on disk") cannot keep a wanted
+# model unserved. Its own confirmation takes CONFIRM_CHECKS × CHECK_S; the margin covers gossip on a busy mesh.
+ELECTED_GRACE_S = 20.0
 
 ROLES = {"standby": assign.STANDBY, "client": assign.CLIENT, "host": assign.HOST, "worker": assign.HOST}
 STATES = {"serving": assign.SERVING, "loading": assign.LOADING, "downloading": assign.LOADING, "failed": assign.FAILED}
@@ -76,11 +80,13 @@ def build_view(
     sizes: Callable[[str], int | None],
     catalog: Mapping[str, int],
     failed_here: Iterable[str] = (),
+    silent: Mapping[str, Iterable[str]] = {},
 ) -> View:
     """The view every rule reads: the members, the sizes of the demanded models (this node's measure), the demand
-    and the catalog."""
-    failed = tuple(failed_here)
-    members = tuple(member(r, failed if r.node_id == me else ()) for r in records)
+    and the catalog. `silent`: node id → models it was elected for and never announced loading (counted as failed
+    there, so the election passes them on)."""
+    failed = {me: tuple(failed_here)} | {n: tuple(models) for n, models in silent.items() if n != me}
+    members = tuple(member(r, failed.get(r.node_id, ())) for r in records)
     return View(members, {name: sizes(name) for name in sorted(demand)}, dict(demand), dict(catalog))
 
 
@@ -151,6 +157,8 @@ class StandbyRunner:
     promoted: tuple[str, str] | None = None  # (model, source) once promoted
     failed: set[str] = field(default_factory=set)  # models `promote` failed for here
     _joining: bool = True
+    _elected: dict[tuple[str, str], float] = field(default_factory=dict)  # (other winner, model) → first seen
+    _passed_over: set[tuple[str, str]] = field(default_factory=set)  # winners that never started: counted failed
     _seen: tuple[str, ...] = ()
     _streak: tuple[tuple[str, str] | None, int] = (None, 0)
 
@@ -163,9 +171,38 @@ class StandbyRunner:
     def look(self) -> Decision:
         """One decision on the view now (no acting); raises whatever a provider or a bad record raises."""
         now = self.clock.time()
-        demand = self.demand(now)
-        view = build_view(self.mesh.members(), self.node_id, demand, self.sizes, self.catalog(), self.failed)
+        demand, records, catalog = self.demand(now), self.mesh.members(), self.catalog()
+        view = build_view(records, self.node_id, demand, self.sizes, catalog, self.failed, self._silent())
+        if self._note_elected(view, now):  # a winner went silent past its grace: elect again without it
+            view = build_view(records, self.node_id, demand, self.sizes, catalog, self.failed, self._silent())
         return decide(view, self.node_id, now, self._joining, self.rules)
+
+    def _note_elected(self, view: View, now: float) -> bool:
+        """Remember since when each other standby has been elected for a model without announcing it; True when one
+        passed `ELECTED_GRACE_S` (first noticed now)."""
+        elected = {
+            (e.winner, model)
+            for model, e in assign.elect(view, now, self.rules).items()
+            if e.winner is not None and e.winner != self.node_id
+        }
+        self._elected = {key: self._elected.get(key, now) for key in elected}
+        newly = {key for key, since in self._elected.items() if now - since >= ELECTED_GRACE_S} - self._passed_over
+        for winner, model in sorted(newly):
+            log.warning(
+                "node %s was elected to serve %s %.0f s ago and has not started: passing it over",
+                winner,
+                model,
+                now - self._elected[(winner, model)],
+            )
+        self._passed_over |= newly
+        return bool(newly)
+
+    def _silent(self) -> dict[str, list[str]]:
+        """Node id → models it was passed over for."""
+        out: dict[str, list[str]] = {}
+        for winner, model in sorted(self._passed_over):
+            out.setdefault(winner, []).append(model)
+        return out
 
     async def check(self) -> bool:
         """One look, logged when it changed, acted on when confirmed; True once promoted."""
