@@ -29,6 +29,8 @@ from mesh_mcp.mesh.runtime import Mesh
 from mesh_mcp.serving.demand import DemandMap, NodeDemand, from_items, to_items
 from mesh_mcp.state import NodeState
 
+MAX_CACHED_VIEWS = 1024  # members whose parsed view is kept
+
 log = logging.getLogger("mesh_llm.demand")
 
 MAX_STATUS = 64  # rows of /api/status's demand map: the hottest (a record carries 24; the catalog holds < 100)
@@ -48,6 +50,7 @@ class MeshDemand:
         self._held: frozenset[str] = frozenset()  # models members hold or serve, as of the last refresh
         self._folded = _folded(self._catalog)  # casefolded known name -> the name
         self._logged: set[str] = set()
+        self._parsed: dict[str, tuple[int, DemandMap]] = {}  # node id → (record version, its view): parsed once
         self.node = NodeDemand(self.known)
 
     # --- which names exist ------------------------------------------------------------------------------
@@ -103,11 +106,20 @@ class MeshDemand:
         """The other live members' views, absorbed into this node's state (refused parts logged at debug)."""
         members = self._members()
         self._refresh(members)
-        views = [from_items(r.demand) for r in members if r.demand and r.node_id != self.node_id]
+        views = [self._view_of(r) for r in members if r.demand and r.node_id != self.node_id]
         for view in views:
             for why in self.node.absorb(view, now):
                 log.debug("%s", why)
         return views
+
+    def _view_of(self, record: NodeRecord) -> DemandMap:
+        """A member's published view, parsed once per record version (publish and every look read them)."""
+        cached = self._parsed.get(record.node_id)
+        if cached is None or cached[0] != record.version:
+            if len(self._parsed) >= MAX_CACHED_VIEWS:
+                self._parsed.clear()  # members that left: forget them all, the live ones are parsed again
+            cached = self._parsed[record.node_id] = (record.version, from_items(record.demand))
+        return cached[1]
 
     def publish(self, now: float) -> tuple[Item, ...]:
         """This node's view for its record (`Mesh.demand`): what it observed and absorbed, hottest first, its pins."""
