@@ -95,6 +95,14 @@ def _node_parser() -> argparse.ArgumentParser:
         help="serve a catalog model chosen for this machine: what the mesh wants first, else the largest that fits",
     )
     p.add_argument(
+        "--demand-ttl",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="a model no request named for this long is no longer wanted: extra replicas of it are released "
+        "(default 1800)",
+    )
+    p.add_argument(
         "--split",
         type=int,
         metavar="N",
@@ -230,6 +238,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.ctx_size < 256 or args.parallel < 1:
         print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
         return 2
+    if not 10 <= args.demand_ttl <= 7 * 86400:
+        print("mesh-llm: --demand-ttl must be from 10 seconds to 7 days", file=sys.stderr)
+        return 2
     if args.split is not None and args.split < 2:
         print("mesh-llm: --split N needs N ≥ 2 nodes", file=sys.stderr)
         return 2
@@ -280,6 +291,7 @@ def _run(args: argparse.Namespace) -> int:
         no_auth=args.no_auth,
         cors_origins=cors,
         auto=args.auto and not args.client,
+        demand_ttl_s=args.demand_ttl,
     )
     bars = Bars(console)
     try:

@@ -34,6 +34,7 @@ from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mcp.local import RuntimeInfo, withdraw_on_exit, write_runtime
 from mesh_mcp.mcp.mount import McpMount
 from mesh_mcp.mesh.identity import load_or_create
+from mesh_mcp.serving.demand import TTL_S as DEMAND_TTL_S
 from mesh_mcp.serving.mesh_demand import connect as connect_demand
 from mesh_mcp.serving.rpc_worker import RpcLink
 from mesh_mcp.serving.shard_node import ShardLink
@@ -42,6 +43,7 @@ from mesh_mcp.serving.supervisor import Serving, ServingSetup
 from . import __version__
 from .mesh import meshfile
 from .mesh.board_link import BoardLink
+from .mesh.demand_link import DemandLink
 from .mesh.gossip import GossipConfig
 from .mesh.runtime import Mesh, MeshSettings
 from .mesh.tokens import decode as decode_token
@@ -79,6 +81,7 @@ class NodeConfig:
     no_auth: bool = False  # --no-auth: --listen-all without keys, chosen explicitly
     cors_origins: tuple[str, ...] = ()  # --cors-origin: browser apps allowed to call the API (normalized)
     auto: bool = False  # --auto: choose a catalog model for this node's hardware (what the mesh wants first)
+    demand_ttl_s: float = DEMAND_TTL_S  # --demand-ttl: a model no request named this long is no longer wanted
 
     @property
     def in_mesh(self) -> bool:
@@ -165,9 +168,15 @@ class Node:
                 split=config.split,
                 threads=config.threads,
                 on_download=self.bars.download,
+                demand_ttl_s=config.demand_ttl_s,
             )
         )
         self.state.standby = self.serving.standby_status
+        # Clients' demand: a client pushes its view to members, a member absorbs what clients push (its handler is
+        # registered here, before the mesh listens).
+        self.demand_link: DemandLink | None = None
+        if self.mesh is not None:
+            self.demand_link = DemandLink(self.mesh, self.serving.demand.publish, self.serving.demand.absorb_client)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -190,6 +199,8 @@ class Node:
                 tg.start_soon(self._run_board, self.board)
                 tg.start_soon(self.board_link.run)
             on_demand = None if self.mesh is None else connect_demand(self.serving.demand, self.mesh, self.state)
+            if self.demand_link is not None and cfg.role == "client":
+                tg.start_soon(self.demand_link.run)  # a client's requests become the mesh's demand
             api = build_api(self.state, None if self.mesh is None else MeshDirectory(self.mesh), on_demand=on_demand)
             if self.mesh is not None:
                 self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only

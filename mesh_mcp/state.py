@@ -42,6 +42,7 @@ class ModelStatus:
     pid: int | None = None  # llama-server's process id while it runs
     restarts: int = 0
     context: int | None = None  # tokens one request may hold (slot context, capped at the training context)
+    slots: int | None = None  # requests its server runs at once (--parallel)
     placement: dict[str, Any] | None = None  # solo/split plan: stages, reasons, predicted tok/s
     updated_at: float = 0.0
 

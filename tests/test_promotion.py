@@ -7,7 +7,9 @@ its models directory), C is a client sending the requests. A is killed -9 while 
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -129,3 +131,50 @@ def test_requests_for_a_model_nobody_serves_make_a_standby_serve_it(
     b.wait_log(r"promoting to serve " + GEMMA, timeout=5)
     junk = httpx2.post(a.api + "/v1/completions", json={**gemma_chat, "model": "no-such-model"}, timeout=30)
     assert junk.status_code == 404, junk.text
+
+
+def test_a_model_queued_on_every_server_gets_a_replica_released_once_idle_past_the_ttl(
+    spawn: Spawn, smollm: object
+) -> None:
+    """A serves SmolLM2 with one slot; B is a standby. Four clients at once keep A's queue full: B adds a replica,
+    requests spread over both; when the load stops and the demand TTL (20 s here) passes, B releases it and is a
+    standby again while A, started with --model, keeps serving."""
+    ttl = ("--parallel", "1", "--demand-ttl", "20")
+    a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM, *ttl)
+    a.wait_model_state(SMOLLM, "serving", timeout=240)
+    b = mesh_node(spawn, "b", "127.0.0.3", "--join", token_of(a), *ttl)
+    b_id = b.wait_for("B watching as a standby", lambda s: _standby(s).get("decision") == "stay", timeout=120)[
+        "node_id"
+    ]
+    long_chat = {**CHAT, "max_tokens": 48}
+    stop = threading.Event()
+    answered_by: list[str] = []
+
+    def load() -> None:
+        while not stop.is_set():  # a new conversation each time: sessions stick to a server, conversations spread
+            chat = {**long_chat, "messages": [{"role": "user", "content": f"Say hi, number {len(answered_by)}"}]}
+            r = httpx2.post(a.api + "/v1/chat/completions", json=chat, timeout=120)
+            assert r.status_code == 200, r.text
+            answered_by.append(r.headers["x-mesh-node"])
+
+    with ThreadPoolExecutor(4) as pool:
+        loads = [pool.submit(load) for _ in range(4)]
+        try:
+            b.wait_model_state(SMOLLM, "serving", timeout=300)
+            served_at = len(answered_by)
+            deadline = time.monotonic() + 120
+            while (
+                b_id not in answered_by[served_at:] and time.monotonic() < deadline and not any(f.done() for f in loads)
+            ):
+                time.sleep(0.5)
+        finally:
+            stop.set()
+        for f in loads:
+            f.result()
+    assert b_id in answered_by[served_at:], "the replica got none of the requests"
+    b.wait_log(r"adds a replica of " + SMOLLM + r" \(\d+ requests queued beyond the slots", timeout=5)
+
+    stopped = b.wait_model_state(SMOLLM, "stopped", timeout=240)
+    assert "no request named it within the demand TTL" in stopped["detail"], stopped
+    b.wait_for("B a standby again", lambda s: _standby(s).get("role") == "standby", timeout=60)
+    assert a.status()["models"][0]["state"] == "serving", "the operator's --model server is never released"

@@ -24,7 +24,7 @@ from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.records import NodeRecord, ServedModel
 from mesh_mcp.mesh.runtime import INTENT_REFRESH_S, Mesh, MeshSettings
 from mesh_mcp.serving import assign
-from mesh_mcp.serving.assign import Demand, Member, Serve, Served, Stay, View
+from mesh_mcp.serving.assign import Demand, Member, Recent, Serve, Served, Stay, View
 from mesh_mcp.serving.standby import (
     CHECK_S,
     CONFIRM_CHECKS,
@@ -109,8 +109,10 @@ def test_two_standbys_joining_together_do_not_both_load_one_model() -> None:
 def test_a_host_with_no_model_and_an_underserved_pick_keep_the_join_rule() -> None:
     queued = Member("h", 20 * GB, assign.HOST, (Served("B", assign.SERVING, 9, 4),))
     v = view([Member("s", 8 * GB), queued], {"B": 30}, {"B": 1})
-    d = decide(v, "s", NOW, joining=True)
+    d = decide(v, "s", NOW, joining=True, recent=Recent(sustained={"B": True}))
     assert isinstance(d, Serve) and d.model == "B" and "queued" in d.reasons[1]  # a replica: no election for it
+    burst = decide(v, "s", NOW, joining=True)  # queued on this look only: a burst, not yet a trend
+    assert isinstance(burst, Stay) and "the queue has not lasted yet" in burst.reasons[0]
     assert isinstance(decide(v, "s", NOW, joining=False), Stay)  # promotion covers unserved models only
     v2 = view([Member("h0", 8 * GB, assign.HOST, on_disk=frozenset({"A"}))], {"A": 5}, {"A": 1})
     d2 = decide(v2, "h0", NOW, joining=True)

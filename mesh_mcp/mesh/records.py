@@ -15,7 +15,9 @@ ms; `llama_cpp`: its llama.cpp build identity) are left out of the wire form whe
 without them keep their encoding and signature. A served model's optional fields follow the same rule:
 `tools` (whether its chat template lets it call tools, as the serving llama-server reports it; absent
 while unknown), `bytes` (its GGUF size, the launchers' measure of strength; absent when 0) and `ctx` (tokens one
-request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0).
+request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0)
+and `slots` (requests it runs at once, llama-server's --parallel: with `in_flight` it says whether requests queue —
+the rebalancing rule of serving/assign.py; absent when 0, unknown).
 `demand` (the origin's published demand view, issue 14: which models it wants and how hot they are) is optional
 too, absent when empty, present never empty; its form and its one strict parser are `demand_wire.py`'s.
 
@@ -51,6 +53,7 @@ MAX_SOFTWARE = 128
 MAX_RTT = 32  # peers in a record's RTT map (the nearest)
 MAX_RTT_TENTHS = 10_000_000  # 1000 s
 MAX_INT = (1 << 63) - 1
+MAX_SLOTS = 4096  # a served model's request slots (llama-server's --parallel)
 NODE_ID_LEN = 16  # hex chars: sha256(public key)[:8 bytes]
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
@@ -75,7 +78,7 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp", "demand"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
-_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx"})
+_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ class ServedModel:
     tools: bool | None = None  # its chat template can call tools; None: not known (yet)
     size_bytes: int = 0  # the model's GGUF size (all shards); 0: not known
     ctx: int = 0  # tokens one request may hold on this server; 0: not known
+    slots: int = 0  # requests it runs at once (llama-server's --parallel); 0: not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +255,8 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
         out["bytes"] = m.size_bytes
     if m.ctx:
         out["ctx"] = m.ctx
+    if m.slots:
+        out["slots"] = m.slots
     return out
 
 
@@ -306,7 +312,7 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
     if type(obj["capacity_bytes"]) is not int:
         return False
     for m in obj["models_served"]:
-        if type(m["in_flight"]) is not int or type(m.get("bytes", 0)) is not int or type(m.get("ctx", 0)) is not int:
+        if type(m["in_flight"]) is not int or any(type(m.get(k, 0)) is not int for k in ("bytes", "ctx", "slots")):
             return False
         if "tools" in m and type(m["tools"]) is not bool:
             return False
@@ -354,6 +360,8 @@ def _served(obj: object) -> ServedModel:
         raise ProtocolError(
             f"a served model must have exactly {sorted(_SERVED_FIELDS)}, optionally {sorted(_SERVED_OPTIONAL)}"
         )
+    if "slots" in obj and type(obj["slots"]) is int and obj["slots"] > MAX_SLOTS:
+        raise ProtocolError(f"node record: a served model's slots must be at most {MAX_SLOTS}")
     return ServedModel(
         name=_str(obj, "name", MAX_NAME),
         state=_str(obj, "state", 16),
@@ -361,6 +369,7 @@ def _served(obj: object) -> ServedModel:
         tools=_bool(obj, "tools") if "tools" in obj else None,
         size_bytes=_positive(obj, "bytes") if "bytes" in obj else 0,
         ctx=_positive(obj, "ctx") if "ctx" in obj else 0,
+        slots=_positive(obj, "slots") if "slots" in obj else 0,
     )
 
 
@@ -462,6 +471,8 @@ def _problem(r: NodeRecord) -> str:
             or not 0 <= m.size_bytes <= MAX_INT
             or type(m.ctx) is not int
             or not 0 <= m.ctx <= MAX_INT
+            or type(m.slots) is not int
+            or not 0 <= m.slots <= MAX_SLOTS
         ):
             return f"served model {m!r:.160} is invalid (state must be one of {sorted(MODEL_STATES)})"
     for key in ("capacity_bytes", "in_flight", "version"):

@@ -257,7 +257,7 @@ class Mesh:
 
     def _served(self) -> tuple[ServedModel, ...]:
         return tuple(
-            ServedModel(m.name[:128], m.state, m.in_flight, m.tools, m.size_bytes or 0, m.context or 0)
+            ServedModel(m.name[:128], m.state, m.in_flight, m.tools, m.size_bytes or 0, m.context or 0, m.slots or 0)
             for m in self.state.models.values()
             if m.state != "stopped"
         )[:256]
@@ -282,8 +282,8 @@ class Mesh:
             if loading and now - self.gossip.me.version / 1000 >= INTENT_REFRESH_S:
                 self.gossip.update_self(now)
             return
-        facts = [(m.name, m.state, m.tools, m.ctx) for m in served]
-        states_changed = facts != [(m.name, m.state, m.tools, m.ctx) for m in current]
+        facts = [(m.name, m.state, m.tools, m.ctx, m.slots) for m in served]
+        states_changed = facts != [(m.name, m.state, m.tools, m.ctx, m.slots) for m in current]
         if states_changed or now - self._published_in_flight >= IN_FLIGHT_PUBLISH_S:
             self._published_in_flight = now
             self.gossip.update_self(now, models_served=served, in_flight=sum(m.in_flight for m in served))

@@ -12,11 +12,17 @@ reads off its own line, so nodes agree without talking: the view is sorted befor
   standby, the best by (on disk, headroom, hash); models in order of demand, a standby wins at most one. An intent
   with no progress for `Rules.loading_stale_s` is void and its node is no longer a candidate (a standby that fails
   to load hands the job on); a node that announced "failed" for a model is not elected for it again.
-- `rebalance` (via `plan_moves`): a model queued beyond the slots of every server, sustained, gets one more replica
+- `rebalance` (via `plan_moves`): a demanded model with no server that no idle standby can hold takes a spare
+  server of another model; a model queued beyond the slots of every server, sustained, gets one more replica
   (a standby, else a server of a model that can spare one); a model whose demand per server is ≥ `hot_ratio` × the
   coldest's and ≥ `hot_min_rate` pulls a server from the coldest. Hysteresis: a node moves at most once per
   `min_dwell_s`, a model gains or loses at most one server per `model_interval_s`, and a donor model must keep a
-  server and not queue after giving one up.
+  server and not queue after giving one up, and have been able to spare it for a while (`Recent.spare`); a model
+  that could spare a server is never the hot one (another server buys it nothing); a server its operator pinned
+  (`--model`) is never a donor.
+- `release`: a server of a model it was not asked to serve (a promotion or a replica) gives it up once no request
+  named the model for the demand TTL and another server keeps it: an operator's pinned server first, else the
+  unpinned server with the highest hash, so exactly one stays.
 
 Only models that fit one node solo are assigned here (as replicas); a model that fits no single node is the split
 planner's (`plan.decide`). No I/O, no clock: the caller passes `now` and acts on the decision.
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 
 SERVING, LOADING, FAILED = "serving", "loading", "failed"
 STANDBY, HOST, CLIENT = "standby", "host", "client"
+DEFAULT_SLOTS = 4  # a server's request slots when its record does not say (llama-server's --parallel default here)
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class Served:
     model: str
     state: str  # SERVING | LOADING | FAILED
     in_flight: int = 0
-    slots: int = 4  # requests the server runs at once (llama-server's parallel slots)
+    slots: int = DEFAULT_SLOTS  # requests the server runs at once (llama-server's parallel slots)
     since: float = 0.0  # LOADING: when the loader last gossiped progress (wall clock, the loader's)
 
 
@@ -50,12 +57,14 @@ class Member:
     role: str = STANDBY  # HOST | STANDBY | CLIENT
     served: tuple[Served, ...] = ()
     on_disk: frozenset[str] = frozenset()
+    pinned: frozenset[str] = frozenset()  # models its operator asked for (--model): never released or moved
 
 
 @dataclass(frozen=True)
 class Demand:
     rate: float  # requests per minute (decaying)
     active: bool  # wanted within its TTL (or pinned by a --model)
+    requested: bool = True  # a request named it within its TTL (a pin alone does not count)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,9 @@ class Recent:
     sustained: Mapping[str, bool] = field(default_factory=dict)
     node_moved_at: Mapping[str, float] = field(default_factory=dict)
     model_moved_at: Mapping[str, float] = field(default_factory=dict)
+    # Models that could spare a server on every look for a while (None: not tracked, every snapshot counts): a donor
+    # judged on one noisy snapshot of in-flight requests gives a server up, queues again, and gets it back — a flap.
+    spare: Mapping[str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,15 @@ class Move:
     source: str
     replaces: str | None
     reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Release:
+    """This node should stop serving `model` and be a standby again."""
+
+    model: str
+    reasons: tuple[str, ...]
+    kind: str = field(default="release", init=False)
 
 
 Decision = Serve | Stay
@@ -365,10 +386,12 @@ def plan_moves(view: View, now: float, recent: Recent = Recent(), rules: Rules =
             md = f.model(d)
             if d == to or d in touched or not f.settled(d, model_moved_at) or not md.can_spare():
                 continue
+            if recent.spare is not None and not recent.spare.get(d):
+                continue  # spare in this snapshot, not for long enough
             if _hotter(f.rate(d) / (len(md.servers) - 1), after_to, rules):
                 continue  # the donor would become the hot one: the reverse move would follow
             for nid, s in md.servers:
-                if free(nid, to):
+                if free(nid, to) and d not in f.members[nid].pinned:  # an operator's --model never moves
                     key = (f.load(d), s.in_flight, f.source(nid, to) != "disk", -_rank(nid, to))
                     out.append((key, nid, d))
         return [(nid, d) for _, nid, d in sorted(out)]
@@ -381,6 +404,14 @@ def plan_moves(view: View, now: float, recent: Recent = Recent(), rules: Rules =
         if gives:
             line += f"; giving up {gives} ({len(f.model(gives).servers)} servers, {f.load(gives):.1f} req/min each)"
         moves.append(Move(nid, to, source, gives, (f"node {nid} {line}",)))
+
+    stranded = [n for n in f.demanded() if f.unserved(n) and f.rate(n) > 0 and not f.standbys(n)]
+    for to in sorted(stranded, key=lambda n: (-f.rate(n), n)):  # no idle standby can hold it: a spare server can
+        if to in touched or not f.settled(to, model_moved_at):
+            continue
+        for nid, gives in donors(to, f.rate(to)):
+            add(nid, to, gives, f"serves {to}, demanded with no server, which no idle standby can hold")
+            break
 
     queued = [n for n in served if f.model(n).queued and recent.sustained.get(n) and f.rate(n) > 0]
     for to in sorted(queued, key=lambda n: (-f.model(n).queued, n)):
@@ -419,3 +450,33 @@ def rebalance(view: View, me: str, now: float, recent: Recent = Recent(), rules:
     if moves:
         return Stay((f"not moving: this round's {len(moves)} move(s) fall to other nodes",))
     return Stay(("not moving: no model is queued on every server or hot enough to pull a node",))
+
+
+def release(view: View, me: str, model: str, now: float, rules: Rules = Rules()) -> Release | Stay:
+    """Whether node `me`, serving `model` unpinned (it promoted itself or added a replica), should give it up: no
+    request named it within the demand TTL and another server keeps it — one its operator pinned, else the unpinned
+    server with the highest `_rank`, so exactly one server stays. A replica of a model still wanted stays."""
+    f = _Facts(view, now, rules)
+    d = view.demand.get(model)
+    if d is not None and d.requested:
+        return Stay((f"keeping {model}: requests still name it ({d.rate:.1f} req/min within the demand TTL)",))
+    servers = [nid for nid, _ in f.model(model).servers]
+    others = [nid for nid in servers if nid != me]
+    if not others:
+        return Stay((f"keeping {model}: no request for it within the demand TTL, but this node is its only server",))
+    pinned = [nid for nid in servers if model in f.members[nid].pinned]
+    if pinned:
+        keeper = pinned[0]
+        why = f"node {keeper} was started to serve it"
+    else:
+        keeper = max(servers, key=lambda nid: _rank(nid, model))
+        why = f"node {keeper} keeps it (the replicas' hash picks one)"
+    if keeper == me:
+        return Stay((f"keeping {model}: no request for it within the demand TTL; this node is the replica that stays",))
+    return Release(
+        model,
+        (
+            f"releasing {model}: no request named it within the demand TTL and it has {len(servers)} servers; {why}, "
+            "so this node is a standby again",
+        ),
+    )

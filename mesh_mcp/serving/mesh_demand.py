@@ -11,7 +11,8 @@ name itself when known, else the catalog entry it names in another case, else a 
 Refused names are counted nowhere and logged at debug level, once per name.
 
 Peers' views are absorbed on every `publish` and `mesh_map` (idempotent: the merge is a CRDT), so a dead member's
-demand stays in this node's map, and in its record, until the TTL; its pins end with it.
+demand stays in this node's map, and in its record, until the TTL; its pins end with it. A client publishes no
+record: it pushes its view to members (mesh/demand_link.py), which absorb it the same way (`absorb_client`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from inference.memory_model import estimate_need
 from mesh_mcp.mesh.demand_wire import Item
 from mesh_mcp.mesh.records import NodeRecord
 from mesh_mcp.mesh.runtime import Mesh
-from mesh_mcp.serving.demand import DemandMap, NodeDemand, from_items, to_items
+from mesh_mcp.serving.demand import TTL_S, DemandMap, NodeDemand, from_items, to_items
 from mesh_mcp.state import NodeState
 
 MAX_CACHED_VIEWS = 1024  # members whose parsed view is kept
@@ -43,7 +44,10 @@ Members = Callable[[], Sequence[NodeRecord]]
 class MeshDemand:
     """One node's `NodeDemand`, its view of which names exist, and its members' published views."""
 
-    def __init__(self, node_id: str, members: Members, catalog: Iterable[str] = CATALOG_NAMES) -> None:
+    def __init__(
+        self, node_id: str, members: Members, catalog: Iterable[str] = CATALOG_NAMES, ttl_s: float = TTL_S
+    ) -> None:
+        self.ttl_s = ttl_s  # --demand-ttl: a model no request named this long is no longer wanted
         self.node_id = node_id
         self._members = members
         self._catalog = frozenset(catalog)
@@ -51,7 +55,7 @@ class MeshDemand:
         self._folded = _folded(self._catalog)  # casefolded known name -> the name
         self._logged: set[str] = set()
         self._parsed: dict[str, tuple[int, DemandMap]] = {}  # node id → (record version, its view): parsed once
-        self.node = NodeDemand(self.known)
+        self.node = NodeDemand(self.known, ttl_s=ttl_s)
 
     # --- which names exist ------------------------------------------------------------------------------
 
@@ -100,6 +104,16 @@ class MeshDemand:
     def unpin(self, name: str) -> None:
         self.node.unpin(name)
 
+    def absorb_client(self, sender: str, items: tuple[Item, ...], now: float) -> int:
+        """Absorb the view a client pushed (mesh/demand_link.py: parsed, its pins stripped): its requests become this
+        node's demand, published in this node's record. Returns how many entries counted (refused ones: debug)."""
+        self._refresh(self._members())  # a model some member began to hold since the last look counts
+        view = from_items(items)
+        refused = self.node.absorb(view, now)
+        for why in refused:
+            log.debug("from client %s: %s", sender, why)
+        return len(view.entries) - len(refused)
+
     # --- the mesh's map ----------------------------------------------------------------------------------
 
     def _views(self, now: float) -> list[DemandMap]:
@@ -145,7 +159,7 @@ class MeshDemand:
                 "pinned": w.pinned,
                 "servers": serving.get(w.name, 0),
             }
-            for w in self.mesh_map(now).wanted(now)[:limit]
+            for w in self.mesh_map(now).wanted(now, self.ttl_s)[:limit]
         ]
 
 

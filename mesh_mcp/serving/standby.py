@@ -32,7 +32,8 @@ from mesh_mcp.clock import Clock
 from mesh_mcp.errors import MeshLLMError
 from mesh_mcp.mesh.records import NodeRecord
 from mesh_mcp.serving import assign
-from mesh_mcp.serving.assign import Decision, Demand, Member, Rules, Serve, Served, Stay, View
+from mesh_mcp.serving.assign import Decision, Demand, Member, Recent, Rules, Serve, Served, Stay, View
+from mesh_mcp.serving.replicas import Watch, load_deadline_s
 
 log = logging.getLogger("mesh_llm.serving")
 
@@ -57,20 +58,30 @@ class Membership(Protocol):
     def members(self) -> Sequence[NodeRecord]: ...
 
 
-def member(record: NodeRecord, failed_here: Iterable[str] = ()) -> Member:
+def member(record: NodeRecord, failed_here: Iterable[str] = (), overdue: Iterable[str] = ()) -> Member:
     """`record` as the rules see it. Roles: "standby", "client", "host" as named; a "worker" (lends its capacity to
     a split) is not idle, so it counts as a host. States: "downloading" and "loading" are loading intents,
     "stopped" is dropped. Records carry no per-model timestamp, so a loading intent's `since` is the record's
     `version` / 1000 (wall-clock ms of its last re-sign): an intent is fresh while its loader re-signs its record.
-    `failed_here`: models this node failed to start, added as failed when `record` is this node's."""
+    `failed_here`: models this node failed to start, added as failed when `record` is this node's; `overdue`:
+    models it has announced loading past their deadline (`replicas.load_deadline_s`), counted as failed. Its
+    pinned models are the pins of its published demand view (its operator's `--model`)."""
+    late = frozenset(overdue)
     served = [
-        Served(m.name, STATES[m.state], m.in_flight, since=record.version / 1000)
+        Served(
+            m.name,
+            assign.FAILED if m.name in late and STATES[m.state] == assign.LOADING else STATES[m.state],
+            m.in_flight,
+            m.slots or assign.DEFAULT_SLOTS,
+            since=record.version / 1000,
+        )
         for m in record.models_served
         if m.state in STATES
     ]
     served += [Served(name, assign.FAILED) for name in sorted(failed_here)]
     role = ROLES.get(record.role, assign.HOST)
-    return Member(record.node_id, record.capacity_bytes, role, tuple(served), frozenset(record.models_on_disk))
+    pins = frozenset(item[0] for item in record.demand if item[4])
+    return Member(record.node_id, record.capacity_bytes, role, tuple(served), frozenset(record.models_on_disk), pins)
 
 
 def build_view(
@@ -81,30 +92,47 @@ def build_view(
     catalog: Mapping[str, int],
     failed_here: Iterable[str] = (),
     silent: Mapping[str, Iterable[str]] = {},
+    overdue: Mapping[str, Iterable[str]] = {},
 ) -> View:
     """The view every rule reads: the members, the sizes of the demanded models (this node's measure), the demand
     and the catalog. `silent`: node id → models it was elected for and never announced loading (counted as failed
-    there, so the election passes them on)."""
+    there, so the election passes them on); `overdue`: node id → models it has been loading past their deadline."""
     failed = {me: tuple(failed_here)} | {n: tuple(models) for n, models in silent.items() if n != me}
-    members = tuple(member(r, failed.get(r.node_id, ())) for r in records)
+    members = tuple(member(r, failed.get(r.node_id, ()), overdue.get(r.node_id, ())) for r in records)
     return View(members, {name: sizes(name) for name in sorted(demand)}, dict(demand), dict(catalog))
 
 
 RULES = Rules()
+NOTHING_RECENT = Recent()
 
 
-def decide(view: View, me: str, now: float, joining: bool, rules: Rules = RULES) -> Decision:
-    """This node's decision: `pick_on_join` while joining, else `promotion`. A joining standby's pick of an unserved
-    model defers to the election (the same on every node): it serves what the election gives it, or stays."""
+def decide(
+    view: View, me: str, now: float, joining: bool, rules: Rules = RULES, recent: Recent = NOTHING_RECENT
+) -> Decision:
+    """This node's decision: `pick_on_join` while joining, else `promotion`, else a replica `rebalance` gives it (a
+    model queued on every server, sustained, as `recent` says). A joining standby's pick of an unserved model defers
+    to the election (the same on every node): it serves what the election gives it, or stays; its pick of an
+    underserved one stands only once the queue is sustained."""
     if not joining:
-        return assign.promotion(view, me, now, rules)
+        won = assign.promotion(view, me, now, rules)
+        if isinstance(won, Serve):
+            return won
+        extra = assign.rebalance(view, me, now, recent, rules)
+        return extra if isinstance(extra, Serve) and extra.replaces is None else won
     pick = assign.pick_on_join(view, me, now, rules)
     mine = next((m for m in view.members if m.node_id == me), None)
     if not isinstance(pick, Serve) or mine is None or mine.role != assign.STANDBY:
         return pick
     elections = assign.elect(view, now, rules)
-    if pick.model not in elections:
-        return pick  # underserved, not unserved: a replica for a model queued on every server
+    if pick.model not in elections:  # underserved, not unserved: a replica for a model queued on every server
+        if recent.sustained.get(pick.model):
+            return pick
+        return Stay(
+            (
+                f"staying standby: joining would add a replica of {pick.model}, queued on every server, but the "
+                "queue has not lasted yet (a burst is not a trend); the replica rule watches it from here",
+            )
+        )
     won = assign.promotion(view, me, now, rules)
     if isinstance(won, Serve):
         return won
@@ -156,9 +184,11 @@ class StandbyRunner:
     decision: Decision | None = None  # the latest, for /api/status
     promoted: tuple[str, str] | None = None  # (model, source) once promoted
     failed: set[str] = field(default_factory=set)  # models `promote` failed for here
+    watch: Watch = field(default_factory=Watch)  # loads under way, queues, moves: what one view cannot say
     _joining: bool = True
     _elected: dict[tuple[str, str], float] = field(default_factory=dict)  # (other winner, model) → first seen
     _passed_over: set[tuple[str, str]] = field(default_factory=set)  # winners that never started: counted failed
+    _late_logged: set[tuple[str, str]] = field(default_factory=set)  # overdue loads already logged
     _seen: tuple[str, ...] = ()
     _streak: tuple[tuple[str, str] | None, int] = (None, 0)
 
@@ -172,10 +202,35 @@ class StandbyRunner:
         """One decision on the view now (no acting); raises whatever a provider or a bad record raises."""
         now = self.clock.time()
         demand, records, catalog = self.demand(now), self.mesh.members(), self.catalog()
-        view = build_view(records, self.node_id, demand, self.sizes, catalog, self.failed, self._silent())
+        self.watch.see(records, now)
+        overdue = self._overdue(now)
+
+        def view_now() -> View:
+            failed = self.failed
+            return build_view(records, self.node_id, demand, self.sizes, catalog, failed, self._silent(), overdue)
+
+        view = view_now()
         if self._note_elected(view, now):  # a winner went silent past its grace: elect again without it
-            view = build_view(records, self.node_id, demand, self.sizes, catalog, self.failed, self._silent())
-        return decide(view, self.node_id, now, self._joining, self.rules)
+            view = view_now()
+        return decide(view, self.node_id, now, self._joining, self.rules, self.watch.recent(now))
+
+    def _overdue(self, now: float) -> dict[str, list[str]]:
+        """Loads announced past their deadline (logged once each): counted as failed, so the job passes on."""
+        overdue = self.watch.overdue(now, self.sizes)
+        for node, names in overdue.items():
+            for name in names:
+                if (node, name) not in self._late_logged:
+                    self._late_logged.add((node, name))
+                    since = self.watch.loading_since[(node, name)]
+                    log.warning(
+                        "node %s has announced loading %s for %.0f s, past its deadline of %.0f s: passing it over",
+                        node,
+                        name,
+                        now - since,
+                        load_deadline_s(self.sizes(name)),
+                    )
+        self._late_logged &= {(n, m) for n, names in overdue.items() for m in names}
+        return overdue
 
     def _note_elected(self, view: View, now: float) -> bool:
         """Remember since when each other standby has been elected for a model without announcing it; True when one

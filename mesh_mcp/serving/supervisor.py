@@ -6,15 +6,17 @@ context to the model's training context, wait for llama.cpp, `plan.decide()`, th
 until cancelled (`drop`) — a `ShardingRefused` from the expert-shard runner makes it decide again with the reason,
 which falls back to a pipeline split. A model's failure (its download, a corrupt file, a full disk) fails that model
 visibly; the node and its other models go on. With no model, `standby()` holds the node's `Standby` decision (a
-member lends capacity to splits through its rpc-server link; demand-driven promotion will live here). It owns the
-node's demand map (`demand`, serving/mesh_demand.py): each model it is asked to serve is pinned from the start
-until dropped.
+member lends capacity to splits through its rpc-server link) and runs the `StandbyRunner`: a model the mesh wants
+is served unpinned beside its `ReplicaWatcher` (serving/replicas.py), which releases it once idle past the demand
+TTL or moves the node to a hotter model; then the node is a standby again. It owns the node's demand map (`demand`,
+serving/mesh_demand.py): each model the operator asked for (`--model`, `--auto`) is pinned from the start until
+dropped; a promoted one is not (its demand is its requests).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,13 +32,15 @@ from inference.placement import NodeCap
 from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mesh.runtime import Mesh
-from mesh_mcp.serving.assign import Demand
+from mesh_mcp.serving.assign import Demand, Recent, Serve, View
 from mesh_mcp.serving.auto import choose
+from mesh_mcp.serving.demand import TTL_S
 from mesh_mcp.serving.mesh_demand import MeshDemand
 from mesh_mcp.serving.plan import Flags, Standby, ThisNode, decide
+from mesh_mcp.serving.replicas import ReplicaWatcher, Watch, demand_view
 from mesh_mcp.serving.run import ModelRun, ShardingRefused
 from mesh_mcp.serving.runners import runner_for
-from mesh_mcp.serving.standby import StandbyRunner
+from mesh_mcp.serving.standby import StandbyRunner, build_view
 from mesh_mcp.serving.view import mesh_view
 from mesh_mcp.state import NodeState
 
@@ -65,6 +69,7 @@ class ServingSetup:
     dataplane_port: int = 0  # this node's data plane (split workers without the file fetch tensors there)
     on_download: Progress = lambda label, done, total: None  # the terminal's progress bars
     clock: Clock = SYSTEM_CLOCK
+    demand_ttl_s: float = TTL_S  # --demand-ttl: a model no request named this long is no longer wanted
 
     def this_node(self, backend: str = "cpu") -> ThisNode:
         hw = self.hardware
@@ -91,9 +96,12 @@ class Serving:
         self._llama: LlamaCpp | None = None
         self._llama_ready = anyio.Event()
         self.standby_runner: StandbyRunner | None = None
+        self.replica_watcher: ReplicaWatcher | None = None
+        self.watch = Watch()  # shared by the standby runner and the replica watcher: one memory of the mesh
         self._facts_cache: dict[Path, GGUFFacts] = {}
         mesh = setup.mesh
-        self.demand = MeshDemand(setup.state.node_id, mesh.members if mesh is not None else list)
+        members = mesh.members if mesh is not None else list
+        self.demand = MeshDemand(setup.state.node_id, members, ttl_s=setup.demand_ttl_s)
 
     def llama_ready(self, llama: LlamaCpp) -> None:
         """llama.cpp is built and passed its self-test: models waiting to load go on."""
@@ -130,6 +138,7 @@ class Serving:
                 catalog=self._catalog_here,
                 promote=self._promote,
                 clock=self.setup.clock,
+                watch=self.watch,
             )
             await self.standby_runner.run()  # returns once a promoted model is no longer served here (dropped)
 
@@ -141,7 +150,7 @@ class Serving:
             await setup.mesh.joined.wait()
             await setup.clock.sleep(AUTO_SETTLE_S)  # a gossip round or two: the mesh's records and demand arrive
             now = setup.clock.time()
-            demand = {w.name: w.rate for w in self.demand.mesh_map(now).wanted(now)}
+            demand = {w.name: w.rate for w in self.demand.mesh_map(now).wanted(now, setup.demand_ttl_s)}
         server = setup.server
         choice = choose(catalog.CATALOG, setup.hardware.capacity_bytes, demand, server.ctx_per_slot, server.slots)
         for reason in choice.reasons:
@@ -153,10 +162,16 @@ class Serving:
 
     def standby_status(self) -> dict[str, object] | None:
         """The standby's latest decision and reasons for `/api/status` (None: this node is watching nothing)."""
-        return None if self.standby_runner is None else self.standby_runner.status()
+        if self.standby_runner is None:
+            return None
+        status = self.standby_runner.status()
+        if (watcher := self.replica_watcher) is not None:
+            status["replica"] = watcher.status()
+        return status
 
-    def _demand_now(self, now: float) -> dict[str, Demand]:
-        return {w.name: Demand(w.rate, True) for w in self.demand.mesh_map(now).wanted(now)}
+    def _demand_now(self, now: float) -> Mapping[str, Demand]:
+        wanted = self.demand.mesh_map(now).wanted(now, self.setup.demand_ttl_s)
+        return demand_view(((w.name, w.rate, w.last_wanted) for w in wanted), now, self.setup.demand_ttl_s)
 
     def _need_here(self, name: str) -> int | None:
         """Bytes this node needs to serve `name` alone: from the GGUF header when the file is here, else estimated
@@ -180,16 +195,54 @@ class Serving:
         return {name: need for name, need in needs.items() if need <= capacity}
 
     async def _promote(self, model: str, source: str) -> None:
-        """Serve `model` (a standby's promotion) until it is dropped; `MeshLLMError` when it failed here, so the
-        standby hands the job on."""
-        log.info("promoted: serving %s (from %s)", model, source)
-        await self.serve(model)
-        status = self.setup.state.models.get(model)
-        if status is not None and status.state == "failed":
-            raise MeshLLMError(f"{model} failed here: {status.detail}")
+        """Serve `model` (a standby's promotion, or a replica) unpinned until it is released, moved or dropped — a
+        move serves its target next, the same way; `MeshLLMError` when a model failed here, so the standby hands the
+        job on."""
+        next_model: str | None = model
+        while next_model is not None:
+            model = next_model
+            log.info("promoted: serving %s (from %s)", model, source)
+            next_model = await self._serve_watched(model)
+            source = "a move"
+            status = self.setup.state.models.get(model)
+            if status is not None and status.state == "failed":
+                raise MeshLLMError(f"{model} failed here: {status.detail}")
 
-    def drop(self, requested: str) -> str:
-        """Stop serving a model (its llama-server is terminated); returns its name."""
+    async def _serve_watched(self, model: str) -> str | None:
+        """Serve `model` unpinned beside its `ReplicaWatcher`; the model the watcher moves this node to, or None."""
+        moved: list[str] = []
+
+        async def watch() -> None:
+            watcher = self.replica_watcher = ReplicaWatcher(
+                self.setup.state.node_id, model, self._replica_look, self.setup.clock
+            )
+            decision = await watcher.run()
+            if isinstance(decision, Serve):
+                moved.append(decision.model)
+            self.drop(model, detail="; ".join(decision.reasons))
+
+        async with anyio.create_task_group() as tg:
+            if self.setup.mesh is not None:
+                tg.start_soon(watch)
+            await self.serve(model, pin=False)
+            tg.cancel_scope.cancel()
+        self.replica_watcher = None
+        return moved[0] if moved else None
+
+    def _replica_look(self) -> tuple[View, Recent]:
+        """The view and the watch's memory now, for a `ReplicaWatcher`."""
+        mesh = self.setup.mesh
+        assert mesh is not None
+        now = self.setup.clock.time()
+        records = mesh.members()
+        self.watch.see(records, now)
+        overdue = self.watch.overdue(now, self._need_here)
+        demand, catalog = self._demand_now(now), self._catalog_here()
+        view = build_view(records, self.setup.state.node_id, demand, self._need_here, catalog, overdue=overdue)
+        return view, self.watch.recent(now)
+
+    def drop(self, requested: str, detail: str = "dropped") -> str:
+        """Stop serving a model (its llama-server is terminated); returns its name. `detail`: why, for the status."""
         state = self.setup.state
         status = state.find_model(requested)
         if status is None:
@@ -197,15 +250,16 @@ class Serving:
         if (scope := self._scopes.pop(status.name, None)) is not None:
             scope.cancel()
         self.demand.unpin(status.name)
-        state.update_model(status.name, state="stopped", detail="dropped", upstream=None, pid=None)
-        log.info("dropped %s", status.name)
+        state.update_model(status.name, state="stopped", detail=detail, upstream=None, pid=None)
+        log.info("dropped %s: %s", status.name, detail)
         return status.name
 
-    async def serve(self, spec: str) -> None:
-        """Serve the model `spec` names until dropped or cancelled; a failure fails this model only."""
+    async def serve(self, spec: str, pin: bool = True) -> None:
+        """Serve the model `spec` names until dropped or cancelled; a failure fails this model only. `pin`: the
+        operator asked for it (`--model`, `--auto`): it stays demanded while served, and is never released."""
         with anyio.CancelScope() as scope:
             try:
-                await self._serve(spec, scope)
+                await self._serve(spec, scope, pin)
             except OSError as exc:
                 # A full disk met by a writer that did not say so itself (an rpc cache, a shard): this model
                 # fails, visibly; the node and its other models go on. Other OSErrors are bugs: they propagate.
@@ -216,9 +270,9 @@ class Serving:
                 log.error("model %s: %s", name, detail)
                 self.setup.state.update_model(name, state="failed", detail=detail, progress=None, upstream=None)
 
-    async def _serve(self, spec: str, scope: anyio.CancelScope) -> None:
+    async def _serve(self, spec: str, scope: anyio.CancelScope, pin: bool) -> None:
         setup = self.setup
-        fetched = await self._fetch(spec, scope)
+        fetched = await self._fetch(spec, scope, pin)
         if fetched is None:
             return
         name, path, facts = fetched
@@ -229,6 +283,7 @@ class Serving:
             state="loading",
             progress=None,
             context=context,
+            slots=setup.server.slots,
             path=str(path),
             size_bytes=facts.file_size,
             architecture=facts.architecture,
@@ -275,13 +330,14 @@ class Serving:
             [] if mesh is None else mesh_view(mesh, path, self.setup.hardware.capacity_bytes, self.setup.clock.time())
         )
 
-    async def _fetch(self, spec: str, scope: anyio.CancelScope) -> tuple[str, Path, GGUFFacts] | None:
+    async def _fetch(self, spec: str, scope: anyio.CancelScope, pin: bool) -> tuple[str, Path, GGUFFacts] | None:
         """Resolve, download and read the model; None (the model failed, with why) when that cannot be done."""
         setup, name = self.setup, spec
         try:
             name = models.request_name(models.parse_spec(spec))
             self._scopes[name] = scope
-            self.demand.pin(name)  # demanded while this node serves it (or keeps trying to), until dropped
+            if pin:
+                self.demand.pin(name)  # demanded while this node serves it (or keeps trying to), until dropped
             setup.state.update_model(name, state="downloading", detail=f"resolving {spec}")
 
             def progress(label: str, done: int, total: int | None) -> None:
