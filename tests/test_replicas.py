@@ -11,6 +11,8 @@ import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inference.hardware import Hardware
+from inference.llama_server import ServerSettings
 from mesh_mcp.mesh.records import NodeRecord, ServedModel
 from mesh_mcp.serving import assign
 from mesh_mcp.serving.assign import Demand, Member, Recent, Release, Serve, Served, Stay, View
@@ -24,6 +26,8 @@ from mesh_mcp.serving.replicas import (
     load_deadline_s,
 )
 from mesh_mcp.serving.standby import CHECK_S, StandbyRunner, build_view, decide, member
+from mesh_mcp.serving.supervisor import DRAIN_S, Serving, ServingSetup
+from mesh_mcp.state import NodeState
 from mesh_mcp.testing import FakeClock
 from tests.test_standby import DECIDE_S, Stub, cluster, record, wants_a
 
@@ -294,3 +298,41 @@ def test_the_watch_stays_bounded_whatever_names_a_hostile_member_rotates() -> No
         served = tuple(ServedModel(f"m{i}-{k}", "loading") for k in range(256))
         w.see([record("h", "host", served)], NOW + i)
     assert len(w.model_moved_at) <= MAX_MOVES and len(w.loading_since) <= MAX_MOVES
+
+
+def test_a_replica_with_requests_in_flight_here_is_not_released() -> None:
+    got = assign.release(v([serving("host", pinned=True), serving("r1", flight=1)], IDLE), "r1", "A", NOW)
+    assert isinstance(got, Stay) and "1 request(s) in flight here" in got.reasons[0]
+
+
+def test_a_released_model_drains_its_requests_in_flight_before_its_server_stops(tmp_path: Path) -> None:
+    """The release announces the model stopped at once (nothing new is routed here), waits for the requests in flight
+    to finish, and only then drops it — at most DRAIN_S."""
+    state = NodeState(node_id="0123456789abcdef", name="n", version="0", api_url="", console_url="")
+    clock = FakeClock(NOW)
+    setup = ServingSetup(state, Hardware(cpu_cores=2, ram_bytes=8 << 30), tmp_path, tmp_path, ServerSettings())
+    setup.clock = clock
+    serving = Serving(setup)
+
+    async def main() -> None:
+        for in_flight, stopped_after in ((2, 5.0), (1, DRAIN_S)):
+            state.update_model("A", state="serving", in_flight=in_flight, detail="")
+            dropped: list[float] = []
+
+            async def release(dropped: list[float] = dropped, began: float = clock.monotonic()) -> None:
+                await serving._drain("A", "idle")
+                dropped.append(clock.monotonic() - began)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release)
+                await clock.run_for(1.0, step=0.1)
+                assert state.models["A"].state == "stopped" and state.models["A"].detail == "draining: idle"
+                assert not dropped  # still draining
+                if stopped_after < DRAIN_S:
+                    await clock.run_for(stopped_after - 1.0 - 0.5, step=0.1)
+                    state.update_model("A", in_flight=0)  # the last request finished
+                await clock.run_until(lambda d=dropped: bool(d), within=DRAIN_S + 1, step=0.1)
+            assert state.models["A"].detail == "idle"
+            assert stopped_after - 1 <= dropped[0] <= stopped_after + 0.5
+
+    anyio.run(main)

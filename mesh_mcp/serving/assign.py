@@ -460,6 +460,9 @@ def release(view: View, me: str, model: str, now: float, rules: Rules = Rules())
     d = view.demand.get(model)
     if d is not None and d.requested:
         return Stay((f"keeping {model}: requests still name it ({d.rate:.1f} req/min within the demand TTL)",))
+    busy = sum(s.in_flight for nid, s in f.model(model).servers if nid == me)
+    if busy:
+        return Stay((f"keeping {model}: {busy} request(s) in flight here",))
     servers = [nid for nid, _ in f.model(model).servers]
     others = [nid for nid in servers if nid != me]
     if not others:

@@ -50,6 +50,8 @@ log = logging.getLogger("mesh_llm.node")
 EMBEDDING_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert"})
 
 Progress = Callable[[str, int, int | None], None]
+DRAIN_S = 60.0  # a released model's requests in flight get this long to finish before its server stops
+DRAIN_POLL_S = 0.2
 AUTO_SETTLE_S = 2.0  # --auto in a mesh: how long after joining it listens to gossip before choosing
 
 
@@ -219,7 +221,7 @@ class Serving:
             decision = await watcher.run()
             if isinstance(decision, Serve):
                 moved.append(decision.model)
-            self.drop(model, detail="; ".join(decision.reasons))
+            await self._drain(model, "; ".join(decision.reasons))
 
         async with anyio.create_task_group() as tg:
             if self.setup.mesh is not None:
@@ -228,6 +230,21 @@ class Serving:
             tg.cancel_scope.cancel()
         self.replica_watcher = None
         return moved[0] if moved else None
+
+    async def _drain(self, model: str, detail: str) -> None:
+        """Give `model` up gracefully: announce it stopped (no request is routed here from now on), let the requests
+        in flight here finish — at most `DRAIN_S` —, then drop it."""
+        state, clock = self.setup.state, self.setup.clock
+        status = state.models.get(model)
+        if status is not None and status.state == "serving":
+            state.update_model(model, state="stopped", detail=f"draining: {detail}")
+            deadline = clock.monotonic() + DRAIN_S
+            while (s := state.models.get(model)) is not None and s.in_flight > 0 and clock.monotonic() < deadline:
+                await clock.sleep(DRAIN_POLL_S)
+            if s is not None and s.in_flight:
+                log.warning("%s: %d request(s) still in flight after %g s of draining; stopping it", model, s.in_flight,
+                            DRAIN_S)  # fmt: skip
+        self._stop(model, detail)
 
     def _replica_look(self) -> tuple[View, Recent]:
         """The view and the watch's memory now, for a `ReplicaWatcher`."""
@@ -241,18 +258,22 @@ class Serving:
         view = build_view(records, self.setup.state.node_id, demand, self._need_here, catalog, overdue=overdue)
         return view, self.watch.recent(now)
 
-    def drop(self, requested: str, detail: str = "dropped") -> str:
-        """Stop serving a model (its llama-server is terminated); returns its name. `detail`: why, for the status."""
+    def drop(self, requested: str) -> str:
+        """Stop serving a model (its llama-server is terminated); returns its name."""
         state = self.setup.state
         status = state.find_model(requested)
         if status is None:
             raise ConfigError(f"this node does not serve {requested!r}; it serves {state.served_names()}")
-        if (scope := self._scopes.pop(status.name, None)) is not None:
-            scope.cancel()
-        self.demand.unpin(status.name)
-        state.update_model(status.name, state="stopped", detail=detail, upstream=None, pid=None)
-        log.info("dropped %s: %s", status.name, detail)
+        self._stop(status.name, "dropped")
         return status.name
+
+    def _stop(self, name: str, detail: str) -> None:
+        """End `name`'s serving here (its scope: the llama-server is terminated and reaped), with why."""
+        if (scope := self._scopes.pop(name, None)) is not None:
+            scope.cancel()
+        self.demand.unpin(name)
+        self.setup.state.update_model(name, state="stopped", detail=detail, upstream=None, pid=None)
+        log.info("stopped serving %s: %s", name, detail)
 
     async def serve(self, spec: str, pin: bool = True) -> None:
         """Serve the model `spec` names until dropped or cancelled; a failure fails this model only. `pin`: the
