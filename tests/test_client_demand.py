@@ -11,7 +11,6 @@ standby serve the model) is at the bottom, marked slow.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -46,6 +45,7 @@ from mesh_mcp.serving.demand import PER_REQUEST
 from mesh_mcp.serving.mesh_demand import MeshDemand, connect
 from mesh_mcp.state import NodeState
 from mesh_mcp.testing import FakeClock, MemoryNetwork
+from tests.test_promotion import until_served
 
 GEMMA = "Gemma-3-270M-Q4_K_M"  # a catalog model nobody serves
 QWEN = "Qwen2.5-0.5B-Instruct-Q4_K_M"  # another catalog model
@@ -319,17 +319,7 @@ def test_a_clients_requests_for_a_model_nobody_serves_make_a_standby_serve_it(sp
     c = mesh_node(spawn, "c", "127.0.0.4", "--client", "--join", token_of(b))
     c.wait_for("C sees B", lambda s: any(p["node_id"] == b_id for p in s["peers"]), timeout=60)
     body = {"model": GEMMA_FILE, "prompt": "Hello", "max_tokens": 4}
-    codes: list[int] = []
-    r: httpx2.Response | None = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        r = httpx2.post(c.api + "/v1/completions", json=body, timeout=120)
-        codes.append(r.status_code)
-        if r.status_code == 200:
-            break
-        assert r.status_code == 503 and r.headers.get("retry-after"), f"{r.status_code}: {r.text}"
-        time.sleep(0.5)
-    assert r is not None and codes[-1] == 200, f"Gemma never served; codes {codes}\n{b.log()[-4000:]}"
+    codes, r = until_served(c.api, body, b)
     assert r.headers["x-mesh-node"] == b_id
     assert codes[0] == 503, "a wanted model nobody serves is a 503 while a standby may take it"
     b.wait_log(r"promoting to serve " + GEMMA_FILE, timeout=5)

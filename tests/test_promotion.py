@@ -34,6 +34,21 @@ def _watching(status: dict[str, Any]) -> bool:
     return _standby(status).get("decision") == "stay" and SMOLLM in wanted
 
 
+def until_served(api: str, body: dict[str, Any], standby: Any, within_s: float = 300) -> tuple[list[int], Any]:
+    """Ask `api` for `body`'s model every 0.5 s until it answers 200 (a standby promoted itself to serve it); every
+    answer before that must be 503 with Retry-After. The status codes seen, and the 200."""
+    codes: list[int] = []
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        r = httpx2.post(api + "/v1/completions", json=body, timeout=120)
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            return codes, r
+        assert r.status_code == 503 and r.headers.get("retry-after"), f"{r.status_code}: {r.text}"
+        time.sleep(0.5)
+    raise AssertionError(f"{body['model']} never served; codes {codes}\n{standby.log()[-4000:]}")
+
+
 def test_a_standby_replaces_a_killed_server_and_requests_in_the_gap_get_503(spawn: Spawn, smollm: object) -> None:
     a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM)
     a.wait_model_state(SMOLLM, "serving", timeout=240)
@@ -116,16 +131,7 @@ def test_requests_for_a_model_nobody_serves_make_a_standby_serve_it(
         "node_id"
     ]
     gemma_chat = {"model": GEMMA, "prompt": "Hello", "max_tokens": 4}
-    codes: list[int] = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        r = httpx2.post(a.api + "/v1/completions", json=gemma_chat, timeout=120)
-        codes.append(r.status_code)
-        if r.status_code == 200:
-            break
-        assert r.status_code == 503 and r.headers.get("retry-after"), f"{r.status_code}: {r.text}"
-        time.sleep(0.5)
-    assert codes[-1] == 200, f"Gemma never served; codes {codes}\n{b.log()[-4000:]}"
+    codes, r = until_served(a.api, gemma_chat, b)
     assert r.headers["x-mesh-node"] == b_id
     assert codes[0] == 503, "the first request for a wanted model nobody serves is a 503 while a standby may take it"
     b.wait_log(r"promoting to serve " + GEMMA, timeout=5)
