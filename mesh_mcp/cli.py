@@ -14,12 +14,16 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from inference import paths
 from inference.llama_server import ServerSettings
+from mesh_mcp.clock import SYSTEM_CLOCK
+from mesh_mcp.discovery.move import MoveTo
 from mesh_mcp.errors import MeshLLMError
 
 log = logging.getLogger("mesh_llm.cli")
@@ -32,7 +36,8 @@ def _node_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: `mesh-llm download [NAME ...] [--draft]` lists the catalog or fetches models; "
         "`mesh-llm blackboard --help`: the agents' blackboard (post, search, MCP server); "
         "`mesh-llm goose` / `mesh-llm claude`: run Goose or Claude Code on the mesh's models; "
-        "`mesh-llm doctor`: the llama.cpp build this machine uses, its CPU flags and self-test.",
+        "`mesh-llm doctor`: the llama.cpp build this machine uses, its CPU flags and self-test; "
+        "`mesh-llm discover`: the public meshes listed on the Nostr relays and the LAN.",
     )
     p.add_argument("--version", action="store_true", help="print versions and the llama.cpp build in use, then exit")
     p.add_argument(
@@ -92,7 +97,26 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--auto",
         action="store_true",
-        help="serve a catalog model chosen for this machine: what the mesh wants first, else the largest that fits",
+        help="without --join: find the best public mesh (Nostr relays, the LAN) and join it, or create one; then "
+        "serve a catalog model chosen for this machine: what the mesh wants first, else the largest that fits",
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="list this mesh publicly (Nostr relays and the LAN): the listing carries a joinable invite token, so "
+        "anyone who finds it can join",
+    )
+    p.add_argument("--mesh-name", metavar="NAME", help="name the mesh (implies --publish); with --auto: join NAME")
+    p.add_argument("--region", metavar="R", help="tag the listing with a region (e.g. eu-west); --auto prefers it")
+    p.add_argument(
+        "--max-clients", type=int, default=0, metavar="N", help="delist the mesh while N clients are connected"
+    )
+    p.add_argument(
+        "--nostr-relay",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="Nostr relay to publish and search on (repeatable; replaces the 5 default public relays)",
     )
     p.add_argument(
         "--demand-ttl",
@@ -204,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             from .cmd_agents import main as run_agent
 
             return run_agent(argv[0], argv[1:])
+        if argv[:1] == ["discover"]:
+            from .cmd_discover import main as discover
+
+            return discover(argv[1:])
         if argv[:1] == ["doctor"]:
             from .cmd_doctor import main as doctor
 
@@ -263,6 +291,35 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.max_clients < 0:
+        print("mesh-llm: --max-clients must be 0 (no cap) or more", file=sys.stderr)
+        return 2
+    from .public import Public, auto_choice, wants
+
+    relays = tuple(args.nostr_relay) or Public.relays
+    public = Public(
+        publish=args.publish or bool(args.mesh_name),
+        mesh_name=args.mesh_name,
+        region=args.region,
+        max_clients=args.max_clients,
+        relays=relays,
+        takeover=args.auto,
+    )
+    joins = tuple(args.join)
+    if args.auto and not joins:
+        from inference import hardware
+
+        me = wants(args.client, hardware.detect(args.max_vram).capacity_bytes, args.region, tuple(args.model))
+        try:
+            choice = anyio.run(auto_choice, paths.home_dir(), public, me, SYSTEM_CLOCK)
+        except MeshLLMError as exc:
+            print(f"mesh-llm: {exc}", file=sys.stderr)
+            return 1
+        if choice.token is not None:  # a member of a listed mesh: its publisher lists it; this node takes over if gone
+            joins = (choice.token,)
+            public = replace(public, publish=False)
+        else:  # --auto found nothing: it creates a public mesh (the next --auto finds it); named, it may move
+            public = replace(public, publish=True, name_watch=bool(args.mesh_name))
     config = NodeConfig(
         models=tuple(args.model),
         host="0.0.0.0" if args.listen_all else "127.0.0.1",
@@ -279,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
             extra_args=(*(("--threads", str(args.threads)) if args.threads else ()), *args.llama_arg),
         ),
         threads=args.threads,
-        joins=tuple(args.join),
+        joins=joins,
         client=args.client,
         mesh_host=args.mesh_host,
         mesh_port=args.bind_port,
@@ -292,13 +349,33 @@ def _run(args: argparse.Namespace) -> int:
         cors_origins=cors,
         auto=args.auto and not args.client,
         demand_ttl_s=args.demand_ttl,
+        public=public,
     )
     bars = Bars(console)
     try:
-        node = Node(config, bars)
-    except MeshLLMError as err:
-        print(f"mesh-llm: {err}", file=sys.stderr)
-        return 1
+        while True:
+            try:
+                node = Node(config, bars)
+            except MeshLLMError as err:
+                print(f"mesh-llm: {err}", file=sys.stderr)
+                return 1
+            outcome = _run_node(node)
+            if not isinstance(outcome, MoveTo):
+                if outcome:
+                    return outcome
+                break
+            # Lost the --mesh-name race: the node stopped cleanly; it starts again as a member of the winner's mesh.
+            log.info("restarting in the mesh of the winning listing: %s", outcome.why)
+            public = replace(config.public, publish=False, name_watch=False)  # the winner's publisher lists it
+            config = replace(config, joins=(outcome.token,), public=public)
+    finally:
+        bars.stop()
+    log.info("stopped")
+    return 0
+
+
+def _run_node(node: Any) -> int | MoveTo:
+    """Run `node` until Ctrl-C or SIGTERM (0), a user error (1, printed), or a `MoveTo` (returned)."""
 
     async def run_until_signal() -> None:
         async with anyio.create_task_group() as tg:
@@ -308,19 +385,32 @@ def _run(args: argparse.Namespace) -> int:
     try:
         anyio.run(run_until_signal)
     except BaseExceptionGroup as group:
+        moved, rest = group.split(MoveTo)
+        if moved is not None and rest is None:
+            return _first(moved)
         errors = _user_errors(group)
         if errors is None:
             raise
         for error in errors:
             print(f"mesh-llm: {error}", file=sys.stderr)
         return 1
+    except MoveTo as move:
+        return move
     except MeshLLMError as exc:
         print(f"mesh-llm: {exc}", file=sys.stderr)
         return 1
-    finally:
-        bars.stop()
-    log.info("stopped")
     return 0
+
+
+def _first(group: BaseExceptionGroup) -> MoveTo:
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, MoveTo):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+    raise AssertionError("a MoveTo group without a MoveTo")
 
 
 def _user_errors(group: BaseExceptionGroup) -> list[MeshLLMError] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +30,13 @@ from mesh_mcp.api.guard import API, CONSOLE, Policy
 from mesh_mcp.api.mesh_directory import MeshDirectory
 from mesh_mcp.api.middleware import HttpGuard, log_exposure
 from mesh_mcp.api.serve import serve_http
+from mesh_mcp.clock import SYSTEM_CLOCK
 from mesh_mcp.errors import ConfigError, MeshLLMError
 from mesh_mcp.mcp.local import RuntimeInfo, withdraw_on_exit, write_runtime
 from mesh_mcp.mcp.mount import McpMount
 from mesh_mcp.mesh.identity import load_or_create
+from mesh_mcp.public import Public
+from mesh_mcp.public import actors as public_actors
 from mesh_mcp.serving.demand import TTL_S as DEMAND_TTL_S
 from mesh_mcp.serving.mesh_demand import connect as connect_demand
 from mesh_mcp.serving.rpc_worker import RpcLink
@@ -82,10 +85,11 @@ class NodeConfig:
     cors_origins: tuple[str, ...] = ()  # --cors-origin: browser apps allowed to call the API (normalized)
     auto: bool = False  # --auto: choose a catalog model for this node's hardware (what the mesh wants first)
     demand_ttl_s: float = DEMAND_TTL_S  # --demand-ttl: a model no request named this long is no longer wanted
+    public: Public = field(default_factory=Public)  # --publish, --mesh-name, --region, --max-clients, --nostr-relay
 
     @property
     def in_mesh(self) -> bool:
-        return bool(self.models or self.auto or self.joins or self.client or self.blackboard)
+        return bool(self.models or self.auto or self.joins or self.client or self.blackboard or self.public.publish)
 
     @property
     def role(self) -> str:
@@ -201,6 +205,9 @@ class Node:
             on_demand = None if self.mesh is None else connect_demand(self.serving.demand, self.mesh, self.state)
             if self.demand_link is not None and cfg.role == "client":
                 tg.start_soon(self.demand_link.run)  # a client's requests become the mesh's demand
+            if self.mesh is not None:
+                for actor in public_actors(self.mesh, cfg.public, self._wanted, self._in_flight, SYSTEM_CLOCK):
+                    tg.start_soon(self._once_joined, self.mesh, actor)
             api = build_api(self.state, None if self.mesh is None else MeshDirectory(self.mesh), on_demand=on_demand)
             if self.mesh is not None:
                 self.mesh.api_app = api  # requests tunnelled from peers: the OpenAI/Anthropic API only
@@ -276,6 +283,18 @@ class Node:
     def drop(self, requested: str) -> str:
         """Stop serving a model (its llama-server is terminated); returns its name."""
         return self.serving.drop(requested)
+
+    def _wanted(self, now: float) -> list[str]:
+        """The models the mesh wants now, hottest first (a listing's `wanted`)."""
+        return [w.name for w in self.serving.demand.mesh_map(now).wanted(now, self.config.demand_ttl_s)]
+
+    def _in_flight(self) -> int:
+        return sum(m.in_flight for m in self.state.models.values())
+
+    @staticmethod
+    async def _once_joined(mesh: Mesh, actor: Callable[[], Awaitable[None]]) -> None:
+        await mesh.joined.wait()
+        await actor()
 
     async def _print_token(self, mesh: Mesh) -> None:
         """The invite token alone on its own line of stdout (easy to copy, easy to script), once this node is a

@@ -119,3 +119,11 @@ def test_no_import_cycles() -> None:
     for start in sorted(graph):
         visit(start, [])
     assert ("mesh_mcp.mesh.runtime", "mesh_mcp.mesh.liveness") in imports(typing_only=False)  # the graph is read
+
+
+def test_discovery_knows_no_serving_api_mcp_or_data_plane() -> None:
+    """The public-mesh plane (listings, Nostr, mDNS, the publisher) sees the mesh only through what it is handed:
+    the node's glue (mesh_mcp/public.py) builds its listing from the serving plane."""
+    assert ("mesh_mcp.public", "mesh_mcp.discovery.publisher") in imports()  # the graph is read
+    forbidden = ("mesh_mcp.serving", "mesh_mcp.api", "mesh_mcp.mcp", "mesh_mcp.dataplane", "mesh_mcp.node")
+    assert not _crossing("mesh_mcp.discovery", forbidden)
