@@ -47,10 +47,11 @@ def test_the_reasons_carry_the_numbers() -> None:
 @pytest.mark.slow
 def test_auto_serves_what_it_chose_and_a_client_serves_nothing(spawn: Spawn, smollm: object) -> None:
     cap_gb = f"{room_for(SMOL) / 2**30 + 0.01:.3f}"  # room for SmolLM2, not Gemma
-    node = mesh_node(spawn, "auto", "127.0.0.2", "--auto", "--max-vram", cap_gb)
+    offline = ("--nostr-relay", "ws://127.0.0.1:9")  # --auto searches and publishes: never on public relays
+    node = mesh_node(spawn, "auto", "127.0.0.2", "--auto", "--max-vram", cap_gb, *offline)
     node.wait_log(r"--auto picks " + SMOLLM, timeout=60)
     node.wait_model_state(SMOLLM, "serving", timeout=240)
-    client = mesh_node(spawn, "c", "127.0.0.3", "--client", "--auto", "--max-vram", cap_gb)
+    client = mesh_node(spawn, "c", "127.0.0.3", "--client", "--auto", "--max-vram", cap_gb, *offline)
     status = client.wait_for("client up", lambda s: True, timeout=60)
     assert status["models"] == []
     assert "--auto picks" not in client.log()
