@@ -112,6 +112,13 @@ def _node_parser() -> argparse.ArgumentParser:
         "--max-clients", type=int, default=0, metavar="N", help="delist the mesh while N clients are connected"
     )
     p.add_argument(
+        "--avoid-mesh",
+        action="append",
+        default=[],
+        metavar="MESH_ID",
+        help="with --auto: never join this mesh (its id, or its first 8+ characters as `discover` shows; repeatable)",
+    )
+    p.add_argument(
         "--nostr-relay",
         action="append",
         default=[],
@@ -296,6 +303,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     from .public import Public, auto_choice, wants
 
+    avoid = [a.strip().lower() for a in args.avoid_mesh]
+    if any(len(a) < 8 or any(c not in "0123456789abcdef" for c in a) for a in avoid):
+        print("mesh-llm: --avoid-mesh takes a mesh id (hex, at least its first 8 characters)", file=sys.stderr)
+        return 2
     relays = tuple(args.nostr_relay) or Public.relays
     public = Public(
         publish=args.publish or bool(args.mesh_name),
@@ -304,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         max_clients=args.max_clients,
         relays=relays,
         takeover=args.auto,
+        avoid=frozenset(avoid),
     )
     joins = tuple(args.join)
     if args.auto and not joins:

@@ -50,6 +50,7 @@ class Public:
     lan: bool = True  # announce and search on the local network (mDNS) too
     takeover: bool = False  # --auto member: publish the mesh when no listing of it remains
     name_watch: bool = False  # created a mesh for --auto --mesh-name: move into the race's winner
+    avoid: frozenset[str] = frozenset()  # --avoid-mesh: meshes (ids or 8+ character prefixes) --auto never joins
 
     def directory(self, home: Path, clock: Clock) -> NostrDirectory | None:
         return NostrDirectory(home / NOSTR_KEY, self.relays, clock) if self.relays else None
@@ -72,7 +73,9 @@ async def auto_choice(home: Path, public: Public, me: Wants, clock: Clock) -> Ch
     """`--auto`: the mesh to join (its listing) or None to create one; logged with its reasons."""
     saved = meshfile.load(home)
     last = saved.mesh_id_hex if saved is not None else None
-    choice = await choose(public.finder(home, clock), me, last, clock, name=public.mesh_name)
+    if last is not None and any(last.startswith(a) for a in public.avoid):
+        last = None  # left on purpose: not sticky
+    choice = await choose(public.finder(home, clock), me, last, clock, name=public.mesh_name, avoid=public.avoid)
     for reason in choice.reasons:
         log.info("--auto: %s", reason)
     return choice

@@ -21,11 +21,21 @@ from typing import Any
 
 import httpx2
 
+_HANDED_OUT: set[int] = set()  # ports given to tests in this process: never handed out twice
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before in this process. The kernel may give the same ephemeral port to
+    two binds in a row once the first socket closed (a node got --port and --console-port equal: it could not
+    start), so remembering what was handed out is what makes two calls differ."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -58,6 +68,7 @@ class NodeProcess:
     host: str = "127.0.0.1"
     api_port: int = field(default_factory=free_port)
     console_port: int = field(default_factory=free_port)
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", "ns1"]: run it in a namespace
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,7 +86,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MESH_LLM_HOME": str(self.home), "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [sys.executable, "-m", "mesh_mcp.cli", "--port", str(self.api_port)]
+        cmd = [*self.prefix, sys.executable, "-m", "mesh_mcp.cli", "--port", str(self.api_port)]
         cmd += ["--console-port", str(self.console_port), *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -4,6 +4,8 @@ give up with a clear error) over the Finder's LAN seam on a fake clock, and the 
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
 import anyio
@@ -129,3 +131,41 @@ def test_live_members_take_over_in_turns_by_hash() -> None:
                       publishing=False, members=lambda: records)  # fmt: skip
         turns[n] = p._turn()
     assert sorted(turns.values()) == [i * TAKEOVER_STEP_S for i in range(5)]  # one each, none at the same time
+
+
+def test_a_mesh_left_with_avoid_mesh_is_never_joined() -> None:
+    finder = lan(make(1).to_bytes(), make(2, name="x").to_bytes())
+    choice = anyio.run(lambda: choose(finder, ME, None, FakeClock(NOW), avoid=frozenset({make(1).mesh_id[:8]})))
+    assert choice.listing is not None and choice.listing.mesh_id == make(2).mesh_id  # named, but the only one left
+
+
+def test_a_mesh_that_answers_the_probe_beats_a_better_ranked_one_that_does_not() -> None:
+    """The sticky mesh ranks first, but its listed address answers nothing (another LAN): the reachable one wins."""
+
+    class VersionNegotiation(asyncio.DatagramProtocol):  # what any QUIC server answers the probe
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            dcid = data[6 : 6 + data[5]]
+            scid = data[7 + data[5] : 7 + data[5] + data[6 + data[5]]]
+            vn = bytes([0x80]) + b"\0\0\0\0" + bytes([len(scid)]) + scid + bytes([len(dcid)]) + dcid + b"\0\0\0\1"
+            self.transport.sendto(vn, addr)  # type: ignore[attr-defined]
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        server, _ = await loop.create_datagram_endpoint(VersionNegotiation, local_addr=("127.0.0.1", 0))
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))
+        try:
+            near = make(2, addresses=(f"127.0.0.1:{server.get_extra_info('sockname')[1]}",))
+            sticky = make(1, addresses=(f"127.0.0.1:{silent.getsockname()[1]}",))
+            return await choose(lan(near.to_bytes(), sticky.to_bytes()), ME, sticky.mesh_id, FakeClock(NOW))
+        finally:
+            server.close()
+            silent.close()
+
+    choice = anyio.run(main)
+    assert choice.listing is not None and choice.listing.mesh_id == make(2).mesh_id
+    sticky_line = next(r for r in choice.reasons if "the last mesh this node joined (sticky)" in r)
+    assert sticky_line.startswith(make(1).mesh_id[:8]) or make(1).mesh_id[:8] in sticky_line  # it ranked first

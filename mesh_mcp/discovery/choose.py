@@ -2,7 +2,8 @@
 
 `choose` searches (`Finder.find`: Nostr relays and the LAN), probes the meshes found (`Finder.latencies`) and
 applies the documented rule (`score.rank`; with `--mesh-name`, `score.pick_named`): the best listing whose token
-really names its mesh (`Listing.invite`) is joined; with none, a serving node creates a mesh (and, named, publishes
+really names its mesh (`Listing.invite`) and that answered the latency probe (else the best of the rest) is joined,
+never one the user left with `--avoid-mesh`; with none, a serving node creates a mesh (and, named, publishes
 it), while a client — which cannot make a mesh useful alone — looks again every `RETRY_S` for `CLIENT_WAIT_S`, saying
 what it waits for, then gives up with a `ConfigError`. Every decision comes with its reasons (each candidate's
 score line), which the CLI logs.
@@ -46,10 +47,20 @@ def _joinable(listing: Listing) -> bool:
 
 
 async def decide_once(
-    finder: Finder, me: Wants, last_mesh_id: str | None, name: str | None, now: float
+    finder: Finder,
+    me: Wants,
+    last_mesh_id: str | None,
+    name: str | None,
+    now: float,
+    avoid: frozenset[str] = frozenset(),
 ) -> tuple[Listing | None, list[str], list[Found]]:
-    """One search: the listing to join (None: none fits) and the reasons."""
+    """One search: the listing to join (None: none fits) and the reasons. `avoid`: mesh ids (or their first 8+
+    characters) this node left on purpose (`--avoid-mesh`), never joined."""
     found = await finder.find()
+    avoided = [f.listing.mesh_id[:8] for f in found if any(f.listing.mesh_id.startswith(a) for a in avoid)]
+    if avoided:
+        log.info("--auto: not joining mesh(es) %s (--avoid-mesh)", ", ".join(avoided))
+    found = [f for f in found if not any(f.listing.mesh_id.startswith(a) for a in avoid)]
     listings = [f.listing for f in found if _joinable(f.listing)]
     if name is not None:
         pick = pick_named(listings, name, now=now)
@@ -60,7 +71,9 @@ async def decide_once(
     latencies = await finder.latencies(found)
     scored = score_all(listings, me, last_mesh_id, latencies, now=now)
     lines = [s.explain() for s in scored[:SHOWN]]
-    best = next((s for s in scored if s.eligible), None)
+    # The best that answered the probe; one that did not is unreachable from here (another LAN, a NAT): last resort.
+    eligible = [s for s in scored if s.eligible]
+    best = next((s for s in eligible if s.latency_s is not None), eligible[0] if eligible else None)
     if best is None:
         why = f"{len(found)} mesh(es) listed, none suitable" if found else "no public mesh is listed"
         return None, [why, *lines], found
@@ -68,12 +81,18 @@ async def decide_once(
 
 
 async def choose(
-    finder: Finder, me: Wants, last_mesh_id: str | None, clock: Clock, *, name: str | None = None
+    finder: Finder,
+    me: Wants,
+    last_mesh_id: str | None,
+    clock: Clock,
+    *,
+    name: str | None = None,
+    avoid: frozenset[str] = frozenset(),
 ) -> Choice:
     """The mesh to join, or None to create one (a client never creates: it waits, then `ConfigError`)."""
     deadline = clock.monotonic() + CLIENT_WAIT_S
     while True:
-        listing, reasons, _ = await decide_once(finder, me, last_mesh_id, name, clock.time())
+        listing, reasons, _ = await decide_once(finder, me, last_mesh_id, name, clock.time(), avoid)
         if listing is not None:
             return Choice(listing, tuple(reasons))
         if not me.client:
