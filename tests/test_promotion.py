@@ -145,7 +145,9 @@ def test_a_model_queued_on_every_server_gets_a_replica_released_once_idle_past_t
     """A serves SmolLM2 with one slot; B is a standby. Four clients at once keep A's queue full: B adds a replica,
     requests spread over both; when the load stops and the demand TTL (20 s here) passes, B releases it and is a
     standby again while A, started with --model, keeps serving."""
-    ttl = ("--parallel", "1", "--demand-ttl", "20")
+    # One llama.cpp thread each: two llama-servers spinning two threads each on a 2-core machine slowed generation
+    # to 0.5 tokens/s (their thread pools busy-wait) and a request timed out; on two machines each would have its own.
+    ttl = ("--parallel", "1", "--demand-ttl", "20", "--threads", "1")
     a = mesh_node(spawn, "a", "127.0.0.2", "--model", SMOLLM, *ttl)
     a.wait_model_state(SMOLLM, "serving", timeout=240)
     b = mesh_node(spawn, "b", "127.0.0.3", "--join", token_of(a), *ttl)
