@@ -386,7 +386,6 @@ def valid_messages(mesh: Mesh) -> dict[str, dict[str, Any]]:
 
 
 MUTATIONS: list[tuple[str, str, Any]] = [
-    ("syn", "extra", 1),
     ("syn", "hb", ...),
     ("syn", "v", PROTOCOL + 1),
     ("syn", "v", "1"),
@@ -613,3 +612,14 @@ def test_runs_are_deterministic() -> None:
         mesh.run(3)
         logs.append(mesh.log)
     assert logs[0] == logs[1]
+
+
+def test_a_newer_versions_message_fields_are_ignored_up_to_a_bound() -> None:
+    """Forward compatibility: a message with a field this version does not know parses as if it were absent; more
+    than MAX_UNKNOWN of them is a malformed message."""
+    from mesh_mcp.mesh.gossip_wire import MAX_UNKNOWN
+
+    syn = valid_messages(converged(Mesh(), 2))["syn"]
+    assert parse_message({**syn, "later": {"x": 1}}) == parse_message(syn)
+    with pytest.raises(ProtocolError, match="at most"):
+        parse_message({**syn, **{f"later{i}": i for i in range(MAX_UNKNOWN + 1)}})

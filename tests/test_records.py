@@ -149,7 +149,9 @@ def wire(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"extra": 1}, "unknown"),
+        ({"Extra": 1}, "not a field name"),
+        ({f"new_{i}": i for i in range(9)}, "more than the 8"),
+        ({"new": "x" * 3000}, "more than 2048 bytes"),
         ({"name": ...}, "missing"),
         ({"signature": ...}, "missing"),
         ({"name": 5}, "name must be a string"),
@@ -171,7 +173,7 @@ def wire(**changes: Any) -> dict[str, Any]:
         ({"models_on_disk": [f"m{i}" for i in range(MAX_MODELS + 1)]}, "more than"),
         ({"models_on_disk": ["x" * (MAX_NAME + 1)]}, "at most"),
         ({"models_served": [{"name": "m", "state": "serving"}]}, "exactly"),
-        ({"models_served": [{"name": "m", "state": "serving", "in_flight": 0, "x": 1}]}, "exactly"),
+        ({"models_served": [{"name": "m", "state": "serving", "in_flight": 0, "X": 1}]}, "not a field name"),
         ({"models_served": [{"name": "m", "state": "napping", "in_flight": 0}]}, "state"),
         ({"models_served": [{"name": "m", "state": "serving", "in_flight": False}]}, "integer"),
         ({"public_key": "not base64!"}, "base64"),
@@ -399,7 +401,8 @@ def test_tampered_tools_breaks_the_signature() -> None:
         ({"bytes": -1}, "bytes must be a non-negative"),
         ({"bytes": 1.5}, "bytes must be a non-negative"),
         ({"bytes": 0}, "left out when 0"),
-        ({"context": 4096}, "optionally"),
+        ({"Context": 4096}, "not a field name"),  # (a lowercase unknown field is a newer version's: kept, signed)
+        ({f"f{i}": i for i in range(5)}, "more than the 4"),
     ],
 )
 def test_garbage_served_fields_are_protocol_errors(extra: dict[str, Any], match: str) -> None:
@@ -415,3 +418,22 @@ def test_the_parse_cache_does_not_blur_tools_with_one() -> None:
     wire["models_served"][0]["tools"] = 1  # == True in Python
     with pytest.raises(ProtocolError, match="tools must be a boolean"):
         from_wire(wire)
+
+
+def test_a_newer_versions_fields_are_kept_signed_and_relayed_verbatim() -> None:
+    """Forward compatibility: a node of a later version adds fields (to the record and to a served model) and signs
+    them; this version parses the record, the signature checks, and relaying it writes the same bytes — so a
+    mixed-version mesh keeps gossiping. The rules ignore what they do not know."""
+    served = ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 2, extra=(("kv_type", '"q8_0"'),))
+    newer = make(models_served=(served,), extra=(("gpu", '{"count":2,"kind":"h100"}'), ("zone", '"eu"')))
+    obj = json.loads(json.dumps(to_wire(newer)))
+    assert obj["gpu"] == {"count": 2, "kind": "h100"} and obj["models_served"][0]["kv_type"] == "q8_0"
+    parsed = from_wire(obj)
+    verify(parsed)  # the signature covers the fields this version does not know
+    assert parsed.extra == newer.extra and parsed.models_served[0].extra == served.extra
+    assert json.dumps(to_wire(parsed), sort_keys=True) == json.dumps(obj, sort_keys=True)
+    tampered = {**obj, "zone": "us"}
+    with pytest.raises(ProtocolError):
+        verify(from_wire(tampered))
+    with pytest.raises(ValueError, match="known field"):
+        make(extra=(("name", '"x"'),))  # a known field cannot hide in extra

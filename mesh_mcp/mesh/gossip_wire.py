@@ -11,7 +11,8 @@ what travels. Every message carries `v` (`PROTOCOL`) and `type`, and exactly the
 before base64 (a node id is its 8 raw bytes; a heartbeat is a u32, a version a u64 no greater than `MAX_INT`).
 `records` are signed records in their wire form (signatures are checked by `Gossip`, not here), `wants` node ids.
 Lists are bounded (MAX_ROWS rows, MAX_RECORDS records of at most RECORD_BUDGET bytes together), so every message
-stays under MAX_MESSAGE_BYTES; `parse_message` refuses anything else with ProtocolError.
+stays under MAX_MESSAGE_BYTES; `parse_message` refuses anything else with ProtocolError, except up to
+MAX_UNKNOWN fields a newer version added, which it ignores (forward compatibility, as records keep theirs).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MAX_ROWS = 8192  # rows per digest or heartbeat list (so the largest mesh one fu
 MAX_RECORDS = 512  # records per message
 RECORD_BUDGET = 512 * 1024  # encoded record bytes one message may carry (all lists full: < 1 MiB)
 U32_MAX = (1 << 32) - 1  # the greatest heartbeat an `hb` row carries
+MAX_UNKNOWN = 4  # fields a newer version may add to a message: ignored here (the size limit still holds)
 _HB = struct.Struct(">8sI")  # node id (8 raw bytes), heartbeat
 _DIGEST = struct.Struct(">8sQ")  # node id, record version
 _KEYS = {
@@ -114,8 +116,8 @@ def parse_message(obj: object) -> Message:
     expected = _KEYS.get(kind) if isinstance(kind, str) else None
     if expected is None:
         raise ProtocolError(f"unknown gossip message type {kind!r:.40}")
-    if obj.keys() != expected:
-        raise ProtocolError(f"gossip {kind}: fields must be exactly {sorted(expected)}")
+    if not expected <= obj.keys() or len(obj.keys() - expected) > MAX_UNKNOWN:
+        raise ProtocolError(f"gossip {kind}: fields must be {sorted(expected)} (and at most {MAX_UNKNOWN} others)")
     if kind == "syn":
         return Syn(
             full=_flag(obj, "full"),

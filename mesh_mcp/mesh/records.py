@@ -8,8 +8,11 @@ signature, behind a domain-separation prefix). `version` orders an origin's reco
 `max(previous + 1, wall-clock ms)` (`next_version`), so a restarted node, which has forgotten its
 old version, still supersedes its old records.
 
-`from_wire` is strict: unknown or missing fields, wrong types and oversized strings or lists are
-`ProtocolError`s. Local mistakes (signing a record that breaks the same limits) are `ValueError`s.
+`from_wire` is strict about what it knows: missing fields, wrong types and oversized strings or lists are
+`ProtocolError`s. Fields it does not know — a newer version's — are kept verbatim (`extra`: at most 8 per record
+and 4 per served model, 2 KiB / 256 B of canonical JSON, lowercase names) and written back when the record is
+relayed, so the signature over them still checks and a mixed-version mesh keeps gossiping; the rules ignore them.
+Local mistakes (signing a record that breaks the same limits) are `ValueError`s.
 The optional fields (`rtt`: the origin's measured round trips to its nearest peers, in tenths of a
 ms; `llama_cpp`: its llama.cpp build identity) are left out of the wire form when empty, so records
 without them keep their encoding and signature. A served model's optional fields follow the same rule:
@@ -54,6 +57,13 @@ MAX_RTT = 32  # peers in a record's RTT map (the nearest)
 MAX_RTT_TENTHS = 10_000_000  # 1000 s
 MAX_INT = (1 << 63) - 1
 MAX_SLOTS = 4096  # a served model's request slots (llama-server's --parallel)
+# Fields a newer version added, kept verbatim (forward compatibility): at most this many per record / served model,
+# their canonical JSON at most this many bytes together, names like the known ones.
+MAX_EXTRA = 8
+MAX_EXTRA_BYTES = 2048
+MAX_SERVED_EXTRA = 4
+MAX_SERVED_EXTRA_BYTES = 256
+_EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 NODE_ID_LEN = 16  # hex chars: sha256(public key)[:8 bytes]
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
@@ -90,6 +100,7 @@ class ServedModel:
     size_bytes: int = 0  # the model's GGUF size (all shards); 0: not known
     ctx: int = 0  # tokens one request may hold on this server; 0: not known
     slots: int = 0  # requests it runs at once (llama-server's --parallel); 0: not known
+    extra: tuple[tuple[str, str], ...] = ()  # fields of a newer version: (name, canonical JSON), sorted, signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,7 @@ class NodeRecord:
     rtt: tuple[tuple[str, int], ...] = ()  # (peer node id, round trip in tenths of a ms), sorted by id
     llama_cpp: str = ""  # llama.cpp build identity: nodes of one split must share it
     demand: tuple[demand_wire.Item, ...] = ()  # the origin's demand view (demand_wire.py), sorted by name
+    extra: tuple[tuple[str, str], ...] = ()  # fields of a newer version: (name, canonical JSON), sorted, signed
 
 
 def next_version(previous: int, now: float) -> int:
@@ -244,6 +256,7 @@ def _wire_body(record: NodeRecord) -> dict[str, Any]:
         body["llama_cpp"] = record.llama_cpp
     if record.demand:
         body["demand"] = demand_wire.to_json(record.demand)
+    body.update((key, json.loads(value)) for key, value in record.extra)
     return body
 
 
@@ -257,6 +270,7 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
         out["ctx"] = m.ctx
     if m.slots:
         out["slots"] = m.slots
+    out.update((key, json.loads(value)) for key, value in m.extra)
     return out
 
 
@@ -324,9 +338,9 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
 
 def _parse(obj: dict[str, Any]) -> NodeRecord:
     keys = obj.keys()
-    if not _FIELDS <= keys <= _FIELDS | _OPTIONAL:
-        unknown, missing = sorted(keys - _FIELDS - _OPTIONAL), sorted(_FIELDS - keys)
-        raise ProtocolError(f"node record fields: unknown {unknown}, missing {missing}")
+    if not _FIELDS <= keys:
+        raise ProtocolError(f"node record fields: missing {sorted(_FIELDS - keys)}")
+    extra = _extra(obj, keys - _FIELDS - _OPTIONAL, MAX_EXTRA, MAX_EXTRA_BYTES, "node record")
     node_id = obj["node_id"]
     if not is_node_id(node_id):
         raise ProtocolError("node record: node_id must be 16 lowercase hex chars")
@@ -348,6 +362,7 @@ def _parse(obj: dict[str, Any]) -> NodeRecord:
         rtt=_rtt(obj["rtt"]) if "rtt" in obj else (),
         llama_cpp=_str(obj, "llama_cpp", MAX_SOFTWARE) if "llama_cpp" in obj else "",
         demand=_demand(obj["demand"]) if "demand" in obj else (),
+        extra=extra,
     )
     problem = _problem(record)
     if problem:
@@ -356,10 +371,12 @@ def _parse(obj: dict[str, Any]) -> NodeRecord:
 
 
 def _served(obj: object) -> ServedModel:
-    if not isinstance(obj, dict) or not _SERVED_FIELDS <= obj.keys() <= _SERVED_FIELDS | _SERVED_OPTIONAL:
+    if not isinstance(obj, dict) or not _SERVED_FIELDS <= obj.keys():
         raise ProtocolError(
             f"a served model must have exactly {sorted(_SERVED_FIELDS)}, optionally {sorted(_SERVED_OPTIONAL)}"
         )
+    extra = _extra(obj, obj.keys() - _SERVED_FIELDS - _SERVED_OPTIONAL, MAX_SERVED_EXTRA, MAX_SERVED_EXTRA_BYTES,
+                   "a served model")  # fmt: skip
     if "slots" in obj and type(obj["slots"]) is int and obj["slots"] > MAX_SLOTS:
         raise ProtocolError(f"node record: a served model's slots must be at most {MAX_SLOTS}")
     return ServedModel(
@@ -370,7 +387,33 @@ def _served(obj: object) -> ServedModel:
         size_bytes=_positive(obj, "bytes") if "bytes" in obj else 0,
         ctx=_positive(obj, "ctx") if "ctx" in obj else 0,
         slots=_positive(obj, "slots") if "slots" in obj else 0,
+        extra=extra,
     )
+
+
+def _extra(obj: dict[str, Any], keys: set[str], count: int, budget: int, what: str) -> tuple[tuple[str, str], ...]:
+    """Fields a newer version added: kept verbatim as canonical JSON (so the signature over them still checks and
+    gossip carries them on), bounded in number, name and size; ProtocolError past the bounds."""
+    if not keys:
+        return ()
+    if len(keys) > count:
+        raise ProtocolError(f"{what}: {len(keys)} unknown fields, more than the {count} a newer version may add")
+    out = []
+    for key in sorted(keys):
+        if not _EXTRA_KEY.fullmatch(key):
+            raise ProtocolError(f"{what}: unknown field {key[:40]!r} is not a field name (a-z, 0-9, _; ≤ 32)")
+        try:
+            out.append((key, canonical_json(obj[key])))
+        except ValueError as exc:  # NaN or infinity: not JSON
+            raise ProtocolError(f"{what}: unknown field {key!r} is not plain JSON ({exc})") from exc
+    if sum(len(k) + len(v) for k, v in out) > budget:
+        raise ProtocolError(f"{what}: unknown fields take more than {budget} bytes")
+    return tuple(out)
+
+
+def canonical_json(value: Any) -> str:
+    """The one encoding of a JSON value: sorted keys, no spaces (what a record's signature covers)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _positive(obj: dict[str, Any], key: str) -> int:
@@ -437,8 +480,26 @@ def _strings(obj: dict[str, Any], key: str, max_items: int, max_len: int) -> lis
     return items
 
 
+def _extra_problem(extra: object, count: int, known: frozenset[str]) -> str:
+    if not isinstance(extra, tuple) or len(extra) > count:
+        return f"extra must be a tuple of at most {count} (name, JSON) pairs"
+    for item in extra:
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            return "extra must hold (name, JSON) string pairs"
+        if item[0] in known or not _EXTRA_KEY.fullmatch(item[0]):
+            return f"extra field {item[0][:40]!r} is a known field or not a field name"
+    return ""
+
+
 def _problem(r: NodeRecord) -> str:
     """What is wrong with a record's values, or '' (shared by `sign` and `from_wire`)."""
+    if why := _extra_problem(r.extra, MAX_EXTRA, _FIELDS | _OPTIONAL):
+        return why
+    for m in r.models_served:
+        if isinstance(m, ServedModel) and (
+            why := _extra_problem(m.extra, MAX_SERVED_EXTRA, _SERVED_FIELDS | _SERVED_OPTIONAL)
+        ):
+            return why
     if not is_node_id(r.node_id):
         return "node_id must be 16 lowercase hex chars"
     if len(r.public_key) != PUBLIC_KEY_LEN:
