@@ -24,6 +24,7 @@ from inference import hardware, models
 from inference.cpu import read_cpu
 from inference.llama_server import ServerSettings
 from inference.provision import ensure_llama_cpp
+from mesh_mcp.api import console_view
 from mesh_mcp.api.app import build_api
 from mesh_mcp.api.console import build_console
 from mesh_mcp.api.guard import API, CONSOLE, Policy
@@ -141,6 +142,9 @@ class Node:
             )
             self.state.peers = self.mesh.peer_table
             self.state.traffic = self._traffic
+            self.state.mesh = console_view.provider(self.mesh, self.state)
+        else:
+            self.state.mesh = console_view.standalone(self.state, config.role)
         self.board: Board | None = None
         self.board_link: BoardLink | None = None
         if self.mesh is not None and config.carries_blackboard:
@@ -217,7 +221,8 @@ class Node:
             # The guard is outside the MCP mount, so /mcp is checked like /v1 (Host, Origin, key, body size).
             policy = Policy(listen_all, cfg.api_keys, cfg.no_auth, frozenset(cfg.cors_origins))
             api_app = HttpGuard(mount, policy, API)
-            console_app = HttpGuard(build_console(self.state, self, self.board), policy, CONSOLE)
+            # The console's chat goes to the API app inside the guard: the console's guard already checked the request.
+            console_app = HttpGuard(build_console(self.state, self, self.board, api=api), policy, CONSOLE)
             api_port = await tg.start(serve_http, api_app, cfg.host, cfg.api_port)
             console_port = await tg.start(serve_http, console_app, cfg.host, cfg.console_port)
             log_exposure(policy, api_port, console_port)

@@ -73,6 +73,10 @@ class NodeState:
     demand: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     # A standby's latest decision and its reasons (serving/standby.py); None when this node is no standby
     standby: Callable[[], dict[str, Any] | None] = field(default=lambda: None, repr=False)
+    # The console's picture of the mesh (api/console_view.py), given the demand rows above: members, models, links
+    mesh: Callable[[list[dict[str, Any]]], dict[str, Any]] = field(
+        default=lambda demand: {"members": [], "models": [], "links": []}, repr=False
+    )
     _subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = field(default_factory=list)
 
     def update_model(self, name: str, **changes: Any) -> ModelStatus:
@@ -102,6 +106,7 @@ class NodeState:
         return [m.name for m in self.models.values() if m.state != "stopped"]
 
     def snapshot(self) -> dict[str, Any]:
+        demand = self.demand()
         return {
             "node_id": self.node_id,
             "name": self.name,
@@ -114,10 +119,11 @@ class NodeState:
             "mesh_id": self.mesh_id,
             "peers": self.peers(),
             "traffic": self.traffic(),
-            "demand": self.demand(),
+            "demand": demand,
             "standby": self.standby(),
             "models": [m.public() for m in self.models.values()],
             "blackboard": self.blackboard,
+            "mesh": self.mesh(demand),
         }
 
     def publish(self) -> None:

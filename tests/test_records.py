@@ -402,6 +402,10 @@ def test_tampered_tools_breaks_the_signature() -> None:
         ({"bytes": 1.5}, "bytes must be a non-negative"),
         ({"bytes": 0}, "left out when 0"),
         ({"Context": 4096}, "not a field name"),  # (a lowercase unknown field is a newer version's: kept, signed)
+        ({"stages": []}, "stages must be a list of 1 to"),
+        ({"stages": [["not-an-id", 0, 1]]}, "a stage must be"),
+        ({"stages": [["0123456789abcdef", 5, 1]]}, "first ≤ last"),
+        ({"stages": [["0123456789abcdef", 0, 1.0]]}, "whole numbers"),
         ({f"f{i}": i for i in range(5)}, "more than the 4"),
     ],
 )
@@ -437,3 +441,11 @@ def test_a_newer_versions_fields_are_kept_signed_and_relayed_verbatim() -> None:
         verify(from_wire(tampered))
     with pytest.raises(ValueError, match="known field"):
         make(extra=(("name", '"x"'),))  # a known field cannot hide in extra
+
+
+def test_a_splits_stages_travel_in_the_hosts_signed_record() -> None:
+    served = ServedModel("big", "serving", 1, stages=(("0123456789abcdef", 0, 11), ("fedcba9876543210", 12, 23)))
+    record = make(models_served=(served,))
+    parsed = from_wire(json.loads(json.dumps(to_wire(record))))
+    verify(parsed)
+    assert parsed.models_served[0].stages == served.stages

@@ -262,7 +262,9 @@ def test_console_status_and_events(node: NodeProcess) -> None:
     assert "event: status" in lines
     assert json.loads(lines[-1][5:])["node_id"] == status["node_id"]
     page = httpx2.get(node.console + "/")
-    assert page.status_code == 200 and "/api/events" in page.text
+    assert page.status_code == 200 and "/static/console.js" in page.text
+    script = httpx2.get(node.console + "/static/console.js")  # the page's live updates come from /api/events
+    assert script.status_code == 200 and "/api/events" in script.text
 
 
 def test_llama_server_crash_is_restarted(llama: object, smollm: Path, spawn: Callable[..., NodeProcess]) -> None:

@@ -1,10 +1,14 @@
 """The console server on :3131: `GET /api/status` (JSON), `GET /api/events` (SSE of state changes),
 the blackboard (`GET /api/blackboard` searches or lists the feed, `POST /api/blackboard` posts),
-node controls for this machine only, and a small HTML page that shows the status.
+node controls for this machine only, the page (`GET /`) and its files (`GET /static/{file}`: only the package's
+own `static/` scripts and styles, read once at start, with their content types), and `POST /api/chat`: an OpenAI
+chat-completions body forwarded in-process to this node's own API app (so it is routed like any `/v1` request, to a
+model of this node or of a peer) and its answer, streamed or not, passed straight back.
 
 Served behind `middleware.HttpGuard` (Host, Origin, keys, body limit); request bodies are parsed with
 `jsonlimits` (a 10 000-deep body is a 400 with a sentence). The invite token is in `/api/status` only
-for a request the guard found local, never in `/api/events`.
+for a request the guard found local, never in `/api/events`. Both carry `mesh` (`console_view.py`): members,
+models and links. The chat is under the console's guard (Host, Origin, key; the API's body limit), never CORS-open.
 
 The app's one error boundary (`_answer_error`): handlers raise `errors.HttpError` or the project's own errors
 (a refused post, a control that failed), answered in the console's plain shape with the status each one means.
@@ -13,6 +17,7 @@ The app's one error boundary (`_answer_error`): handlers raise `errors.HttpError
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -23,6 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blackboard.board import Board
 from mesh_mcp.api.errors import HttpError, error_response
@@ -32,6 +38,27 @@ from mesh_mcp.jsonlimits import JsonRejected, parse
 from mesh_mcp.state import NodeState
 
 KEEPALIVE_S = 15
+WATCH_S = 2.0  # how often an open /api/events stream looks for changes gossip made (a member died, an RTT moved)
+CHAT_PATH = "/v1/chat/completions"  # where the console's chat goes in this node's API
+# The page's own files: a flat name with one of these suffixes, found in the package's static/ folder at start.
+STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(js|css|svg|png|ico)$")
+# What the page may load and run: its own files only (no inline script, so model output put into the page cannot run).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+CHAT_USAGE = 'give an OpenAI chat-completions body: {"model": NAME, "messages": [{"role", "content"}, ...], ...}'
 
 
 class Controls(Protocol):
@@ -115,11 +142,93 @@ def blackboard_routes(board: Board | None) -> list[Route]:
     return [Route("/api/blackboard", read, methods=["GET"]), Route("/api/blackboard", write, methods=["POST"])]
 
 
-def build_console(node: NodeState, controls: Controls | None = None, board: Board | None = None) -> Starlette:
+def static_files() -> dict[str, tuple[bytes, str]]:
+    """The page's files (name → bytes, content type), read once from the package: nothing else is ever served."""
+    folder = resources.files("mesh_mcp").joinpath("static")
+    found = {}
+    for entry in folder.iterdir():
+        match = _STATIC_NAME.match(entry.name)
+        if match and entry.is_file():
+            found[entry.name] = (entry.read_bytes(), STATIC_TYPES["." + match.group(1)])
+    return found
+
+
+def chat_body(raw: bytes) -> dict[str, Any]:
+    """The chat's body, checked as far as the console must (the API checks the rest); `HttpError` 400 otherwise."""
+    try:
+        body = parse(raw)
+    except JsonRejected as exc:
+        raise HttpError(400, f"{exc}; {CHAT_USAGE}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise HttpError(400, CHAT_USAGE)
+    if not isinstance(body.get("model", ""), str):
+        raise HttpError(400, CHAT_USAGE)
+    return body
+
+
+class Forward(Response):
+    """The chat's answer: the API app runs on the console's own connection, so its status, headers and stream (SSE
+    chunks as they come) reach the browser unchanged, and a browser that stops (closes) reaches the API as the
+    disconnect that cancels the request upstream."""
+
+    def __init__(self, api: ASGIApp, body: bytes) -> None:
+        super().__init__()
+        self.api, self.raw = api, body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        given = False
+
+        async def once() -> dict[str, Any]:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": self.raw, "more_body": False}
+            return dict(await receive())  # after the body: only the browser's disconnect
+
+        # A fresh request to the API: no cookie, key or Origin of the console's request goes along.
+        headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+        inner: Scope = {
+            "type": "http",
+            "asgi": scope.get("asgi", {"version": "3.0"}),
+            "http_version": scope.get("http_version", "1.1"),
+            "method": "POST",
+            "scheme": "http",
+            "path": CHAT_PATH,
+            "raw_path": CHAT_PATH.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [*headers, (b"content-length", str(len(self.raw)).encode())],
+            "client": scope.get("client"),
+            "server": scope.get("server"),
+            "state": {},
+        }
+        await self.api(inner, once, send)
+
+
+def build_console(
+    node: NodeState, controls: Controls | None = None, board: Board | None = None, *, api: ASGIApp | None = None
+) -> Starlette:
+    """The console app; `api` is this node's API app (unguarded: the console's guard checked the chat's request)."""
     page = resources.files("mesh_mcp").joinpath("static/index.html").read_text(encoding="utf-8")
+    files = static_files()
 
     async def index(request: Request) -> Response:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    async def static(request: Request) -> Response:
+        found = files.get(request.path_params["file"])
+        if found is None:
+            raise HttpError(404, "no such file")
+        content, media_type = found
+        return Response(
+            content, media_type=media_type, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+        )
+
+    async def chat(request: Request) -> Response:
+        if api is None:
+            raise HttpError(503, "this console has no API to chat through")
+        body = chat_body(await request.body())  # at most the API's own body limit (guard: CONSOLE_CHAT)
+        return Forward(api, json.dumps(body).encode())
 
     async def status(request: Request) -> Response:
         snap = node.snapshot()
@@ -129,14 +238,27 @@ def build_console(node: NodeState, controls: Controls | None = None, board: Boar
 
     async def events(request: Request) -> Response:
         async def stream() -> AsyncIterator[dict[str, Any]]:
+            # A model's state changes are pushed as they happen (`updates`); the mesh around the node (members
+            # joining, dying, leaving, RTTs, demand) changes in gossip, which publishes nothing: every `WATCH_S` the
+            # snapshot is taken again and sent when it differs from the last one sent.
             async with node.subscribe() as updates:
-                yield {"event": "status", "data": json.dumps(node.snapshot())}
+                sent = json.dumps(node.snapshot())
+                yield {"event": "status", "data": sent}
+                quiet = 0.0
                 while True:
-                    with anyio.move_on_after(KEEPALIVE_S):
-                        snap = await updates.receive()
-                        yield {"event": "status", "data": json.dumps(snap)}
+                    data = None
+                    with anyio.move_on_after(WATCH_S):
+                        data = json.dumps(await updates.receive())
+                    if data is None:
+                        data = json.dumps(node.snapshot())
+                    if data != sent:
+                        sent, quiet = data, 0.0
+                        yield {"event": "status", "data": data}
                         continue
-                    yield {"comment": "keepalive"}
+                    quiet += WATCH_S
+                    if quiet >= KEEPALIVE_S:
+                        quiet = 0.0
+                        yield {"comment": "keepalive"}
 
         return EventSourceResponse(stream(), ping=None)
 
@@ -161,6 +283,8 @@ def build_console(node: NodeState, controls: Controls | None = None, board: Boar
             Route("/", index),
             Route("/api/status", status),
             Route("/api/events", events),
+            Route("/static/{file:str}", static),
+            Route("/api/chat", chat, methods=["POST"]),
             *blackboard_routes(board),
             Route("/api/{action:str}", control, methods=["POST"]),
         ],

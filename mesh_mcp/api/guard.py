@@ -43,7 +43,8 @@ Kind = Literal["api", "console"]
 KEYS_ENV = "MESH_LLM_API_KEYS"  # path of a file of API keys, one per line (blank lines and # comments ignored)
 MAX_KEYS = 10_000
 MCP_BODY_BYTES = 1 << 20  # an MCP tool call is a few KiB; posts are capped at 8 KiB of text
-CONSOLE_BODY_BYTES = 64 << 10  # a blackboard post or a control; nothing on the console takes more
+CONSOLE_BODY_BYTES = 64 << 10  # a blackboard post or a control; only the chat (CONSOLE_CHAT) takes more
+CONSOLE_CHAT = "/api/chat"
 DRAIN_BYTES = 2 * MAX_BODY_BYTES  # a refused body up to this size is read and dropped, past it the connection closed
 PREFLIGHT_MAX_AGE_S = 600
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -116,8 +117,8 @@ class Surface:
     kind: Kind
 
     def body_limit(self, path: str) -> int:
-        if self.kind == "console":
-            return CONSOLE_BODY_BYTES
+        if self.kind == "console":  # the chat carries a whole conversation, as /v1 does; the rest is small
+            return MAX_BODY_BYTES if path == CONSOLE_CHAT else CONSOLE_BODY_BYTES
         return MCP_BODY_BYTES if path in MCP_PATHS else MAX_BODY_BYTES
 
     def needs_key(self, method: str, path: str) -> bool:

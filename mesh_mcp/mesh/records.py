@@ -20,7 +20,8 @@ without them keep their encoding and signature. A served model's optional fields
 while unknown), `bytes` (its GGUF size, the launchers' measure of strength; absent when 0) and `ctx` (tokens one
 request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0)
 and `slots` (requests it runs at once, llama-server's --parallel: with `in_flight` it says whether requests queue —
-the rebalancing rule of serving/assign.py; absent when 0, unknown).
+the rebalancing rule of serving/assign.py; absent when 0, unknown), and `stages` (a pipeline split's stages as
+[node id, first layer, last layer]: every console shows where the split runs; absent for solo).
 `demand` (the origin's published demand view, issue 14: which models it wants and how hot they are) is optional
 too, absent when empty, present never empty; its form and its one strict parser are `demand_wire.py`'s.
 
@@ -88,7 +89,8 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp", "demand"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
-_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots"})
+_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots", "stages"})
+MAX_STAGES = 32  # stages of one split a record lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,7 @@ class ServedModel:
     size_bytes: int = 0  # the model's GGUF size (all shards); 0: not known
     ctx: int = 0  # tokens one request may hold on this server; 0: not known
     slots: int = 0  # requests it runs at once (llama-server's --parallel); 0: not known
+    stages: tuple[tuple[str, int, int], ...] = ()  # a pipeline split: (node id, first layer, last layer) per stage
     extra: tuple[tuple[str, str], ...] = ()  # fields of a newer version: (name, canonical JSON), sorted, signed
 
 
@@ -270,6 +273,8 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
         out["ctx"] = m.ctx
     if m.slots:
         out["slots"] = m.slots
+    if m.stages:
+        out["stages"] = [list(st) for st in m.stages]
     out.update((key, json.loads(value)) for key, value in m.extra)
     return out
 
@@ -387,6 +392,7 @@ def _served(obj: object) -> ServedModel:
         size_bytes=_positive(obj, "bytes") if "bytes" in obj else 0,
         ctx=_positive(obj, "ctx") if "ctx" in obj else 0,
         slots=_positive(obj, "slots") if "slots" in obj else 0,
+        stages=_stages(obj["stages"]) if "stages" in obj else (),
         extra=extra,
     )
 
@@ -408,6 +414,21 @@ def _extra(obj: dict[str, Any], keys: set[str], count: int, budget: int, what: s
             raise ProtocolError(f"{what}: unknown field {key!r} is not plain JSON ({exc})") from exc
     if sum(len(k) + len(v) for k, v in out) > budget:
         raise ProtocolError(f"{what}: unknown fields take more than {budget} bytes")
+    return tuple(out)
+
+
+def _stages(value: object) -> tuple[tuple[str, int, int], ...]:
+    """A split's stages on the wire: [[node id, first layer, last layer], ...], 1 to MAX_STAGES of them."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_STAGES:
+        raise ProtocolError(f"a served model's stages must be a list of 1 to {MAX_STAGES} [node id, first, last]")
+    out = []
+    for st in value:
+        if not (isinstance(st, list) and len(st) == 3 and is_node_id(st[0])):
+            raise ProtocolError("a stage must be [node id, first layer, last layer]")
+        first, last = st[1], st[2]
+        if type(first) is not int or type(last) is not int or not 0 <= first <= last <= 100_000:
+            raise ProtocolError("a stage's layers must be whole numbers, first ≤ last")
+        out.append((st[0], first, last))
     return tuple(out)
 
 
@@ -500,6 +521,11 @@ def _problem(r: NodeRecord) -> str:
             why := _extra_problem(m.extra, MAX_SERVED_EXTRA, _SERVED_FIELDS | _SERVED_OPTIONAL)
         ):
             return why
+        if isinstance(m, ServedModel) and m.stages:
+            try:
+                _stages([list(st) for st in m.stages])
+            except ProtocolError as exc:
+                return str(exc)
     if not is_node_id(r.node_id):
         return "node_id must be 16 lowercase hex chars"
     if len(r.public_key) != PUBLIC_KEY_LEN:

@@ -56,6 +56,8 @@ IN_FLIGHT_PUBLISH_S = 1.0
 INTENT_REFRESH_S = 30.0  # a loading intent is re-signed this often (serving/assign.py: stale after 90 s)
 DEMAND_PUBLISH_S = 1.0  # a changed demand view is re-signed at most this often (each request changes it)
 DemandProvider = Callable[[float], tuple[DemandItem, ...]]  # now -> this node's demand view (demand_wire.py)
+GONE_SHOWN_S = 60.0  # a member that died or left stays in the console's view this long (the page fades it out)
+MAX_GONE = 1024  # members remembered as recently gone, at most (the oldest forgotten first)
 
 
 @dataclass
@@ -122,6 +124,11 @@ class Mesh:
         # This node's demand view for its record, set by the node (the serving plane's map); none by default.
         self.demand: DemandProvider = lambda now: ()
         self.rtt = RttTable()  # smoothed RTT to peers (ping streams); the nearest published in our record
+        # For the console (api/console_view.py): when each member last joined, died or left (this clock), and the
+        # last record of those that died or left within GONE_SHOWN_S, with how and when. Both bounded: entries go
+        # with the gone member's minute, at most MAX_GONE of them.
+        self.member_since: dict[str, float] = {}
+        self._departed: dict[str, tuple[NodeRecord, str, float]] = {}
         self.ready = anyio.Event()
         self.joined = anyio.Event()  # a member: created or restarted in its mesh, or a join succeeded
         self.joiner, self.keys, self.liveness = Joiner(self), Keys(self), Liveness(self)
@@ -257,7 +264,16 @@ class Mesh:
 
     def _served(self) -> tuple[ServedModel, ...]:
         return tuple(
-            ServedModel(m.name[:128], m.state, m.in_flight, m.tools, m.size_bytes or 0, m.context or 0, m.slots or 0)
+            ServedModel(
+                m.name[:128],
+                m.state,
+                m.in_flight,
+                m.tools,
+                m.size_bytes or 0,
+                m.context or 0,
+                m.slots or 0,
+                _split_stages(m.placement),
+            )
             for m in self.state.models.values()
             if m.state != "stopped"
         )[:256]
@@ -282,8 +298,8 @@ class Mesh:
             if loading and now - self.gossip.me.version / 1000 >= INTENT_REFRESH_S:
                 self.gossip.update_self(now)
             return
-        facts = [(m.name, m.state, m.tools, m.ctx, m.slots) for m in served]
-        states_changed = facts != [(m.name, m.state, m.tools, m.ctx, m.slots) for m in current]
+        facts = [(m.name, m.state, m.tools, m.ctx, m.slots, m.stages) for m in served]
+        states_changed = facts != [(m.name, m.state, m.tools, m.ctx, m.slots, m.stages) for m in current]
         if states_changed or now - self._published_in_flight >= IN_FLIGHT_PUBLISH_S:
             self._published_in_flight = now
             self.gossip.update_self(now, models_served=served, in_flight=sum(m.in_flight for m in served))
@@ -309,10 +325,33 @@ class Mesh:
             if ev.kind == "updated":
                 log.debug("member %s updated its record", ev.node_id)
                 continue
+            self._remember_change(ev.node_id, ev.kind, ev.record)
             served = ", ".join(m.name for m in ev.record.models_served) or "no models"
             log.info("member %s (%s) %s; serves %s", ev.node_id, ev.record.name, ev.kind, served)
             if ev.kind in ("died", "left"):
                 self.liveness.gone(ev.node_id, ev.kind)
+
+    def _remember_change(self, node_id: str, kind: str, record: NodeRecord) -> None:
+        now = self.clock.time()
+        self.member_since[node_id] = now
+        self._departed.pop(node_id, None)
+        if kind in ("died", "left"):
+            self._departed[node_id] = (record, "dead" if kind == "died" else "left", now)
+            if len(self._departed) > MAX_GONE:
+                oldest = next(iter(self._departed))
+                del self._departed[oldest]
+                self.member_since.pop(oldest, None)
+        if len(self.member_since) > 4 * MAX_GONE:  # members forgotten without an event (evicted): keep the known
+            known = {r.node_id for r in self.members()} | set(self._departed)
+            self.member_since = {n: t for n, t in self.member_since.items() if n in known}
+
+    def recently_gone(self) -> list[tuple[NodeRecord, str, float]]:
+        """Members that died or left within `GONE_SHOWN_S`: (last record, "dead" | "left", when), oldest first."""
+        cutoff = self.clock.time() - GONE_SHOWN_S
+        for node_id in [n for n, (_, _, at) in self._departed.items() if at < cutoff]:
+            del self._departed[node_id]
+            self.member_since.pop(node_id, None)
+        return list(self._departed.values())
 
     def send(self, outs: list[Outgoing]) -> None:
         """Deliver gossip messages, each in its own task."""
@@ -394,3 +433,13 @@ class Mesh:
 
     def _gone(self, node_id: str, how: str) -> None:
         self.liveness.gone(node_id, how)
+
+
+def _split_stages(placement: dict[str, Any] | None) -> tuple[tuple[str, int, int], ...]:
+    """A split's stages for the record (serving/split.py's placement description), else ()."""
+    if not placement or placement.get("kind") != "split":
+        return ()
+    try:
+        return tuple((s["node_id"], int(s["layers"][0]), int(s["layers"][1])) for s in placement["stages"])[:32]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return ()
