@@ -134,8 +134,10 @@ def test_a_split_hosted_elsewhere_shows_its_stages_from_the_hosts_record() -> No
     """A client's console: the host's signed record carries the split's stages, so every node tells where it runs."""
     stages = ((nid(2), 0, 11), (nid(1), 12, 23))
     host = rec(1, dataclasses.replace(serving("big"), stages=stages))
-    view = mesh_view(self_id=nid(9), alive=[host, rec(2, role="worker")])
+    view = mesh_view(self_id=nid(9), alive=[host, rec(2, role="standby")])
     (big,) = view["models"]
+    roles = {m["node_id"]: m["role"] for m in view["members"]}
+    assert roles == {nid(1): "host", nid(2): "worker"}  # a standby lending a stage is a worker
     assert big["mode"] == "split" and big["servers"] == [nid(1)]
     assert big["stages"] == [{"node_id": nid(2), "layers": [0, 11]}, {"node_id": nid(1), "layers": [12, 23]}]
 

@@ -159,6 +159,7 @@ def test_the_console_of_a_client_shows_every_member_and_their_links(mesh: Mesh, 
     for name in ("a", "b"):
         expect(row.locator(f'li.stage[data-node-id="{mesh.ids[name]}"]')).to_have_count(1)
     expect(page.locator(f'path.hull[data-model="{SMOLLM}"][data-mode="split"]')).to_have_count(1)
+    expect(page.locator(f'{NODES}[data-node-id="{mesh.ids["b"]}"][data-role="worker"]')).to_have_count(1)
     screenshot(page, "topology")
 
 

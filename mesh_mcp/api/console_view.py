@@ -195,8 +195,17 @@ def mesh_view(
     alive = sorted(alive, key=lambda r: (r.node_id != self_id, r.node_id))[:MAX_MEMBERS]
     alive_ids = {r.node_id for r in alive}
 
+    # A member holding a stage of a split hosted elsewhere (its record says "standby": it lends, it serves nothing).
+    stage_holders = {node for r in alive for m in r.models_served for node, _, _ in m.stages if node != r.node_id} | {
+        s["node_id"] for p in placements.values() for s in _stages(p) if s["node_id"] != self_id
+    }
+
     def role(r: NodeRecord) -> str:
-        return "shard" if r.node_id in shard_nodes and r.role != "client" else r.role
+        if r.role == "client":
+            return r.role
+        if r.node_id in shard_nodes:
+            return "shard"
+        return "worker" if r.node_id in stage_holders and r.role == "standby" else r.role
 
     members = []
     for r in alive:
