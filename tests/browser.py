@@ -46,7 +46,7 @@ def chromium_path() -> str:
     pytest.fail(f"the console's browser tests need Chromium: install it with `{INSTALL_CHROMIUM}`", pytrace=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Playwright's sync API runs an event loop on this thread: end it with the module
 def browser() -> Iterator[Browser]:
     """One headless Chromium for the session, driven by Playwright."""
     executable = chromium_path()

@@ -216,6 +216,7 @@ def test_the_chat_streams_an_answer_from_another_node_through_this_nodes_api(mes
     page.goto(mesh.c.console + "/")
     expect(page.locator(f'#chat-model option[value="{SMOLLM}"]')).to_have_count(1, timeout=TIMEOUT_MS)
     page.select_option("#chat-model", SMOLLM)
+    page.fill("#chat-max-tokens", "16")  # a short answer: the test waits for the end of the stream
     page.fill("#chat-input", "Say hello.")
     with page.expect_response(lambda r: r.url.endswith("/api/chat"), timeout=TIMEOUT_MS) as answered:
         page.click("#chat-send")

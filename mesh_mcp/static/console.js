@@ -18,7 +18,7 @@
 //   models    #models tr[data-model][data-state][data-mode]  td.state, td.where (stages: li.stage[data-node-id]
 //             with the layer range; shards: li.shard[data-node-id][data-experts]), td.ctx, td.tools, td.demand;
 //             a failure adds tr.failed and its detail in .detail
-//   chat      select#chat-model (option[value] = every model a node serves), textarea#chat-input,
+//   chat      select#chat-model (option[value] = every model a node serves), input#chat-max-tokens, textarea#chat-input,
 //             button#chat-send, button#chat-stop, button#chat-regen, button#chat-clear,
 //             #chat-log .msg.user, .msg.assistant[data-state="streaming"|"done"|"stopped"|"error"]
 //             .msg.assistant .body (rendered answer), .msg.assistant button.copy
@@ -35,6 +35,12 @@ const SPLIT_CAP_MS = 80;
 const FADE_S = 60;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
+
+// The answer's length cap (the chat bar's "Max tokens", 1 to 32768; 512 when empty or invalid).
+const maxTokens = () => {
+  const n = Number.parseInt($("chat-max-tokens")?.value ?? "", 10);
+  return Number.isFinite(n) && n >= 1 ? Math.min(n, 32768) : 512;
+};
 
 let status = null; // the latest snapshot
 let view = null; // its mesh view, normalised
@@ -538,7 +544,7 @@ async function runChat() {
     const res = await fetch("/api/chat", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify({ model, messages: chat.messages, stream: true }),
+      body: JSON.stringify({ model, messages: chat.messages, stream: true, max_tokens: maxTokens() }),
       signal: chat.controller.signal,
     });
     if (!res.ok) throw new Error(errorSentence(await res.text(), res.status));
