@@ -49,17 +49,17 @@ def test_a_real_mesh_listener_answers_and_nothing_else_does(tmp_path: Path) -> N
         async with anyio.create_task_group() as tg:
             await tg.start(mesh.run)
             port = mesh.addresses[0].rsplit(":", 1)[1]
-            ms = await rtt_ms(f"127.0.0.1:{port}")
+            ms = await rtt_ms(f"127.0.0.1:{port}", within_s=10)  # bounded, generous: a loaded machine answers late
             assert ms is not None and ms > 0
             silent_port, junk_port = silent.getsockname()[1], junk.get_extra_info("sockname")[1]
-            with anyio.fail_after(5):  # bounded: each unanswered try waits at most within_s
+            with anyio.fail_after(30):  # bounded: each unanswered try waits at most within_s
                 assert await rtt_ms(f"127.0.0.1:{silent_port}", within_s=0.3) is None
                 assert await rtt_ms(f"127.0.0.1:{junk_port}", within_s=0.3) is None
                 for bad in ("nonsense", "host:", ":80", "127.0.0.1:0", "127.0.0.1:99999", "[::1:x"):
                     assert await rtt_ms(bad, within_s=0.3) is None
                 many = [f"127.0.0.1:{silent_port}"] * 10 + [f"127.0.0.1:{port}"]
                 assert await best_rtt_ms(many, within_s=0.3) is None  # only the first MAX_ADDRESSES are probed
-                best = await best_rtt_ms([f"127.0.0.1:{silent_port}", f"127.0.0.1:{port}"], within_s=0.3)
+                best = await best_rtt_ms([f"127.0.0.1:{silent_port}", f"127.0.0.1:{port}"], within_s=3)
                 assert best is not None
             tg.cancel_scope.cancel()
         silent.close()

@@ -403,6 +403,7 @@ def test_tampered_tools_breaks_the_signature() -> None:
         ({"bytes": 0}, "left out when 0"),
         ({"Context": 4096}, "not a field name"),  # (a lowercase unknown field is a newer version's: kept, signed)
         ({"stages": []}, "stages must be a list of 1 to"),
+        ({"stages": [["0123456789abcdef", 0, 1]] * 33}, "stages must be a list of 1 to"),  # a hostile member's flood
         ({"stages": [["not-an-id", 0, 1]]}, "a stage must be"),
         ({"stages": [["0123456789abcdef", 5, 1]]}, "first ≤ last"),
         ({"stages": [["0123456789abcdef", 0, 1.0]]}, "whole numbers"),
