@@ -19,8 +19,8 @@ from inference import paths
 from mesh_mcp.discovery.finder import Finder, Found
 from mesh_mcp.discovery.nostr import DEFAULT_RELAYS, NostrDirectory
 from mesh_mcp.mesh.gossip_wire import PROTOCOL
+from mesh_mcp.public import NOSTR_KEY
 
-NOSTR_KEY = "nostr.key"
 PROBE_S = 3.0  # one latency probe's bound here: a loaded machine answers late, not never
 
 
