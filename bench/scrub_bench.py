@@ -9,6 +9,10 @@ Measures, on this machine:
   (~1 KiB) and maximum (4 KiB) posts, each "clean" (code, logs, ids, versions: nothing to scrub)
   and "with PII" (about one finding per 100 B), plus 4 KiB posts dense with numbers and addresses
   (the slow case for phone-number matching);
+- people's names (blackboard/scrub_ner.py): rows of prose with names and of Python source from the
+  standard library, and every row measured with the NER's cache of lines emptied before each post (a node
+  sees each post's lines for the first time); recall on the sentences of tests/test_scrub_names.py and the
+  names found in 4 KiB slices of standard-library source (false PERSON findings per 100 KiB);
 - for reference, presidio as it comes (its phone, credit card, IBAN and IP recognizers over the
   same blank spaCy pipeline, tokenizing every post, default context enhancer, phone matching over
   the whole text in all eight regions).
@@ -41,6 +45,19 @@ LABELLED = ROOT / "tests" / "data" / "pii_labelled.jsonl"
 REPORT = ROOT / "bench" / "BLACKBOARD.md"
 BEGIN, END = "<!-- scrub_bench results: begin -->", "<!-- scrub_bench results: end -->"
 SIZES = {"short": 100, "medium": 1024, "max": 4096}
+FIRST = "Maria John Priya Wei Ahmed Olga Sarah Hans Emily Fatima Raj Michael Lucia Kenji Ana Tomasz Ngozi Sven".split()
+LAST = "Garcia Smith Patel Zhang Hassan Ivanova O'Connor Müller Chen Al-Sayed Rossi Tanaka Kowalski Okafor".split()
+SAID = [
+    "ping {n} before merging the {w} change",
+    "{n} said the {w} run on Qwen2.5-Coder-1.5B was {k}% slower",
+    "thanks to {n} for fixing the {w} bug in scrub.py line {k}",
+    "cc {n}: the node {k} keeps dropping {w} requests",
+    "reviewed-by: {n} ({k} comments on {w})",
+    "{n} will look at the {w} regression tomorrow, build {k}",
+    "the {w} benchmark ({k} tok/s) was run by {n} last night",
+]
+WORDS = "cache split shard router gossip blackboard tokenizer prompt kv-cache quic relay console".split()
+STDLIB = ("json/decoder.py", "argparse.py", "asyncio/tasks.py", "http/client.py", "email/message.py", "shutil.py")
 
 CONSTRUCT = """
 import time
@@ -91,10 +108,65 @@ def corpora(seed: int = 1, per_size: int = 200) -> dict[str, list[str]]:
         ]
         numbers.append(fit(" ".join(rng.choice(items) for _ in range(600)), 4096))
     out["max, dense numbers"] = numbers
+
+    def prose(size: int) -> str:
+        lines: list[str] = []
+        while len("\n".join(lines).encode()) < size:
+            name = f"{rng.choice(FIRST)} {rng.choice(LAST)}" if rng.random() < 0.7 else rng.choice(FIRST)
+            lines.append(rng.choice(SAID).format(n=name, w=rng.choice(WORDS), k=rng.randrange(1, 10_000)))
+        return fit("\n".join(lines), size)
+
+    out["medium, prose with names"] = [prose(1024) for _ in range(per_size)]
+    out["max, prose with names"] = [prose(4096) for _ in range(per_size)]
+    out["max, Python source"] = stdlib_slices(4096)[:per_size]
     return out
 
 
-def measure(scrub: Callable[[str], object], texts: list[str], seconds: float) -> dict[str, float]:
+def stdlib_slices(size: int) -> list[str]:
+    """`size`-byte slices of a few standard-library modules: real code, comments and docstrings."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for name in STDLIB:
+        text = (lib / name).read_text(encoding="utf-8")
+        out += [fit(text[i : i + size], size) for i in range(0, len(text), size)]
+    return out
+
+
+def name_finder(scrubber: Scrubber) -> Callable[[], None]:
+    """A function that empties the scrubber's cache of NER results (each post then pays for its lines)."""
+    for recognizer in scrubber._analyzer.registry.recognizers:
+        finder = getattr(recognizer, "finder", None)
+        if finder is not None:
+            clear: Callable[[], None] = finder.clear
+            return clear
+    return lambda: None
+
+
+def names_accuracy(scrubber: Scrubber) -> list[str]:
+    """Recall on tests/test_scrub_names.py's sentences; PERSON findings in standard-library source."""
+    from tests.test_scrub_names import MISSED, NAMED
+
+    def persons(text: str) -> list[str]:
+        return [text[f.start : f.end] for f in scrubber.scrub(text).findings if f.entity == "PERSON"]
+
+    wanted = [(t, n) for t, names in NAMED for n in names] + [(t, "?") for t in MISSED]
+    caught = sum(n in persons(t) for t, n in wanted)
+    slices = stdlib_slices(4096)
+    kib = sum(len(s.encode()) for s in slices) / 1024
+    found = [p for s in slices for p in persons(s)]
+    return [
+        f"Names: {caught} of {len(wanted)} names in the sentences of tests/test_scrub_names.py "
+        f"(the misses: {'; '.join(MISSED)}). In {kib:.0f} KiB of standard-library source "
+        f"({', '.join(STDLIB)}, Python {platform.python_version()}) the scrubber finds {len(found)} PERSON "
+        f"({len(found) / kib * 100:.1f} per 100 KiB): {', '.join(found) or 'none'}.",
+    ]
+
+
+def measure(
+    scrub: Callable[[str], object], texts: list[str], seconds: float, reset: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     for t in texts[:5]:
         scrub(t)
     latencies: list[float] = []
@@ -102,6 +174,7 @@ def measure(scrub: Callable[[str], object], texts: list[str], seconds: float) ->
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(latencies) < 5:
         t = texts[len(latencies) % len(texts)]
+        reset()
         a = time.perf_counter()
         scrub(t)
         latencies.append(time.perf_counter() - a)
@@ -154,7 +227,8 @@ def report(args: argparse.Namespace) -> str:
     cons = construction(args.processes)
     scrubber = Scrubber()
     texts = corpora()
-    rows = [(name, measure(scrubber.scrub, ts, args.seconds)) for name, ts in texts.items()]
+    reset = name_finder(scrubber)
+    rows = [(name, measure(scrubber.scrub, ts, args.seconds, reset)) for name, ts in texts.items()]
     stock_rows = []
     if not args.no_stock:
         stock = stock_presidio()
@@ -175,6 +249,10 @@ def report(args: argparse.Namespace) -> str:
         f"{cons['import_s'] * 1e3:.0f} ms; `Scrubber()` {cons['construct_s']:.2f} s (imports presidio and spaCy, "
         f"builds the blank pipeline, warms every recognizer); then the first `scrub` {cons['first_ms']:.2f} ms, "
         f"the second {cons['second_ms']:.2f} ms.",
+        "",
+        *names_accuracy(scrubber),
+        "",
+        "Every row below empties the NER's cache of lines before each post.",
         "",
         "| posts | mean size | posts/s | MB/s | p50 | p99 |",
         "|---|---:|---:|---:|---:|---:|",

@@ -79,10 +79,19 @@ class Board:
         self._warnings = RateLimiter(WARN_LIMIT)
         self._origin_counts: dict[str, int] = {}
         self._refused_origins: set[str] = set()
+        self.unavailable: str | None = None  # why the scrubber could not load: nothing is posted or taken in
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Load the scrubber (presidio takes a second or two), then expire old posts every minute."""
-        await anyio.to_thread.run_sync(self._load_scrubber)
+        """Load the scrubber (presidio takes a second or two), then expire old posts every minute. A scrubber that
+        cannot load (a model file missing or changed, a broken install) leaves the board `unavailable`: it refuses
+        to post and takes no posts in, saying why; the node goes on."""
+        try:
+            await anyio.to_thread.run_sync(self._load_scrubber)
+        except (BlackboardError, ImportError, OSError) as exc:
+            self.unavailable = f"the scrubber could not load: {exc}"
+            log.error("blackboard unavailable: %s", self.unavailable)
+            task_status.started()
+            await anyio.sleep_forever()
         await self._recount()
         task_status.started()
         while True:
@@ -103,6 +112,8 @@ class Board:
         return scrubber
 
     async def _scrub(self, text: str) -> Any:
+        if self.unavailable is not None:
+            raise BlackboardError(f"this node's blackboard is unavailable: {self.unavailable}")
         scrubber = self._scrubber
         if scrubber is None:
             scrubber = await anyio.to_thread.run_sync(self._load_scrubber)
@@ -177,7 +188,11 @@ class Board:
                     wait,
                 )
                 continue
-            dirty = [f for part in (post.text, post.author) for f in (await self._scrub(part)).findings]
+            try:
+                dirty = [f for part in (post.text, post.author) for f in (await self._scrub(part)).findings]
+            except BlackboardError as exc:  # no scrubber: nothing is taken in (the sync brings it once one loads)
+                self._warn(sender, "blackboard: not taking posts from %s: %s", sender, exc)
+                return accepted
             if dirty:
                 kinds = ", ".join(sorted({f.entity for f in dirty}))
                 self._warn(

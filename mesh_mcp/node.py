@@ -38,6 +38,7 @@ from mesh_mcp.mcp.mount import McpMount
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.public import Public
 from mesh_mcp.public import actors as public_actors
+from mesh_mcp.serving import throughput
 from mesh_mcp.serving.demand import TTL_S as DEMAND_TTL_S
 from mesh_mcp.serving.mesh_demand import connect as connect_demand
 from mesh_mcp.serving.rpc_worker import RpcLink
@@ -247,6 +248,7 @@ class Node:
             task_status.started()
             if cfg.client:
                 await anyio.sleep_forever()  # a client serves nothing and builds no llama.cpp
+            tg.start_soon(throughput.measure, self.state)  # each served model's decode tokens/s, for the console
             for spec in cfg.models:
                 tg.start_soon(self.serving.serve, spec)
             if cfg.auto and not cfg.models:
@@ -281,7 +283,10 @@ class Node:
     async def _run_board(self, board: Board) -> None:
         self.state.set_info(blackboard={"state": "loading"})
         async with anyio.create_task_group() as tg:
-            await tg.start(board.run)  # started once the scrubber is loaded
+            await tg.start(board.run)  # started once the scrubber is loaded (or could not be)
+            if board.unavailable is not None:
+                self.state.set_info(blackboard={"state": "unavailable", "detail": board.unavailable})
+                return
             self.state.set_info(blackboard={"state": "ready"})
             log.info("blackboard ready (%s)", self.config.home / BLACKBOARD_DB)
 

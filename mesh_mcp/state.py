@@ -44,6 +44,7 @@ class ModelStatus:
     context: int | None = None  # tokens one request may hold (slot context, capped at the training context)
     slots: int | None = None  # requests its server runs at once (--parallel)
     placement: dict[str, Any] | None = None  # solo/split plan: stages, reasons, predicted tok/s
+    measured_tok_s: float | None = None  # decode tokens/s its llama-server reports (serving/throughput.py)
     updated_at: float = 0.0
 
     def public(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -83,7 +82,18 @@ def test_members_models_and_links_of_a_mesh() -> None:
         "capacity_bytes": 1 << 30,
         "addresses": ["10.0.0.1:4000"],
         "rtt_ms": {nid(2): 12.0, nid(3): 90.0},
-        "models": [{"name": "qwen", "state": "serving", "in_flight": 0, "slots": 2, "ctx": 4096, "size_bytes": 10}],
+        "models": [
+            {
+                "name": "qwen",
+                "state": "serving",
+                "in_flight": 0,
+                "slots": 2,
+                "ctx": 4096,
+                "size_bytes": 10,
+                "tok_s": None,
+                "predicted_tok_s": None,
+            }
+        ],
     }
     models = {m["name"]: m for m in view["models"]}
     assert models["qwen"]["servers"] == [nid(1), nid(2)] and models["qwen"]["mode"] == "replicas"
@@ -93,9 +103,12 @@ def test_members_models_and_links_of_a_mesh() -> None:
         "name": "llama",
         "servers": [],
         "loading": [nid(3)],
+        "failed": [],
         "mode": "none",
         "ctx": None,
         "tools": None,
+        "measured_tok_s": None,
+        "predicted_tok_s": None,
         "demand_rate_per_min": None,
         "stages": [],
         "shards": [],
@@ -142,6 +155,50 @@ def test_a_split_hosted_elsewhere_shows_its_stages_from_the_hosts_record() -> No
     assert big["stages"] == [{"node_id": nid(2), "layers": [0, 11]}, {"node_id": nid(1), "layers": [12, 23]}]
 
 
+def test_expert_shards_hosted_elsewhere_show_from_the_coordinators_record() -> None:
+    """A client's console: the coordinator's record says where each shard runs, its experts and its gate."""
+    shards = ((nid(1), 40, 1000, -1), (nid(3), 40, 973, 1))
+    coordinator = rec(1, dataclasses.replace(serving("moe"), shards=shards))
+    view = mesh_view(self_id=nid(9), alive=[coordinator, rec(3, serving("moe"))])
+    (moe,) = view["models"]
+    assert moe["mode"] == "shards" and moe["servers"] == [nid(1)]  # the shard lends, it serves no one
+    assert moe["shards"] == [
+        {"node_id": nid(1), "experts": 40, "quality": {"agreement": 1.0}},
+        {"node_id": nid(3), "experts": 40, "quality": {"agreement": 0.973}, "passed": True},
+    ]
+    assert {m["node_id"]: m["role"] for m in view["members"]} == {nid(1): "host", nid(3): "shard"}
+
+
+def test_decode_speeds_failures_and_what_each_node_of_a_split_holds() -> None:
+    """Measured tok/s is the mean of the servers' reports, predicted the best; a failure names its node; a split's
+    host and worker each hold their stage's share of the bytes (the capacity bars add up)."""
+    stages = ((nid(2), 0, 5), (nid(1), 6, 23))
+    host = rec(1, dataclasses.replace(serving("big", size_bytes=2400), stages=stages, tps=105, ptps=90))
+    view = mesh_view(
+        self_id=nid(9),
+        alive=[
+            host,
+            rec(2, role="standby"),
+            rec(3, serving("qwen", tps=200), ServedModel("gemma", "failed")),
+            rec(4, serving("qwen", tps=100, ptps=310)),
+        ],
+    )
+    models = {m["name"]: m for m in view["models"]}
+    assert models["qwen"]["measured_tok_s"] == 15.0 and models["qwen"]["predicted_tok_s"] == 31.0
+    assert models["big"]["measured_tok_s"] == 10.5 and models["big"]["predicted_tok_s"] == 9.0
+    assert models["gemma"]["failed"] == [nid(3)] and models["gemma"]["mode"] == "none"
+    members = {m["node_id"]: m for m in view["members"]}
+    (on_host,) = members[nid(1)]["models"]
+    (on_worker,) = members[nid(2)]["models"]
+    assert (on_host["size_bytes"], on_host["stage"], on_host["tok_s"]) == (1800, [6, 23], 10.5)
+    assert (on_worker["name"], on_worker["state"], on_worker["size_bytes"], on_worker["stage"]) == (
+        "big",
+        "stage",
+        600,
+        [0, 5],
+    )
+
+
 def test_dead_and_left_members_are_listed_with_when_and_clients_by_id() -> None:
     gone = [Gone(rec(2), "dead", 100.0), Gone(rec(3), "left", 110.0), Gone(rec(1), "dead", 50.0)]
     view = mesh_view(self_id=nid(1), alive=[rec(1)], gone=gone, clients=[nid(9), nid(1)], since={nid(9): 7.0})
@@ -160,13 +217,10 @@ def test_a_thousand_members_stay_bounded_and_fast() -> None:
     nodes = [
         rec(n, serving(f"m{n % 50}"), rtt=tuple((nid(p), 10 * p) for p in range(n + 1, n + 33))) for n in range(1200)
     ]
-    started = time.perf_counter()
     view = mesh_view(self_id=nid(0), alive=nodes, clients=[nid(5000 + n) for n in range(500)])
-    elapsed = time.perf_counter() - started
     assert len([m for m in view["members"] if m["role"] != "client"]) == 1000
     assert len(view["links"]) == MAX_LINKS and len(view["models"]) == 50
-    assert len(json.dumps(view)) < 8 << 20
-    assert elapsed < 5  # generous on a shared CI machine; the bound that matters is the size above
+    assert len(json.dumps(view)) < 8 << 20  # its speed is bench/p16_console.py's
 
 
 # --- what the mesh remembers: recently gone members --------------------------------------------------------------
@@ -350,3 +404,11 @@ def test_a_real_node_chats_through_its_console_and_hides_the_token_from_a_remote
                 assert "invite_token" not in event and event["mesh"]["members"]
                 assert local["invite_token"] not in line
                 break
+
+    # The decode speed llama-server measured for the chat above: in the model's status and the mesh's model row.
+    def measured(st: dict[str, Any]) -> bool:
+        rate = st["models"][0].get("measured_tok_s")
+        row = st["mesh"]["models"][0].get("measured_tok_s")
+        return isinstance(rate, float) and rate > 0 and row == rate
+
+    node.wait_for("a measured decode speed", measured, timeout=90)

@@ -230,6 +230,82 @@ def test_the_chat_streams_an_answer_from_another_node_through_this_nodes_api(mes
     screenshot(page, "chat")
 
 
+STOP_ON_FIRST_TOKEN = """() => {
+    // Click Stop the moment the answer shows its first text: the stream is cut mid-answer, not after its end.
+    const log = document.getElementById("chat-log");
+    new MutationObserver((changes, observer) => {
+        const last = log.querySelector(".msg.assistant:last-child");
+        if (last && last.dataset.state === "streaming" && last.dataset.raw) {
+            observer.disconnect();
+            document.getElementById("chat-stop").click();
+        }
+    }).observe(log, { subtree: true, attributes: true, attributeFilter: ["data-raw"] });
+}"""
+
+
+@pytest.mark.slow
+def test_stop_regenerate_and_copy(mesh: Mesh, open_page: OpenPage) -> None:
+    page = open_page(permissions=["clipboard-read", "clipboard-write"])
+    page.goto(mesh.c.console + "/")
+    expect(page.locator(f'#chat-model option[value="{SMOLLM}"]')).to_have_count(1, timeout=TIMEOUT_MS)
+    page.select_option("#chat-model", SMOLLM)
+    reply = page.locator("#chat-log .msg.assistant").last
+    # Stop: a long answer is cut at its first text. A model may end an answer before the click lands (EOS within
+    # one chunk): then it asks again, at most three times.
+    page.fill("#chat-max-tokens", "400")
+    for attempt in range(3):
+        page.evaluate(STOP_ON_FIRST_TOKEN)
+        page.fill("#chat-input", f"Count from 1 to 300, separated by commas. ({attempt})")
+        page.click("#chat-send")
+        expect(reply).not_to_have_attribute("data-state", "streaming", timeout=TIMEOUT_MS)
+        if reply.get_attribute("data-state") == "stopped":
+            break
+    expect(reply).to_have_attribute("data-state", "stopped")
+    stopped_text = reply.get_attribute("data-raw") or ""
+    assert stopped_text, "a stopped answer keeps what had arrived"
+    expect(page.locator("#chat-stop")).to_be_disabled()
+    assistants = page.locator("#chat-log .msg.assistant").count()
+
+    # Regenerate: the stopped answer is replaced by a new one, asked with the conversation up to the user's message.
+    page.fill("#chat-max-tokens", "16")
+    with page.expect_request(lambda r: r.url.endswith("/api/chat"), timeout=TIMEOUT_MS) as asked:
+        page.click("#chat-regen")
+    sent = asked.value.post_data_json
+    assert sent["messages"][-1]["role"] == "user" and sent["max_tokens"] == 16, sent
+    assert "(" in sent["messages"][-1]["content"]  # the last question, asked again
+    expect(reply).to_have_attribute("data-state", "done", timeout=TIMEOUT_MS)
+    expect(page.locator("#chat-log .msg.assistant")).to_have_count(assistants)
+    answer = reply.get_attribute("data-raw") or ""
+    assert answer.strip()
+
+    # Copy: the raw answer (markdown as the model wrote it) lands on the clipboard.
+    reply.locator("button.copy").click()
+    expect(reply.locator("button.copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == answer
+
+
+@pytest.mark.slow
+def test_a_phone_in_dark_mode_gets_a_dark_page_that_fits_its_screen(mesh: Mesh, open_page: OpenPage) -> None:
+    page = open_page(viewport={"width": 390, "height": 844}, color_scheme="dark", is_mobile=True)
+    page.goto(mesh.c.console + "/")
+    expect(page.locator(NODES)).to_have_count(3, timeout=TIMEOUT_MS)
+    expect(page.locator(f'#models tr[data-model="{SMOLLM}"]')).to_have_count(1)
+    looks = page.evaluate(
+        """() => {
+            const lum = (c) => {
+                const [r, g, b] = c.match(/[0-9.]+/g).map(Number);
+                return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+            };
+            const body = getComputedStyle(document.body);
+            return { overflow: document.documentElement.scrollWidth - window.innerWidth,
+                     background: lum(body.backgroundColor), text: lum(body.color) };
+        }"""
+    )
+    assert looks["overflow"] <= 0, looks  # nothing wider than the phone: no sideways scrolling
+    assert looks["background"] < 80 < looks["text"], looks  # light text on a dark page
+    screenshot(page, "phone-dark")
+
+
 @pytest.mark.slow
 def test_a_post_in_one_console_appears_in_another_nodes_feed(mesh: Mesh, open_page: OpenPage) -> None:
     text = "browser test: the feed carries this post across the mesh"

@@ -19,14 +19,18 @@ from mesh_mcp.mesh.records import (
     MAX_ADDRESSES,
     MAX_MODELS,
     MAX_NAME,
+    MAX_SHARDS,
+    MAX_TPS,
     NodeRecord,
     ServedModel,
+    expert_shards,
     from_wire,
     next_version,
     public_key_bytes,
     sign,
     signing_bytes,
     supersedes,
+    tenths,
     to_wire,
     unsigned,
     verify,
@@ -450,3 +454,72 @@ def test_a_splits_stages_travel_in_the_hosts_signed_record() -> None:
     parsed = from_wire(json.loads(json.dumps(to_wire(record))))
     verify(parsed)
     assert parsed.models_served[0].stages == served.stages
+
+
+def test_decode_speeds_travel_in_tenths_and_are_bounded() -> None:
+    served = ServedModel("qwen", "serving", 0, tps=123, ptps=98)
+    record = make(models_served=(served,))
+    obj = json.loads(json.dumps(to_wire(record)))
+    assert obj["models_served"][0]["tps"] == 123 and obj["models_served"][0]["ptps"] == 98
+    parsed = from_wire(obj)
+    verify(parsed)
+    assert (parsed.models_served[0].tps, parsed.models_served[0].ptps) == (123, 98)
+    assert "tps" not in to_wire(make(models_served=(ServedModel("qwen", "serving", 0),)))["models_served"][0]
+    for bad in (0, -1, MAX_TPS + 1, 1.5, True, "12"):  # 0 is left out, never sent
+        hostile = json.loads(json.dumps(obj))
+        hostile["models_served"][0]["tps"] = bad
+        with pytest.raises(ProtocolError):
+            from_wire(hostile)
+    with pytest.raises(ValueError):
+        make(models_served=(ServedModel("qwen", "serving", 0, ptps=MAX_TPS + 1),))
+
+
+def test_tenths_of_a_decode_speed() -> None:
+    assert [tenths(v) for v in (12.34, 0.04, None, True, float("nan"), float("inf"), -3.0, "9")] == [
+        123,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+
+
+def test_expert_shards_travel_in_the_coordinators_record_and_are_checked() -> None:
+    placement = {
+        "kind": "expert-shards",
+        "experts_per_shard": 40,
+        "shards": [
+            {"node_id": "0123456789abcdef", "shard": 0},
+            {"node_id": "fedcba9876543210", "shard": 1, "quality": {"agreement": 0.9731, "kl": 0.01}, "passed": True},
+        ],
+    }
+    shards = expert_shards(placement)
+    assert shards == (("0123456789abcdef", 40, -1, -1), ("fedcba9876543210", 40, 973, 1))
+    assert expert_shards({"kind": "split"}) == () and expert_shards({"kind": "expert-shards"}) == ()
+    record = make(models_served=(ServedModel("moe", "serving", 0, shards=shards),))
+    obj = json.loads(json.dumps(to_wire(record)))
+    parsed = from_wire(obj)
+    verify(parsed)
+    assert parsed.models_served[0].shards == shards
+    for bad in ([], [["0123456789abcdef", 0, 1, 1]], [["0123456789abcdef", 40, 1001, 1]], [["nope", 40, 1, 1]],
+                [["0123456789abcdef", 40, 1, 2]], [["0123456789abcdef", 40, 1.0, 1]], [["0123456789abcdef", 40, 1]],
+                [["0123456789abcdef", 40, 1, 1]] * (MAX_SHARDS + 1)):  # fmt: skip
+        hostile = json.loads(json.dumps(obj))
+        hostile["models_served"][0]["shards"] = bad
+        with pytest.raises(ProtocolError):
+            from_wire(hostile)
+
+
+def test_a_copy_with_floats_for_ints_is_not_taken_for_the_cached_record() -> None:
+    shards = (("0123456789abcdef", 40, 973, 1),)
+    served = ServedModel("moe", "serving", 0, stages=(("0123456789abcdef", 0, 11),), shards=shards)
+    obj = json.loads(json.dumps(to_wire(make(models_served=(served,)))))
+    from_wire(obj)  # cached
+    for key, row in (("shards", ["0123456789abcdef", 40, 973.0, 1]), ("stages", ["0123456789abcdef", 0.0, 11])):
+        hostile = json.loads(json.dumps(obj))
+        hostile["models_served"][0][key] = [row]
+        with pytest.raises(ProtocolError):
+            from_wire(hostile)

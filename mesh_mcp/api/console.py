@@ -3,7 +3,10 @@ the blackboard (`GET /api/blackboard` searches or lists the feed, `POST /api/bla
 node controls for this machine only, the page (`GET /`) and its files (`GET /static/{file}`: only the package's
 own `static/` scripts and styles, read once at start, with their content types), and `POST /api/chat`: an OpenAI
 chat-completions body forwarded in-process to this node's own API app (so it is routed like any `/v1` request, to a
-model of this node or of a peer) and its answer, streamed or not, passed straight back.
+model of this node or of a peer) and its answer, streamed or not, passed straight back. `GET /metrics`: the node's
+metrics in Prometheus' text format (`mesh_mcp.metrics`); like the blackboard, a remote viewer needs the API key.
+The status and its events also carry `requests` (`requests_field`): this node's own request counts per model, the
+numbers `mesh-llm top` and the page's models table show (errors are known only where a request entered).
 
 Served behind `middleware.HttpGuard` (Host, Origin, keys, body limit); request bodies are parsed with
 `jsonlimits` (a 10 000-deep body is a 400 with a sentence). The invite token is in `/api/status` only
@@ -35,6 +38,8 @@ from mesh_mcp.api.errors import HttpError, error_response
 from mesh_mcp.api.middleware import is_local
 from mesh_mcp.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
 from mesh_mcp.jsonlimits import JsonRejected, parse
+from mesh_mcp.metrics import CONTENT_TYPE as METRICS_TYPE
+from mesh_mcp.metrics import metrics_of, scrape
 from mesh_mcp.state import NodeState
 
 KEEPALIVE_S = 15
@@ -59,6 +64,21 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 CHAT_USAGE = 'give an OpenAI chat-completions body: {"model": NAME, "messages": [{"role", "content"}, ...], ...}'
+
+
+REQUEST_KEYS = ("ok", "client_error", "upstream_error", "cancelled", "in_flight", "tokens_out")
+
+
+def requests_field(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int]]:
+    """The status's `requests`: `NodeMetrics.summary()` (per model label, requests that entered this node) as whole
+    numbers, every key of `REQUEST_KEYS` present (0 when none). Bounded by the metrics' own cap on model labels."""
+    return {model: {key: int(row.get(key, 0)) for key in REQUEST_KEYS} for model, row in sorted(summary.items())}
+
+
+def status_of(node: NodeState, snap: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A status snapshot (`snap`, or a fresh one) with this node's request counts (`requests`) added."""
+    snap = node.snapshot() if snap is None else snap
+    return {**snap, "requests": requests_field(metrics_of(node).summary())}
 
 
 class Controls(Protocol):
@@ -231,7 +251,7 @@ def build_console(
         return Forward(api, json.dumps(body).encode())
 
     async def status(request: Request) -> Response:
-        snap = node.snapshot()
+        snap = status_of(node)
         if is_local(request.scope):  # this machine, a loopback Host, no foreign web page: may see the secret
             snap["invite_token"] = node.invite_token
         return JSONResponse(snap)
@@ -242,15 +262,15 @@ def build_console(
             # joining, dying, leaving, RTTs, demand) changes in gossip, which publishes nothing: every `WATCH_S` the
             # snapshot is taken again and sent when it differs from the last one sent.
             async with node.subscribe() as updates:
-                sent = json.dumps(node.snapshot())
+                sent = json.dumps(status_of(node))
                 yield {"event": "status", "data": sent}
                 quiet = 0.0
                 while True:
                     data = None
                     with anyio.move_on_after(WATCH_S):
-                        data = json.dumps(await updates.receive())
+                        data = json.dumps(status_of(node, await updates.receive()))
                     if data is None:
-                        data = json.dumps(node.snapshot())
+                        data = json.dumps(status_of(node))
                     if data != sent:
                         sent, quiet = data, 0.0
                         yield {"event": "status", "data": data}
@@ -261,6 +281,10 @@ def build_console(
                         yield {"comment": "keepalive"}
 
         return EventSourceResponse(stream(), ping=None)
+
+    async def metrics(request: Request) -> Response:
+        posts = None if board is None else await board.count()
+        return Response(await scrape(node, posts), media_type=METRICS_TYPE, headers={"Cache-Control": "no-store"})
 
     async def control(request: Request) -> Response:
         if request.path_params["action"] not in ("drop", "rotate-key"):
@@ -285,6 +309,7 @@ def build_console(
             Route("/api/events", events),
             Route("/static/{file:str}", static),
             Route("/api/chat", chat, methods=["POST"]),
+            Route("/metrics", metrics),
             *blackboard_routes(board),
             Route("/api/{action:str}", control, methods=["POST"]),
         ],

@@ -9,9 +9,13 @@ the node hands `NodeState.mesh`: it reads the running `Mesh` and calls `mesh_vie
 
 The shape (the contract the front end codes against):
 `{"members": [{"node_id", "name", "role", "self", "state", "since", "capacity_bytes", "addresses", "rtt_ms",
-"models": [{"name", "state", "in_flight", "slots", "ctx", "size_bytes"}]}], "models": [{"name", "servers",
-"loading", "mode", "ctx", "tools", "demand_rate_per_min", "stages", "shards"}], "links": [{"a", "b", "rtt_ms",
-"over_cap"}]}`.
+"models": [{"name", "state", "in_flight", "slots", "ctx", "size_bytes", "tok_s", "predicted_tok_s", "stage"?}]}],
+"models": [{"name", "servers", "loading", "failed", "mode", "ctx", "tools", "measured_tok_s", "predicted_tok_s",
+"demand_rate_per_min", "stages", "shards"}], "links": [{"a", "b", "rtt_ms", "over_cap"}]}`.
+
+A member holding a stage of a split lists that model with `"state": "stage"`, `"stage": [first, last]` and the
+stage's share of the model's bytes (layers are near enough equal in size), and the split's host lists its own
+stage's share, not the whole model: a capacity bar adds up what each node really holds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from mesh_mcp.mesh.records import NodeRecord, ServedModel
+from mesh_mcp.mesh.runtime import served_models
 
 if TYPE_CHECKING:
     from mesh_mcp.mesh.runtime import Mesh
@@ -67,6 +72,8 @@ def _member(
                 "slots": m.slots or None,
                 "ctx": m.ctx or None,
                 "size_bytes": m.size_bytes or None,
+                "tok_s": m.tps / 10 if m.tps else None,
+                "predicted_tok_s": m.ptps / 10 if m.ptps else None,
             }
             for m in r.models_served[:MAX_MEMBER_MODELS]
         ],
@@ -90,6 +97,15 @@ def _shards(placement: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return out
 
 
+def _record_shard(node_id: str, experts: int, agreement_milli: int, gate: int) -> dict[str, Any]:
+    shard: dict[str, Any] = {"node_id": node_id, "experts": experts}
+    if agreement_milli >= 0:
+        shard["quality"] = {"agreement": agreement_milli / 1000}
+    if gate >= 0:
+        shard["passed"] = bool(gate)
+    return shard
+
+
 def _shard_nodes(placements: Mapping[str, Mapping[str, Any] | None], self_id: str) -> set[str]:
     """Nodes lending an expert shard, as this node knows it: those of its own sharded models and itself."""
     out: set[str] = set()
@@ -111,7 +127,8 @@ def _models(
 
     def row(name: str) -> dict[str, Any]:
         if name not in rows:
-            rows[name] = {"name": name, "servers": [], "loading": [], "ctxs": [], "tools": []}
+            rows[name] = {"name": name, "servers": [], "loading": [], "failed": [], "ctxs": [], "tools": [], "tps": [],
+                          "ptps": []}  # fmt: skip
         return rows[name]
 
     for r in alive:
@@ -123,19 +140,26 @@ def _models(
                 found["servers"].append(r.node_id)
                 found["ctxs"].append(m.ctx)
                 found["tools"].append(m.tools)
+                found["tps"] += [m.tps] if m.tps else []
+                found["ptps"] += [m.ptps] if m.ptps else []
                 if m.stages:  # a split hosted there: its record says where each stage runs
                     found["stages"] = [{"node_id": n, "layers": [a, b]} for n, a, b in m.stages[:64]]
+                if m.shards:  # an expert-sharded model coordinated there: its record says where each shard runs
+                    found["shards"] = [_record_shard(*sh) for sh in m.shards[:64]]
             elif m.state in LOADING:
                 found["loading"].append(r.node_id)
+            elif m.state == "failed":
+                found["failed"].append(r.node_id)
     rates = {str(d.get("model")): d.get("rate_per_min") for d in demand}
     for name in rates:
         row(name)
     out = []
     for name, found in sorted(rows.items()):
         placement = placements.get(name)
-        stages, shards = _stages(placement) or found.get("stages", []), _shards(placement)
+        stages, shards = _stages(placement) or found.get("stages", []), _shards(placement) or found.get("shards", [])
         # A shard node's "model" is its slice: the coordinator serves the model, the rest lend.
-        servers = [n for n in found["servers"] if n not in shard_nodes or not shards]
+        lending = shard_nodes | {sh["node_id"] for sh in shards[1:]}
+        servers = [n for n in found["servers"] if n not in lending or not shards]
         mode: Mode
         if stages:
             mode = "split"
@@ -145,15 +169,18 @@ def _models(
             mode = "none"
         else:
             mode = "solo" if len(servers) == 1 else "replicas"
-        tools = found["tools"]
+        tools, tps, ptps = found["tools"], found["tps"], found["ptps"]
         out.append(
             {
                 "name": name,
                 "servers": sorted(servers),
                 "loading": sorted(found["loading"]),
+                "failed": sorted(found["failed"]),
                 "mode": mode,
                 "ctx": max((c for c in found["ctxs"] if c), default=None),
                 "tools": True if any(tools) else (False if tools and all(t is False for t in tools) else None),
+                "measured_tok_s": round(sum(tps) / len(tps) / 10, 1) if tps else None,  # the mean of its servers
+                "predicted_tok_s": max(ptps) / 10 if ptps else None,
                 "demand_rate_per_min": rates.get(name),
                 "stages": stages,
                 "shards": shards,
@@ -191,7 +218,12 @@ def mesh_view(
     """The `mesh` field of the status (see the module docstring); pure and bounded."""
     since = since or {}
     placements = placements or {}
-    shard_nodes = _shard_nodes(placements, self_id)
+    shard_nodes = (
+        _shard_nodes(placements, self_id)
+        | {  # and those a coordinator's record names (shard 0 is its own)
+            sh[0] for r in alive[:MAX_MEMBERS] for m in r.models_served[:MAX_MEMBER_MODELS] for sh in m.shards[1:]
+        }
+    )
     alive = sorted(alive, key=lambda r: (r.node_id != self_id, r.node_id))[:MAX_MEMBERS]
     alive_ids = {r.node_id for r in alive}
 
@@ -230,7 +262,41 @@ def mesh_view(
                 "models": [],
             }
         )
-    return {"members": members, "models": _models(alive, demand, placements, shard_nodes), "links": _links(members)}
+    models = _models(alive, demand, placements, shard_nodes)
+    _stage_shares(members, models)
+    return {"members": members, "models": models, "links": _links(members)}
+
+
+def _stage_shares(members: list[dict[str, Any]], models: Sequence[dict[str, Any]]) -> None:
+    """What each node of a split holds: its stage's share of the model's bytes (the host's entry is cut to its own
+    stage; a worker gains a `"stage"` entry). Layers are taken as equal in size, near enough for a capacity bar."""
+    by_id = {m["node_id"]: m for m in members}
+    for model in models:
+        stages = model["stages"]
+        if not stages:
+            continue
+        total_layers = max(st["layers"][1] for st in stages) + 1
+        size = max(
+            (x["size_bytes"] or 0 for n in model["servers"] if n in by_id for x in by_id[n]["models"]
+             if x["name"] == model["name"]),
+            default=0,
+        )  # fmt: skip
+        if not size or total_layers <= 0:
+            continue
+        for st in stages:
+            first, last = st["layers"]
+            member = by_id.get(st["node_id"])
+            if member is None or last < first:
+                continue
+            share = size * (last - first + 1) // total_layers
+            entry = next((x for x in member["models"] if x["name"] == model["name"]), None)
+            if entry is None:
+                if len(member["models"]) >= MAX_MEMBER_MODELS:
+                    continue
+                entry = {"name": model["name"], "state": "stage", "in_flight": 0, "slots": None, "ctx": None,
+                         "tok_s": None, "predicted_tok_s": None}  # fmt: skip
+                member["models"].append(entry)
+            entry["size_bytes"], entry["stage"] = share, [first, last]
 
 
 def provider(mesh: Mesh, state: NodeState) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
@@ -262,11 +328,7 @@ def provider(mesh: Mesh, state: NodeState) -> Callable[[Sequence[Mapping[str, An
 
 def _served_now(state: NodeState) -> tuple[ServedModel, ...]:
     """This node's models as its record would say, from its live state."""
-    return tuple(
-        ServedModel(m.name, m.state, m.in_flight, m.tools, m.size_bytes or 0, m.context or 0, m.slots or 0)
-        for m in list(state.models.values())[:MAX_MEMBER_MODELS]
-        if m.state != "stopped"
-    )
+    return served_models(state, MAX_MEMBER_MODELS)
 
 
 def standalone(state: NodeState, role: str) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:

@@ -15,7 +15,7 @@ The rules, in order (docs/ARCHITECTURE.md has the threat model):
 3. CORS preflight (OPTIONS + Access-Control-Request-Method) from an allowed origin: 204 here.
 4. API key: on `--listen-all` (unless `--no-auth`), a client that is not this machine — or that is,
    but names a non-loopback Host (a rebound page) — needs `Authorization: Bearer KEY` or
-   `x-api-key: KEY` for the API (all but /health), /mcp, console writes and the blackboard.
+   `x-api-key: KEY` for the API (all but /health), /mcp, console writes, the blackboard and /metrics.
    Keys are compared in constant time against every key and never logged.
 5. Body: a declared Content-Length over the route's limit is 413 before a byte is read.
 6. CSRF: POST/PUT/PATCH/DELETE need a non-simple content type (JSON) or a key header — the kinds of
@@ -124,7 +124,7 @@ class Surface:
     def needs_key(self, method: str, path: str) -> bool:
         if self.kind == "api":
             return path != "/health"
-        return method not in SAFE_METHODS or path.startswith("/api/blackboard")
+        return method not in SAFE_METHODS or path.startswith("/api/blackboard") or path == "/metrics"
 
     def flavor(self, path: str) -> Flavor:
         if self.kind == "api" and path.startswith("/v1/messages"):

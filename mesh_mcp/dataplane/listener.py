@@ -201,7 +201,8 @@ class DataPlaneServer(Listener):
     """The worker's end: TLS on `host:port` (the mesh interface); authenticated hosts reach the
     local rpc-server registered under the name they ask for.
 
-    `targets` (name → 127.0.0.1 port) may change at any time; `counters[name]` counts per target;
+    `targets` (name → 127.0.0.1 port) may change at any time; `counters[name]` counts per target, `users[name]`
+    is the node whose tunnels reached it (a split's host; `peer_bytes` sums the counters by it);
     `refused` counts connections refused (logged rate-limited). Unauthenticated connections are limited
     per source address, and `known_sources()` (addresses of known members) take reserved slots."""
 
@@ -230,6 +231,7 @@ class DataPlaneServer(Listener):
         self.targets: dict[str, int] = targets if targets is not None else {}
         self.services: dict[str, Service] = {}
         self.counters: dict[str, ByteCounters] = {}
+        self.users: dict[str, str] = {}  # target -> node id of the host whose tunnels reached it (same keys)
         self._ctx = server_context(identity)
 
     async def start(self) -> int:
@@ -246,6 +248,17 @@ class DataPlaneServer(Listener):
     def counter(self, target: str) -> ByteCounters:
         with self._lock:
             return self.counters.setdefault(target, ByteCounters())
+
+    def peer_bytes(self) -> dict[str, tuple[int, int]]:
+        """Plaintext RPC bytes (to rpc-server: in, from it: out) by the node that sent them, over every target."""
+        with self._lock:
+            used = [(self.users.get(target), c) for target, c in self.counters.items()]
+        out: dict[str, tuple[int, int]] = {}
+        for node_id, c in used:
+            if node_id is not None:
+                was_in, was_out = out.get(node_id, (0, 0))
+                out[node_id] = (was_in + c.to_rpc_server, was_out + c.from_rpc_server)
+        return out
 
     def _serve(self, tunnel: Tunnel, conn: socket.socket, addr: Any) -> None:
         who = f"{addr[0]}:{addr[1]}"
@@ -264,6 +277,8 @@ class DataPlaneServer(Listener):
             self._refuse(tunnel, source_ip(str(addr[0])), reason, who)
             return
         if isinstance(wanted, Target):
+            with self._lock:
+                self.users[wanted.name] = peer.node_id
             forward(tunnel, tls, wanted, who, self.counter, lambda: self._done_pending(tunnel))
             return
         self._done_pending(tunnel)

@@ -7,10 +7,15 @@ Streams:
   the other side answers `{"ids": {hour: [id, ...]}}` for the hours that differ; the opener sends
   `{"posts": [...]}` frames the other lacks, then `{"want": [id, ...]}`, then ends its side; the
   other side answers with `{"posts": [...]}` frames of what was wanted and ends. A client that opens
-  with `carry: true` is subscribed: the member pushes it every post it accepts from then on.
+  with `carry: true` is subscribed: the member pushes it every post it accepts from then on. Only a client sends
+  `carry: true`: a member that does not list a just-joined member yet would otherwise take it for a client and push
+  it every post for 30 s (bench/blackboard_prop.py measured 1,400-1,800 such pairs after 100 nodes start together).
 
 A member syncs with each member it has not synced with yet (a node that joined, or came back) and
 with one random member every SYNC_S seconds; a client syncs with the members it is connected to.
+
+For the node's metrics it keeps, per member, when the last exchange with it completed (either side opened it), and
+gives the time since as `blackboard_sync_age_s` in that member's row of `Mesh.peer_table`.
 """
 
 from __future__ import annotations
@@ -56,9 +61,16 @@ class BoardLink:
         self._rng = random.Random()
         self._subscribers: dict[str, float] = {}  # client node id -> last sync
         self._synced: set[str] = set()
+        self._last_sync: dict[str, float] = {}  # member -> when an exchange with it last completed (monotonic)
         self._tg: anyio.abc.TaskGroup | None = None
         mesh.transport.handlers.update({"bb": self._on_push, "bb-sync": self._on_sync})
+        mesh.peer_stats["blackboard_sync_age_s"] = self.sync_ages
         board.on_accept = self._accepted
+
+    def sync_ages(self) -> dict[str, float]:
+        """Seconds since the last completed sync exchange with each member synced with (members only: bounded)."""
+        now = self.mesh.clock.monotonic()
+        return {node_id: max(0.0, now - at) for node_id, at in list(self._last_sync.items())}
 
     @property
     def _client(self) -> bool:
@@ -75,7 +87,9 @@ class BoardLink:
                 for node_id in [p for p in peers if p not in self._synced]:
                     self._synced.add(node_id)
                     tg.start_soon(self._sync_with, node_id)
-                self._synced &= set(peers)  # a node that went away is synced with again when it returns
+                alive = set(peers)
+                self._synced &= alive  # a node that went away is synced with again when it returns
+                self._last_sync = {n: t for n, t in self._last_sync.items() if n in alive}
                 if peers and clock.monotonic() >= next_random:
                     next_random = clock.monotonic() + SYNC_S
                     tg.start_soon(self._sync_with, self._rng.choice(peers))
@@ -131,6 +145,7 @@ class BoardLink:
         try:
             with anyio.fail_after(SYNC_TIMEOUT_S):
                 got, gave = await self.sync(node_id)
+            self._last_sync[node_id] = self.mesh.clock.monotonic()
             if got or gave:
                 log.info("blackboard: synced with %s: received %d post(s), sent %d", node_id, got, gave)
         except PeerUnreachable as exc:
@@ -143,7 +158,9 @@ class BoardLink:
     async def sync(self, sender: str) -> tuple[int, int]:
         """One digest exchange with member `sender`; returns (posts received, posts sent)."""
         digest = await self.board.digest()
-        reader, writer = await self.mesh.dial(sender, "bb-sync", within_s=SYNC_TIMEOUT_S, digest=digest, carry=True)
+        reader, writer = await self.mesh.dial(
+            sender, "bb-sync", within_s=SYNC_TIMEOUT_S, digest=digest, carry=self._client
+        )
         try:
             theirs = parse_ids((await read_json(reader)).get("ids"))
             exchange = plan_exchange(await self.board.ids_in(theirs), theirs)
@@ -166,7 +183,8 @@ class BoardLink:
     ) -> None:
         assert conn.peer is not None
         sender = conn.peer.node_id
-        if header.get("carry") is True and sender not in self._members():
+        member = sender in self._members()
+        if header.get("carry") is True and not member:
             self._subscribers[sender] = self.mesh.clock.monotonic()  # a client carrying the blackboard
         diff = differing(await self.board.digest(), parse_digest(header.get("digest")))[:MAX_BUCKETS]
         ids = bounded_ids(await self.board.ids_in(diff))
@@ -182,6 +200,8 @@ class BoardLink:
                 break
             await self.board.receive(_posts(msg), sender)
         writer.write_eof()
+        if member:
+            self._last_sync[sender] = self.mesh.clock.monotonic()
 
 
 def _posts(msg: dict[str, Any]) -> list[Any]:

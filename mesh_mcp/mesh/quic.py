@@ -67,6 +67,7 @@ PENDING_LIMITS = Limits(per_source=8, shared=64, reserved=32, deadline_s=AUTH_DE
 RETRY_ABOVE = 4  # pending connections beyond which a new one must first prove its address (a QUIC Retry)
 SWEEP_S = 0.25  # how often overdue connections are looked for (the deadline's precision)
 KNOWN_TTL_S = 1.0  # the known members' addresses are recomputed at most this often
+MAX_PEER_TOTALS = 1024  # peers whose ended connections' bytes are remembered (live.py exports 1000 peers)
 
 
 @asynccontextmanager
@@ -133,13 +134,16 @@ class Connection(QuicConnectionProtocol):
         self.admission_key: bytes | None = None  # server side, while pending: its slot in `transport_owner.admission`
         self.close_reason = ""  # why the connection ended, as the peer or we said it
         self.refused = False  # server side: counted as refused before it authenticated (once)
+        self.bytes_in = 0  # UDP datagram bytes of this connection (also counted on its transport's `traffic`)
+        self.bytes_out = 0
 
-    # --- bytes on the wire: every UDP datagram of this connection, counted on its transport's `traffic` ---------
+    # --- bytes on the wire: every UDP datagram of this connection, counted here and on its transport's `traffic` --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_CountingTransport(transport, self))  # type: ignore[arg-type]
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.bytes_in += len(data)
         owner = getattr(self, "transport_owner", None)
         if owner is not None:
             owner.traffic.add_in(len(data))
@@ -253,6 +257,7 @@ class _CountingTransport:
         self._inner, self._conn = inner, conn
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._conn.bytes_out += len(data)
         owner = getattr(self._conn, "transport_owner", None)
         if owner is not None:
             owner.traffic.add_out(len(data))
@@ -361,6 +366,9 @@ class MeshTransport:
         self._cert = make_certificate(key, creds.identity.node_id)
         self.connections: dict[str, list[Connection]] = {}
         self.traffic = Traffic()
+        # Bytes of peers' connections that ended, by node id (`peer_traffic`): at most MAX_PEER_TOTALS peers, the
+        # least recently closed forgotten first.
+        self._ended_bytes: dict[str, tuple[int, int]] = {}
         self._server: QuicServer | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._dialing: dict[str, asyncio.Future[Connection]] = {}
@@ -442,10 +450,27 @@ class MeshTransport:
             return
         conns = self.connections.get(conn.peer.node_id, [])
         if conn in conns:
+            self._ended(conn.peer.node_id, conn.bytes_in, conn.bytes_out)
             conns.remove(conn)
             if not conns:
                 self.connections.pop(conn.peer.node_id, None)
             self.on_lost(conn)
+
+    def _ended(self, node_id: str, bytes_in: int, bytes_out: int) -> None:
+        was_in, was_out = self._ended_bytes.pop(node_id, (0, 0))
+        self._ended_bytes[node_id] = (was_in + bytes_in, was_out + bytes_out)  # now the most recent
+        while len(self._ended_bytes) > MAX_PEER_TOTALS:
+            del self._ended_bytes[next(iter(self._ended_bytes))]
+
+    def peer_traffic(self) -> dict[str, tuple[int, int]]:
+        """(bytes in, bytes out) of UDP datagrams by authenticated peer: its open connections plus those that ended
+        (remembered for the last `MAX_PEER_TOTALS` peers whose connection ended: one forgotten starts again at 0).
+        Bounded by the connection table plus that many."""
+        out = dict(self._ended_bytes)
+        for node_id, conns in list(self.connections.items()):
+            was_in, was_out = out.get(node_id, (0, 0))
+            out[node_id] = (was_in + sum(c.bytes_in for c in conns), was_out + sum(c.bytes_out for c in conns))
+        return out
 
     # --- before authentication: admission, deadline, refusals (limits in admission.py) ----------------
 

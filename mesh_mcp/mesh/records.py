@@ -21,7 +21,10 @@ while unknown), `bytes` (its GGUF size, the launchers' measure of strength; abse
 request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0)
 and `slots` (requests it runs at once, llama-server's --parallel: with `in_flight` it says whether requests queue —
 the rebalancing rule of serving/assign.py; absent when 0, unknown), and `stages` (a pipeline split's stages as
-[node id, first layer, last layer]: every console shows where the split runs; absent for solo).
+[node id, first layer, last layer]: every console shows where the split runs; absent for solo), `tps` and `ptps`
+(its measured and its predicted decode speed in tenths of a token/s — serving/throughput.py, the planner; absent
+while unknown), `shards` (an expert-sharded model's shards as the coordinator placed them: [node id, experts, top-1
+agreement in thousandths or -1 while unmeasured, quality gate 1 passed / 0 failed / -1 not yet]; absent otherwise).
 `demand` (the origin's published demand view, issue 14: which models it wants and how hot they are) is optional
 too, absent when empty, present never empty; its form and its one strict parser are `demand_wire.py`'s.
 
@@ -89,7 +92,10 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp", "demand"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
-_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots", "stages"})
+_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots", "stages", "tps", "ptps", "shards"})
+MAX_SHARDS = 32  # shards of one expert-sharded model a record lists
+_SERVED_INTS = ("bytes", "ctx", "slots", "tps", "ptps")  # optional counts: `==` takes 1.0 for 1, the cache must not
+MAX_TPS = 10_000_000  # a decode speed in tenths of a token/s: 1 M tok/s is past any real server
 MAX_STAGES = 32  # stages of one split a record lists
 
 
@@ -103,6 +109,9 @@ class ServedModel:
     ctx: int = 0  # tokens one request may hold on this server; 0: not known
     slots: int = 0  # requests it runs at once (llama-server's --parallel); 0: not known
     stages: tuple[tuple[str, int, int], ...] = ()  # a pipeline split: (node id, first layer, last layer) per stage
+    tps: int = 0  # measured decode speed, tenths of a token/s (serving/throughput.py); 0: not measured yet
+    ptps: int = 0  # the planner's predicted decode speed, tenths of a token/s; 0: no prediction
+    shards: tuple[tuple[str, int, int, int], ...] = ()  # expert shards: (node id, experts, agreement ‰ | -1, gate)
     extra: tuple[tuple[str, str], ...] = ()  # fields of a newer version: (name, canonical JSON), sorted, signed
 
 
@@ -275,6 +284,12 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
         out["slots"] = m.slots
     if m.stages:
         out["stages"] = [list(st) for st in m.stages]
+    if m.tps:
+        out["tps"] = m.tps
+    if m.ptps:
+        out["ptps"] = m.ptps
+    if m.shards:
+        out["shards"] = [list(sh) for sh in m.shards]
     out.update((key, json.loads(value)) for key, value in m.extra)
     return out
 
@@ -331,9 +346,11 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
     if type(obj["capacity_bytes"]) is not int:
         return False
     for m in obj["models_served"]:
-        if type(m["in_flight"]) is not int or any(type(m.get(k, 0)) is not int for k in ("bytes", "ctx", "slots")):
+        if type(m["in_flight"]) is not int or any(type(m.get(k, 0)) is not int for k in _SERVED_INTS):
             return False
         if "tools" in m and type(m["tools"]) is not bool:
+            return False
+        if any(type(v) is not int for row in (*m.get("stages", ()), *m.get("shards", ())) for v in row[1:]):
             return False
     for item in obj.get("demand", ()):  # [name, milli, as_of, last_wanted, pinned]
         if any(type(v) is not int for v in item[1:4]) or type(item[4]) is not bool:
@@ -384,6 +401,9 @@ def _served(obj: object) -> ServedModel:
                    "a served model")  # fmt: skip
     if "slots" in obj and type(obj["slots"]) is int and obj["slots"] > MAX_SLOTS:
         raise ProtocolError(f"node record: a served model's slots must be at most {MAX_SLOTS}")
+    for key in ("tps", "ptps"):
+        if key in obj and type(obj[key]) is int and obj[key] > MAX_TPS:
+            raise ProtocolError(f"node record: a served model's {key} must be at most {MAX_TPS}")
     return ServedModel(
         name=_str(obj, "name", MAX_NAME),
         state=_str(obj, "state", 16),
@@ -393,6 +413,9 @@ def _served(obj: object) -> ServedModel:
         ctx=_positive(obj, "ctx") if "ctx" in obj else 0,
         slots=_positive(obj, "slots") if "slots" in obj else 0,
         stages=_stages(obj["stages"]) if "stages" in obj else (),
+        tps=_positive(obj, "tps") if "tps" in obj else 0,
+        ptps=_positive(obj, "ptps") if "ptps" in obj else 0,
+        shards=_shards(obj["shards"]) if "shards" in obj else (),
         extra=extra,
     )
 
@@ -414,6 +437,21 @@ def _extra(obj: dict[str, Any], keys: set[str], count: int, budget: int, what: s
             raise ProtocolError(f"{what}: unknown field {key!r} is not plain JSON ({exc})") from exc
     if sum(len(k) + len(v) for k, v in out) > budget:
         raise ProtocolError(f"{what}: unknown fields take more than {budget} bytes")
+    return tuple(out)
+
+
+def _shards(value: object) -> tuple[tuple[str, int, int, int], ...]:
+    """An expert-sharded model's shards on the wire: [[node id, experts, agreement ‰ or -1, gate 1/0/-1], ...]."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_SHARDS:
+        raise ProtocolError(f"a served model's shards must be a list of 1 to {MAX_SHARDS} [node id, experts, ‰, gate]")
+    out = []
+    for sh in value:
+        if not (isinstance(sh, list) and len(sh) == 4 and is_node_id(sh[0])) or any(type(v) is not int for v in sh[1:]):
+            raise ProtocolError("a shard must be [node id, experts, agreement in thousandths, gate]")
+        node, experts, agreement, gate = sh
+        if not (0 < experts <= 100_000 and -1 <= agreement <= 1000 and gate in (-1, 0, 1)):
+            raise ProtocolError("a shard's experts must be 1 to 100000, its agreement -1 to 1000, its gate -1, 0 or 1")
+        out.append((node, experts, agreement, gate))
     return tuple(out)
 
 
@@ -521,11 +559,13 @@ def _problem(r: NodeRecord) -> str:
             why := _extra_problem(m.extra, MAX_SERVED_EXTRA, _SERVED_FIELDS | _SERVED_OPTIONAL)
         ):
             return why
-        if isinstance(m, ServedModel) and m.stages:
-            try:
+        try:
+            if isinstance(m, ServedModel) and m.stages:
                 _stages([list(st) for st in m.stages])
-            except ProtocolError as exc:
-                return str(exc)
+            if isinstance(m, ServedModel) and m.shards:
+                _shards([list(sh) for sh in m.shards])
+        except ProtocolError as exc:
+            return str(exc)
     if not is_node_id(r.node_id):
         return "node_id must be 16 lowercase hex chars"
     if len(r.public_key) != PUBLIC_KEY_LEN:
@@ -560,6 +600,7 @@ def _problem(r: NodeRecord) -> str:
             or not 0 <= m.ctx <= MAX_INT
             or type(m.slots) is not int
             or not 0 <= m.slots <= MAX_SLOTS
+            or any(type(v) is not int or not 0 <= v <= MAX_TPS for v in (m.tps, m.ptps))
         ):
             return f"served model {m!r:.160} is invalid (state must be one of {sorted(MODEL_STATES)})"
     for key in ("capacity_bytes", "in_flight", "version"):
@@ -572,8 +613,8 @@ def _problem(r: NodeRecord) -> str:
         return f"llama_cpp must be a string of at most {MAX_SOFTWARE} chars"
     if len(r.rtt) > MAX_RTT or list(r.rtt) != sorted(dict(r.rtt).items()):
         return f"rtt holds at most {MAX_RTT} peers, one entry each, sorted by node id"
-    for peer, tenths in r.rtt:
-        if not is_node_id(peer) or type(tenths) is not int or not 0 <= tenths <= MAX_RTT_TENTHS:
+    for peer, ms10 in r.rtt:
+        if not is_node_id(peer) or type(ms10) is not int or not 0 <= ms10 <= MAX_RTT_TENTHS:
             return "rtt maps node ids to round trips in tenths of a ms"
     if not isinstance(r.leaving, bool):
         return "leaving must be a boolean"
@@ -589,3 +630,38 @@ def _is_address(address: str) -> bool:
         and port.isdigit()
         and 0 < int(port) < 65536
     )
+
+
+def tenths(tok_s: object) -> int:
+    """A decode speed for the record: tenths of a token/s, 0 when unknown (or not a sane number)."""
+    if isinstance(tok_s, bool) or not isinstance(tok_s, int | float) or not 0 < tok_s < MAX_TPS / 10:
+        return 0
+    return round(tok_s * 10)
+
+
+def split_stages(placement: dict[str, Any] | None) -> tuple[tuple[str, int, int], ...]:
+    """A split's stages for the record (serving/split.py's placement description), else ()."""
+    if not placement or placement.get("kind") != "split":
+        return ()
+    try:
+        return tuple((s["node_id"], int(s["layers"][0]), int(s["layers"][1])) for s in placement["stages"])[:32]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return ()
+
+
+def expert_shards(placement: dict[str, Any] | None) -> tuple[tuple[str, int, int, int], ...]:
+    """An expert-sharded model's shards for the coordinator's record (serving/moe.py's placement description)."""
+    if not placement or placement.get("kind") != "expert-shards":
+        return ()
+    try:
+        experts = int(placement["experts_per_shard"])
+        out = []
+        for sh in placement["shards"][:MAX_SHARDS]:
+            quality = sh.get("quality") or {}
+            agreement = quality.get("agreement") if isinstance(quality, dict) else None
+            milli = round(agreement * 1000) if isinstance(agreement, int | float) and 0 <= agreement <= 1 else -1
+            gate = -1 if "passed" not in sh else int(bool(sh["passed"]))
+            out.append((str(sh["node_id"]), experts, milli, gate))
+        return tuple(out) if 0 < experts <= 100_000 and all(is_node_id(n) for n, *_ in out) else ()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ()

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import random
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from .keys import Keys
 from .liveness import SEND_TIMEOUT_S, Liveness
 from .meshfile import MeshConfig
 from .quic import MeshTransport
-from .records import NodeRecord, ServedModel, unsigned
+from .records import MAX_MODELS, NodeRecord, ServedModel, expert_shards, split_stages, tenths, unsigned
 from .rtt import RttTable
 from .tokens import InviteToken, encode
 from .transport import PeerConnection, TransportFactory
@@ -56,6 +56,8 @@ IN_FLIGHT_PUBLISH_S = 1.0
 INTENT_REFRESH_S = 30.0  # a loading intent is re-signed this often (serving/assign.py: stale after 90 s)
 DEMAND_PUBLISH_S = 1.0  # a changed demand view is re-signed at most this often (each request changes it)
 DemandProvider = Callable[[float], tuple[DemandItem, ...]]  # now -> this node's demand view (demand_wire.py)
+# What a plane above counts per peer (`Mesh.peer_stats`): node id -> a number or {name: number}; read when asked
+PeerStats = Callable[[], Mapping[str, object]]
 GONE_SHOWN_S = 60.0  # a member that died or left stays in the console's view this long (the page fades it out)
 MAX_GONE = 1024  # members remembered as recently gone, at most (the oldest forgotten first)
 
@@ -124,6 +126,13 @@ class Mesh:
         # This node's demand view for its record, set by the node (the serving plane's map); none by default.
         self.demand: DemandProvider = lambda now: ()
         self.rtt = RttTable()  # smoothed RTT to peers (ping streams); the nearest published in our record
+        # Counters for the node's metrics (metrics/live.py reads them through `peer_table`; no metrics library here):
+        # gossip rounds run, and what the planes above count, registered by them under the row key they fill —
+        # per peer (`peer_stats`: the blackboard's sync age, the data plane's bytes) or for this node (`own_stats`:
+        # rpc-server restarts). Only live members' rows carry them: bounded by membership.
+        self.gossip_rounds = 0
+        self.peer_stats: dict[str, PeerStats] = {}
+        self.own_stats: dict[str, Callable[[], object]] = {}
         # For the console (api/console_view.py): when each member last joined, died or left (this clock), and the
         # last record of those that died or left within GONE_SHOWN_S, with how and when. Both bounded: entries go
         # with the gone member's minute, at most MAX_GONE of them.
@@ -259,24 +268,12 @@ class Mesh:
             now = self.clock.time()
             self._sync_record(now)
             self.send(self.gossip.tick(now))
+            self.gossip_rounds += 1
             self.log_events()
             await self.clock.sleep(interval)
 
     def _served(self) -> tuple[ServedModel, ...]:
-        return tuple(
-            ServedModel(
-                m.name[:128],
-                m.state,
-                m.in_flight,
-                m.tools,
-                m.size_bytes or 0,
-                m.context or 0,
-                m.slots or 0,
-                _split_stages(m.placement),
-            )
-            for m in self.state.models.values()
-            if m.state != "stopped"
-        )[:256]
+        return served_models(self.state, MAX_MODELS)
 
     def _sync_record(self, now: float) -> None:
         """Re-sign our record when what we serve changed (in-flight counts at most once a second)."""
@@ -379,8 +376,9 @@ class Mesh:
         return self.gossip.alive(self.clock.time()) if self.gossip is not None else []
 
     def peer_table(self) -> list[dict[str, object]]:
-        """The members as `/api/status` shows them: who, where, what they serve, RTT measured here and gossiped."""
-        return [
+        """The members as `/api/status` shows them: who, where, what they serve, RTT measured here and gossiped; and
+        what this node counts of each (`_counted`)."""
+        rows: list[dict[str, object]] = [
             {
                 "node_id": r.node_id,
                 "name": r.name,
@@ -395,6 +393,24 @@ class Mesh:
             }
             for r in self.members()
         ]
+        self._counted(rows)
+        return rows
+
+    def _counted(self, rows: list[dict[str, object]]) -> None:
+        """Add to each row what this node counts of that peer: `quic_bytes` {in, out} (the transport's, when it
+        counts per peer) and each of `peer_stats`; to its own row `gossip_rounds` and each of `own_stats`."""
+        me = self.identity.node_id
+        stats: dict[str, Mapping[str, object]] = {k: fn() for k, fn in self.peer_stats.items()}
+        per_peer = getattr(self.transport, "peer_traffic", None)  # the QUIC transport's; the in-memory one has none
+        if callable(per_peer):
+            stats["quic_bytes"] = {n: {"in": i, "out": o} for n, (i, o) in per_peer().items()}
+        for row in rows:
+            node_id = str(row["node_id"])
+            if node_id == me:
+                row["gossip_rounds"] = self.gossip_rounds
+                row.update({key: fn() for key, fn in self.own_stats.items()})
+                continue
+            row.update({key: found[node_id] for key, found in stats.items() if node_id in found})
 
     # --- the API tunnelled to this node -------------------------------------------------------------
 
@@ -435,11 +451,22 @@ class Mesh:
         self.liveness.gone(node_id, how)
 
 
-def _split_stages(placement: dict[str, Any] | None) -> tuple[tuple[str, int, int], ...]:
-    """A split's stages for the record (serving/split.py's placement description), else ()."""
-    if not placement or placement.get("kind") != "split":
-        return ()
-    try:
-        return tuple((s["node_id"], int(s["layers"][0]), int(s["layers"][1])) for s in placement["stages"])[:32]
-    except (KeyError, IndexError, TypeError, ValueError):
-        return ()
+def served_models(state: NodeState, limit: int) -> tuple[ServedModel, ...]:
+    """This node's models as its record says them, from its live state (at most `limit`; stopped ones left out)."""
+    return tuple(
+        ServedModel(
+            m.name[:128],
+            m.state,
+            m.in_flight,
+            m.tools,
+            m.size_bytes or 0,
+            m.context or 0,
+            m.slots or 0,
+            split_stages(m.placement),
+            tenths(m.measured_tok_s),
+            tenths((m.placement or {}).get("predicted_tok_s")),
+            expert_shards(m.placement),
+        )
+        for m in list(state.models.values())
+        if m.state != "stopped"
+    )[:limit]

@@ -14,6 +14,9 @@ cancelled before the head arrived) abandons the stream both ways: RESET_STREAM a
 watches its stream while the app runs: a reset, a STOP_SENDING or the connection dying delivers
 `http.disconnect` to the app and cancels the call into it, so the Proxy there cancels its own
 upstream — llama-server stops decoding, or the next hop's stream is abandoned the same way.
+
+The server adds `Server-Timing: serve;dur=MS` to the head it sends back: its own time from the request's body to
+that head, so the requester can tell the tunnel's share of its wait (`metrics/timing.py`'s `hop`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +40,7 @@ from .wire import CONTROL_LIMIT, DATA_LIMIT, decode_json, encode, encode_json, f
 log = logging.getLogger("mesh_llm.mesh")
 
 HOP_HEADER = b"x-mesh-llm-routed"
+SERVER_TIMING = b"server-timing"
 _MAX_HEADERS = 64
 _BAD_HEADER_BYTES = re.compile(rb"[\r\n\x00]")
 
@@ -135,6 +140,7 @@ async def serve(
         raise ProtocolError("the request target is not valid Unicode") from exc
     if not path.startswith("/"):
         raise ProtocolError("the request target must start with /")
+    started = time.perf_counter()
     stream_id = writer.get_extra_info("stream_id")
     closed = conn.stream_closed(stream_id)
     peer = conn.peer.node_id if conn.peer else "?"
@@ -166,7 +172,9 @@ async def serve(
         if closed.is_set():
             raise ConnectionResetError("requester went away")
         if message["type"] == "http.response.start":
-            hdrs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+            serve = f"serve;dur={1e3 * (time.perf_counter() - started):.1f}".encode()
+            sent = [*message.get("headers", []), (SERVER_TIMING, serve)]
+            hdrs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in sent]
             writer.write(encode_json({"status": message["status"], "headers": hdrs}))
         elif message["type"] == "http.response.body":
             if chunk := message.get("body", b""):

@@ -47,6 +47,7 @@ from mesh_mcp.serving.lease import Grant, hold, lease_id, local_copy, requested_
 log = logging.getLogger("mesh_llm.split")
 
 LEASE_START_TIMEOUT_S = 600.0  # seeding a large model's cache and starting rpc-server
+MAX_RESTART_MODELS = 64  # models whose rpc-server restarts are counted apart (as metrics' model labels); then "other"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,28 @@ class RpcLink:
         self.dataplane.services[TENSORS] = self.tensors
         self.port = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        # rpc-server restarts by model (the GGUF's stem): of leases that ended, and the servers of those running
+        self._restarted: dict[str, int] = {}
+        self._running: dict[int, tuple[str, RpcServer]] = {}  # id(server) -> (model, server): leases now
         mesh.transport.handlers.update({"rpc-lease": self._on_lease})
+        # For the node's metrics (read through `Mesh.peer_table`): data-plane bytes by host, restarts by model.
+        mesh.peer_stats["dataplane_bytes"] = lambda: {
+            n: {"in": i, "out": o} for n, (i, o) in self.dataplane.peer_bytes().items()
+        }
+        mesh.own_stats["rpc_server_restarts"] = self.restarts
+
+    def restarts(self) -> dict[str, int]:
+        """rpc-server restarts by model since this node started, lent servers that ended included; at most
+        `MAX_RESTART_MODELS` models, any further counted as `other`."""
+        out = dict(self._restarted)
+        for model, server in list(self._running.values()):
+            out[model] = out.get(model, 0) + server.restarts
+        return out
+
+    def _count_restarts(self, model: str, n: int) -> None:
+        if model not in self._restarted and len(self._restarted) >= MAX_RESTART_MODELS:
+            model = "other"
+        self._restarted[model] = self._restarted.get(model, 0) + n
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.port = await self._listen()
@@ -126,22 +148,28 @@ class RpcLink:
                 port = source_port if isinstance(source_port, int) and 0 < source_port < 65536 else 0
                 n_cached = await self._fetch(split, host, name, size, layers, port)
             server = RpcServer(self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split}")
+            model = name.removesuffix(".gguf")
+            self._running[id(server)] = (model, server)
             # The lease is held while the host keeps this stream open and membership holds it alive: a host
             # declared dead ends it at once, whatever its connection still looks like.
             lent = False
-            with grant.held() as gone:
-                async with anyio.create_task_group() as tg:
-                    await tg.start(server.run)
-                    if server.endpoint is not None and server.port is not None:
-                        lent = True
-                        self.dataplane.targets[split] = server.port
-                        grant.ready(port=self.port, target=split, seeded=n_cached)
-                        log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, host)
-                        try:
-                            await grant.until_closed()
-                        finally:
-                            self.dataplane.targets.pop(split, None)
-                    tg.cancel_scope.cancel()
+            try:
+                with grant.held() as gone:
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(server.run)
+                        if server.endpoint is not None and server.port is not None:
+                            lent = True
+                            self.dataplane.targets[split] = server.port
+                            grant.ready(port=self.port, target=split, seeded=n_cached)
+                            log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, host)
+                            try:
+                                await grant.until_closed()
+                            finally:
+                                self.dataplane.targets.pop(split, None)
+                        tg.cancel_scope.cancel()
+            finally:
+                del self._running[id(server)]
+                self._count_restarts(model, server.restarts)
             if not lent and not gone.cancel_called:  # raised here, not inside the task group (an ExceptionGroup)
                 raise BackendError(f"rpc-server did not start; see {server.log_path}")
             why = "its host was declared dead" if gone.cancel_called else f"lease ended by {host}"

@@ -14,9 +14,13 @@
 //             path.hull[data-model][data-mode="split"|"shards"]        a model spread over several nodes
 //             #topology-groups li.group[data-model][data-mode]         the same groups, named, under the drawing
 //             #topology-summary                                         "N members · M links"
-//   capacity  #capacity .bar[data-node-id][data-capacity]  .seg[data-model][data-bytes]  .seg.free[data-bytes]
+//   capacity  #capacity .bar[data-node-id][data-capacity]  .seg[data-model][data-bytes][data-stage="first-last"?]
+//             .seg.free[data-bytes]   (a split's host and workers hold their stage's share of the model)
 //   models    #models tr[data-model][data-state][data-mode]  td.state, td.where (stages: li.stage[data-node-id]
-//             with the layer range; shards: li.shard[data-node-id][data-experts]), td.ctx, td.tools, td.demand;
+//             with the layer range; shards: li.shard[data-node-id][data-experts]; .failed-on), td.ctx, td.tools,
+//             td.toks ("N predicted, M measured" tok/s), td.demand,
+//             td.live[data-in-flight][data-ok][data-errors] (requests that entered this node: status.requests)
+//             "N in flight · N ok · N errors" (empty when none came here);
 //             a failure adds tr.failed and its detail in .detail
 //   chat      select#chat-model (option[value] = every model a node serves), input#chat-max-tokens, textarea#chat-input,
 //             button#chat-send, button#chat-stop, button#chat-regen, button#chat-clear,
@@ -370,14 +374,15 @@ function renderCapacity() {
   const bars = view.members.map((m) => {
     const cap = m.capacity_bytes;
     const used = (m.models || []).reduce((a, x) => a + (x.size_bytes || 0), 0);
-    const total = cap && cap > 0 ? cap : null;
+    const client = m.role === "client";  // a client lends nothing, whatever its machine has
+    const total = cap && cap > 0 && !client ? cap : null;
     const state = m.state || "alive";
     const bar = h("div", {
       class: `bar ${state !== "alive" ? state : ""}`.trim(), "data-node-id": m.node_id, "data-capacity": cap ?? "",
     });
     bar.style.opacity = String(fadeOpacity(m));
     const summary = total ? `${gb(used)} of ${gb(total)} used` : used ? `${gb(used)} used, capacity unknown`
-      : cap === 0 ? "offers no memory" : "capacity unknown";
+      : cap === 0 || client ? "offers no memory" : "capacity unknown";
     bar.append(h("div", { class: "label" },
       h("span", { text: `${m.name || short(m.node_id)} · ${m.role || "?"}${m.self ? " (this node)" : ""}` }),
       h("span", { class: "muted", text: summary })));
@@ -386,7 +391,9 @@ function renderCapacity() {
     for (const x of m.models || []) {
       const bytes = x.size_bytes || 0;
       if (!bytes) continue;
-      const seg = h("div", { class: "seg", "data-model": x.name, "data-bytes": bytes, title: `${x.name}: ${gb(bytes)} (${x.state || "?"})`, text: `${x.name} ${gb(bytes)}` });
+      const what = x.stage ? `${x.name} layers ${x.stage[0]}–${x.stage[1]}` : x.name;
+      const seg = h("div", { class: "seg", "data-model": x.name, "data-bytes": bytes, title: `${what}: ${gb(bytes)} (${x.state || "?"})`, text: `${what} ${gb(bytes)}` });
+      if (x.stage) seg.dataset.stage = `${x.stage[0]}-${x.stage[1]}`;
       seg.style.width = `${Math.min(100, (100 * bytes) / scale)}%`;
       seg.style.background = colour(x.name);
       track.append(seg);
@@ -417,13 +424,16 @@ function whereCell(m, local) {
   } else if (m.mode === "shards" && (m.shards || []).length) {
     const ul = h("ul");
     for (const sh of m.shards) {
-      ul.append(h("li", { class: "shard", "data-node-id": sh.node_id, "data-experts": sh.experts, text: `${nameOf(sh.node_id)}: ${sh.experts} experts` }));
+      const q = sh.quality && typeof sh.quality.agreement === "number" ? `, top-1 agreement ${sh.quality.agreement.toFixed(3)}` : "";
+      const gate = sh.passed === true ? ", passed the gate" : sh.passed === false ? ", below the gate" : "";
+      ul.append(h("li", { class: `shard${sh.passed === false ? " error" : ""}`, "data-node-id": sh.node_id, "data-experts": sh.experts, text: `${nameOf(sh.node_id)}: ${sh.experts} experts${q}${gate}` }));
     }
     td.append(ul);
   } else if (servers.length) {
     td.append(servers.map(nameOf).join(", "));
   }
   if ((m.loading || []).length) td.append(h("div", { class: "muted", text: `loading on ${m.loading.map(nameOf).join(", ")}` }));
+  if ((m.failed || []).length) td.append(h("div", { class: "error failed-on", text: `failed on ${m.failed.map(nameOf).join(", ")}` }));
   const reasons = local && local.placement && Array.isArray(local.placement.reasons) ? local.placement.reasons : [];
   if (reasons.length) td.append(h("div", { class: "muted detail", text: reasons.join("\n") }));
   if (local && local.detail) td.append(h("div", { class: `detail ${local.state === "failed" ? "error" : "muted"}`, text: local.detail }));
@@ -446,12 +456,16 @@ function renderModels() {
     let state = (m.servers || []).length ? "serving" : (m.loading || []).length ? "loading" : "none";
     if (local && (state === "none" || local.state === "failed" || local.state === "downloading")) state = local.state;
     const pct = local && local.state === "downloading" && local.progress != null ? ` ${Math.round(local.progress * 100)}%` : "";
-    const predicted = local && local.placement ? local.placement.predicted_tok_s : null;
-    const measured = local ? local.measured_tok_s ?? local.tok_s : null;
+    const predicted = m.predicted_tok_s ?? (local && local.placement ? local.placement.predicted_tok_s : null);
+    const measured = m.measured_tok_s ?? (local ? local.measured_tok_s : null);
     const toks = [predicted != null ? `${Number(predicted).toFixed(1)} predicted` : null,
       measured != null ? `${Number(measured).toFixed(1)} measured` : null].filter(Boolean).join(", ");
     const ctx = m.ctx ?? (local ? local.context : null);
     const tools = m.tools ?? (local ? local.tools : null);
+    // This node's own counts (status.requests): errors are only known on the node a request entered.
+    const here = (status.requests || {})[m.name] || {};
+    const errors = (here.client_error || 0) + (here.upstream_error || 0);
+    const live = here.ok != null || here.in_flight ? `${here.in_flight || 0} in flight · ${here.ok || 0} ok · ${errors} error${errors === 1 ? "" : "s"}` : "";
     const tr = h("tr", { class: state === "failed" ? "failed" : "", "data-model": m.name, "data-state": state, "data-mode": m.mode || "none" });
     const nameCell = h("td", {}, h("span", { class: "swatch" }), m.name);
     nameCell.firstChild.style.background = colour(m.name);
@@ -463,11 +477,13 @@ function renderModels() {
       h("td", { class: "tools", text: tools == null ? "?" : tools ? "yes" : "no" }),
       h("td", { class: "toks", text: toks }),
       h("td", { class: "demand", text: m.demand_rate_per_min != null ? `${Number(m.demand_rate_per_min).toFixed(1)} req/min` : "" }),
+      h("td", { class: errors ? "live error" : "live", text: live, title: "requests that entered this node",
+        "data-in-flight": here.in_flight || 0, "data-ok": here.ok || 0, "data-errors": errors }),
     );
     rows.push(tr);
   }
   $("models-body").replaceChildren(...(rows.length ? rows
-    : [h("tr", { class: "empty" }, h("td", { colSpan: 7, class: "muted", text: "No models. Start one with mesh-llm --model SmolLM2-135M-Instruct." }))]));
+    : [h("tr", { class: "empty" }, h("td", { colSpan: 8, class: "muted", text: "No models. Start one with mesh-llm --model SmolLM2-135M-Instruct." }))]));
 }
 
 // ---------------------------------------------------------------- chat

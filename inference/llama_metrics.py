@@ -1,0 +1,27 @@
+"""Reading a llama-server's `/metrics` (it runs with `--metrics`): the Prometheus text, bounded. Its two readers
+are the node's measured decode speed (mesh_mcp/serving/throughput.py) and the node's own `/metrics`, which folds
+llama-server's in (mesh_mcp/metrics/llamacpp.py). The server is this node's own on 127.0.0.1, but what it answers
+is still bounded: `MAX_BYTES`, `TIMEOUT_S`."""
+
+from __future__ import annotations
+
+import httpx2
+
+TIMEOUT_S = 2.0  # a llama-server busy with a long prompt answers /metrics between batches: late, not never
+MAX_BYTES = 64 << 10  # llama-server's /metrics is ~2 KiB
+
+
+async def read_metrics(client: httpx2.AsyncClient, base_url: str) -> str | None:
+    """The Prometheus text of the llama-server at `base_url`; None when it does not answer 200 within the bounds."""
+    try:
+        async with client.stream("GET", base_url + "/metrics", timeout=TIMEOUT_S) as resp:
+            if resp.status_code != 200:
+                return None
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_BYTES:
+                    return None
+    except httpx2.HTTPError:
+        return None
+    return body.decode("utf-8", "replace")

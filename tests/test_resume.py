@@ -1,0 +1,181 @@
+"""Issue 18, a stream that outlives its server (api/resume.py), on streams captured from the pinned llama-server
+(tests/data/streams/README.md): what the entry node keeps, the request that continues the answer elsewhere, and
+the next server's stream spliced so the client sees one answer — the same text as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh_mcp.api.resume import Splice, SseEvents, Transcript, continuation, kind_of, parse_event
+
+STREAMS = Path(__file__).parent / "data" / "streams"
+QUESTION = [{"role": "user", "content": "Write three sentences about the sea."}]
+
+
+def events(name: str) -> list[bytes]:
+    cut = SseEvents()
+    out = cut.feed((STREAMS / name).read_bytes())
+    assert cut.rest() == b""
+    return out
+
+
+def data(event: bytes) -> dict[str, Any] | None:
+    _, raw = parse_event(event)
+    return None if raw in (None, b"[DONE]") else json.loads(raw)
+
+
+def chat_text(stream: list[bytes]) -> str:
+    out = []
+    for e in stream:
+        obj = data(e)
+        for choice in (obj or {}).get("choices", []):
+            out.append(choice.get("delta", {}).get("content") or "")
+    return "".join(out)
+
+
+def messages_text(stream: list[bytes]) -> str:
+    return "".join(
+        obj["delta"].get("text", "") for e in stream if (obj := data(e)) and obj.get("type") == "content_block_delta"
+    )
+
+
+def first_tokens(stream: list[bytes], transcript: Transcript, tokens: int) -> list[bytes]:
+    """What the client got before the server died: events up to the `tokens`-th content event."""
+    sent = []
+    for e in stream:
+        if transcript.tokens == tokens:
+            break
+        transcript.see(e)
+        sent.append(e)
+    return sent
+
+
+def test_a_chat_cut_after_ten_tokens_continues_to_the_uninterrupted_text() -> None:
+    full = events("chat.sse")
+    t = Transcript("chat")
+    sent = first_tokens(full, t, 10)
+    assert t.resumable() is None and t.tokens == 10
+    payload = {"model": "m", "messages": QUESTION, "stream": True, "max_tokens": 60, "temperature": 0}
+    body = continuation(payload, t)
+    assert body is not None and body["max_tokens"] == 50
+    assert body["messages"] == [*QUESTION, {"role": "assistant", "content": chat_text(sent)}]
+    assert payload["messages"] == QUESTION  # the client's request is not changed
+
+    splice = Splice(t)
+    rest = [out for e in events("chat_after_10.sse") if (out := splice.rewrite(e)) is not None]
+    client = sent + rest
+    assert chat_text(client) == chat_text(full)  # the same answer as the uninterrupted run, nothing repeated
+    first_id = data(full[0])["id"]  # type: ignore[index]
+    objs = [o for e in client if (o := data(e))]
+    assert {o["id"] for o in objs} == {first_id} and len({o["created"] for o in objs}) == 1
+    assert sum(1 for o in objs if o["choices"][0]["delta"].get("role")) == 1  # one opening chunk
+    assert parse_event(client[-1])[1] == b"[DONE]"
+    assert objs[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_message_cut_after_two_tokens_continues_as_one_message() -> None:
+    full = events("messages.sse")
+    t = Transcript("messages")
+    sent = first_tokens(full, t, 2)
+    assert messages_text(sent) == "The sea" and t.block_open
+    body = continuation({"model": "m", "messages": QUESTION, "max_tokens": 20, "stream": True}, t)
+    assert body is not None and body["messages"][-1] == {"role": "assistant", "content": "The sea"}
+    assert body["max_tokens"] == 18
+
+    splice = Splice(t)
+    rest = [out for e in events("messages_after_2.sse") if (out := splice.rewrite(e)) is not None]
+    client = sent + rest
+    kinds = [parse_event(e)[0] for e in client]
+    assert kinds.count("message_start") == 1 and kinds.count("content_block_start") == 1
+    assert kinds[-2:] == ["message_delta", "message_stop"]
+    assert messages_text(client) == messages_text(events("messages_after_2.sse"))  # "The sea is a vast …"
+    assert messages_text(client).startswith(messages_text(full))  # the first answer's 20 tokens, then more
+    usage = next(o for e in client if (o := data(e)) and o.get("type") == "message_delta")["usage"]
+    assert usage["output_tokens"] == 20 + 2
+
+
+def test_a_raw_completion_continues_from_its_prompt_and_text() -> None:
+    t = Transcript("completion")
+    first_tokens(events("completion.sse"), t, 3)
+    body = continuation({"model": "m", "prompt": "The sea is", "max_tokens": 10, "stream": True}, t)
+    assert body is not None and body["prompt"] == "The sea is" + t.answer and body["max_tokens"] == 7
+    assert continuation({"model": "m", "prompt": ["a", "b"], "max_tokens": 10}, t) is None
+    splice = Splice(t)
+    assert splice._new_text(" a place") == " a place"  # a raw completion repeats nothing: nothing is dropped
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> bytes:
+    obj = {"id": "chatcmpl-x", "created": 1, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("event", "why"),
+    [
+        (chunk({"tool_calls": [{"index": 0, "function": {"name": "f"}}]}), "calls a tool"),
+        (chunk({"reasoning_content": "hmm"}), "reasoning"),
+        (chunk({}, "stop"), "ended"),
+        (b"data: [DONE]\n\n", "ended"),
+        (chunk({"content": "x"}, index=1), "more than one choice"),
+    ],
+)
+def test_what_cannot_be_continued(event: bytes, why: str) -> None:
+    t = Transcript("chat")
+    t.see(chunk({"role": "assistant", "content": None}))
+    t.see(chunk({"content": "Hello"}))
+    t.see(event)
+    assert why in (t.resumable() or "")
+    assert continuation({"model": "m", "messages": QUESTION, "max_tokens": 9}, t) is None
+
+
+def test_a_request_that_cannot_take_a_continuation_is_not_continued() -> None:
+    t = Transcript("chat")
+    t.see(chunk({"content": "Hel"}))
+    t.see(chunk({"content": "lo"}))
+    prefilled = [*QUESTION, {"role": "assistant", "content": "Sure:"}]
+    assert continuation({"model": "m", "messages": prefilled}, t) is None  # two assistant messages
+    assert continuation({"model": "m", "messages": QUESTION, "max_tokens": 2}, t) is None  # at its length
+    assert continuation({"model": "m", "messages": QUESTION, "n": 2}, t) is None
+    assert continuation({"model": "m", "messages": QUESTION}, t) == {
+        "model": "m",
+        "messages": [*QUESTION, {"role": "assistant", "content": "Hello"}],
+    }
+    untouched = Transcript("chat")
+    assert continuation({"model": "m", "messages": QUESTION}, untouched) == {"model": "m", "messages": QUESTION}
+
+
+def test_an_error_event_marks_the_stream_broken_not_ended() -> None:
+    t = Transcript("messages")
+    t.see(b'event: error\ndata: {"type": "error", "error": {"type": "api_error", "message": "x"}}\n\n')
+    assert t.failed and not t.ended and t.resumable() is None
+
+
+def test_events_are_cut_whole_across_chunks_and_a_huge_one_passes_unparsed() -> None:
+    cut = SseEvents(max_event=64)
+    assert cut.feed(b"data: {") == [] and cut.feed(b'"a": 1}\n') == []
+    assert cut.feed(b"\ndata: 2\r\n\r\ndata: 3") == [b'data: {"a": 1}\n\n', b"data: 2\r\n\r\n"]
+    assert cut.rest() == b"data: 3"
+    big = b"data: " + b"x" * 100
+    assert cut.feed(big) == [big] and cut.passthrough
+    assert cut.feed(b"\n\ndata: y\n\n") == [b"\n\ndata: y\n\n"]  # from here on, as it comes
+
+
+def test_only_generation_paths_are_continued() -> None:
+    assert [kind_of(p) for p in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/embeddings")] == [
+        "chat",
+        "completion",
+        "messages",
+        None,
+    ]
+
+
+def test_the_transcript_is_bounded() -> None:
+    t = Transcript("chat")
+    t.see(chunk({"content": "x" * (4 << 20)}))
+    t.see(chunk({"content": "y"}))
+    assert "past" in (t.resumable() or "")
