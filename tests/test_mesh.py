@@ -160,6 +160,22 @@ def test_clean_leave_is_seen_at_once_and_restart_rejoins_with_same_id(host: Node
         again.stop()
 
 
+def test_a_clients_invite_token_names_the_members_and_a_node_joining_with_it_meets_them(
+    host: NodeProcess, spawn: Spawn
+) -> None:
+    """A client takes no part in gossip: its token names the members (found by the soak bench: a node restarted
+    with a client's token rejoined through the client every 2 s and never met another member)."""
+    client = mesh_node(spawn, "c", "127.0.0.4", "--client", "--join", token_of(host))
+    client_token = token_of(client)
+    host_addresses = {a for p in host.status()["peers"] if p["self"] for a in p["addresses"]}
+    client_addresses = {a for p in client.status()["peers"] if p["self"] for a in p["addresses"]}
+    named = set(tokens.decode(client_token).addresses)
+    assert named & host_addresses and not named & client_addresses, (named, host_addresses, client_addresses)
+    joiner = mesh_node(spawn, "d", "127.0.0.5", "--join", client_token)
+    host_id = host.status()["node_id"]
+    joiner.wait_for("D meets A", lambda s: any(p["node_id"] == host_id for p in s["peers"]), timeout=60)
+
+
 def test_two_models_on_two_nodes_are_routed_by_name(
     host: NodeProcess, smollm: Path, spawn: Spawn, tmp_path: Path
 ) -> None:

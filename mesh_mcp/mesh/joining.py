@@ -44,6 +44,7 @@ class Joiner:
         self.joining = 0
         self._saved_peers: list[str] = []
         self._rejoin_refusals: dict[str, str] = {}  # address → last refusal code logged (said once)
+        self._rejoin_round = 0  # rejoin rounds so far: where the next round starts in the address list
 
     # --- joining ------------------------------------------------------------------------------------
 
@@ -121,7 +122,12 @@ class Joiner:
             if self.joining or mesh.keys.removed:
                 continue  # the join says how it went; an evicted node has nobody to dial
             known = [a for t in mesh.settings.joins for a in t.addresses] + self._load_peers()
-            for address in dict.fromkeys(a for a in known if a not in mesh.addresses):
+            candidates = list(dict.fromkeys(a for a in known if a not in mesh.addresses))
+            # Each round starts one address further: one that answers but leaves us alone (a client, a node
+            # cut off itself) must not stand in front of the others for ever.
+            self._rejoin_round += 1
+            shift = self._rejoin_round % len(candidates) if candidates else 0
+            for address in candidates[shift:] + candidates[:shift]:
                 try:
                     await self._introduce_at((address,))
                 except HandshakeRefused as exc:

@@ -208,7 +208,14 @@ class Mesh:
             task_status.started()
 
     def invite_token(self) -> str:
-        return encode(meshfile.to_token(self.config, self.addresses[:16]))
+        """The mesh's invite token, naming where a new node dials in: this node, or — for a client, which takes no
+        part in gossip, so a node joining through it would learn no one — the members it knows."""
+        addresses = self.addresses
+        if self.settings.role == "client":
+            members = [a for r in self.members() if r.role != "client" for a in r.addresses[:2]]
+            joined_through = [a for token in self.settings.joins for a in token.addresses]
+            addresses = tuple(dict.fromkeys(members + joined_through)) or addresses
+        return encode(meshfile.to_token(self.config, addresses[:16]))
 
     async def _leave(self) -> None:
         self._tg = None  # nothing new is spawned from here on
