@@ -56,6 +56,7 @@ from .state import NodeState
 from .ui import Bars
 
 log = logging.getLogger("mesh_llm.node")
+CLIENT_TOKEN_REFRESH_S = 10.0  # how often a client's status token is brought up to date with the members
 
 BLACKBOARD_DB = "blackboard.db"
 
@@ -315,6 +316,10 @@ class Node:
         print(token, flush=True)
         self.state.set_info(invite_token=token)  # after the print: whoever sees it in the status finds it printed
         log.info("invite token printed above: `mesh-llm --join TOKEN` adds a machine")
+        while self.config.client:  # a client's token names members: the console shows one naming the live ones
+            await anyio.sleep(CLIENT_TOKEN_REFRESH_S)
+            if (fresh := mesh.invite_token()) != self.state.invite_token:
+                self.state.set_info(invite_token=fresh)
 
     def rotate_key(self, evict: Sequence[str] = (), add_owners: Sequence[str] = ()) -> str:
         """As an owner of the mesh: a new secret (epoch + 1), without the `evict`ed nodes, with `add_owners`

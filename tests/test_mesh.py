@@ -174,6 +174,13 @@ def test_a_clients_invite_token_names_the_members_and_a_node_joining_with_it_mee
     joiner = mesh_node(spawn, "d", "127.0.0.5", "--join", client_token)
     host_id = host.status()["node_id"]
     joiner.wait_for("D meets A", lambda s: any(p["node_id"] == host_id for p in s["peers"]), timeout=60)
+    # The client's token follows the members: D, a member now, is named in it.
+    d_addresses = {a for p in joiner.status()["peers"] if p["self"] for a in p["addresses"]}
+    client.wait_for(
+        "C's token names D",
+        lambda s: bool(set(tokens.decode(s["invite_token"]).addresses) & d_addresses),
+        timeout=60,
+    )
 
 
 def test_two_models_on_two_nodes_are_routed_by_name(
