@@ -8,8 +8,8 @@ malformed event) is a defect. Churn, every `--churn-s`: in turn, a replica is ki
 started again (same home, so the same identity), or the model is dropped on a replica (`POST /api/drop`) and the
 node restarted serving it.
 
-Every 30 s it samples, per node: the node's RSS, open file descriptors, and the processes in its process group
-(the node and its llama-server / rpc-server children); growth is measured from the first sample after `--warmup-s`
+Every 30 s it samples, per node: the node's RSS, open file descriptors, and its live processes (the node and its
+llama-server / rpc-server children); growth is measured from the first sample after `--warmup-s`
 to the last, on the nodes that were never restarted (S and C) and, for all, the process count.
 
     python -m bench.p18_soak --minutes 30            # the issue's run; --minutes 5 for a quick look
@@ -47,8 +47,10 @@ def serving(status: dict[str, Any]) -> bool:
     return any(m["name"] == MODEL and m["state"] == "serving" for m in status["models"])
 
 
-def group_pids(pgid: int) -> list[int]:
-    out = []
+def descendants(root: int) -> list[int]:
+    """`root` and every live process below it (llama-server and rpc-server run in sessions of their own, so the
+    process group would miss them)."""
+    parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -56,13 +58,19 @@ def group_pids(pgid: int) -> list[int]:
                     fields = fh.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
+            if fields[0] != "Z":
+                parent[int(entry)] = int(fields[1])
+    found, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, ppid in parent.items() if ppid == pid and child not in found]
+        found.update(children)
+        frontier.extend(children)
+    return sorted(p for p in found if p in parent)
 
 
 def sample(node: NodeProcess) -> dict[str, int] | None:
-    """The node process's RSS (KiB) and open fds, and how many live processes its group has."""
+    """The node process's RSS (KiB) and open fds, and how many live processes it and its children are."""
     if node.proc is None or node.proc.poll() is not None:
         return None
     pid = node.proc.pid
@@ -72,7 +80,7 @@ def sample(node: NodeProcess) -> dict[str, int] | None:
         fds = len(os.listdir(f"/proc/{pid}/fd"))
     except (OSError, StopIteration):
         return None
-    return {"rss_kib": rss, "fds": fds, "procs": len(group_pids(pid))}
+    return {"rss_kib": rss, "fds": fds, "procs": len(descendants(pid))}
 
 
 class Load:
