@@ -6,12 +6,21 @@ the next server's stream spliced so the client sees one answer — the same text
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import httpx2
 import pytest
 
-from mesh_mcp.api.resume import Splice, SseEvents, Transcript, continuation, kind_of, parse_event
+from mesh_mcp.api.app import build_api
+from mesh_mcp.api.directory import RemoteModel
+from mesh_mcp.api.proxy import MAX_FAILOVERS
+from mesh_mcp.api.resume import MAX_EVENT, Splice, SseEvents, Transcript, continuation, kind_of, parse_event
+from mesh_mcp.errors import UpstreamBroken
+from mesh_mcp.response import Response
+from mesh_mcp.state import NodeState
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 QUESTION = [{"role": "user", "content": "Write three sentences about the sea."}]
@@ -179,3 +188,82 @@ def test_the_transcript_is_bounded() -> None:
     t.see(chunk({"content": "x" * (4 << 20)}))
     t.see(chunk({"content": "y"}))
     assert "past" in (t.resumable() or "")
+
+
+# --- through the proxy, in process: servers that break, lie or flood (the in-memory directory twin) ---------------
+
+
+class StreamTwin:
+    """Two remote servers of "remote-model"; the n-th request asked of either is answered with `answers[n]`'s chunks
+    (the last answer for every later one), then breaks off (`UpstreamBroken`) unless it ended the stream."""
+
+    def __init__(self, answers: list[list[bytes]]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, dict[str, Any]]] = []
+
+    def remote_models(self) -> list[RemoteModel]:
+        return [RemoteModel("remote-model", nid, "serving", 0) for nid in ("a" * 16, "b" * 16)]
+
+    async def open(
+        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        chunks = self.answers[min(len(self.asked), len(self.answers) - 1)]
+        self.asked.append((node_id, json.loads(body)))
+
+        async def body_() -> AsyncIterator[bytes]:
+            for piece in chunks:
+                yield piece
+            if not chunks or b"[DONE]" not in chunks[-1]:
+                raise UpstreamBroken(f"{node_id} died")
+
+        return Response(200, [(b"content-type", b"text/event-stream")], body_())
+
+
+def ask(twin: StreamTwin) -> str:
+    async def go() -> str:
+        node = NodeState(node_id="0" * 16, name="entry", version="0", api_url="", console_url="")
+        app = build_api(node, twin)
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            body = {"model": "remote-model", "messages": QUESTION, "stream": True, "max_tokens": 20}
+            with anyio.fail_after(60):
+                r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.text
+
+    return anyio.run(go)
+
+
+def test_a_stream_goes_on_on_the_other_server_in_process() -> None:
+    opening = chunk({"role": "assistant", "content": None})
+    twin = StreamTwin(
+        [
+            [opening, chunk({"content": "Hel"}), chunk({"content": "l"})],
+            [opening, chunk({"content": "Hello"}), chunk({"content": " sea"}), chunk({}, "stop") + b"data: [DONE]\n\n"],
+        ]
+    )
+    text = ask(twin)
+    assert chat_text(SseEvents().feed(text.encode())) == "Hello sea" and text.rstrip().endswith("data: [DONE]")
+    (first, _), (second, continued) = twin.asked
+    assert first != second and continued["messages"][-1] == {"role": "assistant", "content": "Hell"}
+    assert continued["max_tokens"] == 18
+
+
+def test_servers_that_keep_failing_end_the_stream_with_the_error_event_after_a_bounded_number_of_tries() -> None:
+    """A hostile member (or a broken one) answers every continuation with its error event: the entry node tries
+    at most MAX_FAILOVERS more times and ends with the error event, it never loops."""
+    error = b'data: {"error": {"message": "no", "type": "server_error"}}\n\n'
+    opening = [chunk({"role": "assistant", "content": None}), chunk({"content": "Hi"})]
+    twin = StreamTwin([[*opening, error], [error]])
+    text = ask(twin)
+    assert len(twin.asked) == 1 + MAX_FAILOVERS
+    assert "upstream_failed" in text and text.count('"error"') == 1  # the servers' own error events are held back
+    assert chat_text(SseEvents().feed(text.encode())) == "Hi"
+
+
+def test_an_event_past_the_parse_limit_passes_through_and_is_not_continued() -> None:
+    """A server floods one event with no blank line: the entry node stops holding it past MAX_EVENT (memory bound),
+    passes the bytes on, and a break after that is not continued (what was sent cannot be read back)."""
+    flood = b"data: " + b"x" * (MAX_EVENT + 10)
+    twin = StreamTwin([[chunk({"role": "assistant", "content": None}), flood], []])
+    text = ask(twin)
+    assert len(twin.asked) == 1 and "upstream_failed" in text

@@ -185,8 +185,8 @@ def test_a_routed_answer_names_both_nodes_and_bounds_what_the_peer_says() -> Non
 
 def test_a_real_routed_stream_is_timed_hop_by_hop(host: NodeProcess, spawn: Spawn, tmp_path: Path) -> None:  # noqa: F811
     client = mesh_node(spawn, "c", "127.0.0.4", "--client", "--join", token_of(host))
-    client.wait_for("up", lambda s: True, timeout=30)
-    wait_models(client, {SMOLLM}, timeout=20)
+    client.wait_for("up", lambda s: True, timeout=120)
+    wait_models(client, {SMOLLM}, timeout=120)
     host_id, client_id = host.status()["node_id"], client.status()["node_id"]
     body = {"model": SMOLLM, "messages": HELLO, "max_tokens": 8}
     local = httpx2.post(host.api + "/v1/chat/completions", json=body, timeout=120)

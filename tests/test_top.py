@@ -147,7 +147,7 @@ def top(*args: str, home: str | None = None) -> subprocess.CompletedProcess[str]
     if home is not None:
         env["MESH_LLM_HOME"] = home
     cmd = [sys.executable, "-m", "mesh_mcp.cli", "top", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
 def test_top_once_without_a_node_says_how_to_start_one() -> None:
