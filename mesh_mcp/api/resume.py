@@ -283,7 +283,7 @@ class Splice:
         return self._openai(obj)
 
     def _openai(self, obj: dict[str, Any]) -> bytes | None:
-        obj.update({k: v for k, v in self.t.ids.items()})
+        obj.update(self.t.ids)
         choices = obj.get("choices")
         if self.t.kind == "chat" and isinstance(choices, list):
             for choice in choices:
@@ -328,7 +328,7 @@ class Splice:
         elif kind == "message_start":
             message = obj.get("message")
             if isinstance(message, dict):
-                message.update({k: v for k, v in self.t.ids.items() if k in ("id", "model")})
+                message.update({k: self.t.ids[k] for k in ("id", "model") if k in self.t.ids})
         return _event(obj, kind)
 
 
