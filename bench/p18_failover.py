@@ -9,6 +9,15 @@ run), kills the node C routed it to (-9, its whole process group) at a random to
 - whether the text equals the uninterrupted run's.
 Then a new replica joins in place of the dead one, so every run has two servers.
 
+A text that differs is told apart by where it went another way: before the kill (the first server's own run
+already differed from the reference) or after it (the continuation). llama-server at temperature 0 is not one
+function of the request: a prompt found in its cache is evaluated otherwise (the cached part came from a batch of
+another size, the last token is evaluated alone), and the logits differ enough to flip a near-tie (llama.cpp
+#28527; seen here: the same server answered this question with 121 tokens fresh and 200 after it had served a
+continuation). The survivor of one run, whose cache holds the continuation it served, may be the first server of
+the next. `--no-prompt-cache` sends `cache_prompt: false` so every request evaluates its whole prompt; what differs
+then is the continuation's: its prefill evaluated as one batch where the first server decoded token by token.
+
     python -m bench.p18_failover --runs 20           # SmolLM2-135M, the embedded default
 
 Results go to bench/RESULTS.md by hand, with the command and the machine.
@@ -47,13 +56,20 @@ def servers(status: dict[str, Any]) -> int:
     return len(rows[0]["servers"]) if rows else 0
 
 
-def stream(c: NodeProcess, kill_at: int | None, replicas: dict[str, NodeProcess]) -> dict[str, Any]:
+def stream(
+    c: NodeProcess, kill_at: int | None, replicas: dict[str, NodeProcess], extra: dict[str, Any]
+) -> dict[str, Any]:
     client = openai.OpenAI(base_url=c.api + "/v1", api_key="unused", max_retries=0, timeout=300)
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS, temperature=0, stream=True
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body=extra,
     )
     served_by = raw.headers["x-mesh-node"]
-    text, events, killed, resumed, died = "", 0, None, None, None
+    text, events, killed, resumed, died, before_kill = "", 0, None, None, None, ""
     for chunk in raw.parse():
         if not (chunk.choices and chunk.choices[0].delta.content):
             continue
@@ -68,9 +84,11 @@ def stream(c: NodeProcess, kill_at: int | None, replicas: dict[str, NodeProcess]
             assert victim.proc is not None
             killed = time.monotonic()
             os.killpg(victim.proc.pid, signal.SIGKILL)
+            before_kill = text
     t_died = died.result(5) if died is not None else None
     return {
         "text": text,
+        "before_kill": before_kill,
         "events": events,
         "served_by": served_by,
         "pause_s": (resumed - killed) if killed is not None and resumed is not None else None,
@@ -83,7 +101,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--kill-at", type=int, help="kill at this token every run (default: a random one)")
+    ap.add_argument(
+        "--no-prompt-cache",
+        action="store_true",
+        help="send `cache_prompt: false`: every request evaluates its whole prompt in one batch (see the docstring)",
+    )
     args = ap.parse_args()
+    extra = {"cache_prompt": False} if args.no_prompt_cache else {}
     rng = random.Random(args.seed)
     models = Path(os.environ.get("MESH_LLM_TEST_MODELS", paths.cache_dir() / "test-models"))
     models.mkdir(parents=True, exist_ok=True)
@@ -108,13 +132,19 @@ def main() -> None:
             nodes.append(c.start())
             wait(c, "C sees two servers", lambda s: servers(s) == 2, 120)
             replicas = {n.status()["node_id"]: n for n in (a, b)}
-            reference = stream(c, None, replicas)
+            reference = stream(c, None, replicas, extra)
             print(f"reference: {reference['events']} content events", flush=True)
             rows = []
             for run in range(args.runs):
                 kill_at = args.kill_at or rng.randint(5, max(6, reference["events"] - 5))
-                row = stream(c, kill_at, replicas)
+                row = stream(c, kill_at, replicas, extra)
                 row["same_text"] = row["text"] == reference["text"]
+                # where it went another way: before the kill (the first server's own run differed from the
+                # reference: its prompt cache, llama.cpp #28527) or after (the continuation)
+                row["diverged"] = (
+                    "-" if row["same_text"] else "before kill" if not reference["text"].startswith(row["before_kill"])
+                    else "after kill"
+                )  # fmt: skip
                 if not row["same_text"]:
                     pairs = zip(row["text"], reference["text"], strict=False)
                     at = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
@@ -125,7 +155,7 @@ def main() -> None:
                 print(
                     f"run {run + 1}: killed at token {kill_at}, pause {row['pause_s']:.2f} s, "
                     f"detection {row['detection_s'] if row['detection_s'] is None else round(row['detection_s'], 2)}"
-                    f" s, same text {row['same_text']}",
+                    f" s, same text {row['same_text']} ({row['diverged']})",
                     flush=True,
                 )
                 dead = replicas.pop(row["served_by"])
@@ -146,6 +176,9 @@ def main() -> None:
     if detections:
         print(f"  detection   {statistics.median(detections):6.2f} / {max(detections):6.2f} s")
     print(f"  same text as the uninterrupted run: {same} / {len(rows)}")
+    for where in ("before kill", "after kill"):
+        if n := sum(r["diverged"] == where for r in rows):
+            print(f"    went another way {where}: {n}")
 
 
 if __name__ == "__main__":

@@ -226,6 +226,10 @@ def main() -> None:
             f" ({100 * (last['rss_kib'] / first['rss_kib'] - 1):+.1f} %)   {first['fds']} → {last['fds']}"
             f"   {min(procs)} / {max(procs)}   median RSS {statistics.median(r['rss_kib'] for r in after) / 1024:.1f}"
         )
+    print("\nRSS MiB every 5 min (the curve: a plateau is warm-up, a line is a leak)")
+    for name, rows in samples.items():
+        marks = [r for r in rows if r["t"] % 300 < SAMPLE_EVERY_S] or rows
+        print(f"  {name}   " + "  ".join(f"{r['rss_kib'] / 1024:.0f}" for r in marks))
     for defect in load.defects[:20]:
         print("  defect: " + defect)
 

@@ -5,10 +5,12 @@ mesh-llm top [--console URL] [--api-key KEY] [--interval S] [--once]
 
 It reads the node's `GET /api/status` (the running node of this machine's home, `mcp.local.read_runtime`, unless
 `--console` names one) and shows a header (node, mesh, members) and one table per model: a row per node that lists
-it (state, requests in flight and the decode speed its llama-server measured, as that node's signed record says)
-and a row for the requests that entered the node `top` watches (`requests` in the status: ok, errors, cancelled,
-in flight, tokens out, and tokens out per second between two refreshes). Errors are only counted where a request
-entered: another node's errors are not in its record, so its row shows `·` there (run `top` on it to see them).
+it (state, requests in flight, the decode speed its llama-server measured, and the requests its server answered
+since that node started — ok and errors, whichever node they entered by — as that node's signed record says) and a
+row for the requests that entered the node `top` watches (`requests` in the status: ok, errors, cancelled, in
+flight, tokens out, and tokens out per second between two refreshes). Cancelled requests and tokens out are counted
+only where a request entered, so a node's row shows `·` there (run `top` on that node to see its own); so do its
+ok and errors when its record is of a version that does not carry them.
 
 `view` and `plain` are pure (a status dict in, a rich renderable or text out); `main` does the HTTP and the screen.
 Every string a peer wrote (names, models, states) is shown through `printable`, as rich `Text` (never markup).
@@ -44,11 +46,12 @@ MAX_STATUS_BYTES = 16 << 20  # a 1000-member mesh's status is a few MB; a consol
 MAX_MODELS_SHOWN = 32  # model tables on one screen (the status lists up to 256)
 MAX_NODES_SHOWN = 24  # node rows per model table; the rest are counted in a last row
 MAX_NAME = 48  # characters of a node or model name shown
-UNKNOWN = "·"  # a number this node cannot know (another node's request counts)
+UNKNOWN = "·"  # a number this node cannot know (a node's cancelled requests and tokens out)
 NOTE = (
-    "ok / errors / cancelled / tokens out: requests that entered this node (its own metrics). Other nodes' rows "
-    "come from their gossiped records (state, in flight, measured decode tok/s): their errors are counted on them "
-    "(run `mesh-llm top` there)."
+    "Node rows come from each node's gossiped record: state, in flight, measured decode tok/s, and ok / errors of "
+    "the requests its server answered since it started (whichever node they entered by). The '→ entered here' row: "
+    "requests that entered this node (its own metrics), served wherever; cancelled and tokens out are only counted "
+    "there (run `mesh-llm top` on another node for its own)."
 )
 NO_NODE = (
     "no mesh-llm node answers at {url}. Start one (`mesh-llm --model NAME`, or `mesh-llm --client`) or name its "
@@ -214,7 +217,9 @@ def _table(
             Text(state, style=_STATE_STYLE.get(state, "") if alive else "red"),
             _num(entry.get("in_flight")) if alive else "",  # a gone node's last record: nothing runs there now
             _num(entry.get("tok_s"), 1) if alive else "",
-            *([UNKNOWN] * 4),
+            *_answered(entry),
+            UNKNOWN,
+            UNKNOWN,
         )
     if len(rows) > MAX_NODES_SHOWN:
         table.add_row(Text(f"… {len(rows) - MAX_NODES_SHOWN} more nodes", style="dim"), *[""] * 7)
@@ -233,6 +238,14 @@ def _table(
         _num(here.get("tokens_out", 0)),
     )
     return table
+
+
+def _answered(entry: Mapping[str, Any]) -> tuple[str, Text]:
+    """A node's ok and errors for a model, from its record (a gone node's: its last); `·` where it lacks them."""
+    ok, err = entry.get("ok"), entry.get("err")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (ok, err)):
+        return UNKNOWN, Text(UNKNOWN)
+    return str(ok), Text(str(err), style="red" if err else "")
 
 
 def view(status: Mapping[str, Any], live_rates: Mapping[str, float] | None = None, now: float | None = None) -> Group:

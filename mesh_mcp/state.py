@@ -70,6 +70,9 @@ class NodeState:
     blackboard: dict[str, Any] | None = None  # {"state": "loading" | "ready"} when carried
     peers: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     traffic: Callable[[], dict[str, int]] = field(default=lambda: {}, repr=False)  # bytes this node moved to peers
+    # Per model: (ok, errors) of the requests this node's own llama-servers answered (its metrics install the reader:
+    # metrics/families.py `metrics_of`); the record carries them (mesh/runtime.py `served_models`)
+    served: Callable[[], dict[str, tuple[int, int]]] = field(default=lambda: {}, repr=False)
     # The mesh's demand map, hottest first (bounded: serving/mesh_demand.py): [{"model", "rate_per_min", ...}]
     demand: Callable[[], list[dict[str, Any]]] = field(default=lambda: [], repr=False)
     # A standby's latest decision and its reasons (serving/standby.py); None when this node is no standby

@@ -57,7 +57,8 @@ def serving(name: str, **kw: Any) -> ServedModel:
 
 
 def test_members_models_and_links_of_a_mesh() -> None:
-    a = rec(1, serving("qwen", ctx=4096, slots=2, size_bytes=10, tools=True), rtt=((nid(2), 120), (nid(3), 900)))
+    qwen = serving("qwen", ctx=4096, slots=2, size_bytes=10, tools=True, ok=7, err=1)  # requests its server answered
+    a = rec(1, qwen, rtt=((nid(2), 120), (nid(3), 900)))
     b = rec(2, serving("qwen", ctx=8192, tools=False), rtt=((nid(1), 100),))
     c = rec(3, ServedModel("llama", "loading"), role="standby")
     view = mesh_view(
@@ -92,6 +93,8 @@ def test_members_models_and_links_of_a_mesh() -> None:
                 "size_bytes": 10,
                 "tok_s": None,
                 "predicted_tok_s": None,
+                "ok": 7,
+                "err": 1,
             }
         ],
     }
@@ -197,6 +200,7 @@ def test_decode_speeds_failures_and_what_each_node_of_a_split_holds() -> None:
         600,
         [0, 5],
     )
+    assert (on_worker["ok"], on_worker["err"]) == (None, None)  # a stage's requests are counted on its host
 
 
 def test_dead_and_left_members_are_listed_with_when_and_clients_by_id() -> None:

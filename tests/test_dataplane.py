@@ -25,7 +25,7 @@ import pytest
 from inference.llamacpp import LlamaCpp
 from mesh_mcp.dataplane import limits as dataplane
 from mesh_mcp.dataplane.listener import DataPlaneServer
-from mesh_mcp.dataplane.relay import Relay, open_relay
+from mesh_mcp.dataplane.relay import Relay, host_bytes, open_relay
 from mesh_mcp.dataplane.services import Stream, connect
 from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh.credentials import Credentials
@@ -550,3 +550,37 @@ def test_llama_server_loads_and_generates_through_the_data_plane(
     finally:
         for p in reversed(procs):
             _stop(p)
+
+
+def test_a_hosts_relays_count_its_bytes_by_worker_and_keep_them_once_closed(
+    worker: Identity, host: Identity, echo: Echo
+) -> None:
+    """Issue 18: the host's side of a split's data plane counts too (`host_bytes`: in = the worker's answers,
+    out = requests to it), by the worker the relay reached, live while the relay runs and kept once it closed."""
+
+    async def until(expected: tuple[int, int]) -> None:
+        with anyio.fail_after(10):  # the relay's threads count just after they pass the bytes on
+            while host_bytes(host.node_id).get(worker.node_id) != expected:
+                await anyio.sleep(0.01)
+
+    async def through(relay: Relay, data: bytes) -> None:
+        async with await anyio.connect_tcp("127.0.0.1", relay.port) as conn:
+            await conn.send(data)
+            assert await recv_exactly(conn, len(data)) == data
+
+    async def main() -> None:
+        before = host_bytes(host.node_id).get(worker.node_id, (0, 0))
+        async with DataPlaneServer(worker, creds(worker), "127.0.0.1", targets={"rpc0": echo.port}) as server:
+            async with Relay(host, creds(host), f"127.0.0.1:{server.port}", "rpc0") as relay:
+                await through(relay, b"x" * 5000)  # no expected node: counted under the one that authenticated
+                await until((before[0] + 5000, before[1] + 5000))
+            assert host_bytes(host.node_id)[worker.node_id] == (before[0] + 5000, before[1] + 5000)  # kept
+            expect = worker.node_id
+            async with Relay(host, creds(host), f"127.0.0.1:{server.port}", "rpc0", expect_node_id=expect) as relay:
+                await through(relay, b"y" * 300)
+                await until((before[0] + 5300, before[1] + 5300))  # running and closed relays together
+            assert host_bytes(host.node_id)[worker.node_id] == (before[0] + 5300, before[1] + 5300)
+            assert host_bytes(worker.node_id).get(host.node_id) is None  # the worker's side is its server's
+            assert server.peer_bytes()[host.node_id][0] >= 5300
+
+    run(main)

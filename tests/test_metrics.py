@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,26 +26,31 @@ from prometheus_client.samples import Sample
 from starlette.types import Message
 
 from blackboard.board import Board
+from blackboard.post import TTL_S, make_post
 from blackboard.store import Store
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import probe
 from mesh_mcp.api.app import build_api
 from mesh_mcp.api.console import build_console
+from mesh_mcp.api.console_view import standalone
 from mesh_mcp.api.guard import CONSOLE, Policy
 from mesh_mcp.api.middleware import HttpGuard
 from mesh_mcp.dataplane.relay import open_relay
 from mesh_mcp.mesh import meshfile, tokens
-from mesh_mcp.mesh.board_link import BoardLink
+from mesh_mcp.mesh.board_link import NEWEST_REFRESH_S, BoardLink
 from mesh_mcp.mesh.credentials import Credentials
 from mesh_mcp.mesh.identity import load_or_create
 from mesh_mcp.mesh.quic import MeshTransport
-from mesh_mcp.mesh.runtime import Mesh, MeshSettings
+from mesh_mcp.mesh.runtime import Mesh, MeshSettings, served_models
 from mesh_mcp.mesh.transport import PeerConnection
+from mesh_mcp.mesh.tunnel import HOP_HEADER
 from mesh_mcp.mesh.wire import encode, read_frame
 from mesh_mcp.metrics import NodeMetrics, live, metrics_of
-from mesh_mcp.metrics.families import MAX_MODEL_LABELS, OTHER
+from mesh_mcp.metrics.families import MAX_MODEL_LABELS, OTHER, Result
+from mesh_mcp.metrics.trace import Trace
 from mesh_mcp.serving.rpc_worker import RpcLink, lease
 from mesh_mcp.state import NodeState
+from mesh_mcp.testing import FakeClock, MemoryNetwork
 from tests.harness import NodeProcess
 from tests.test_console_api import KEY
 from tests.test_mesh import mesh_node
@@ -264,6 +270,51 @@ def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled() -> None:
     anyio.run(main)
 
 
+def test_the_requests_this_nodes_server_answered_are_counted_for_its_record() -> None:
+    """Issue 18 (`top`'s errors per node): what this node's own llama-server answered, whichever node the request
+    entered by (here: its own client, and a peer's tunnelled in), reaches its record's `ok` / `err`; requests a peer
+    answered, cancelled ones and those refused before a server was asked do not."""
+
+    async def main() -> None:
+        async with fake_llama() as upstream:
+            node = serving_node(upstream)
+            assert node.served() == {} and served_models(node, 8)[0].ok == 0
+            api = build_api(node)
+            async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api), base_url="http://node") as c:
+                mine = await c.post(CHAT, json={"model": "m", "messages": USER, "stream": True})
+                peers = await c.post(CHAT, json={"model": "m", "messages": USER}, headers={HOP_HEADER.decode(): "1"})
+                refused = await c.post(CHAT, json={"model": "made-up", "messages": USER})
+            assert (mine.status_code, peers.status_code, refused.status_code) == (200, 200, 404)
+        metrics = metrics_of(node)
+        ends: list[tuple[str, Result | None]] = [(node.node_id, "upstream_error"), ("00000000000000b2", "ok")]
+        for served_by, result in [*ends, (node.node_id, None)]:
+            trace = Trace(metrics, node.node_id)
+            trace.routed("m", tunnelled=False)
+            trace.answered(served_by, [])
+            if result is not None:
+                trace.finish(result)
+            trace.close()  # no result: its client went away (cancelled)
+        assert node.served() == {"m": (2, 1)}
+        # this node's server broke off mid-answer: its error, once, whether a peer then served the rest or none did
+        for then in ("00000000000000b2", node.node_id):
+            trace = Trace(metrics, node.node_id)
+            trace.routed("m", tunnelled=False)
+            trace.answered(node.node_id, [])
+            trace.server_failed(node.node_id)
+            trace.server_failed("00000000000000b2")  # a peer's failure is the peer's to count
+            trace.answered(then, [])
+            trace.finish("ok" if then != node.node_id else "upstream_error")
+            trace.close()
+        assert node.served() == {"m": (2, 3)}
+        (record,) = served_models(node, 8)
+        assert (record.ok, record.err) == (2, 3)
+        # and the console's view of this node carries them per model, as `top` reads them
+        (me,) = standalone(node, "host")([])["members"]
+        assert [(m["name"], m["ok"], m["err"]) for m in me["models"]] == [("m", 2, 3)]
+
+    anyio.run(main)
+
+
 def test_model_labels_are_bounded() -> None:
     metrics = NodeMetrics()
     names = [metrics.model_label(f"model-{i}") for i in range(MAX_MODEL_LABELS + 10)]
@@ -371,6 +422,85 @@ def test_per_peer_families_read_the_peer_rows_within_bounds() -> None:
     assert value(found, "mesh_llm_blackboard_sync_age_seconds", peer="zz-age") == 3.5
     assert value(found, "mesh_llm_peer_traffic_bytes_total", peer="zz-age", plane="dataplane", direction="out") == 20
     assert not [s for s in found if s.labels.get("peer") == "zz-bad"]  # malformed numbers are left out
+
+
+def test_a_split_hosts_relayed_bytes_and_the_newest_posts_age_join_the_live_families() -> None:
+    """The host's side of the data plane (its relays' bytes by worker) adds to the worker's side in the node's totals
+    and per peer; the newest post's age comes from this node's own row, within the posts' life."""
+    node = serving_node("http://127.0.0.1:9")
+    own = {"node_id": "me", "self": True, "blackboard_newest_post_age_s": 42.5}
+    worker, lender = peer_row("w1"), peer_row("w2", dataplane_bytes={"in": 10, "out": 20})
+    node.peers = lambda: [own, worker, lender]
+    node.traffic = lambda: {"rpc_bytes_in": 10, "rpc_bytes_out": 20}
+    relayed = {"w1": (300, 4000), "w2": (5, 6), "gone": (1, 1)}  # a worker no longer a member: in the totals only
+
+    def collected() -> list[Sample]:
+        class Live(Collector):
+            def collect(self) -> Iterator[Metric]:
+                return live.families(node, None, relayed)
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Live())
+        return samples(generate_latest(registry).decode())
+
+    found = collected()
+    per_peer, total = "mesh_llm_peer_traffic_bytes_total", "mesh_llm_traffic_bytes_total"
+    assert value(found, per_peer, peer="w1", plane="dataplane", direction="in") == 300
+    assert value(found, per_peer, peer="w1", plane="dataplane", direction="out") == 4000
+    assert value(found, per_peer, peer="w2", plane="dataplane", direction="in") == 15
+    assert value(found, per_peer, peer="w2", plane="dataplane", direction="out") == 26
+    assert not [s for s in found if s.labels.get("peer") == "gone"]
+    assert value(found, total, plane="dataplane", direction="in") == 10 + 306
+    assert value(found, total, plane="dataplane", direction="out") == 20 + 4007
+    assert value(found, "mesh_llm_blackboard_newest_post_age_seconds") == 42.5
+    assert worker == peer_row("w1")  # the rows were read, not changed
+    for bad in (-1.0, 48 * 3600 + 1.0, float("nan"), True, "42", None):
+        own["blackboard_newest_post_age_s"] = bad
+        assert not has(collected(), "mesh_llm_blackboard_newest_post_age_seconds")
+    node.traffic = lambda: {}  # a node that lends no rpc-server: its totals are its relays' alone
+    assert value(collected(), total, plane="dataplane", direction="out") == 4007
+
+
+def test_the_newest_posts_age_is_read_from_the_store_raised_by_each_post_accepted_and_gone_with_it(
+    tmp_path: Path,
+) -> None:
+    """The blackboard's other lag (next to the per-peer sync age): how old the newest post this node holds is. Read
+    from the store when the link starts, raised by a post the board accepts, and re-read so an expired one goes."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        ident = load_or_create(tmp_path / "a")
+        state = NodeState(node_id=ident.node_id, name="a", version="0", api_url="", console_url="")
+        config = meshfile.create(owner=ident.public_bytes)
+        mesh = Mesh(ident, config, tmp_path / "a", state, MeshSettings(host="127.0.0.1"), clock=clock,
+                    transport=MemoryNetwork(clock).transport)  # fmt: skip
+        author = Ed25519PrivateKey.generate()
+        with Store(tmp_path / "board.db") as store:
+            board = Board(store, ident.key, ident.node_id, "me", lambda: None, clock=clock.time)  # type: ignore[arg-type,return-value]
+            link = BoardLink(mesh, board)
+            age = mesh.own_stats["blackboard_newest_post_age_s"]  # what this node's own peer row carries
+            assert age() is None  # holds no post
+            store.add(make_post("STATUS: first", "bob", author, clock.time() - 100), clock.time())
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(link.run)
+                with anyio.fail_after(30):  # the store is read on a thread: a bound in real time
+                    while age() is None:
+                        await anyio.sleep(0.01)
+                assert age() == 100
+                clock.advance(5)
+                assert age() == 105
+                newer = make_post("second", "bob", author, clock.time() - 1)
+                store.add(newer, clock.time())
+                board.on_accept(newer, None)  # type: ignore[misc]  # what the board calls for every post it takes
+                assert age() == 1
+                clock.advance(TTL_S)  # both expired: the next re-read finds none
+                with anyio.fail_after(30):
+                    while age() is not None:
+                        clock.advance(NEWEST_REFRESH_S)
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
 
 
 def quic_creds(tmp_path: Path, name: str) -> Credentials:
@@ -494,6 +624,12 @@ def test_a_mesh_counts_gossip_rounds_bytes_per_peer_blackboard_syncs_and_rpc_ser
                     while value(await metrics(a), "mesh_llm_gossip_rounds_total") <= rounds:
                         await anyio.sleep(0.05)
                 assert has(await metrics(b), "mesh_llm_blackboard_sync_age_seconds", peer=a_id)
+                # B is the split's host: its relay counted the same RPC bytes, the other way round, under A
+                on_b, hosted = await metrics(b), {"peer": a_id, "plane": "dataplane"}
+                assert value(on_b, "mesh_llm_peer_traffic_bytes_total", **hosted, direction="out") == 33 + 9 + 13 * n
+                assert value(on_b, "mesh_llm_peer_traffic_bytes_total", **hosted, direction="in") == 36 + 12 + 24 * n
+                total = value(on_b, "mesh_llm_traffic_bytes_total", plane="dataplane", direction="in")
+                assert total == 36 + 12 + 24 * n
                 assert [s.labels["peer"] for s in found if s.name == "mesh_llm_blackboard_sync_age_seconds"] == [b_id]
                 tg.cancel_scope.cancel()
 

@@ -98,3 +98,52 @@ def test_unreachable_address_is_a_clear_error(tmp_path: Any) -> None:
             tg.cancel_scope.cancel()
 
     run(main)
+
+
+async def until(check: Any, what: str) -> None:
+    """Bounded wait on observable state (the run's 20 s deadline bounds it)."""
+    while not check():
+        await anyio.sleep(0.01)
+
+
+def test_a_long_lived_connection_keeps_nothing_of_the_streams_that_ended(tmp_path: Any) -> None:
+    """aioquic keeps every stream's reader for the connection's life; members stay connected for days and open a
+    stream per gossip round, ping and request — what a connection holds must not grow with the streams it carried:
+    answered ones, ones the requester abandoned (reset both ways), ones the server answered without reading."""
+
+    async def main() -> None:
+        a = MeshTransport(creds(tmp_path, "a"), {"echo": echo, "drop": drop}, host="127.0.0.1")
+        b = MeshTransport(creds(tmp_path, "b"), {"echo": echo, "drop": drop}, host="127.0.0.1")
+        async with anyio.create_task_group() as tg:
+            await tg.start(a.run)
+            port_b = await tg.start(b.run)
+            conn = await a.connect(f"127.0.0.1:{port_b}")
+            await until(lambda: b.connection(a.creds.identity.node_id) is not None, "b has the connection")
+            back = b.connection(a.creds.identity.node_id)
+            assert back is not None
+            for i in range(60):
+                reader, writer = await conn.open_stream({"t": "echo" if i % 3 else "drop", "prefix": ""})
+                writer.write(encode(b"x" * 100))
+                writer.write_eof()
+                if i % 3 == 0:
+                    assert await reader.read() == b""  # answered with a bare FIN, the request never read
+                elif i % 3 == 1:
+                    assert await read_frame(reader) == b"x" * 100
+                    assert await reader.read() == b""
+                else:
+                    conn.reset(writer)  # the requester went away
+                del reader, writer
+            await until(lambda: conn.streams_held() == 0 and back.streams_held() == 0, "nothing held")
+            reader, writer = await conn.open_stream({"t": "echo", "prefix": "still "})  # and the connection works
+            writer.write(encode(b"up"))
+            writer.write_eof()
+            assert await read_frame(reader) == b"still up"
+            tg.cancel_scope.cancel()
+
+    run(main)
+
+
+async def drop(
+    conn: Connection, header: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.write_eof()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -19,6 +20,7 @@ from mesh_mcp.mesh.records import (
     MAX_ADDRESSES,
     MAX_MODELS,
     MAX_NAME,
+    MAX_REQUESTS,
     MAX_SHARDS,
     MAX_TPS,
     NodeRecord,
@@ -220,6 +222,22 @@ def test_wire_form_is_cached_and_sized() -> None:
     assert size == len(json.dumps(obj, separators=(",", ":")))
     assert wire_form(record)[0] is obj
     assert records.encoded_size(obj) == size
+
+
+def test_the_caches_keep_an_origins_latest_records_not_every_record_ever_seen() -> None:
+    """A node re-signs its record every second while it serves; gossip sees each version many times. The caches
+    hold the last few of each origin: a mesh that runs for days holds as many as it has members."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(7, 39)))
+    before = records.cached_records()
+    for version in range(1, 201):
+        record = make(key, version=version, in_flight=version % 5)
+        parsed = roundtrip(record)
+        verify(parsed)
+        assert wire_form(parsed)[0] == to_wire(record)
+        assert records.cached_records() - before <= records._PER_ORIGIN
+    latest = make(key, version=200, in_flight=0)
+    obj = json.loads(json.dumps(to_wire(latest)))
+    assert from_wire(obj) is from_wire(json.loads(json.dumps(obj)))  # the latest is still a hit
 
 
 def test_next_version_outruns_the_clock_and_the_past() -> None:
@@ -523,3 +541,41 @@ def test_a_copy_with_floats_for_ints_is_not_taken_for_the_cached_record() -> Non
         hostile["models_served"][0][key] = [row]
         with pytest.raises(ProtocolError):
             from_wire(hostile)
+
+
+def test_request_counts_travel_signed_and_are_bounded() -> None:
+    """Issue 18: a served model's `ok` / `err` (requests its server answered, well and in an error) round-trip signed,
+    are left out when 0, and anything but a positive int up to MAX_REQUESTS is refused, on the wire and when signing."""
+    served = ServedModel("qwen", "serving", 0, ok=41, err=2)
+    obj = json.loads(json.dumps(to_wire(make(models_served=(served,)))))
+    assert (obj["models_served"][0]["ok"], obj["models_served"][0]["err"]) == (41, 2)
+    parsed = from_wire(obj)
+    verify(parsed)
+    assert (parsed.models_served[0].ok, parsed.models_served[0].err) == (41, 2)
+    only_ok = to_wire(make(models_served=(ServedModel("qwen", "serving", 0, ok=5),)))["models_served"][0]
+    assert only_ok["ok"] == 5 and "err" not in only_ok
+    for key in ("ok", "err"):
+        for bad in (0, -1, MAX_REQUESTS + 1, 1.0, 2.5, True, "12", None, [1]):  # 0 is left out, never sent
+            hostile = json.loads(json.dumps(obj))
+            hostile["models_served"][0][key] = bad
+            with pytest.raises(ProtocolError):
+                from_wire(hostile)
+    edge = ServedModel("qwen", "serving", 0, ok=MAX_REQUESTS, err=MAX_REQUESTS)
+    assert roundtrip(make(models_served=(edge,))).models_served[0] == edge
+    for bad_served in (dataclasses.replace(served, ok=-1), dataclasses.replace(served, err=MAX_REQUESTS + 1)):
+        with pytest.raises(ValueError):
+            make(models_served=(bad_served,))
+    tampered = json.loads(json.dumps(obj))
+    tampered["models_served"][0]["err"] = 1  # a node hiding its errors from the others breaks its signature
+    with pytest.raises(ProtocolError):
+        verify(from_wire(tampered))
+
+
+def test_a_record_without_request_counts_signs_the_same_bytes_as_before_them() -> None:
+    """Regression guard: the `ok` / `err` fields left out when 0 keep every older record's canonical bytes (and so
+    its signature): the digest below was taken with the records module before the fields existed."""
+    served = ServedModel("M", "serving", 2, tools=True, size_bytes=9, ctx=4096, slots=4, tps=123, ptps=98)
+    record = make(addresses=("192.168.1.7:9338",), models_on_disk=(), models_served=(served,))
+    digest = hashlib.sha256(signing_bytes(record)).hexdigest()
+    assert digest == "b636b84e848937c7dcd9e7764461ac2b77ccfc4656b974da4ebdddd3d7e5e980"
+    assert not {"ok", "err"} & set(to_wire(record)["models_served"][0])

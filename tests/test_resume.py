@@ -13,12 +13,14 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from starlette.types import Message
 
 from mesh_mcp.api.app import build_api
 from mesh_mcp.api.directory import RemoteModel
-from mesh_mcp.api.proxy import MAX_FAILOVERS
+from mesh_mcp.api.proxy import FAILOVER_WAIT_S, MAX_FAILOVERS
 from mesh_mcp.api.resume import MAX_EVENT, Splice, SseEvents, Transcript, continuation, kind_of, parse_event
 from mesh_mcp.errors import UpstreamBroken
+from mesh_mcp.metrics import metrics_of
 from mesh_mcp.response import Response
 from mesh_mcp.state import NodeState
 
@@ -267,3 +269,81 @@ def test_an_event_past_the_parse_limit_passes_through_and_is_not_continued() -> 
     twin = StreamTwin([[chunk({"role": "assistant", "content": None}), flood], []])
     text = ask(twin)
     assert len(twin.asked) == 1 and "upstream_failed" in text
+
+
+class ComingTwin(StreamTwin):
+    """A serves "remote-model" and breaks off mid-stream; then the mesh says a server is coming (a 503 from routing,
+    so the proxy waits up to FAILOVER_WAIT_S) until the client has gone away, when B comes up: a proxy that still
+    waited would ask B to go on with the answer."""
+
+    def __init__(self, answers: list[list[bytes]]) -> None:
+        super().__init__(answers)
+        self.broke = False
+        self.waiting = anyio.Event()  # the proxy asked for a server while none was serving
+        self.client_gone = False
+
+    def remote_models(self) -> list[RemoteModel]:
+        if not self.broke:
+            return [RemoteModel("remote-model", "a" * 16, "serving", 0)]
+        if not self.client_gone:
+            self.waiting.set()
+            return [RemoteModel("remote-model", "a" * 16, "loading", 0)]
+        return [RemoteModel("remote-model", "b" * 16, "serving", 0)]
+
+    async def open(
+        self, node_id: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        resp = await super().open(node_id, method, target, headers, body)
+
+        async def marked() -> AsyncIterator[bytes]:
+            try:
+                async for piece in resp.chunks():
+                    yield piece
+            except UpstreamBroken:
+                self.broke = True
+                raise
+
+        return Response(resp.status, resp.headers, marked())
+
+
+def test_a_client_gone_while_the_entry_node_waits_for_a_server_cancels_the_continuation() -> None:
+    """The client hangs up while the entry node waits for a server to go on on (the mesh says one is coming): the
+    request ends at once and is counted as cancelled; the server that comes up afterwards is never asked."""
+    opening = chunk({"role": "assistant", "content": None})
+    twin = ComingTwin([[opening, chunk({"content": "Hel"})], [chunk({"content": "lo"}), chunk({}, "stop")]])
+    node = NodeState(node_id="0" * 16, name="entry", version="0", api_url="", console_url="")
+    body = json.dumps({"model": "remote-model", "messages": QUESTION, "stream": True, "max_tokens": 20}).encode()
+    sent: list[bytes] = []
+    asked = False
+
+    async def receive() -> Message:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await twin.waiting.wait()
+        twin.client_gone = True
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    path = "/v1/chat/completions"
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"n"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("n", 80),
+    }  # fmt: skip
+
+    async def go() -> None:
+        with anyio.fail_after(FAILOVER_WAIT_S / 2):  # a bound, not a speed: waiting it out would take twice as long
+            await build_api(node, twin)(scope, receive, send)
+
+    anyio.run(go)
+    assert twin.broke and twin.client_gone
+    assert [n for n, _ in twin.asked] == ["a" * 16], "the server that came up was asked to go on for a gone client"
+    assert chat_text(SseEvents().feed(b"".join(sent))) == "Hel" and b"upstream_failed" not in b"".join(sent)
+    row = metrics_of(node).summary()["remote-model"]
+    assert row.get("cancelled") == 1 and row.get("in_flight") == 0 and not row.get("ok"), row

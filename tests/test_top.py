@@ -30,8 +30,16 @@ def member(node_id: str, name: str, *models: dict[str, Any], state: str = "alive
     return {"node_id": node_id, "name": name, "role": "host", "self": me, "state": state, "models": list(models)}
 
 
-def entry(name: str, state: str = "serving", in_flight: int = 0, tok_s: float | None = None) -> dict[str, Any]:
-    return {"name": name, "state": state, "in_flight": in_flight, "tok_s": tok_s}
+def entry(
+    name: str,
+    state: str = "serving",
+    in_flight: int = 0,
+    tok_s: float | None = None,
+    answered: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """A member's entry for a model; `answered`: (ok, err) its record carries (a record of an older version: none)."""
+    found = {"name": name, "state": state, "in_flight": in_flight, "tok_s": tok_s}
+    return found | {"ok": answered[0], "err": answered[1]} if answered is not None else found
 
 
 STATUS: dict[str, Any] = {
@@ -42,10 +50,10 @@ STATUS: dict[str, Any] = {
     "mesh_id": "0123456789abcdef" * 4,
     "mesh": {
         "members": [
-            member("b" * 16, "beta", entry("M", in_flight=3, tok_s=40.5)),
-            member("a" * 16, "alpha", entry("M", in_flight=1, tok_s=52.3), me=True),
-            member("c" * 16, "gamma", entry("M", state="failed")),
-            member("d" * 16, "delta", entry("M", in_flight=2, tok_s=9.9), state="dead"),
+            member("b" * 16, "beta", entry("M", in_flight=3, tok_s=40.5, answered=(11, 3))),
+            member("a" * 16, "alpha", entry("M", in_flight=1, tok_s=52.3, answered=(1, 0)), me=True),
+            member("c" * 16, "gamma", entry("M", state="failed")),  # an older version's record: no counts
+            member("d" * 16, "delta", entry("M", in_flight=2, tok_s=9.9, answered=(7, 2)), state="dead"),
         ],
         "models": [
             {
@@ -77,18 +85,20 @@ def test_a_model_table_lists_every_node_that_holds_it_and_this_nodes_own_counts(
     text = plain(STATUS, width=140, now=0)
     assert "node alpha (aaaaaaaa)  mesh 01234567  3 members (1 gone)  up 2m05s" in text
     assert "replicas · 2 servers · measured 46.4 tok/s · demand 3.0 req/min  failed on 1" in text
-    # This node first, then by name; another node's request counts are not known here.
+    # This node first, then by name; each node's ok / errors are those its server answered (its record's counts);
+    # its cancelled requests and tokens out are only counted where requests entered.
     names = [line.split()[0] for line in text.splitlines() if line.strip()[:5] in ("alpha", "beta ", "gamma", "delta")]
     assert names == ["alpha", "beta", "delta", "gamma"]
-    assert row(text, "alpha aaaaaaaa (this)") == ["serving", "1", "52.3", *[UNKNOWN] * 4]
-    assert row(text, "beta bbbbbbbb") == ["serving", "3", "40.5", *[UNKNOWN] * 4]
-    assert row(text, "gamma cccccccc") == ["failed", "0", *[UNKNOWN] * 4]
-    assert row(text, "delta dddddddd") == ["dead", *[UNKNOWN] * 4]  # a gone node's last in-flight is no longer true
+    assert row(text, "alpha aaaaaaaa (this)") == ["serving", "1", "52.3", "1", "0", UNKNOWN, UNKNOWN]
+    assert row(text, "beta bbbbbbbb") == ["serving", "3", "40.5", "11", "3", UNKNOWN, UNKNOWN]
+    assert row(text, "gamma cccccccc") == ["failed", "0", *[UNKNOWN] * 4]  # its record does not carry counts
+    # a gone node's last in-flight is no longer true; what its server answered before it went still is
+    assert row(text, "delta dddddddd") == ["dead", "7", "2", UNKNOWN, UNKNOWN]
     # in flight, ok, errors (client + upstream), cancelled, tokens out; no rate in a single snapshot
     assert row(text, "→ entered here") == ["1", "2", "2", "4", "57"]
     # Requests this node answered for a name no node serves get their own table.
     assert "other  not served · 0 servers" in text
-    assert "their errors are counted on them" in text.replace("\n", " ")
+    assert "ok / errors of the requests its server answered" in " ".join(text.split())
 
 
 def test_peer_strings_cannot_drive_the_terminal_or_inject_markup() -> None:

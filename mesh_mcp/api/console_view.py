@@ -9,13 +9,18 @@ the node hands `NodeState.mesh`: it reads the running `Mesh` and calls `mesh_vie
 
 The shape (the contract the front end codes against):
 `{"members": [{"node_id", "name", "role", "self", "state", "since", "capacity_bytes", "addresses", "rtt_ms",
-"models": [{"name", "state", "in_flight", "slots", "ctx", "size_bytes", "tok_s", "predicted_tok_s", "stage"?}]}],
+"models": [{"name", "state", "in_flight", "slots", "ctx", "size_bytes", "tok_s", "predicted_tok_s", "ok", "err",
+"stage"?}]}],
 "models": [{"name", "servers", "loading", "failed", "mode", "ctx", "tools", "measured_tok_s", "predicted_tok_s",
 "demand_rate_per_min", "stages", "shards"}], "links": [{"a", "b", "rtt_ms", "over_cap"}]}`.
 
 A member holding a stage of a split lists that model with `"state": "stage"`, `"stage": [first, last]` and the
 stage's share of the model's bytes (layers are near enough equal in size), and the split's host lists its own
 stage's share, not the whole model: a capacity bar adds up what each node really holds.
+
+A member's `ok` and `err` per model are the requests its own server answered since it started, well and in an error,
+whichever node they entered by (its signed record's counts; this node's own are live): `mesh-llm top` shows them
+per node. A stage entry has none (`null`): its requests are the split host's.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ def _member(
                 "size_bytes": m.size_bytes or None,
                 "tok_s": m.tps / 10 if m.tps else None,
                 "predicted_tok_s": m.ptps / 10 if m.ptps else None,
+                "ok": m.ok,
+                "err": m.err,
             }
             for m in r.models_served[:MAX_MEMBER_MODELS]
         ],
@@ -294,7 +301,7 @@ def _stage_shares(members: list[dict[str, Any]], models: Sequence[dict[str, Any]
                 if len(member["models"]) >= MAX_MEMBER_MODELS:
                     continue
                 entry = {"name": model["name"], "state": "stage", "in_flight": 0, "slots": None, "ctx": None,
-                         "tok_s": None, "predicted_tok_s": None}  # fmt: skip
+                         "tok_s": None, "predicted_tok_s": None, "ok": None, "err": None}  # fmt: skip
                 member["models"].append(entry)
             entry["size_bytes"], entry["stage"] = share, [first, last]
 

@@ -270,12 +270,14 @@ class Proxy:
                 resp = await self._open(route, ask.target, body, ask.headers)
             except UpstreamUnavailable as exc:
                 log.warning("server %s of this model is unavailable: %s", route.node_id, exc)
+                trace.server_failed(route.node_id)
                 if not last:
                     trace.skipped()
                 continue
             try:
                 whole = await self._relay(resp, send, route.node_id, ask.stops, trace, transcript)
             except _NothingSent as exc:  # a whole answer cut off before its head went on: asked again, whole
+                trace.server_failed(route.node_id)
                 if last:
                     raise HttpError(502, "the model's server failed mid-answer; retry") from exc
                 trace.skipped()
@@ -283,6 +285,7 @@ class Proxy:
             finally:
                 await resp.aclose()
             if not whole:  # a stream that broke off: go on on another server, or end it with the error event
+                trace.server_failed(route.node_id)
                 await self._go_on(ask, transcript, {route.node_id}, send, trace)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
@@ -321,6 +324,7 @@ class Proxy:
                 await resp.aclose()
             if whole:
                 return
+            trace.server_failed(node_id)
         trace.finish("upstream_error")
         msg = "the model's server failed mid-stream; the response is incomplete"
         await send({"type": "http.response.body", "body": sse_error_event(self.flavor, msg, "upstream_failed"),

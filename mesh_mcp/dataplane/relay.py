@@ -5,6 +5,10 @@ llama-server connects to the relay's local port (`--rpc 127.0.0.1:PORT`); each c
 connection to the worker's data plane: TLS and the mesh handshake (`tls.py`), the request for the target
 (`services.py`), then the splice (`splice.py`). The relay's local port accepts any local process, as
 llama.cpp's own RPC on 127.0.0.1 does.
+
+The host's side of the data plane's traffic (`host_bytes`): every relay a node starts counts into that node's
+`HostBytes` by the worker it reaches, live while it runs and kept once it closes, so the node's metrics show the
+bytes a split host moved to and from each worker (the worker counts its side in `DataPlaneServer.peer_bytes`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +31,64 @@ from mesh_mcp.mesh.identity import Identity
 from mesh_mcp.mesh.tokens import split_address
 
 log = logging.getLogger("mesh_llm.dataplane")
+
+MAX_WORKERS = 1024  # workers whose closed relays' bytes a host keeps (the oldest forgotten past it)
+
+
+class HostBytes:
+    """One host node's plaintext RPC bytes through its relays, by worker node id: `(in, out)` as this node sees
+    them — answers received from the worker's rpc-server, requests sent to it. Relays running count live; a
+    closed relay's bytes are folded in (at most `MAX_WORKERS` workers kept). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[Relay] = set()
+        self._closed: dict[str, tuple[int, int]] = {}
+
+    def started(self, relay: Relay) -> None:
+        with self._lock:
+            self._running.add(relay)
+
+    def closed(self, relay: Relay) -> None:
+        """`relay` closed (its tunnels' threads joined): its bytes are kept under its worker."""
+        with self._lock:
+            if relay not in self._running:
+                return
+            self._running.discard(relay)
+            worker, got = relay.worker, (relay.counters.from_rpc_server, relay.counters.to_rpc_server)
+            if worker is None or got == (0, 0):
+                return
+            was = self._closed.pop(worker, (0, 0))
+            self._closed[worker] = (was[0] + got[0], was[1] + got[1])  # re-inserted: the newest
+            while len(self._closed) > MAX_WORKERS:
+                del self._closed[next(iter(self._closed))]
+
+    def by_worker(self) -> dict[str, tuple[int, int]]:
+        """(bytes in, bytes out) by worker node id, relays running and closed together."""
+        with self._lock:
+            out = dict(self._closed)
+            running = [(r.worker, r.counters) for r in self._running]
+        for worker, counters in running:
+            if worker is not None:
+                was = out.get(worker, (0, 0))
+                out[worker] = (was[0] + counters.from_rpc_server, was[1] + counters.to_rpc_server)
+        return out
+
+
+_HOSTS: dict[str, HostBytes] = {}  # by host node id: one per identity that started a relay in this process
+_HOSTS_LOCK = threading.Lock()
+
+
+def _host(node_id: str) -> HostBytes:
+    with _HOSTS_LOCK:
+        return _HOSTS.setdefault(node_id, HostBytes())
+
+
+def host_bytes(node_id: str) -> dict[str, tuple[int, int]]:
+    """The data-plane bytes node `node_id` moved as a split's host, by worker: (in, out); empty if it hosts none."""
+    with _HOSTS_LOCK:
+        found = _HOSTS.get(node_id)
+    return found.by_worker() if found is not None else {}
 
 
 class Relay(Listener):
@@ -61,9 +124,23 @@ class Relay(Listener):
         self.failures = 0
         self._ctx = client_context()
 
+    @property
+    def worker(self) -> str | None:
+        """The worker's node id: the one expected, else the one that authenticated (None before any did)."""
+        return self.expect_node_id or (self.peer.node_id if self.peer is not None else None)
+
     async def start(self) -> int:
         """Listen on 127.0.0.1; returns the port to give llama-server (`--rpc 127.0.0.1:PORT`)."""
-        return self._listen("127.0.0.1", self.requested_port)
+        port = self._listen("127.0.0.1", self.requested_port)
+        _host(self.identity.node_id).started(self)
+        return port
+
+    async def close(self) -> None:
+        """Close as every listener does (tunnels ended, their threads joined); its bytes stay counted."""
+        try:
+            await super().close()
+        finally:
+            _host(self.identity.node_id).closed(self)
 
     async def __aenter__(self) -> Relay:
         await self.start()

@@ -15,7 +15,10 @@ A member syncs with each member it has not synced with yet (a node that joined, 
 with one random member every SYNC_S seconds; a client syncs with the members it is connected to.
 
 For the node's metrics it keeps, per member, when the last exchange with it completed (either side opened it), and
-gives the time since as `blackboard_sync_age_s` in that member's row of `Mesh.peer_table`.
+gives the time since as `blackboard_sync_age_s` in that member's row of `Mesh.peer_table`; and the newest post this
+node holds (read from the store at start and every `NEWEST_REFRESH_S`, so expiry shows; raised by each post accepted
+in between), whose age `blackboard_newest_post_age_s` in this node's own row gives: how far behind the mesh's
+newest writes this node's copy may be.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import anyio
 
 from blackboard.board import Board
-from blackboard.post import Post
+from blackboard.post import TTL_S, Post
 from blackboard.sync import (
     MAX_BUCKETS,
     SYNC_S,
@@ -53,6 +56,7 @@ WATCH_S = 0.5  # how often membership is checked for nodes to sync with
 SUBSCRIPTION_S = 30.0  # a client stays subscribed this long after its last sync
 PUSH_RETRY_S = (0.1, 0.4, 0.0)  # a failed push is tried three times
 SYNC_TIMEOUT_S = 30.0  # one anti-entropy exchange, dial included
+NEWEST_REFRESH_S = 60.0  # the newest post held is re-read from the store this often (one indexed row: cheap)
 
 
 class BoardLink:
@@ -62,15 +66,32 @@ class BoardLink:
         self._subscribers: dict[str, float] = {}  # client node id -> last sync
         self._synced: set[str] = set()
         self._last_sync: dict[str, float] = {}  # member -> when an exchange with it last completed (monotonic)
+        self._newest: float | None = None  # `created` of the newest post held (unix s, its origin's clock)
         self._tg: anyio.abc.TaskGroup | None = None
         mesh.transport.handlers.update({"bb": self._on_push, "bb-sync": self._on_sync})
         mesh.peer_stats["blackboard_sync_age_s"] = self.sync_ages
+        mesh.own_stats["blackboard_newest_post_age_s"] = self.newest_post_age
         board.on_accept = self._accepted
 
     def sync_ages(self) -> dict[str, float]:
         """Seconds since the last completed sync exchange with each member synced with (members only: bounded)."""
         now = self.mesh.clock.monotonic()
         return {node_id: max(0.0, now - at) for node_id, at in list(self._last_sync.items())}
+
+    def newest_post_age(self) -> float | None:
+        """Seconds since the newest post this node holds was written (0 for one dated ahead, within the skew posts
+        may have); None while it holds none."""
+        if self._newest is None:
+            return None
+        return min(max(0.0, self.mesh.clock.time() - self._newest), TTL_S)
+
+    async def _read_newest(self) -> None:
+        try:
+            newest = await self.board.feed(limit=1)
+        except MeshLLMError as exc:  # the store failed (a full disk): the age stays as it was, the link goes on
+            log.debug("blackboard: reading the newest post failed: %s", exc)
+            return
+        self._newest = newest[0].created if newest else None
 
     @property
     def _client(self) -> bool:
@@ -81,6 +102,8 @@ class BoardLink:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             next_random = clock.monotonic() + SYNC_S
+            await self._read_newest()
+            next_newest = clock.monotonic() + NEWEST_REFRESH_S
             while True:
                 await clock.sleep(WATCH_S)
                 peers = self._sync_peers()
@@ -93,6 +116,9 @@ class BoardLink:
                 if peers and clock.monotonic() >= next_random:
                     next_random = clock.monotonic() + SYNC_S
                     tg.start_soon(self._sync_with, self._rng.choice(peers))
+                if clock.monotonic() >= next_newest:
+                    next_newest = clock.monotonic() + NEWEST_REFRESH_S
+                    await self._read_newest()
 
     def _members(self) -> list[str]:
         me = self.mesh.identity.node_id
@@ -107,6 +133,8 @@ class BoardLink:
     # --- push ---------------------------------------------------------------------------------------
 
     def _accepted(self, post: Post, sender: str | None) -> None:
+        if self._newest is None or post.created > self._newest:
+            self._newest = post.created
         if self._tg is None:
             return
         now = self.mesh.clock.monotonic()

@@ -124,7 +124,8 @@ class Connection(QuicConnectionProtocol):
         self.peer: hs.Peer | None = None
         self.authenticated = asyncio.Event()
         self.closed_event = asyncio.Event()
-        self._stream_closed: dict[int, asyncio.Event] = {}
+        self._stream_closed: dict[int, asyncio.Event] = {}  # streams served here whose handler asked or was told
+        self._serving: set[int] = set()  # ids of the streams the peer opened whose handler has not ended
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshake_started = False
         self.remote: str = ""
@@ -158,29 +159,56 @@ class Connection(QuicConnectionProtocol):
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamReset):
-            reader = self._stream_readers.get(event.stream_id)
+            reader = self._stream_readers.pop(event.stream_id, None)  # nothing more comes on it
             if reader is not None:
                 reader.set_exception(ConnectionResetError("stream reset by peer"))
-            self.stream_closed(event.stream_id).set()
+            self._mark_closed(event.stream_id)
         elif isinstance(event, events.StopSendingReceived):
-            self.stream_closed(event.stream_id).set()  # the requester stopped reading: it went away
+            self._mark_closed(event.stream_id)  # the requester stopped reading: it went away
         elif isinstance(event, events.ConnectionTerminated):
             self.close_reason = self.close_reason or event.reason_phrase
             for writer in self._writers:
                 writer.transport._closing = True  # type: ignore[attr-defined]  # nothing left to flush
-            for stream_id, reader in self._stream_readers.items():
+            for reader in self._stream_readers.values():
                 reader.set_exception(ConnectionResetError(f"connection closed: {event.reason_phrase}"))
-                self.stream_closed(stream_id).set()
+            self._stream_readers.clear()
+            for closed in self._stream_closed.values():
+                closed.set()
             self.closed_event.set()
             owner = getattr(self, "transport_owner", None)
             if owner is not None:
                 owner._forget(self)
             return
         super().quic_event_received(event)
+        if isinstance(event, events.StreamDataReceived) and event.end_stream:
+            # aioquic keeps a stream's reader for the connection's life (`_stream_readers`, never emptied): one per
+            # gossip round, ping and request, for as long as two members stay connected — measured by the 30-minute
+            # soak (bench/p18_soak.py) as the long-lived nodes' memory growth. Its last byte is here (QUIC delivers
+            # nothing after the FIN): whoever reads it holds the reader; the connection no longer needs to.
+            self._stream_readers.pop(event.stream_id, None)
 
     def stream_closed(self, stream_id: int) -> asyncio.Event:
-        """Set when the peer resets the stream or the connection dies (not on a clean EOF)."""
+        """Set when the peer resets the stream or the connection dies (not on a clean EOF). Asked of a stream this
+        node serves (the event is dropped when its handler ends); on a connection already over, a set event."""
+        if self.closed_event.is_set():
+            done = asyncio.Event()
+            done.set()
+            return done
         return self._stream_closed.setdefault(stream_id, asyncio.Event())
+
+    def streams_held(self) -> int:
+        """What this connection keeps per stream (readers, served streams, their closed events): only the streams
+        still in use, however many came and went (tests/test_quic.py)."""
+        return len(self._stream_readers) + len(self._serving) + len(self._stream_closed)
+
+    def _mark_closed(self, stream_id: int) -> None:
+        """The peer reset or stopped `stream_id`: tell its handler — one that asked (`stream_closed`) or one about to
+        (a stream being served). A stream this node opened has no handler here: nothing is kept for it."""
+        closed = self._stream_closed.get(stream_id)
+        if closed is None and stream_id in self._serving:
+            closed = self._stream_closed[stream_id] = asyncio.Event()
+        if closed is not None:
+            closed.set()
 
     def reset(self, writer: asyncio.StreamWriter) -> None:
         """Abandon a stream both ways: RESET_STREAM for what we send, STOP_SENDING for what we read (after our FIN
@@ -203,6 +231,7 @@ class Connection(QuicConnectionProtocol):
         self.quic_event_received(events.ConnectionTerminated(error_code=0, frame_type=None, reason_phrase=reason))
 
     def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._serving.add(writer.get_extra_info("stream_id"))
         task = asyncio.get_running_loop().create_task(self._serve_stream(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -213,7 +242,9 @@ class Connection(QuicConnectionProtocol):
                 await serve_stream(self, self.transport_owner.handlers, reader, writer)
         finally:
             close_quietly(writer)
-            self._stream_closed.pop(writer.get_extra_info("stream_id"), None)  # one per served stream, not forever
+            stream_id = writer.get_extra_info("stream_id")
+            self._serving.discard(stream_id)
+            self._stream_closed.pop(stream_id, None)  # one per served stream, not forever
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """A stream on a connection not yet authenticated: the server's first is the handshake (served here, then

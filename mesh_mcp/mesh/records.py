@@ -24,11 +24,15 @@ the rebalancing rule of serving/assign.py; absent when 0, unknown), and `stages`
 [node id, first layer, last layer]: every console shows where the split runs; absent for solo), `tps` and `ptps`
 (its measured and its predicted decode speed in tenths of a token/s — serving/throughput.py, the planner; absent
 while unknown), `shards` (an expert-sharded model's shards as the coordinator placed them: [node id, experts, top-1
-agreement in thousandths or -1 while unmeasured, quality gate 1 passed / 0 failed / -1 not yet]; absent otherwise).
+agreement in thousandths or -1 while unmeasured, quality gate 1 passed / 0 failed / -1 not yet]; absent otherwise),
+`ok` and `err` (requests its server answered since the node started: those that ended well, and those that ended in
+an error, whichever node they entered by — metrics/families.py `served`: every node's `top` and console show each
+server's errors; each absent when 0, at most 2^53 - 1 so a browser reads it exactly; re-signed with `in_flight`,
+never per request).
 `demand` (the origin's published demand view, issue 14: which models it wants and how hot they are) is optional
 too, absent when empty, present never empty; its form and its one strict parser are `demand_wire.py`'s.
 
-Size: one responsibility earns this module's length (about 490 lines): the signed record format — its fields and
+Size: one responsibility earns this module's length (about 690 lines): the signed record format — its fields and
 their limits, the canonical signing form and the strict parser that enforces the same limits.
 """
 
@@ -92,11 +96,13 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp", "demand"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
-_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots", "stages", "tps", "ptps", "shards"})
+_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots", "stages", "tps", "ptps", "shards", "ok", "err"})
 MAX_SHARDS = 32  # shards of one expert-sharded model a record lists
-_SERVED_INTS = ("bytes", "ctx", "slots", "tps", "ptps")  # optional counts: `==` takes 1.0 for 1, the cache must not
+# optional counts: `==` takes 1.0 for 1, the cache must not
+_SERVED_INTS = ("bytes", "ctx", "slots", "tps", "ptps", "ok", "err")
 MAX_TPS = 10_000_000  # a decode speed in tenths of a token/s: 1 M tok/s is past any real server
 MAX_STAGES = 32  # stages of one split a record lists
+MAX_REQUESTS = (1 << 53) - 1  # a served model's request counts (ok, err): exact as a JavaScript number
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,8 @@ class ServedModel:
     tps: int = 0  # measured decode speed, tenths of a token/s (serving/throughput.py); 0: not measured yet
     ptps: int = 0  # the planner's predicted decode speed, tenths of a token/s; 0: no prediction
     shards: tuple[tuple[str, int, int, int], ...] = ()  # expert shards: (node id, experts, agreement ‰ | -1, gate)
+    ok: int = 0  # requests its server answered well since the node started (metrics/families.py `served`)
+    err: int = 0  # requests its server answered that ended in an error (client_error or upstream_error)
     extra: tuple[tuple[str, str], ...] = ()  # fields of a newer version: (name, canonical JSON), sorted, signed
 
 
@@ -193,7 +201,7 @@ def verify(record: NodeRecord) -> None:
         Ed25519PublicKey.from_public_bytes(record.public_key).verify(record.signature, signing_bytes(record))
     except (InvalidSignature, ValueError) as exc:
         raise ProtocolError(f"node record {record.node_id!r} v{record.version}: bad signature") from exc
-    _remember(_VERIFIED, record.signature, record)
+    _remember(_VERIFIED, record, record)
 
 
 def signing_bytes(record: NodeRecord) -> bytes:
@@ -205,17 +213,43 @@ def signing_bytes(record: NodeRecord) -> bytes:
 # Gossip handles the same record many times (from several peers, in many messages, and on every
 # node of a simulation). These caches are keyed by the signature and hold the record: a record
 # *equal* to one that was verified, or a wire object equal to one that was parsed, needs no work.
-_CACHE_SIZE = 16384
+# Only an origin's latest records are handled again (a newer one supersedes the rest), so each origin
+# keeps its last `_PER_ORIGIN`: the caches follow the mesh's size, not the time it has run. (A cache of
+# the last 16384 records by age grew a 4-node mesh's long-lived nodes by ~1 MiB every 4 minutes, ~25 MiB
+# at its bound — the 30-minute soak, bench/p18_soak.py, saw it as growth.)
+_PER_ORIGIN = 4
+_MAX_ORIGINS = 8192  # as many members as one digest lists (gossip_wire.MAX_ROWS)
 _VERIFIED: dict[bytes, NodeRecord] = {}
 _Entry = tuple[NodeRecord, dict[str, Any], int]  # a record, its wire form, the length of its JSON
 _WIRE: dict[bytes, _Entry] = {}  # by signature
 _PARSED: dict[str, _Entry] = {}  # by signature in base64, as on the wire
+_BY_ORIGIN: dict[str, list[bytes]] = {}  # node id -> the signatures cached for it, oldest first
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= _CACHE_SIZE:
-        del cache[next(iter(cache))]  # oldest first
-    cache[key] = value
+def _remember(cache: dict[Any, Any], record: NodeRecord, value: Any, key: Any = None) -> None:
+    """Cache `value` under `key` (default: the record's signature), dropping what the record's origin had
+    beyond its last `_PER_ORIGIN` records, and the oldest origin's beyond `_MAX_ORIGINS` origins."""
+    cache[record.signature if key is None else key] = value
+    kept = _BY_ORIGIN.pop(record.node_id, None) or []
+    _BY_ORIGIN[record.node_id] = kept  # the most recently seen origin last
+    if record.signature not in kept:
+        kept.append(record.signature)
+    while len(kept) > _PER_ORIGIN:
+        _forget(kept.pop(0))
+    while len(_BY_ORIGIN) > _MAX_ORIGINS:
+        for signature in _BY_ORIGIN.pop(next(iter(_BY_ORIGIN))):
+            _forget(signature)
+
+
+def _forget(signature: bytes) -> None:
+    _VERIFIED.pop(signature, None)
+    if (entry := _WIRE.pop(signature, None)) is not None:
+        _PARSED.pop(entry[1]["signature"], None)
+
+
+def cached_records() -> int:
+    """How many records the caches hold (tests: they follow the origins, not the records ever seen)."""
+    return len(_VERIFIED.keys() | _WIRE.keys())
 
 
 def supersedes(new: NodeRecord, old: NodeRecord | None) -> bool:
@@ -290,6 +324,10 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
         out["ptps"] = m.ptps
     if m.shards:
         out["shards"] = [list(sh) for sh in m.shards]
+    if m.ok:
+        out["ok"] = m.ok
+    if m.err:
+        out["err"] = m.err
     out.update((key, json.loads(value)) for key, value in m.extra)
     return out
 
@@ -320,8 +358,8 @@ def encoded_size(obj: dict[str, Any]) -> int:
 def _cache_wire(record: NodeRecord) -> _Entry:
     wire = to_wire(record)
     entry = (record, wire, len(json.dumps(wire, separators=(",", ":"))))
-    _remember(_WIRE, record.signature, entry)
-    _remember(_PARSED, wire["signature"], entry)
+    _remember(_WIRE, record, entry)
+    _remember(_PARSED, record, entry, key=wire["signature"])
     return entry
 
 
@@ -404,6 +442,9 @@ def _served(obj: object) -> ServedModel:
     for key in ("tps", "ptps"):
         if key in obj and type(obj[key]) is int and obj[key] > MAX_TPS:
             raise ProtocolError(f"node record: a served model's {key} must be at most {MAX_TPS}")
+    for key in ("ok", "err"):
+        if key in obj and type(obj[key]) is int and obj[key] > MAX_REQUESTS:
+            raise ProtocolError(f"node record: a served model's {key} must be at most {MAX_REQUESTS}")
     return ServedModel(
         name=_str(obj, "name", MAX_NAME),
         state=_str(obj, "state", 16),
@@ -416,6 +457,8 @@ def _served(obj: object) -> ServedModel:
         tps=_positive(obj, "tps") if "tps" in obj else 0,
         ptps=_positive(obj, "ptps") if "ptps" in obj else 0,
         shards=_shards(obj["shards"]) if "shards" in obj else (),
+        ok=_positive(obj, "ok") if "ok" in obj else 0,
+        err=_positive(obj, "err") if "err" in obj else 0,
         extra=extra,
     )
 
@@ -601,6 +644,7 @@ def _problem(r: NodeRecord) -> str:
             or type(m.slots) is not int
             or not 0 <= m.slots <= MAX_SLOTS
             or any(type(v) is not int or not 0 <= v <= MAX_TPS for v in (m.tps, m.ptps))
+            or any(type(v) is not int or not 0 <= v <= MAX_REQUESTS for v in (m.ok, m.err))
         ):
             return f"served model {m!r:.160} is invalid (state must be one of {sorted(MODEL_STATES)})"
     for key in ("capacity_bytes", "in_flight", "version"):

@@ -44,7 +44,16 @@ from .keys import Keys
 from .liveness import SEND_TIMEOUT_S, Liveness
 from .meshfile import MeshConfig
 from .quic import MeshTransport
-from .records import MAX_MODELS, NodeRecord, ServedModel, expert_shards, split_stages, tenths, unsigned
+from .records import (
+    MAX_MODELS,
+    MAX_REQUESTS,
+    NodeRecord,
+    ServedModel,
+    expert_shards,
+    split_stages,
+    tenths,
+    unsigned,
+)
 from .rtt import RttTable
 from .tokens import InviteToken, encode
 from .transport import PeerConnection, TransportFactory
@@ -283,7 +292,8 @@ class Mesh:
         return served_models(self.state, MAX_MODELS)
 
     def _sync_record(self, now: float) -> None:
-        """Re-sign our record when what we serve changed (in-flight counts at most once a second)."""
+        """Re-sign our record when what we serve changed (in-flight and answered-request counts, decode speeds: at
+        most once an `IN_FLIGHT_PUBLISH_S`)."""
         assert self.gossip is not None
         on_disk = self.state.models_on_disk[:256]
         if on_disk != self.gossip.me.models_on_disk:
@@ -459,7 +469,10 @@ class Mesh:
 
 
 def served_models(state: NodeState, limit: int) -> tuple[ServedModel, ...]:
-    """This node's models as its record says them, from its live state (at most `limit`; stopped ones left out)."""
+    """This node's models as its record says them, from its live state (at most `limit`; stopped ones left out),
+    with the requests their servers answered (`state.served`, the node's metrics). Those counts change with every
+    request but reach the record only as `in_flight` does (`_sync_record`: at most once an `IN_FLIGHT_PUBLISH_S`)."""
+    answered = state.served()
     return tuple(
         ServedModel(
             m.name[:128],
@@ -473,6 +486,8 @@ def served_models(state: NodeState, limit: int) -> tuple[ServedModel, ...]:
             tenths(m.measured_tok_s),
             tenths((m.placement or {}).get("predicted_tok_s")),
             expert_shards(m.placement),
+            min(answered.get(m.name[:128], (0, 0))[0], MAX_REQUESTS),
+            min(answered.get(m.name[:128], (0, 0))[1], MAX_REQUESTS),
         )
         for m in list(state.models.values())
         if m.state != "stopped"

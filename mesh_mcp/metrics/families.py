@@ -16,6 +16,12 @@ Per model:
 `tunnelled` (this node served a peer's client) or `none` (refused before a server was chosen). A request crossing
 two nodes is counted on both, once as `remote` and once as `tunnelled`: a mesh-wide sum leaves one of them out.
 
+Besides the families, `served()` tallies per model the requests this node's own llama-server answered last (the
+response head came from it: `Trace.close`), whichever node they entered by: ok, and errors (`client_error` or
+`upstream_error`). The node's signed record carries them (`ServedModel.ok`/`err`, mesh/records.py) so every node's
+`top` and console show each server's errors; `metrics_of(node)` gives the node's state the reader (`NodeState.served`),
+so the mesh layer reads them without importing this module.
+
 Label cardinality is bounded: a `model` label is only ever a name routing resolved (one the mesh serves, never one
 a client made up), at most `MAX_MODEL_LABELS` of them; any other is `other`.
 """
@@ -83,6 +89,7 @@ class NodeMetrics:
             registry=reg,
         )
         self._models: set[str] = set()
+        self._served: dict[str, tuple[int, int]] = {}  # model label -> (ok, errors) answered by this node's server
         self._lock = threading.Lock()
 
     def model_label(self, name: str | None) -> str:
@@ -102,6 +109,19 @@ class NodeMetrics:
     def failover(self, model: str | None, stage: Stage) -> None:
         """A request of `model` went on on another server (`stage`: before it answered, or mid-stream)."""
         self.failovers.labels(self.model_label(model), stage).inc()
+
+    def served_here(self, label: str, result: Result) -> None:
+        """A request this node's own llama-server answered ended with `result` (`label`: a `model_label`)."""
+        if result == "cancelled":
+            return
+        with self._lock:
+            ok, err = self._served.get(label, (0, 0))
+            self._served[label] = (ok + 1, err) if result == "ok" else (ok, err + 1)
+
+    def served(self) -> dict[str, tuple[int, int]]:
+        """Per model label: (ok, errors) of the requests this node's own llama-server answered since it started."""
+        with self._lock:
+            return dict(self._served)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per model label: requests by result, in flight and tokens out, summed over routes but `tunnelled` (so a
@@ -126,4 +146,6 @@ def metrics_of(node: object) -> NodeMetrics:
     if found is None:
         found = _BY_NODE[id(node)] = NodeMetrics()
         weakref.finalize(node, _BY_NODE.pop, id(node), None)
+        if hasattr(node, "served"):  # a NodeState: its record reads what its servers answered from here
+            node.served = found.served
     return found

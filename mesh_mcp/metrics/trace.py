@@ -43,6 +43,7 @@ class Trace:
         self._tap: Tap | None = None
         self._fed_at: float | None = None  # the last chunk of a stream fed, while its final event is stamped
         self._closed = False
+        self._own_failed = False  # this node's own server failed it (counted once, as its error)
 
     # --- the points the proxy passes -------------------------------------------------------------------
 
@@ -59,6 +60,14 @@ class Trace:
     def skipped(self) -> None:
         """The server asked failed before answering; the next one will be."""
         self.metrics.failover(self.model, "before_answer")
+
+    def server_failed(self, node_id: str) -> None:
+        """`node_id`'s server failed this request: it could not be reached, or it broke off mid-answer (the request
+        may go on elsewhere). An error of that server: counted here when it is this node's own (a peer counts its
+        own), once, whatever serves the rest."""
+        if node_id == self.node_id and not self._own_failed:
+            self._own_failed = True
+            self.metrics.served_here(self.model, "upstream_error")
 
     def answered(self, node_id: str, headers: Iterable[tuple[bytes, bytes]]) -> Headers:
         """The response head of `node_id`'s server arrived; its headers less the timing ones (this node
@@ -112,6 +121,8 @@ class Trace:
         result = self.result or "cancelled"
         m, labels = self.metrics, (self.model, self.route)
         m.requests.labels(*labels, result).inc()
+        if self.served_by == self.node_id and not self._own_failed:  # this node's own llama-server answered it
+            m.served_here(self.model, result)
         if self.route != "none":
             m.in_flight.labels(*labels).dec()
         if self.t_first is not None:
