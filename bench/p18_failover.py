@@ -149,8 +149,8 @@ def main() -> None:
                     pairs = zip(row["text"], reference["text"], strict=False)
                     at = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
                     at = min(len(row["text"]), len(reference["text"])) if at is None else at
-                    print(f"  differs at char {at}: {row['text'][at - 20 : at + 30]!r} vs "
-                          f"{reference['text'][at - 20 : at + 30]!r}")  # fmt: skip
+                    print(f"  differs at char {at}: {row['text'][max(0, at - 20) : at + 30]!r} vs "
+                          f"{reference['text'][max(0, at - 20) : at + 30]!r}")  # fmt: skip
                 rows.append(row)
                 print(
                     f"run {run + 1}: killed at token {kill_at}, pause {row['pause_s']:.2f} s, "

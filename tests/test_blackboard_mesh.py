@@ -168,7 +168,8 @@ def test_restart_keeps_posts_and_a_node_that_was_away_catches_up(spawn: Spawn) -
     b.wait_for("up", lambda s: bool(s.get("invite_token")), timeout=60)
     assert any(p["id"] == first for p in posts(b, q="cache")), "posts survive a restart"
     wait_found(b, "gossip UDP", missed, timeout=20)  # the digest exchange on reconnect brings it
-    assert "synced with" in a.log() + b.log()
+    # the exchange is logged once it completed, after it stored what it brought: a bounded wait, not a read
+    b.wait_for("a sync logged", lambda s: "synced with" in a.log() + b.log(), timeout=30)
     assert "Traceback" not in b.log() and "Error" not in b.log(), b.log()
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import signal
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,9 @@ def test_three_node_split_answers_like_solo_and_moves_no_weights(spawn: Spawn, s
 
 def test_a_killed_workers_stream_goes_on_after_the_replan_and_the_model_serves_again(spawn: Spawn) -> None:
     """Issue 18: the split's host re-plans without the dead worker, and the stream cut by its death goes on there
-    (the entry node waits while routing says the model is coming back), ending as a stream ends, not in error."""
+    (the entry node waits while routing says the model is coming back), ending as a stream ends, not in error, with
+    the uninterrupted run's text (temperature 0; `cache_prompt: false` so neither run is evaluated from llama-server's
+    prompt cache, which changes greedy answers: llama.cpp #28527, docs/notes/llama.cpp.md)."""
     host = spawn("--mesh-host", "127.0.0.2", "--model", SMOLLM, "--split", "2", "--name", "host", name="host")
     token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
     w1 = member(spawn, "w1", "127.0.0.3", token)
@@ -100,24 +102,27 @@ def test_a_killed_workers_stream_goes_on_after_the_replan_and_the_model_serves_a
         n for n in (w1, w2) if n.status()["node_id"] in {s["node_id"] for s in serving(host)["placement"]["stages"]}
     )
     assert victim.proc is not None
-    with httpx2.stream(
-        "POST",
-        host.api + "/v1/completions",
-        json={"model": SMOLLM, "prompt": "Count:", "max_tokens": 300, "stream": True, "temperature": 0},
-        timeout=60,
-    ) as r:
+    body = {"model": SMOLLM, "prompt": "Count:", "max_tokens": 120, "stream": True, "temperature": 0}
+    body |= {"cache_prompt": False}
+
+    def text_of(lines: list[str]) -> str:
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        return "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+
+    with httpx2.stream("POST", host.api + "/v1/completions", json=body, timeout=60) as r:
+        reference = text_of(list(r.iter_lines()))
+    assert len(reference) > 20, reference
+    with httpx2.stream("POST", host.api + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
-        assert any(line.startswith("data:") for line in lines)
+        first = next(line for line in lines if line.startswith("data: {"))
         os.killpg(victim.proc.pid, signal.SIGKILL)
-        rest = "\n".join(lines)
-    assert '"error"' not in rest and rest.rstrip().endswith("data: [DONE]"), rest[-2000:]
+        rest = list(lines)
+    joined = "\n".join(rest)
+    assert '"error"' not in joined and joined.rstrip().endswith("data: [DONE]"), joined[-2000:]
     host.wait_log(r"a stream of .* goes on on node [0-9a-f]{16} after \d+ tokens", timeout=5)
-    start = time.monotonic()
-    time.sleep(1)
+    assert text_of([first, *rest]) == reference
     serving(host, timeout=120)
-    recovered = time.monotonic() - start
     assert complete(host, "Hello", 4)
-    assert recovered < 120
 
 
 def test_gemma_two_node_split_answers_like_solo(spawn: Spawn, gemma: Path) -> None:
