@@ -68,8 +68,8 @@ def parse_models(body: object) -> list[MeshModel]:
     data = body.get("data") if isinstance(body, dict) else None
     out: list[MeshModel] = []
     for entry in data if isinstance(data, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or entry.get("pseudo") is True:
+            continue  # not a model, or the `auto` pseudo-model (a launcher names a real one)
         caps = entry.get("capabilities")
         tools = caps.get("tools") if isinstance(caps, dict) else None
         size = entry.get("size_bytes")

@@ -115,7 +115,11 @@ def test_unknown_endpoint_and_wrong_method() -> None:
 
 def test_models_endpoint_shows_states() -> None:
     data = get(make_node(a="serving", b="loading"), "/v1/models").json()["data"]
-    assert [(m["id"], m["state"], m["object"]) for m in data] == [("a", "serving", "model"), ("b", "loading", "model")]
+    assert [(m["id"], m["state"], m["object"]) for m in data] == [
+        ("a", "serving", "model"),
+        ("b", "loading", "model"),
+        ("auto", "auto", "model"),  # the pseudo-model (api/auto.py), last: `data[0]` is a real one
+    ]
     assert get(make_node(a="serving"), "/v1/models/a").json()["id"] == "a"
     assert get(make_node(a="serving"), "/v1/models/b").status_code == 404
 

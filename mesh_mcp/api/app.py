@@ -1,6 +1,7 @@
 """The node's API on :9337: OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
 `/v1/models`) and Anthropic (`/v1/messages`), proxied (`proxy.Proxy`) to the llama-server that serves the model the
-request names; `/v1/models` lists what the mesh serves.
+request names; `/v1/models` lists what the mesh serves and, once it lists any, the `auto` pseudo-model last
+(`api/auto.py`: a request naming `auto`, or no model, gets a serving model chosen per request).
 
 The app's one error boundary: a handler (or the proxy) that cannot answer raises `errors.HttpError`, and the
 exception handlers here answer it, and unknown endpoints and methods, in the API's own shape — Anthropic's under
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
+from mesh_mcp.api import auto
 from mesh_mcp.api.checks import Flavor
 from mesh_mcp.api.directory import Directory, Solo
 from mesh_mcp.api.errors import HttpError, error_response
@@ -58,6 +60,10 @@ def build_api(
             if r.state == SERVING:
                 entry["state"] = SERVING
             _add_facts(entry, r.tools, r.size_bytes, r.ctx)
+        if out:  # after the real models, so that a client taking the first entry gets one of them
+            out.pop(auto.AUTO, None)  # reserved: a model served under that name is reached only as the pseudo-model
+            tools = any(e["state"] == SERVING and e["capabilities"].get("tools") for e in out.values())
+            out[auto.AUTO] = _auto_entry(node.started_at, tools)
         return out
 
     async def models(request: Request) -> HTTPResponse:
@@ -123,6 +129,15 @@ def _model_entry(name: str, created: float, state: str, nodes: list[str]) -> dic
         "nodes": nodes,
         "capabilities": {},
     }
+
+
+def _auto_entry(created: float, tools: bool) -> dict[str, Any]:
+    """The `auto` pseudo-model: not served by any node (its `state` is "auto", never "serving"), it picks one. It
+    can call tools when a serving model can (a request with tools gets one of those)."""
+    entry = _model_entry(auto.AUTO, created, auto.AUTO, [])
+    entry["capabilities"]["tools"] = tools
+    entry |= {"pseudo": True, "description": auto.DESCRIPTION}
+    return entry
 
 
 def _add_facts(entry: dict[str, Any], tools: bool | None, size_bytes: int, ctx: int = 0) -> None:

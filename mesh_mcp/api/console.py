@@ -14,13 +14,23 @@ for a request the guard found local, never in `/api/events`. Both carry `mesh` (
 models and links. The chat is under the console's guard (Host, Origin, key; the API's body limit), never CORS-open.
 
 The app's one error boundary (`_answer_error`): handlers raise `errors.HttpError` or the project's own errors
-(a refused post, a control that failed), answered in the console's plain shape with the status each one means.
+(a refused post, a control that failed), answered in the console's plain shape with the status each one means;
+Starlette's own 404 (no such route) and 405 (a route that takes other methods, with `Allow`) are answered in the
+same JSON shape (`_answer_http`), never as plain text.
+
+Compatibility aliases (the reference implementation's console API, so its scripts and dashboards run unchanged):
+`POST /api/blackboard/post` (`{"text", "from"?}` → the post, with its `id`), `GET /api/blackboard/feed?limit=&from=
+&since=` and `GET /api/blackboard/search?q=&limit=&since=` (bare JSON arrays; `since` is unix seconds there). They are
+thin adapters over the same `Board` calls, guards and limits as `/api/blackboard`; each post they return also carries
+the reference's `from`, `peer_id` and `timestamp` (`compat_post`). The status carries the reference's `llama_ready`
+(`llama_ready`) and, for a local request only (exactly where `invite_token` is), `token`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -28,19 +38,21 @@ from typing import Any, Protocol
 import anyio
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from blackboard.board import Board
+from blackboard.board import MAX_RESULTS, Board
+from blackboard.post import TTL_S, Post
 from mesh_mcp.api.errors import HttpError, error_response
 from mesh_mcp.api.middleware import is_local
 from mesh_mcp.errors import BlackboardDiskFull, BlackboardError, MeshLLMError, PostTooLarge, RateLimited
 from mesh_mcp.jsonlimits import JsonRejected, parse
 from mesh_mcp.metrics import CONTENT_TYPE as METRICS_TYPE
 from mesh_mcp.metrics import metrics_of, scrape
-from mesh_mcp.state import NodeState
+from mesh_mcp.state import SERVING, NodeState
 
 KEEPALIVE_S = 15
 WATCH_S = 2.0  # how often an open /api/events stream looks for changes gossip made (a member died, an RTT moved)
@@ -75,10 +87,18 @@ def requests_field(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, 
     return {model: {key: int(row.get(key, 0)) for key in REQUEST_KEYS} for model, row in sorted(summary.items())}
 
 
+def llama_ready(snap: dict[str, Any]) -> bool:
+    """The reference's `llama_ready`: this node can answer a chat now, because a model it runs is serving or a member
+    of its mesh serves one (the reference sets it for a local llama-server or a remote host alike)."""
+    if any(m.get("state") == SERVING for m in snap.get("models", [])):
+        return True
+    return any(row.get("servers") for row in (snap.get("mesh") or {}).get("models", []))
+
+
 def status_of(node: NodeState, snap: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A status snapshot (`snap`, or a fresh one) with this node's request counts (`requests`) added."""
+    """A status snapshot (`snap`, or a fresh one) with this node's request counts (`requests`) and `llama_ready`."""
     snap = node.snapshot() if snap is None else snap
-    return {**snap, "requests": requests_field(metrics_of(node).summary())}
+    return {**snap, "requests": requests_field(metrics_of(node).summary()), "llama_ready": llama_ready(snap)}
 
 
 class Controls(Protocol):
@@ -89,6 +109,7 @@ class Controls(Protocol):
     def rotate_key(self, evict: Sequence[str] = (), add_owners: Sequence[str] = ()) -> str: ...
 
 
+CONTROLS = ("drop", "rotate-key")  # POST /api/{control}; any other POST /api/NAME is a 404 "no such control"
 ROTATE_KEY_USAGE = 'give {"evict"?: [NODE_ID, ...], "add_owner"?: [NODE_ID, ...]} (node ids: 16 hex characters)'
 
 
@@ -123,13 +144,76 @@ async def _answer_error(request: Request, exc: Exception) -> Response:
     return error_response("plain", status, str(exc), headers=retry)
 
 
+async def _answer_http(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route: 404; a route that takes other methods: 405 with `Allow`) as JSON."""
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    headers = dict(exc.headers or {}) if isinstance(exc, StarletteHTTPException) else None
+    path = request.url.path[:200]
+    if status == 404:  # a POST to /api/NAME asks for a control (the controls' route)
+        control = request.method == "POST" and re.fullmatch(r"/api/[^/]*", path) is not None
+        message = "no such control" if control else f"no such console route: {request.method} {path}"
+    elif status == 405:
+        message = f"{path} does not take {request.method}; it takes {(headers or {}).get('Allow', 'other methods')}"
+    else:
+        message = str(getattr(exc, "detail", "")) or "the console cannot answer this request"
+    return error_response("plain", status, message, headers=headers)
+
+
+POST_USAGE = 'give {"text": "...", "author"?: "...", "reply_to"?: "<post id>"}'
+COMPAT_DEFAULT_LIMIT = 20  # the reference's default for feed and search
+
+
+def post_args(body: Any, *, compat: bool = False) -> tuple[str, str | None, str | None]:
+    """A post body's text, author and reply_to, or `HttpError` 400. `compat`: the reference's body, whose author is
+    `from` (its `peer_id` is ignored: a post's origin is the node that signs it)."""
+    if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+        raise HttpError(400, POST_USAGE + (' ("from" may name the author)' if compat else ""))
+    author, reply_to = body.get("author"), body.get("reply_to")
+    if compat and author is None:
+        author = body.get("from") or None
+    if not all(v is None or isinstance(v, str) for v in (author, reply_to)):
+        raise HttpError(400, "author and reply_to are strings")
+    return body["text"], author, reply_to
+
+
+def compat_post(summary: dict[str, Any]) -> dict[str, Any]:
+    """A post (`Post.summary()`) as the reference's API also shows it: `from` (the author), `peer_id` (the node it
+    came from) and `timestamp` (whole unix seconds) beside the project's own fields."""
+    return {**summary, "from": summary["author"], "peer_id": summary["origin"], "timestamp": int(summary["created"])}
+
+
+def compat_window(since: str | None, limit: str | None, now: float) -> tuple[float | None, int]:
+    """The reference's `since` (unix seconds; absent or 0: no filter) as the board's window in hours, and its `limit`
+    held to the board's 1..`MAX_RESULTS`; `HttpError` 400 when either is not a number."""
+    try:
+        since_s = float(since) if since else 0.0
+        count = int(limit) if limit else COMPAT_DEFAULT_LIMIT
+    except ValueError as exc:
+        raise HttpError(400, "since is unix seconds and limit a whole number") from exc
+    count = min(max(count, 1), MAX_RESULTS)
+    if not since_s > 0 or now - since_s >= TTL_S:  # no filter, or older than any post lives
+        return None, count
+    return max(now - since_s, 1.0) / 3600, count  # a `since` at or past now: the last second
+
+
 def blackboard_routes(board: Board | None) -> list[Route]:
-    """`GET /api/blackboard?q=&from=&kind=&since=HOURS&limit=` and `POST /api/blackboard`."""
+    """`GET /api/blackboard?q=&from=&kind=&since=HOURS&limit=` and `POST /api/blackboard`, and the reference's
+    `POST /api/blackboard/post`, `GET /api/blackboard/feed` and `GET /api/blackboard/search` over the same calls."""
 
     def carried() -> Board:
         if board is None:
             raise HttpError(404, "this node does not carry the blackboard; start it with --blackboard")
         return board
+
+    async def posted(request: Request, *, compat: bool) -> Post:
+        found_board = carried()
+        try:
+            body = parse(await request.body())  # at most the guard's console body limit (64 KiB)
+        except JsonRejected as exc:
+            raise HttpError(400, str(exc)) from exc
+        text, author, reply_to = post_args(body, compat=compat)
+        source = request.client.host if request.client else None  # the per-client rate limit's key
+        return await found_board.post(text, author=author, reply_to=reply_to, source=source)
 
     async def read(request: Request) -> Response:
         found_board = carried()
@@ -145,21 +229,29 @@ def blackboard_routes(board: Board | None) -> list[Route]:
         return JSONResponse({"posts": [p.summary() for p in found]})
 
     async def write(request: Request) -> Response:
-        found_board = carried()
-        try:
-            body = parse(await request.body())  # at most the guard's console body limit (64 KiB)
-        except JsonRejected as exc:
-            raise HttpError(400, str(exc)) from exc
-        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-            raise HttpError(400, 'give {"text": "...", "author"?: "...", "reply_to"?: "<post id>"}')
-        author, reply_to = body.get("author"), body.get("reply_to")
-        if not all(v is None or isinstance(v, str) for v in (author, reply_to)):
-            raise HttpError(400, "author and reply_to are strings")
-        source = request.client.host if request.client else None  # the per-client rate limit's key
-        post = await found_board.post(body["text"], author=author, reply_to=reply_to, source=source)
+        post = await posted(request, compat=False)
         return JSONResponse({"post": post.summary()}, status_code=201)
 
-    return [Route("/api/blackboard", read, methods=["GET"]), Route("/api/blackboard", write, methods=["POST"])]
+    async def compat_write(request: Request) -> Response:
+        post = await posted(request, compat=True)
+        return JSONResponse(compat_post(post.summary()))  # the reference answers 200 with the post
+
+    async def compat_read(request: Request) -> Response:
+        found_board, q = carried(), request.query_params
+        since, limit = compat_window(q.get("since"), q.get("limit"), time.time())
+        query = q.get("q", "") if request.url.path.endswith("/search") else ""
+        found = await found_board.search(
+            query, author=q.get("from") or None, kind=q.get("kind") or None, since_hours=since, limit=limit
+        )
+        return JSONResponse([compat_post(p.summary()) for p in found])
+
+    return [
+        Route("/api/blackboard", read, methods=["GET"]),
+        Route("/api/blackboard", write, methods=["POST"]),
+        Route("/api/blackboard/post", compat_write, methods=["POST"]),
+        Route("/api/blackboard/feed", compat_read, methods=["GET"]),
+        Route("/api/blackboard/search", compat_read, methods=["GET"]),
+    ]
 
 
 def static_files() -> dict[str, tuple[bytes, str]]:
@@ -254,6 +346,7 @@ def build_console(
         snap = status_of(node)
         if is_local(request.scope):  # this machine, a loopback Host, no foreign web page: may see the secret
             snap["invite_token"] = node.invite_token
+            snap["token"] = node.invite_token or ""  # the reference's name for it (its scripts read a string)
         return JSONResponse(snap)
 
     async def events(request: Request) -> Response:
@@ -287,14 +380,13 @@ def build_console(
         return Response(await scrape(node, posts), media_type=METRICS_TYPE, headers={"Cache-Control": "no-store"})
 
     async def control(request: Request) -> Response:
-        if request.path_params["action"] not in ("drop", "rotate-key"):
-            raise HttpError(404, "no such control")
+        action = request.url.path.removeprefix("/api/")  # one of CONTROLS: each has its own route
         if controls is None or not is_local(request.scope):
             refused = "node controls are only open to this machine: ask 127.0.0.1 or localhost, not from a web page"
             raise HttpError(403, refused)
         try:
-            body = parse(await request.body()) if request.path_params["action"] == "drop" else {}
-            if request.path_params["action"] == "drop":
+            body = parse(await request.body()) if action == "drop" else {}
+            if action == "drop":
                 if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                     raise HttpError(400, 'give {"model": NAME}')
                 return JSONResponse({"dropped": controls.drop(body["model"])})
@@ -311,7 +403,7 @@ def build_console(
             Route("/api/chat", chat, methods=["POST"]),
             Route("/metrics", metrics),
             *blackboard_routes(board),
-            Route("/api/{action:str}", control, methods=["POST"]),
+            *(Route(f"/api/{action}", control, methods=["POST"]) for action in CONTROLS),
         ],
-        exception_handlers={MeshLLMError: _answer_error},
+        exception_handlers={MeshLLMError: _answer_error, StarletteHTTPException: _answer_http},
     )

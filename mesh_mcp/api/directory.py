@@ -23,6 +23,7 @@ class RemoteModel:
     tools: bool | None = None  # its chat template can call tools; None: not known
     size_bytes: int = 0  # its GGUF size; 0: not known
     ctx: int = 0  # tokens one request may hold there; 0: not known
+    tok_s: float = 0.0  # its measured decode speed (the record's `tps`); 0: not measured
 
 
 class Directory(Protocol):

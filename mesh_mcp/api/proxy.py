@@ -23,13 +23,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from mesh_mcp.api import resume
+from mesh_mcp.api import auto, resume
 from mesh_mcp.api import rewrite as api_rewrite
 from mesh_mcp.api.checks import Flavor, ModelFacts, Rejection, check_model_field, check_request
 from mesh_mcp.api.directory import Directory, RemoteModel
@@ -52,6 +52,7 @@ RETRY_AFTER_S = 5
 OnDemand = Callable[[str, bool], str | None]  # (model, some node serves it)
 MAX_ERROR_BODY = 64 << 10
 SERVED_BY = b"x-mesh-node"  # response header: the node whose llama-server answered
+MODEL_HEADER = b"x-mesh-model"  # response header: the model that answered (the one `auto` chose, api/auto.py)
 # A non-streamed answer read before its head is sent, so that its Server-Timing can carry llama-server's prompt and
 # queue times; a longer one (embeddings of a large batch) goes on without them.
 PREFETCH_BYTES = MAX_PARSED
@@ -154,7 +155,13 @@ class Proxy:
         routed = request.headers.get(HOP_HEADER.decode()) is not None  # from another node: serve locally only
         body = await _read_body(request, self.max_body)
         payload = _parse_payload(body)
-        name, routes, facts = self._routes(payload.get("model"), routed, session_key(payload))
+        requested = payload.get("model")
+        want = auto.request_facts(payload, len(body), self.path) if auto.is_auto(requested) else None
+        name, routes, facts = self._routes(requested, routed, session_key(payload), want)
+        if want is not None:  # llama-server, a peer and the response's `model` see the model chosen
+            payload["model"] = name
+            body = json.dumps(payload).encode()
+        send = _naming(send, name)
         if (rejection := check_request(payload, self.flavor, self.path, facts)) is not None:
             raise _rejected(rejection)
         asked = payload.get("stop_sequences")
@@ -190,11 +197,19 @@ class Proxy:
             log.exception("counting a request for %r as demand failed", name[:128])
             return None
 
-    def _routes(self, requested: str | None, routed: bool, session: str | None) -> tuple[str, list[Target], ModelFacts]:
-        """The model's name, its servers (best first) and what they know of it; or the `HttpError` to answer."""
+    def _routes(
+        self, requested: str | None, routed: bool, session: str | None, want: auto.RequestFacts | None = None
+    ) -> tuple[str, list[Target], ModelFacts]:
+        """The model's name, its servers (best first) and what they know of it; or the `HttpError` to answer.
+        `want`: the request leaves the model to the mesh (`auto.is_auto`) and needs this of it."""
         remote = [] if routed else self.directory.remote_models()
         names = self.node.served_names() + sorted({r.name for r in remote} - set(self.node.served_names()))
-        name = match_model(requested, names)
+        name: str | None
+        if want is not None:
+            name = self._auto(want, remote, names)
+            requested = name
+        else:
+            name = match_model(requested, names)
         expected = None
         if isinstance(requested, str) and requested:
             # Counted where it entered the mesh and, when tunnelled, where it is served: views merge by max, so
@@ -235,6 +250,15 @@ class Proxy:
         where = f" on node {', '.join(loaders[:3])}" if local is None and loaders else ""
         msg = f"model '{name}' is {state}{where}; retry in {RETRY_AFTER_S}s"
         raise HttpError(503, msg, "model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _auto(self, want: auto.RequestFacts, remote: list[RemoteModel], names: list[str]) -> str:
+        """The model `auto` picks among those serving (`auto.choose_auto`); with none serving yet, the first listed
+        (it answers the 503 of a model loading or failed), and a 404 when the mesh lists none."""
+        chosen = auto.choose_auto(want, auto.merge(self.node.models.values(), remote))
+        if chosen is not None or names:
+            return chosen or names[0]
+        msg = "no model to choose for 'auto': no node of this mesh serves a model yet"
+        raise HttpError(404, msg, "model_not_found", available=[])
 
     async def _open(self, route: Target, target: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
         if route.base_url is None:
@@ -520,6 +544,20 @@ class Proxy:
         out = [(k, v) for k, v in headers if k != b"content-length"] + [(b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _naming(send: Send, name: str) -> Send:
+    """`send` with the answer's head naming the model (`MODEL_HEADER`) unless a peer that served it already did."""
+    value = name.encode() if name.isascii() and name.isprintable() else quote(name).encode()
+
+    async def named(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            if not any(k.lower() == MODEL_HEADER for k, _ in headers):
+                message = {**message, "headers": [*headers, (MODEL_HEADER, value)]}
+        await send(message)
+
+    return named
 
 
 async def _prefetch(chunks: AsyncIterator[bytes], limit: int) -> bytes:

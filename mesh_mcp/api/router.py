@@ -8,6 +8,10 @@
   this node (no network hop), then the node id, so the choice is deterministic.
 - `ranked` gives the fallback order: if the first choice fails before sending anything, the
   caller tries the next.
+- Which *model*: the one the request names (`match_model`: exact, case-insensitive, unique prefix). A request
+  naming `"auto"`, or no model, gets one chosen per request among the models serving (`api/auto.py`'s rule:
+  tool-capable when it has tools, a context that holds it, then the largest, fastest, least loaded, by name);
+  the servers of that model are then ranked as above.
 """
 
 from __future__ import annotations

@@ -310,8 +310,10 @@ def test_events_never_carry_the_invite_token() -> None:
                             if len(seen) == 1:
                                 state.set_info(invite_token="mesh1NEW")  # a rotation publishes a snapshot
             assert all("invite_token" not in s for s in seen), seen
+            assert all("token" not in s for s in seen), seen  # nor the reference's name for it (issue 19)
             assert "mesh1" not in json.dumps(seen)
             assert (await http.get(base + "/api/status")).json()["invite_token"] == "mesh1NEW"
+            assert (await http.get(base + "/api/status")).json()["token"] == "mesh1NEW"  # this machine may see it
 
     anyio.run(go)
 

@@ -153,6 +153,7 @@ def test_listen_all_from_another_machine(netns: Netns, tmp_path: Path) -> None:
             return json.loads(got[name][1])
 
         assert status("status") == 200 and "invite_token" not in body("status")
+        assert "token" not in body("status") and node.status()["token"] == token  # the reference's name (issue 19)
         assert token not in got["status"][1] and token not in got["events"][1]
         assert status("models") == 401
         assert body("models")["error"]["code"] == "invalid_api_key" and "Bearer" in body("models")["error"]["message"]
