@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,17 @@ def post_served(url: str, body: dict[str, Any], wait: float = 30) -> httpx2.Resp
         if r.status_code != 503 or time.monotonic() > deadline:
             return r
         time.sleep(0.2)
+
+
+@contextmanager
+def serving_node(home: Path, model: str, models_dir: Path, *args: str) -> Iterator[NodeProcess]:
+    """A node serving `model` from `models_dir` (`--ctx-size 2048`), once it serves; stopped after."""
+    node = NodeProcess(
+        home=home, args=["--model", model, "--ctx-size", "2048", *args], env={"MESH_LLM_MODELS": str(models_dir)}
+    )
+    node.start()
+    try:
+        node.wait_model_state(model, "serving", timeout=180)
+        yield node
+    finally:
+        node.stop()

@@ -30,7 +30,7 @@ from mesh_mcp.api.directory import RemoteModel
 from mesh_mcp.response import Response
 from mesh_mcp.state import ModelStatus, NodeState
 from tests.conftest import SMOLLM
-from tests.harness import NodeProcess
+from tests.harness import NodeProcess, serving_node
 
 GB = 1 << 30
 C = ModelCandidate
@@ -349,14 +349,8 @@ def test_the_official_sdks_ask_auto() -> None:
 
 @pytest.fixture(scope="module")
 def node(llama: object, smollm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    env = {"MESH_LLM_MODELS": str(smollm.parent)}
-    n = NodeProcess(home=tmp_path_factory.mktemp("auto"), args=["--model", SMOLLM, "--ctx-size", "2048"], env=env)
-    n.start()
-    try:
-        n.wait_model_state(SMOLLM, "serving", timeout=180)
+    with serving_node(tmp_path_factory.mktemp("auto"), SMOLLM, smollm.parent) as n:
         yield n
-    finally:
-        n.stop()
 
 
 @pytest.mark.slow

@@ -20,21 +20,15 @@ import openai
 import pytest
 
 from tests.conftest import SMOLLM
-from tests.harness import NodeProcess, free_port, pid_alive, port_is_free
+from tests.harness import NodeProcess, free_port, pid_alive, port_is_free, serving_node
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def node(llama: object, smollm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    env = {"MESH_LLM_MODELS": str(smollm.parent)}
-    n = NodeProcess(home=tmp_path_factory.mktemp("solo"), args=["--model", SMOLLM, "--ctx-size", "2048"], env=env)
-    n.start()
-    try:
-        n.wait_model_state(SMOLLM, "serving", timeout=180)
+    with serving_node(tmp_path_factory.mktemp("solo"), SMOLLM, smollm.parent) as n:
         yield n
-    finally:
-        n.stop()
 
 
 def oa(node: NodeProcess) -> openai.OpenAI:
