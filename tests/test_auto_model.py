@@ -355,17 +355,19 @@ def node(llama: object, smollm: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.slow
 def test_a_real_node_answers_auto_and_no_model_with_smollm(node: NodeProcess) -> None:
-    oa = openai.OpenAI(base_url=node.api + "/v1", api_key="unused", max_retries=0, timeout=60)
-    raw = oa.chat.completions.with_raw_response.create(model="auto", messages=HELLO, max_tokens=4, temperature=0)
-    resp = raw.parse()
-    assert raw.headers["x-mesh-model"] == SMOLLM and resp.model == SMOLLM and resp.choices[0].message.content
-    r = httpx2.post(node.api + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60)
-    assert r.status_code == 200 and r.json()["model"] == SMOLLM and r.headers["x-mesh-model"] == SMOLLM
-    stream = oa.chat.completions.create(model="auto", messages=HELLO, max_tokens=4, stream=True)
-    assert {chunk.model for chunk in stream} == {SMOLLM}
-    assert [m.id for m in oa.models.list().data] == [SMOLLM, "auto"]
-    an = anthropic.Anthropic(base_url=node.api, api_key="unused", max_retries=0, timeout=60)
-    msg = an.messages.with_raw_response.create(model="auto", max_tokens=4, messages=HELLO)
-    assert msg.headers["x-mesh-model"] == SMOLLM and msg.parse().model == SMOLLM
-    demand = {d["model"]: d for d in node.status().get("demand", [])}
-    assert SMOLLM in demand and "auto" not in demand, demand
+    with (
+        openai.OpenAI(base_url=node.api + "/v1", api_key="unused", max_retries=0, timeout=60) as oa,
+        anthropic.Anthropic(base_url=node.api, api_key="unused", max_retries=0, timeout=60) as an,
+    ):  # closed: their connection pools would leak sockets
+        raw = oa.chat.completions.with_raw_response.create(model="auto", messages=HELLO, max_tokens=4, temperature=0)
+        resp = raw.parse()
+        assert raw.headers["x-mesh-model"] == SMOLLM and resp.model == SMOLLM and resp.choices[0].message.content
+        r = httpx2.post(node.api + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == SMOLLM and r.headers["x-mesh-model"] == SMOLLM
+        stream = oa.chat.completions.create(model="auto", messages=HELLO, max_tokens=4, stream=True)
+        assert {chunk.model for chunk in stream} == {SMOLLM}
+        assert [m.id for m in oa.models.list().data] == [SMOLLM, "auto"]
+        msg = an.messages.with_raw_response.create(model="auto", max_tokens=4, messages=HELLO)
+        assert msg.headers["x-mesh-model"] == SMOLLM and msg.parse().model == SMOLLM
+        demand = {d["model"]: d for d in node.status().get("demand", [])}
+        assert SMOLLM in demand and "auto" not in demand, demand
