@@ -165,6 +165,11 @@ def test_merge_takes_serving_servers_only_and_merges_their_facts() -> None:
     assert got["d"] == C("d", 1, in_flight=5, size_bytes=0)
     assert got["e"].embeddings is True
     assert len(merge([], [RemoteModel(f"m{i}", "n", "serving", 0) for i in range(10_000)], limit=50)) == 50
+    # a member serving a model it calls "auto" (claiming any size) is never the choice: `auto` would name itself
+    hostile = [RemoteModel("AUTO", "n9", "serving", 0, size_bytes=10**15), RemoteModel("a", "n2", "serving", 0)]
+    assert [c.name for c in merge([], hostile)] == ["a"]
+    # and the remote speed a record gives (`tps`) counts
+    assert merge([], [RemoteModel("a", "n2", "serving", 0, tok_s=12.5)])[0].tok_s == 12.5
 
 
 # --- through the API, in process ---------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ def merge(
     servers: dict[str, list[_Server]] = {}
 
     def add(name: str, server: _Server) -> None:
+        if is_auto(name):  # a model served as "auto" is never a choice: `auto` would name itself
+            return
         if name in servers or len(servers) < limit:
             servers.setdefault(name, []).append(server)
 
