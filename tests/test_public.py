@@ -27,7 +27,7 @@ from tests.conftest import SMOLLM
 from tests.harness import NodeProcess
 from tests.relay import Relay, relay_fixture  # noqa: F401  (the `relay` fixture)
 from tests.security.test_dead_peer import kill_node
-from tests.test_mesh import Spawn, mesh_node
+from tests.test_mesh import Spawn, mesh_node, wait_models
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +101,7 @@ def test_discover_lists_published_meshes_auto_joins_the_preferred_and_a_private_
     c = mesh_node(spawn, "c", "127.0.0.5", "--client", "--auto", *r)
     assert mesh_of(c) == a_mesh, c.log()[-3000:]  # unnamed (community) meshes first, and A serves a model
     c.wait_log(r"--auto: joining the best of \d+ mesh", timeout=5)
+    wait_models(c, {SMOLLM}, timeout=60)  # joined is not yet synced: A's record (its model) comes by gossip
     answered = httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=120)
     assert answered.status_code == 200, answered.text
 
