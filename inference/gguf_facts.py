@@ -150,6 +150,13 @@ class GGUFFacts:
         return self.expert_count > 1
 
     @property
+    def template_thinks(self) -> bool:
+        """Whether the embedded chat template makes a thinking model (`template_thinks`; the serving llama-server's
+        rendering is the authority, see `LlamaServer.thinking`)."""
+        template = self.metadata.get("tokenizer.chat_template")
+        return isinstance(template, str) and template_thinks(template)
+
+    @property
     def template_calls_tools(self) -> bool:
         """Whether the embedded chat template renders tools and tool calls (a guess from its text; the
         serving llama-server's `/props` `chat_template_caps` is the authority, see `LlamaServer.tool_calls`)."""
@@ -465,3 +472,13 @@ def read_facts(path: Path) -> GGUFFacts:
         split_count=len(files),
         shard_paths=shards,
     )
+
+
+# Text in a chat template of a thinking model: a thinking switch (Qwen3, GLM-4.x, SmolLM3), thinking tags (the
+# DeepSeek-R1 distills), the field a template reads past thinking from (`reasoning_content`), or gpt-oss's channels.
+THINKING_MARKERS = ("enable_thinking", "<think>", "</think>", "reasoning_content", "<|channel|>analysis")
+
+
+def template_thinks(template: str) -> bool:
+    """A guess from a chat template's text: whether the model it belongs to thinks before it answers."""
+    return any(marker in template for marker in THINKING_MARKERS)

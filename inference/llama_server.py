@@ -2,9 +2,10 @@
 
 `server_args` is pure (tested without processes). `LlamaServer` is a `ManagedProcess` (inference/process.py):
 `run` starts llama-server on 127.0.0.1 at a fresh ephemeral port, waits for `/health` to answer 200 (then reads
-whether its chat template can call tools from `/props`), reports state changes, restarts a crashed server with
-exponential backoff, gives up (state `failed`) when the server cannot even load, and always terminates and
-reaps the process when cancelled. `run_once` is one start, for callers that re-plan instead of restarting.
+what its chat template can do: call tools, from `/props`; think, from `/apply-template`), reports state changes,
+restarts a crashed server with exponential backoff, gives up (state `failed`) when the server cannot even load,
+and always terminates and reaps the process when cancelled. `run_once` is one start, for callers that re-plan
+instead of restarting.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import httpx2
 from anyio.abc import Process
 
 from .exits import ExitReport, describe_exit
+from .gguf_facts import template_thinks
 from .llamacpp import LlamaCpp
 from .process import ManagedProcess, ReadyCheck, StateFn, free_port
 from .supervise import FAILED as FAILED  # the model states, re-exported
@@ -31,6 +33,12 @@ log = logging.getLogger("mesh_llm.llama_server")
 
 # Model states as the console and API report them.
 DOWNLOADING, STOPPED = "downloading", "stopped"  # and LOADING, SERVING, FAILED (supervise.py)
+
+
+# Thinking parsed out of the answer (`reasoning_content`, Anthropic `thinking` blocks), off unless a request turns it
+# on (a template's thinking switch rendered off; a model that always thinks made to end at once). A request turns it
+# on with `chat_template_kwargs.enable_thinking` and a budget: mesh_mcp/api/reasoning.py writes both.
+REASONING_ARGS = ("--reasoning-format", "deepseek", "--reasoning", "off", "--reasoning-budget", "0")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ def server_args(binary: Path, model: Path, alias: str, port: int, s: ServerSetti
     ]  # fmt: skip
     if s.embeddings:
         args.append("--embeddings")
+    else:
+        args += REASONING_ARGS
     return [*args, *s.extra_args]
 
 
@@ -87,6 +97,7 @@ class LlamaServer(ManagedProcess):
     pid: int | None = None
     restarts: int = 0
     tool_calls: bool | None = None  # /props chat_template_caps.supports_tool_calls of the running server
+    thinking: bool | None = None  # the running server's template thinks (`_thinking`)
     timed_out: bool = False  # the last run was stopped for not becoming ready in load_timeout_s
     clock: Clock = REAL_TIME  # the restart backoff's
 
@@ -120,7 +131,7 @@ class LlamaServer(ManagedProcess):
 
     @asynccontextmanager
     async def _ready_probe(self, proc: Process, port: int) -> AsyncIterator[ReadyCheck]:
-        """`/health` answers 200; then `tool_calls` is read from `/props`."""
+        """`/health` answers 200; then `tool_calls` and `thinking` are read from the server."""
         url = f"http://127.0.0.1:{port}"
         async with httpx2.AsyncClient(timeout=2.0) as client:
 
@@ -131,11 +142,19 @@ class LlamaServer(ManagedProcess):
                     return False  # not listening yet
                 if resp.status_code != 200:
                     return False
-                self.tool_calls = await _tool_calls(client, url)
+                if not self.settings.embeddings:
+                    self.tool_calls = await _tool_calls(client, url)
+                    self.thinking = await _thinking(client, url)
                 self.base_url = url
                 return True
 
             yield healthy
+
+    def template_caps(self) -> dict[str, bool]:
+        """What the running server's chat template can do, as `ModelStatus` fields (`tools`, `thinking`); only the
+        known ones (an embedding server has neither)."""
+        caps = {"tools": self.tool_calls, "thinking": self.thinking}
+        return {k: v for k, v in caps.items() if v is not None}
 
     def _serving_detail(self) -> str:
         return f"llama-server pid {self.pid} at {self.base_url}"
@@ -154,3 +173,28 @@ async def _tool_calls(client: httpx2.AsyncClient, url: str) -> bool | None:
         return None
     value = caps.get("supports_tool_calls") if isinstance(caps, dict) else None
     return value if isinstance(value, bool) else None
+
+
+_PROBE = [{"role": "user", "content": "hi"}]
+
+
+async def _thinking(client: httpx2.AsyncClient, url: str) -> bool | None:
+    """Whether the template llama-server uses makes a thinking model: it renders differently with thinking on and
+    off (`/apply-template`, a switch as in Qwen3, GLM-4.x, SmolLM3), or its text has thinking tags (a model that
+    always thinks, as the DeepSeek-R1 distills: `gguf_facts.template_thinks`); None if unknown."""
+    try:
+        prompts = []
+        for on in (True, False):
+            body = {"messages": _PROBE, "chat_template_kwargs": {"enable_thinking": on}}
+            resp = await client.post(url + "/apply-template", json=body)
+            prompt = resp.json().get("prompt") if resp.status_code == 200 else None
+            prompts.append(prompt if isinstance(prompt, str) else None)
+        props = await client.get(url + "/props")
+        template = props.json().get("chat_template") if props.status_code == 200 else None
+    except (httpx2.HTTPError, ValueError, AttributeError):
+        return None
+    if None not in prompts and prompts[0] != prompts[1]:
+        return True
+    if isinstance(template, str):
+        return template_thinks(template)
+    return None

@@ -37,6 +37,7 @@ class ModelStatus:
     layers: int | None = None
     embeddings: bool = False
     tools: bool | None = None  # its chat template can call tools (llama-server's /props; else the GGUF's template)
+    thinking: bool | None = None  # a thinking model (llama-server renders its template; else the GGUF's template)
     upstream: str | None = None  # llama-server base URL while serving (never leaves the node)
     in_flight: int = 0
     pid: int | None = None  # llama-server's process id while it runs

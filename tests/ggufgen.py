@@ -16,6 +16,7 @@ Shapes follow gguf-py (numpy) order, which is GGML order reversed: `token_embd` 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,3 +355,87 @@ def _router(t: _Writer, n_embd: int, n_expert: int, hot: Sequence[int], gap: flo
     for rank, e in enumerate(cold):
         r[e, 0] = (0.6 * (len(cold) - rank) / max(len(cold), 1)) / _CHANNEL
     return r
+
+
+# --- a thinking model --------------------------------------------------------------------------------------------
+
+QWEN3_TEMPLATE = Path(__file__).parent / "data" / "qwen3.jinja"  # Qwen3-0.6B's chat template, from llama.cpp's tree
+THINKER_THOUGHT, THINKER_ANSWER = "Why? 4.", "Four"  # what the thinker says: no character twice in either
+
+
+def write_thinker(path: Path, seed: int = 0) -> Path:
+    """A 2-layer `llama` (Q4_0, ~0.8 MB) with Qwen3's real chat template (its `enable_thinking` switch) whose greedy
+    answer is `<think>THINKER_THOUGHT</think>\\n\\nTHINKER_ANSWER` when the prompt ends as Qwen3's does with thinking
+    on (`<|im_start|>assistant\\n`), and `THINKER_ANSWER` alone when it ends as with thinking off (the template's
+    empty `<think>\\n\\n</think>\\n\\n`). Like the self-test model (`inference.tiny_gguf.write_successor_model`), each
+    token's embedding is a random ±1 vector and the output matrix maps it to its successor's logit: the next token
+    depends on the last one only, so the vocabulary makes the two prompt endings different tokens (`\\n` and a
+    merged `\\n\\n`), `<think>` and `</think>` single user-defined tokens (as in Qwen3's vocabulary), and `<|im_end|>`
+    the end of the answer. llama.cpp's own template analysis finds the thinking tags, so `--reasoning-format`,
+    `--reasoning` and budgets act on it as on a real Qwen3."""
+    from inference.tiny_gguf import SUCCESSOR_EMBD, SUCCESSOR_FF, SUCCESSOR_HEADS, _q4_0, byte_chars
+
+    chars = byte_chars()
+    tokens = [*chars, chars[10] * 2, "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    types = [gguf.TokenType.NORMAL] * 257 + [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.USER_DEFINED] * 2
+    vocab, used = 320, len(tokens)  # padded: rows a multiple of 32 (Q4_0 blocks, the repacked layouts)
+    tokens += [f"<|unused_{i}|>" for i in range(vocab - len(tokens))]
+    types += [gguf.TokenType.UNUSED] * (vocab - len(types))
+    tid = {t: i for i, t in enumerate(tokens)}
+
+    def text(s: str) -> list[int]:
+        return [tid[chars[b]] for b in s.encode()]
+
+    chain = [tid[chars[10]], tid["<think>"], *text(THINKER_THOUGHT), tid["</think>"], tid[chars[10] * 2]]
+    chain += [*text(THINKER_ANSWER), tid["<|im_end|>"]]
+    assert len(set(chain)) == len(chain), "a token twice in the chain would have two successors"
+    n, ff, heads, layers = SUCCESSOR_EMBD, SUCCESSOR_FF, SUCCESSOR_HEADS, 2
+    rng = np.random.default_rng(seed)
+    embd = np.zeros((vocab, n), dtype=np.float32)
+    embd[:used] = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(used, n))
+    out = np.zeros((vocab, n), dtype=np.float32)
+    for a, b in itertools.pairwise(chain):
+        out[b] = embd[a]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("thinker")
+    w.add_context_length(2048)
+    w.add_embedding_length(n)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(n // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    w.add_token_merges([f"{chars[10]} {chars[10]}"])
+    w.add_bos_token_id(tid["<|endoftext|>"])
+    w.add_eos_token_id(tid["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(QWEN3_TEMPLATE.read_text())
+
+    def small(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    _q4_0(w, "token_embd.weight", embd)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n, dtype=np.float32))
+        for part in ("q", "k", "v", "output"):
+            _q4_0(w, f"blk.{i}.attn_{part}.weight", small(n, n))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n, dtype=np.float32))
+        _q4_0(w, f"blk.{i}.ffn_gate.weight", small(ff, n))
+        _q4_0(w, f"blk.{i}.ffn_up.weight", small(ff, n))
+        _q4_0(w, f"blk.{i}.ffn_down.weight", small(n, ff))
+    w.add_tensor("output_norm.weight", np.ones(n, dtype=np.float32))
+    _q4_0(w, "output.weight", out)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -41,6 +41,7 @@ SMALL_TOOLS = C("small-tools", 1, tools=True, ctx=32768, size_bytes=1 * GB)
 BIG = C("big", 1, tools=False, ctx=4096, size_bytes=8 * GB)
 MID = C("mid", 2, tools=None, ctx=0, size_bytes=4 * GB)
 EMB = C("emb", 1, size_bytes=16 * GB, embeddings=True)
+THINKER = C("thinker", 1, ctx=4096, size_bytes=GB // 2, thinking=True)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,11 @@ EMB = C("emb", 1, size_bytes=16 * GB, embeddings=True)
         ("context exactly full holds", RequestFacts(tokens=4096), [SMALL_TOOLS, BIG], "big"),
         ("none holds it: the largest", RequestFacts(tokens=10**6), [SMALL_TOOLS, BIG], "big"),
         ("tools before context", RequestFacts(tools=True, tokens=10**6), [SMALL_TOOLS, BIG], "small-tools"),
+        ("thinking: a thinking model, even small", RequestFacts(thinking=True), [THINKER, BIG, MID], "thinker"),
+        ("thinking, none can: the largest", RequestFacts(thinking=True), [BIG, MID], "big"),
+        ("no thinking asked: the largest", RequestFacts(), [THINKER, BIG], "big"),
+        ("tools before thinking", RequestFacts(tools=True, thinking=True), [THINKER, SMALL_TOOLS], "small-tools"),
+        ("thinking before context", RequestFacts(thinking=True, tokens=8000), [THINKER, SMALL_TOOLS], "thinker"),
         ("generation avoids an embedding model", RequestFacts(), [EMB, SMALL_TOOLS], "small-tools"),
         ("embeddings prefer one", RequestFacts(embeddings=True), [SMALL_TOOLS, BIG, EMB], "emb"),
         ("only an embedding model: it", RequestFacts(), [EMB], "emb"),
@@ -154,15 +160,18 @@ def test_merge_takes_serving_servers_only_and_merges_their_facts() -> None:
         ModelStatus("e", "serving", upstream="http://127.0.0.1:2", embeddings=True),
     ]
     remote = [
-        RemoteModel("a", "n2", "serving", 1, tools=True, size_bytes=GB, ctx=2048),
+        RemoteModel("a", "n2", "serving", 1, tools=True, size_bytes=GB, ctx=2048, thinking=False),
         RemoteModel("a", "n3", "loading", 0, ctx=16),
         RemoteModel("b", "n2", "loading", 0),
         RemoteModel("d", "n3", "serving", 5, size_bytes=-1),
+        RemoteModel("d", "n4", "serving", 0, thinking=True),
     ]
     got = {c.name: c for c in merge(local, remote)}
     assert set(got) == {"a", "d", "e"}
-    assert got["a"] == C("a", 2, in_flight=3, tools=True, ctx=2048, size_bytes=GB, tok_s=20.0, embeddings=False)
-    assert got["d"] == C("d", 1, in_flight=5, size_bytes=0)
+    assert got["a"] == C(
+        "a", 2, in_flight=3, tools=True, ctx=2048, size_bytes=GB, tok_s=20.0, embeddings=False, thinking=False
+    )
+    assert got["d"] == C("d", 2, in_flight=5, size_bytes=0, thinking=True), "thinks if any server says so"
     assert got["e"].embeddings is True
     assert len(merge([], [RemoteModel(f"m{i}", "n", "serving", 0) for i in range(10_000)], limit=50)) == 50
     # a member serving a model it calls "auto" (claiming any size) is never the choice: `auto` would name itself
@@ -179,7 +188,7 @@ class LlamaTwin:
     """Remote servers of several models that answer like llama-server: the answer's `model` is the request's."""
 
     MODELS = (
-        RemoteModel("Tiny-Chat", "n2", "serving", 0, tools=False, size_bytes=1 * GB, ctx=2048),
+        RemoteModel("Tiny-Chat", "n2", "serving", 0, tools=False, size_bytes=1 * GB, ctx=2048, thinking=True),
         RemoteModel("Big-Chat", "n3", "serving", 0, tools=False, size_bytes=8 * GB, ctx=4096),
         RemoteModel("Small-Coder", "n4", "serving", 0, tools=True, size_bytes=2 * GB, ctx=32768),
         RemoteModel("Huge-Loading", "n5", "loading", 0, tools=True, size_bytes=70 * GB, ctx=131072),
@@ -323,9 +332,9 @@ def test_models_lists_auto_last_as_a_pseudo_model_never_serving() -> None:
     pseudo = data[-1]
     assert pseudo["owned_by"] == "mesh-llm" and pseudo["object"] == "model" and pseudo["pseudo"] is True
     assert pseudo["state"] == "auto" and pseudo["nodes"] == [] and "per request" in pseudo["description"]
-    assert pseudo["capabilities"] == {"tools": True}, "Small-Coder serves and calls tools"
+    assert pseudo["capabilities"] == {"tools": True, "reasoning": True}, "Small-Coder calls tools, Tiny-Chat thinks"
     no_tools = LlamaTwin((LlamaTwin.MODELS[0], LlamaTwin.MODELS[3]))  # the tool-capable one is only loading
-    assert Api(no_tools).get("/v1/models").json()["data"][-1]["capabilities"] == {"tools": False}
+    assert Api(no_tools).get("/v1/models").json()["data"][-1]["capabilities"] == {"tools": False, "reasoning": True}
     assert Api().get("/v1/models/auto").json() == pseudo
     assert Api(LlamaTwin(())).get("/v1/models").json()["data"] == [], "nothing to pick from: no auto either"
 
@@ -347,6 +356,27 @@ def test_the_official_sdks_ask_auto() -> None:
         await http.aclose()
 
     anyio.run(go)
+
+
+def test_a_thinking_request_reaches_a_thinking_peer_with_one_control() -> None:
+    """The entry node reads the request's thinking control (api/reasoning.py), picks a thinking model for `auto`, and
+    the peer gets the control written as llama-server reads it; a request that says nothing is passed as it came."""
+    api = Api()
+    with_effort = {"model": "auto", "messages": HELLO, "max_tokens": 8, "reasoning_effort": "high"}
+    r = api.post("/v1/chat/completions", with_effort)
+    assert r.status_code == 200 and r.headers["x-mesh-model"] == "Tiny-Chat"
+    node, _, asked = api.twin.asked[-1]
+    assert node == "n2" and asked["chat_template_kwargs"] == {"enable_thinking": True}
+    assert asked["reasoning_budget_tokens"] == 2**31 - 1 and asked["reasoning_effort"] == "high"
+    r = api.post(
+        "/v1/messages", {**with_effort, "reasoning_effort": None, "thinking": {"type": "enabled", "budget_tokens": 9}}
+    )
+    assert r.status_code == 200 and api.twin.asked[-1][2]["thinking"] == {"type": "enabled", "budget_tokens": 9}
+    assert api.twin.asked[-1][2]["chat_template_kwargs"] == {"enable_thinking": True}
+    api.post("/v1/chat/completions", {"model": "Big-Chat", "messages": HELLO, "max_tokens": 8})
+    assert set(api.twin.asked[-1][2]) == {"model", "messages", "max_tokens"}, "nothing said: nothing written"
+    bad = api.post("/v1/chat/completions", {**with_effort, "reasoning_effort": "maximum"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_effort"
 
 
 # --- one real node --------------------------------------------------------------------------------------------

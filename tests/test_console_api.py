@@ -57,7 +57,8 @@ def serving(name: str, **kw: Any) -> ServedModel:
 
 
 def test_members_models_and_links_of_a_mesh() -> None:
-    qwen = serving("qwen", ctx=4096, slots=2, size_bytes=10, tools=True, ok=7, err=1)  # requests its server answered
+    # ok/err: requests its server answered
+    qwen = serving("qwen", ctx=4096, slots=2, size_bytes=10, tools=True, ok=7, err=1, think=True)
     a = rec(1, qwen, rtt=((nid(2), 120), (nid(3), 900)))
     b = rec(2, serving("qwen", ctx=8192, tools=False), rtt=((nid(1), 100),))
     c = rec(3, ServedModel("llama", "loading"), role="standby")
@@ -101,6 +102,7 @@ def test_members_models_and_links_of_a_mesh() -> None:
     models = {m["name"]: m for m in view["models"]}
     assert models["qwen"]["servers"] == [nid(1), nid(2)] and models["qwen"]["mode"] == "replicas"
     assert models["qwen"]["ctx"] == 8192 and models["qwen"]["tools"] is True
+    assert models["qwen"]["reasoning"] is True, "one server says it thinks (the other does not know)"
     assert models["qwen"]["demand_rate_per_min"] == 1.0
     assert models["llama"] == {
         "name": "llama",
@@ -110,6 +112,7 @@ def test_members_models_and_links_of_a_mesh() -> None:
         "mode": "none",
         "ctx": None,
         "tools": None,
+        "reasoning": None,
         "measured_tok_s": None,
         "predicted_tok_s": None,
         "demand_rate_per_min": None,

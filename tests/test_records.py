@@ -379,13 +379,15 @@ def test_served_model_tools_and_size_round_trip_signed() -> None:
     qwen = ServedModel(
         "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "serving", 0, tools=True, size_bytes=1_117_320_768, ctx=32768
     )
-    smol = ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 1, tools=False, size_bytes=98_000_000)
-    record = make(models_served=(qwen, smol, ServedModel("Loading-1B", "loading")))
+    smol = ServedModel("SmolLM2-135M-Instruct-Q4_1", "serving", 1, tools=False, size_bytes=98_000_000, think=False)
+    qwen3 = ServedModel("Qwen3-8B-Q4_K_M", "serving", 0, think=True)
+    record = make(models_served=(qwen, smol, ServedModel("Loading-1B", "loading"), qwen3))
     wire = json.loads(json.dumps(to_wire(record)))
     assert wire["models_served"] == [
         {"name": qwen.name, "state": "serving", "in_flight": 0, "tools": True, "bytes": 1_117_320_768, "ctx": 32768},
-        {"name": smol.name, "state": "serving", "in_flight": 1, "tools": False, "bytes": 98_000_000},
+        {"name": smol.name, "state": "serving", "in_flight": 1, "tools": False, "think": False, "bytes": 98_000_000},
         {"name": "Loading-1B", "state": "loading", "in_flight": 0},  # unknown: left out, old encoding
+        {"name": qwen3.name, "state": "serving", "in_flight": 0, "think": True},
     ]
     back = from_wire(wire)
     assert back == record
@@ -420,6 +422,8 @@ def test_tampered_tools_breaks_the_signature() -> None:
     [
         ({"tools": 1}, "tools must be a boolean"),
         ({"tools": "yes"}, "tools must be a boolean"),
+        ({"think": 1}, "think must be a boolean"),
+        ({"think": None}, "think must be a boolean"),
         ({"bytes": -1}, "bytes must be a non-negative"),
         ({"bytes": 1.5}, "bytes must be a non-negative"),
         ({"bytes": 0}, "left out when 0"),
@@ -439,11 +443,13 @@ def test_garbage_served_fields_are_protocol_errors(extra: dict[str, Any], match:
         from_wire(wire)
 
 
-def test_the_parse_cache_does_not_blur_tools_with_one() -> None:
-    wire = json.loads(json.dumps(to_wire(make(models_served=(ServedModel("m", "serving", 0, tools=True),)))))
+@pytest.mark.parametrize("key", ["tools", "think"])
+def test_the_parse_cache_does_not_blur_a_bool_with_one(key: str) -> None:
+    served = ServedModel("m", "serving", 0, tools=True, think=True)
+    wire = json.loads(json.dumps(to_wire(make(models_served=(served,)))))
     from_wire(wire)  # cached
-    wire["models_served"][0]["tools"] = 1  # == True in Python
-    with pytest.raises(ProtocolError, match="tools must be a boolean"):
+    wire["models_served"][0][key] = 1  # == True in Python
+    with pytest.raises(ProtocolError, match=f"{key} must be a boolean"):
         from_wire(wire)
 
 

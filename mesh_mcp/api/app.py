@@ -53,17 +53,19 @@ def build_api(
         for m in node.models.values():
             if m.state != "stopped":
                 out[m.name] = _model_entry(m.name, node.started_at, m.state, [node.node_id])
-                _add_facts(out[m.name], m.tools, m.size_bytes or 0, m.context or 0)
+                _add_facts(out[m.name], m.tools, m.size_bytes or 0, m.context or 0, m.thinking)
         for r in mesh.remote_models():
             entry = out.setdefault(r.name, _model_entry(r.name, node.started_at, r.state, []))
             entry["nodes"].append(r.node_id)
             if r.state == SERVING:
                 entry["state"] = SERVING
-            _add_facts(entry, r.tools, r.size_bytes, r.ctx)
+            _add_facts(entry, r.tools, r.size_bytes, r.ctx, r.thinking)
         if out:  # after the real models, so that a client taking the first entry gets one of them
             out.pop(auto.AUTO, None)  # reserved: a model served under that name is reached only as the pseudo-model
-            tools = any(e["state"] == SERVING and e["capabilities"].get("tools") for e in out.values())
-            out[auto.AUTO] = _auto_entry(node.started_at, tools)
+            serving = [e["capabilities"] for e in out.values() if e["state"] == SERVING]
+            out[auto.AUTO] = _auto_entry(
+                node.started_at, any(c.get("tools") for c in serving), any(c.get("reasoning") for c in serving)
+            )
         return out
 
     async def models(request: Request) -> HTTPResponse:
@@ -131,21 +133,26 @@ def _model_entry(name: str, created: float, state: str, nodes: list[str]) -> dic
     }
 
 
-def _auto_entry(created: float, tools: bool) -> dict[str, Any]:
+def _auto_entry(created: float, tools: bool, reasoning: bool) -> dict[str, Any]:
     """The `auto` pseudo-model: not served by any node (its `state` is "auto", never "serving"), it picks one. It
-    can call tools when a serving model can (a request with tools gets one of those)."""
+    can call tools when a serving model can (a request with tools gets one of those), and think when one can (a
+    request that turns thinking on gets one of those)."""
     entry = _model_entry(auto.AUTO, created, auto.AUTO, [])
-    entry["capabilities"]["tools"] = tools
+    entry["capabilities"] |= {"tools": tools, "reasoning": reasoning}
     entry |= {"pseudo": True, "description": auto.DESCRIPTION}
     return entry
 
 
-def _add_facts(entry: dict[str, Any], tools: bool | None, size_bytes: int, ctx: int = 0) -> None:
+def _add_facts(
+    entry: dict[str, Any], tools: bool | None, size_bytes: int, ctx: int = 0, thinking: bool | None = None
+) -> None:
     """What a server of the model knows of it: `capabilities.tools` (its chat template can call tools,
-    true if any server says so), `size_bytes` (its GGUF size) and `context_length` (tokens one request may hold:
-    the least any server gives), each only once known."""
-    if tools is not None:
-        entry["capabilities"]["tools"] = tools or entry["capabilities"].get("tools", False)
+    true if any server says so), `capabilities.reasoning` (a thinking model: thinking is off unless a request turns
+    it on, api/reasoning.py), `size_bytes` (its GGUF size) and `context_length` (tokens one request may hold: the
+    least any server gives), each only once known."""
+    for key, said in (("tools", tools), ("reasoning", thinking)):
+        if said is not None:
+            entry["capabilities"][key] = said or entry["capabilities"].get(key, False)
     if size_bytes and "size_bytes" not in entry:
         entry["size_bytes"] = size_bytes
     if ctx:

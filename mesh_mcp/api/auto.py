@@ -7,6 +7,7 @@ each step only breaks the ties of the one before:
 1. what the request is for: `/v1/embeddings` prefers models known to embed, every other path models not known to;
 2. tools: a request with a non-empty `tools` (or legacy `functions`) list prefers models whose servers say their
    chat template can call tools (`tools: true`);
+   thinking: a request that turns thinking on (api/reasoning.py) prefers thinking models (`reasoning: true`);
 3. context: it prefers models whose context (the least any server gives; 0, not known, counts as holding) holds
    the request's estimate — bytes of the request body / 3 (a conservative bytes-per-token) + its max output tokens;
 4. strength: the largest GGUF in bytes (a proxy for quality), then the fastest measured decode tok/s;
@@ -37,7 +38,8 @@ MAX_CANDIDATES = 4096
 BYTES_PER_TOKEN = 3  # English averages about 4 bytes per token; 3 over-estimates, so a tight context is avoided
 MAX_TOKENS = 1 << 30  # a max output token count past this is treated as this (no context holds more)
 DESCRIPTION = (
-    "picks a serving model per request: tool-capable when the request has tools, a context that holds the "
+    "picks a serving model per request: tool-capable when the request has tools, a thinking model when it asks "
+    "for thinking, a context that holds the "
     "request, then the largest (then fastest), then the least loaded; the response's model and x-mesh-model name it"
 )
 
@@ -49,6 +51,7 @@ class RequestFacts:
     tools: bool = False  # it carries tool definitions
     tokens: int = 0  # estimated prompt + answer tokens
     embeddings: bool = False  # it asks for embeddings, not generation
+    thinking: bool = False  # it turns thinking on
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class ModelCandidate:
     size_bytes: int = 0  # its GGUF size; 0: not known
     tok_s: float = 0.0  # measured decode tokens/s; 0: not measured
     embeddings: bool | None = None  # an embedding model; None: not known
+    thinking: bool | None = None  # a thinking model; None: not known
 
 
 def is_auto(requested: object) -> bool:
@@ -77,26 +81,28 @@ def _count(value: object) -> int:
     return min(max(value, 0), MAX_TOKENS)
 
 
-def request_facts(payload: Mapping[str, Any], body_bytes: int, path: str) -> RequestFacts:
-    """What `payload` (the parsed body of `body_bytes` bytes, posted to `path`) needs of its model."""
+def request_facts(payload: Mapping[str, Any], body_bytes: int, path: str, thinking: bool = False) -> RequestFacts:
+    """What `payload` (the parsed body of `body_bytes` bytes, posted to `path`; `thinking`: it turns thinking on)
+    needs of its model."""
     tools = any(isinstance(payload.get(k), list) and payload[k] for k in ("tools", "functions"))
     answer = next(
         (n for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if (n := _count(payload.get(k)))), 0
     )
     prompt = min(max(body_bytes, 0), MAX_TOKENS) // BYTES_PER_TOKEN
-    return RequestFacts(tools=tools, tokens=prompt + answer, embeddings=path.endswith("/embeddings"))
+    return RequestFacts(tools=tools, tokens=prompt + answer, embeddings=path.endswith("/embeddings"), thinking=thinking)
 
 
 def _number(value: float) -> float:
     return value if isinstance(value, int | float) and math.isfinite(value) and value > 0 else 0.0
 
 
-def _key(want: RequestFacts, c: ModelCandidate) -> tuple[bool, bool, bool, int, float, float, str]:
+def _key(want: RequestFacts, c: ModelCandidate) -> tuple[bool, bool, bool, bool, int, float, float, str]:
     """Sort key of the rule (the module's docstring), best first."""
     ctx = max(c.ctx, 0)
     return (
         (c.embeddings is not True) if want.embeddings else (c.embeddings is True),
         want.tools and c.tools is not True,
+        want.thinking and c.thinking is not True,
         ctx != 0 and ctx < want.tokens,
         -max(c.size_bytes, 0),
         -_number(c.tok_s),
@@ -123,14 +129,15 @@ class _Server:
     size_bytes: int
     tok_s: float
     embeddings: bool | None
+    thinking: bool | None = None
 
 
 def merge(
     local: Iterable[ModelStatus], remote: Iterable[RemoteModel], limit: int = MAX_CANDIDATES
 ) -> list[ModelCandidate]:
-    """The candidates of the mesh: each model with its serving servers' facts merged — tools true if any server says
-    so (false only if one says so and none otherwise), the least known context, the largest known size, the mean
-    measured tok/s. A local model serves once it has an upstream. At most `limit` models."""
+    """The candidates of the mesh: each model with its serving servers' facts merged — tools (and thinking) true if
+    any server says so (false only if one says so and none otherwise), the least known context, the largest known
+    size, the mean measured tok/s. A local model serves once it has an upstream. At most `limit` models."""
     servers: dict[str, list[_Server]] = {}
 
     def add(name: str, server: _Server) -> None:
@@ -141,17 +148,18 @@ def merge(
 
     for m in local:
         if m.state == SERVING and m.upstream is not None:
-            facts = (m.context or 0, m.size_bytes or 0, m.measured_tok_s or 0.0, m.embeddings)
+            facts = (m.context or 0, m.size_bytes or 0, m.measured_tok_s or 0.0, m.embeddings, m.thinking)
             add(m.name, _Server(m.in_flight, m.tools, *facts))
     for r in remote:
         if r.state == SERVING:  # a remote record does not say whether it embeds
-            add(r.name, _Server(r.in_flight, r.tools, r.ctx, r.size_bytes, r.tok_s, None))
+            add(r.name, _Server(r.in_flight, r.tools, r.ctx, r.size_bytes, r.tok_s, None, r.thinking))
     out = []
     for name, rows in servers.items():
         said = [s.tools for s in rows if s.tools is not None]
         contexts = [s.ctx for s in rows if s.ctx > 0]
         speeds = [v for s in rows if (v := _number(s.tok_s))]
         embeds = [s.embeddings for s in rows if s.embeddings is not None]
+        thinks = [s.thinking for s in rows if s.thinking is not None]
         out.append(
             ModelCandidate(
                 name=name,
@@ -162,6 +170,7 @@ def merge(
                 size_bytes=max(max(s.size_bytes for s in rows), 0),
                 tok_s=sum(speeds) / len(speeds) if speeds else 0.0,
                 embeddings=any(embeds) if embeds else None,
+                thinking=any(thinks) if thinks else None,
             )
         )
     return out

@@ -11,8 +11,8 @@ The shape (the contract the front end codes against):
 `{"members": [{"node_id", "name", "role", "self", "state", "since", "capacity_bytes", "addresses", "rtt_ms",
 "models": [{"name", "state", "in_flight", "slots", "ctx", "size_bytes", "tok_s", "predicted_tok_s", "ok", "err",
 "stage"?}]}],
-"models": [{"name", "servers", "loading", "failed", "mode", "ctx", "tools", "measured_tok_s", "predicted_tok_s",
-"demand_rate_per_min", "stages", "shards"}], "links": [{"a", "b", "rtt_ms", "over_cap"}]}`.
+"models": [{"name", "servers", "loading", "failed", "mode", "ctx", "tools", "reasoning", "measured_tok_s",
+"predicted_tok_s", "demand_rate_per_min", "stages", "shards"}], "links": [{"a", "b", "rtt_ms", "over_cap"}]}`.
 
 A member holding a stage of a split lists that model with `"state": "stage"`, `"stage": [first, last]` and the
 stage's share of the model's bytes (layers are near enough equal in size), and the split's host lists its own
@@ -135,7 +135,7 @@ def _models(
     def row(name: str) -> dict[str, Any]:
         if name not in rows:
             rows[name] = {"name": name, "servers": [], "loading": [], "failed": [], "ctxs": [], "tools": [], "tps": [],
-                          "ptps": []}  # fmt: skip
+                          "ptps": [], "think": []}  # fmt: skip
         return rows[name]
 
     for r in alive:
@@ -147,6 +147,7 @@ def _models(
                 found["servers"].append(r.node_id)
                 found["ctxs"].append(m.ctx)
                 found["tools"].append(m.tools)
+                found["think"].append(m.think)
                 found["tps"] += [m.tps] if m.tps else []
                 found["ptps"] += [m.ptps] if m.ptps else []
                 if m.stages:  # a split hosted there: its record says where each stage runs
@@ -185,7 +186,8 @@ def _models(
                 "failed": sorted(found["failed"]),
                 "mode": mode,
                 "ctx": max((c for c in found["ctxs"] if c), default=None),
-                "tools": True if any(tools) else (False if tools and all(t is False for t in tools) else None),
+                "tools": _said(tools),
+                "reasoning": _said(found["think"]),  # a thinking model (thinking off unless a request asks)
                 "measured_tok_s": round(sum(tps) / len(tps) / 10, 1) if tps else None,  # the mean of its servers
                 "predicted_tok_s": max(ptps) / 10 if ptps else None,
                 "demand_rate_per_min": rates.get(name),
@@ -194,6 +196,11 @@ def _models(
             }
         )
     return out[:MAX_MODELS]
+
+
+def _said(answers: list[bool | None]) -> bool | None:
+    """True if any server says so, False if every one says not, else None (not known)."""
+    return True if any(answers) else (False if answers and all(a is False for a in answers) else None)
 
 
 def _links(members: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

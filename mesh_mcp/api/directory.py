@@ -24,6 +24,7 @@ class RemoteModel:
     size_bytes: int = 0  # its GGUF size; 0: not known
     ctx: int = 0  # tokens one request may hold there; 0: not known
     tok_s: float = 0.0  # its measured decode speed (the record's `tps`); 0: not measured
+    thinking: bool | None = None  # a thinking model (the record's `think`); None: not known
 
 
 class Directory(Protocol):

@@ -22,7 +22,9 @@ class MeshDirectory:
             if record.node_id == self.mesh.identity.node_id or record.leaving:
                 continue
             out.extend(
-                RemoteModel(m.name, record.node_id, m.state, m.in_flight, m.tools, m.size_bytes, m.ctx, m.tps / 10)
+                RemoteModel(
+                    m.name, record.node_id, m.state, m.in_flight, m.tools, m.size_bytes, m.ctx, m.tps / 10, m.think
+                )
                 for m in record.models_served
             )
         return out

@@ -29,7 +29,7 @@ import anyio
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from mesh_mcp.api import auto, resume
+from mesh_mcp.api import auto, reasoning, resume
 from mesh_mcp.api import rewrite as api_rewrite
 from mesh_mcp.api.checks import Flavor, ModelFacts, Rejection, check_model_field, check_request
 from mesh_mcp.api.directory import Directory, RemoteModel
@@ -156,10 +156,16 @@ class Proxy:
         body = await _read_body(request, self.max_body)
         payload = _parse_payload(body)
         requested = payload.get("model")
-        want = auto.request_facts(payload, len(body), self.path) if auto.is_auto(requested) else None
+        thinking = reasoning.read(payload, self.path)
+        if isinstance(thinking, Rejection):
+            raise _rejected(thinking)
+        want = auto.request_facts(payload, len(body), self.path, thinking.on) if auto.is_auto(requested) else None
         name, routes, facts = self._routes(requested, routed, session_key(payload), want)
+        # One thinking control, as llama-server reads it; a request that says nothing gets the servers' default (off)
+        changed = thinking.asked and reasoning.apply(payload, self.path, thinking)
         if want is not None:  # llama-server, a peer and the response's `model` see the model chosen
             payload["model"] = name
+        if changed or want is not None:
             body = json.dumps(payload).encode()
         send = _naming(send, name)
         if (rejection := check_request(payload, self.flavor, self.path, facts)) is not None:

@@ -17,6 +17,7 @@ The optional fields (`rtt`: the origin's measured round trips to its nearest pee
 ms; `llama_cpp`: its llama.cpp build identity) are left out of the wire form when empty, so records
 without them keep their encoding and signature. A served model's optional fields follow the same rule:
 `tools` (whether its chat template lets it call tools, as the serving llama-server reports it; absent
+while unknown), `think` (whether it is a thinking model: its template has a thinking switch or thinking tags; absent
 while unknown), `bytes` (its GGUF size, the launchers' measure of strength; absent when 0) and `ctx` (tokens one
 request may hold: the slot context llama-server really gives, capped at the model's training context; absent when 0)
 and `slots` (requests it runs at once, llama-server's --parallel: with `in_flight` it says whether requests queue —
@@ -96,7 +97,9 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"rtt", "llama_cpp", "demand"})
 _SERVED_FIELDS = frozenset({"name", "state", "in_flight"})
-_SERVED_OPTIONAL = frozenset({"tools", "bytes", "ctx", "slots", "stages", "tps", "ptps", "shards", "ok", "err"})
+_SERVED_OPTIONAL = frozenset(
+    {"tools", "think", "bytes", "ctx", "slots", "stages", "tps", "ptps", "shards", "ok", "err"}
+)
 MAX_SHARDS = 32  # shards of one expert-sharded model a record lists
 # optional counts: `==` takes 1.0 for 1, the cache must not
 _SERVED_INTS = ("bytes", "ctx", "slots", "tps", "ptps", "ok", "err")
@@ -121,6 +124,7 @@ class ServedModel:
     ok: int = 0  # requests its server answered well since the node started (metrics/families.py `served`)
     err: int = 0  # requests its server answered that ended in an error (client_error or upstream_error)
     extra: tuple[tuple[str, str], ...] = ()  # fields of a newer version: (name, canonical JSON), sorted, signed
+    think: bool | None = None  # a thinking model (api/reasoning.py); None: not known (yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +314,8 @@ def _served_wire(m: ServedModel) -> dict[str, Any]:
     out: dict[str, Any] = {"name": m.name, "state": m.state, "in_flight": m.in_flight}
     if m.tools is not None:
         out["tools"] = m.tools
+    if m.think is not None:
+        out["think"] = m.think
     if m.size_bytes:
         out["bytes"] = m.size_bytes
     if m.ctx:
@@ -386,7 +392,7 @@ def _exact_numbers(obj: dict[str, Any]) -> bool:
     for m in obj["models_served"]:
         if type(m["in_flight"]) is not int or any(type(m.get(k, 0)) is not int for k in _SERVED_INTS):
             return False
-        if "tools" in m and type(m["tools"]) is not bool:
+        if any(k in m and type(m[k]) is not bool for k in ("tools", "think")):
             return False
         if any(type(v) is not int for row in (*m.get("stages", ()), *m.get("shards", ())) for v in row[1:]):
             return False
@@ -450,6 +456,7 @@ def _served(obj: object) -> ServedModel:
         state=_str(obj, "state", 16),
         in_flight=_int(obj, "in_flight"),
         tools=_bool(obj, "tools") if "tools" in obj else None,
+        think=_bool(obj, "think") if "think" in obj else None,
         size_bytes=_positive(obj, "bytes") if "bytes" in obj else 0,
         ctx=_positive(obj, "ctx") if "ctx" in obj else 0,
         slots=_positive(obj, "slots") if "slots" in obj else 0,
@@ -637,6 +644,7 @@ def _problem(r: NodeRecord) -> str:
             or type(m.in_flight) is not int
             or not 0 <= m.in_flight <= MAX_INT
             or (m.tools is not None and type(m.tools) is not bool)
+            or (m.think is not None and type(m.think) is not bool)
             or type(m.size_bytes) is not int
             or not 0 <= m.size_bytes <= MAX_INT
             or type(m.ctx) is not int

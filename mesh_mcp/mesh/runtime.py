@@ -312,8 +312,8 @@ class Mesh:
             if loading and now - self.gossip.me.version / 1000 >= INTENT_REFRESH_S:
                 self.gossip.update_self(now)
             return
-        facts = [(m.name, m.state, m.tools, m.ctx, m.slots, m.stages) for m in served]
-        states_changed = facts != [(m.name, m.state, m.tools, m.ctx, m.slots, m.stages) for m in current]
+        facts = [(m.name, m.state, m.tools, m.think, m.ctx, m.slots, m.stages) for m in served]
+        states_changed = facts != [(m.name, m.state, m.tools, m.think, m.ctx, m.slots, m.stages) for m in current]
         if states_changed or now - self._published_in_flight >= IN_FLIGHT_PUBLISH_S:
             self._published_in_flight = now
             self.gossip.update_self(now, models_served=served, in_flight=sum(m.in_flight for m in served))
@@ -488,6 +488,7 @@ def served_models(state: NodeState, limit: int) -> tuple[ServedModel, ...]:
             expert_shards(m.placement),
             min(answered.get(m.name[:128], (0, 0))[0], MAX_REQUESTS),
             min(answered.get(m.name[:128], (0, 0))[1], MAX_REQUESTS),
+            think=m.thinking,
         )
         for m in list(state.models.values())
         if m.state != "stopped"

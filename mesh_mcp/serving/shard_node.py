@@ -183,6 +183,7 @@ class ShardServer:
             upstream=self.server.base_url if state == SERVING else None,
             pid=self.server.pid,
             restarts=self.server.restarts,
+            **self.server.template_caps(),
         )
 
     async def check(self, ref: Any) -> Any:

@@ -1,5 +1,5 @@
 """Serving one model alone on this node: one supervised llama-server (restarted with backoff when it dies), its
-state, pid, restarts and tool-calling support reported as they change."""
+state, pid, restarts and what its template can do (call tools, think) reported as they change."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ class SoloModel(ModelRun):
         )
 
         def on_state(state: str, detail: str) -> None:
-            calls = server.tool_calls
-            tools = {} if calls is None or self.settings.embeddings else {"tools": calls}
+            caps = server.template_caps()
             self.on_state(
-                state=state, detail=detail, upstream=server.base_url, pid=server.pid, restarts=server.restarts, **tools
+                state=state, detail=detail, upstream=server.base_url, pid=server.pid, restarts=server.restarts, **caps
             )
 
         server.on_state = on_state

@@ -177,6 +177,7 @@ class SplitModel(MeshRun):
                     detail=f"{current.kind} over {len(current.stages)} node(s); llama-server pid {server.pid}",
                     upstream=server.base_url,
                     pid=server.pid,
+                    **server.template_caps(),
                 )
 
             self.on_state(state="loading", detail=f"starting llama-server ({current.kind})")

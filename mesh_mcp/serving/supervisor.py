@@ -311,6 +311,7 @@ class Serving:
             layers=facts.block_count,
             embeddings=embeddings,
             tools=None if embeddings else facts.template_calls_tools,  # until llama-server's /props says
+            thinking=None if embeddings else facts.template_thinks,  # until llama-server's rendering says
             detail="waiting for llama.cpp" if not self._llama_ready.is_set() else "starting llama-server",
         )
         plan = decide(name, facts, setup.this_node(), setup.flags(), self._view(path))

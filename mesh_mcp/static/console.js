@@ -18,7 +18,7 @@
 //             .seg.free[data-bytes]   (a split's host and workers hold their stage's share of the model)
 //   models    #models tr[data-model][data-state][data-mode]  td.state, td.where (stages: li.stage[data-node-id]
 //             with the layer range; shards: li.shard[data-node-id][data-experts]; .failed-on), td.ctx, td.tools,
-//             td.toks ("N predicted, M measured" tok/s), td.demand,
+//             td.thinks ("yes": a thinking model, thinking off unless a request asks), td.toks ("N predicted, M measured" tok/s), td.demand,
 //             td.live[data-in-flight][data-ok][data-errors] (requests that entered this node: status.requests)
 //             "N in flight · N ok · N errors" (empty when none came here);
 //             a failure adds tr.failed and its detail in .detail
@@ -447,7 +447,7 @@ function renderModels() {
   const entries = view.models.map((m) => ({ m, local: locals.get(m.name) }));
   for (const [name, local] of locals) {
     if (!view.models.some((m) => m.name === name)) {
-      entries.push({ m: { name, servers: [], loading: [], mode: "none", ctx: local.context, tools: local.tools }, local });
+      entries.push({ m: { name, servers: [], loading: [], mode: "none", ctx: local.context, tools: local.tools, reasoning: local.thinking }, local });
     }
   }
   for (const { m, local } of entries) {
@@ -462,6 +462,7 @@ function renderModels() {
       measured != null ? `${Number(measured).toFixed(1)} measured` : null].filter(Boolean).join(", ");
     const ctx = m.ctx ?? (local ? local.context : null);
     const tools = m.tools ?? (local ? local.tools : null);
+    const thinks = m.reasoning ?? (local ? local.thinking : null);
     // This node's own counts (status.requests): errors are only known on the node a request entered.
     const here = (status.requests || {})[m.name] || {};
     const errors = (here.client_error || 0) + (here.upstream_error || 0);
@@ -475,6 +476,7 @@ function renderModels() {
       whereCell(m, local),
       h("td", { class: "ctx", text: ctx != null ? String(ctx) : "" }),
       h("td", { class: "tools", text: tools == null ? "?" : tools ? "yes" : "no" }),
+      h("td", { class: "thinks", text: thinks == null ? "?" : thinks ? "yes" : "no", title: "a thinking model: thinking is off unless a request asks" }),
       h("td", { class: "toks", text: toks }),
       h("td", { class: "demand", text: m.demand_rate_per_min != null ? `${Number(m.demand_rate_per_min).toFixed(1)} req/min` : "" }),
       h("td", { class: errors ? "live error" : "live", text: live, title: "requests that entered this node",
@@ -483,7 +485,7 @@ function renderModels() {
     rows.push(tr);
   }
   $("models-body").replaceChildren(...(rows.length ? rows
-    : [h("tr", { class: "empty" }, h("td", { colSpan: 8, class: "muted", text: "No models. Start one with mesh-llm --model SmolLM2-135M-Instruct." }))]));
+    : [h("tr", { class: "empty" }, h("td", { colSpan: 9, class: "muted", text: "No models. Start one with mesh-llm --model SmolLM2-135M-Instruct." }))]));
 }
 
 // ---------------------------------------------------------------- chat
