@@ -307,7 +307,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_clients < 0:
         print("mesh-llm: --max-clients must be 0 (no cap) or more", file=sys.stderr)
         return 2
-    from .public import Public, auto_choice, wants
+    from .public import Choice, Public, auto_choice, wants
 
     avoid = [a.strip().lower() for a in args.avoid_mesh]
     if any(len(a) < 8 or any(c not in "0123456789abcdef" for c in a) for a in avoid):
@@ -327,9 +327,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.auto and not joins:
         from inference import hardware
 
+        from .api.guard import Policy
+        from .node import while_searching
+
         me = wants(args.client, hardware.detect(args.max_vram).capacity_bytes, args.region, tuple(args.model))
+        host = "0.0.0.0" if args.listen_all else "127.0.0.1"
+        policy = Policy(args.listen_all, keys, args.no_auth, frozenset(cors))
+
+        async def search() -> Choice:
+            return await auto_choice(paths.home_dir(), public, me, SYSTEM_CLOCK)
+
         try:
-            choice = anyio.run(auto_choice, paths.home_dir(), public, me, SYSTEM_CLOCK)
+            ports = (args.port, args.console_port)
+            choice = anyio.run(while_searching, search, paths.home_dir(), args.name, host, ports, policy)
         except MeshLLMError as exc:
             print(f"mesh-llm: {exc}", file=sys.stderr)
             return 1

@@ -14,6 +14,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
@@ -30,6 +31,9 @@ from mesh_mcp.api.console import build_console
 from mesh_mcp.api.guard import API, CONSOLE, Policy
 from mesh_mcp.api.mesh_directory import MeshDirectory
 from mesh_mcp.api.middleware import HttpGuard, log_exposure
+from mesh_mcp.api.searching import Searching
+from mesh_mcp.api.searching import api_app as searching_api
+from mesh_mcp.api.searching import console_app as searching_console
 from mesh_mcp.api.serve import serve_http
 from mesh_mcp.clock import SYSTEM_CLOCK
 from mesh_mcp.errors import ConfigError, MeshLLMError
@@ -56,6 +60,7 @@ from .state import NodeState
 from .ui import Bars
 
 log = logging.getLogger("mesh_llm.node")
+T = TypeVar("T")
 CLIENT_TOKEN_REFRESH_S = 10.0  # how often a client's status token is brought up to date with the members
 
 BLACKBOARD_DB = "blackboard.db"
@@ -343,3 +348,34 @@ class Node:
 
 def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+async def while_searching(
+    choose: Callable[[], Awaitable[T]], home: Path, name: str | None, host: str, ports: tuple[int, int], policy: Policy
+) -> T:
+    """`choose()` (`--auto` looking for a mesh) while this node's API and console answer that it is searching
+    (`api/searching.py`, behind the node's own guard), so nobody meets a refused connection; the ports are free
+    again when it returns, for the node's real apps."""
+    identity = load_or_create(home)
+    searching = Searching(identity.node_id, name or os.uname().nodename, __version__)
+    api = HttpGuard(searching_api(searching), policy, API)
+    console = HttpGuard(searching_console(searching), policy, CONSOLE)
+    async with anyio.create_task_group() as tg:
+        api_port = await tg.start(serve_http, api, host, ports[0])
+        console_port = await tg.start(serve_http, console, host, ports[1])
+        log.info(
+            "--auto: looking for a mesh; console http://%s:%d (API :%d) says so meanwhile",
+            _display_host(host),
+            console_port,
+            api_port,
+        )
+        failed: Exception | None = None
+        try:
+            chosen = await choose()
+        except Exception as exc:  # raised as itself below, not inside the task group's ExceptionGroup
+            failed = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return chosen

@@ -5,7 +5,9 @@
 - three nodes started at once with the same `--auto --mesh-name` end in one mesh that serves through every node;
 - `--max-clients`: the mesh is delisted while full and listed again when the client leaves;
 - a killed publisher: an `--auto` member notices its listing has no live publisher and lists the mesh itself;
-- no relay reachable at all: the same `--auto --mesh-name` finds the mesh on the LAN (mDNS on loopback).
+- no relay reachable at all: the same `--auto --mesh-name` finds the mesh on the LAN (mDNS on loopback);
+- a `--client --auto` started before any mesh is listed: its console says it searches, then it joins the one that
+  appears.
 """
 
 from __future__ import annotations
@@ -175,3 +177,27 @@ def test_with_no_relay_reachable_nodes_find_each_other_on_the_lan(spawn: Spawn, 
     second.wait_model_state(SMOLLM, "serving", timeout=240)
     r = httpx2.post(second.api + "/v1/chat/completions", json=CHAT, timeout=120)
     assert r.status_code == 200, r.text
+
+
+def test_a_client_started_before_any_mesh_exists_says_it_is_searching_then_joins_one(
+    spawn: Spawn, relay: Relay, smollm: object
+) -> None:
+    """`--client --auto` with nothing listed yet: its console and API answer at once (searching; the same guard as
+    ever), it keeps looking, and it joins the mesh that appears; the real console then takes the same ports."""
+    r = ("--nostr-relay", relay.url)
+    c = mesh_node(spawn, "c", "127.0.0.6", "--client", "--auto", *r)
+    status = c.wait_for("the console saying it searches", lambda s: s.get("state") == "searching", timeout=60)
+    assert status["discovery"]["state"] == "searching" and status["llama_ready"] is False and status["models"] == []
+    assert httpx2.get(c.api + "/v1/models", timeout=10).json() == {"object": "list", "data": []}
+    busy = httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=10)
+    assert busy.status_code == 503 and busy.headers["retry-after"] and busy.json()["error"]["code"] == "not_ready"
+    rebound = httpx2.get(c.console + "/api/status", headers={"Host": "evil.example"}, timeout=10)
+    assert rebound.status_code == 421, "the node's guard stands while it searches (DNS rebinding)"
+    c.wait_log(r"a client needs a mesh to join: looking again", timeout=60)  # it looked once and found nothing
+    a = mesh_node(spawn, "a", "127.0.0.7", "--model", SMOLLM, "--publish", *r)
+    a_mesh = mesh_of(a)
+    joined = c.wait_for("joined A's mesh", lambda s: s.get("mesh_id") == a_mesh, timeout=240)
+    assert joined.get("state") != "searching"
+    wait_models(c, {SMOLLM}, timeout=240)
+    answered = httpx2.post(c.api + "/v1/chat/completions", json=CHAT, timeout=120)
+    assert answered.status_code == 200, answered.text

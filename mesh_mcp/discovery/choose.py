@@ -23,7 +23,7 @@ from mesh_mcp.errors import ConfigError, ProtocolError
 log = logging.getLogger("mesh_llm.discovery")
 
 RETRY_S = 5.0
-CLIENT_WAIT_S = 60.0
+CLIENT_WAIT_S = 300.0  # five minutes, as the reference; its console says it is searching meanwhile
 SHOWN = 5  # candidates whose score lines are logged
 
 
