@@ -5,7 +5,9 @@ known-answer model.
 pre-tokenizer `gpt-2`, a ChatML template), padded with UNUSED tokens to any larger size; llama.cpp loads,
 tokenizes and serves it. tests/ggufgen.py builds its test models on it.
 
-`write_successor_model` writes the model the build self-test runs (inference/selftest.py): a 2-layer
+`add_bigram_llama` writes the keys and tensors of a `llama` whose next token depends on the last one alone (the
+self-test model's construction, also used by tests/ggufgen.py's thinker). `write_successor_model` writes the model
+the build self-test runs (inference/selftest.py): a 2-layer
 `llama` whose greedy continuation of any byte token t is the byte token t+1 (mod 256). Token embeddings are
 random ±1 vectors; the output matrix maps each embedding to its successor's logit row; the layers' own
 weights are small random numbers, so every matrix multiplication runs on real data and none of them can
@@ -91,21 +93,17 @@ def _q4_0(w: gguf.GGUFWriter, name: str, data: np.ndarray) -> None:
     w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), q), raw_dtype=q)
 
 
-def write_successor_model(path: Path, seed: int = 0) -> Path:
-    """Write the self-test model to `path` (atomically: a reader never sees half a file); returns `path`."""
-    v, n, ff, heads = SUCCESSOR_VOCAB, SUCCESSOR_EMBD, SUCCESSOR_FF, SUCCESSOR_HEADS
-    rng = np.random.default_rng(seed)
-    embd = np.zeros((v, n), dtype=np.float32)
-    embd[:256] = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(256, n))
-    out = np.zeros((v, n), dtype=np.float32)
-    for t in range(256):
-        out[successor(t)] = embd[t]  # logit of t+1 = <embd[t], h> ≈ n when h ≈ embd[t]
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name("mesh-llm self-test (successor)")
-    w.add_context_length(512)
+def add_bigram_llama(
+    w: gguf.GGUFWriter, name: str, context: int, embd: np.ndarray, out: np.ndarray, rng: np.random.Generator
+) -> None:
+    """The keys (all but the tokenizer's) and tensors of a `SUCCESSOR_LAYERS`-layer Q4_0 `llama` whose greedy next
+    token depends on the last token alone: `embd` (vocab × `SUCCESSOR_EMBD`) is the token embedding and `out` the
+    output matrix (row t = the embedding of the token t follows); the layers' own weights are small random numbers
+    from `rng`, so every matrix multiplication runs on real data without changing the answer."""
+    v, n = embd.shape
+    ff, heads = SUCCESSOR_FF, SUCCESSOR_HEADS
+    w.add_name(name)
+    w.add_context_length(context)
     w.add_embedding_length(n)
     w.add_block_count(SUCCESSOR_LAYERS)
     w.add_feed_forward_length(ff)
@@ -115,7 +113,6 @@ def write_successor_model(path: Path, seed: int = 0) -> Path:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(v)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    add_tiny_vocab(w, v)
 
     def small(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
@@ -131,6 +128,23 @@ def write_successor_model(path: Path, seed: int = 0) -> Path:
         _q4_0(w, f"blk.{i}.ffn_down.weight", small(n, ff))
     w.add_tensor("output_norm.weight", np.ones(n, dtype=np.float32))
     _q4_0(w, "output.weight", out)
+
+
+def write_successor_model(path: Path, seed: int = 0) -> Path:
+    """Write the self-test model to `path` (atomically: a reader never sees half a file); returns `path`."""
+    v, n = SUCCESSOR_VOCAB, SUCCESSOR_EMBD
+    rng = np.random.default_rng(seed)
+    embd = np.zeros((v, n), dtype=np.float32)
+    embd[:256] = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(256, n))
+    out = np.zeros((v, n), dtype=np.float32)
+    for t in range(256):
+        out[successor(t)] = embd[t]  # logit of t+1 = <embd[t], h> ≈ n when h ≈ embd[t]
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    add_bigram_llama(w, "mesh-llm self-test (successor)", 512, embd, out, rng)
+    add_tiny_vocab(w, v)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

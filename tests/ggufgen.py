@@ -367,13 +367,13 @@ def write_thinker(path: Path, seed: int = 0) -> Path:
     """A 2-layer `llama` (Q4_0, ~0.8 MB) with Qwen3's real chat template (its `enable_thinking` switch) whose greedy
     answer is `<think>THINKER_THOUGHT</think>\\n\\nTHINKER_ANSWER` when the prompt ends as Qwen3's does with thinking
     on (`<|im_start|>assistant\\n`), and `THINKER_ANSWER` alone when it ends as with thinking off (the template's
-    empty `<think>\\n\\n</think>\\n\\n`). Like the self-test model (`inference.tiny_gguf.write_successor_model`), each
+    empty `<think>\\n\\n</think>\\n\\n`). Like the self-test model (`inference.tiny_gguf.add_bigram_llama`), each
     token's embedding is a random ±1 vector and the output matrix maps it to its successor's logit: the next token
     depends on the last one only, so the vocabulary makes the two prompt endings different tokens (`\\n` and a
     merged `\\n\\n`), `<think>` and `</think>` single user-defined tokens (as in Qwen3's vocabulary), and `<|im_end|>`
     the end of the answer. llama.cpp's own template analysis finds the thinking tags, so `--reasoning-format`,
     `--reasoning` and budgets act on it as on a real Qwen3."""
-    from inference.tiny_gguf import SUCCESSOR_EMBD, SUCCESSOR_FF, SUCCESSOR_HEADS, _q4_0, byte_chars
+    from inference.tiny_gguf import SUCCESSOR_EMBD, add_bigram_llama, byte_chars
 
     chars = byte_chars()
     tokens = [*chars, chars[10] * 2, "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -389,7 +389,7 @@ def write_thinker(path: Path, seed: int = 0) -> Path:
     chain = [tid[chars[10]], tid["<think>"], *text(THINKER_THOUGHT), tid["</think>"], tid[chars[10] * 2]]
     chain += [*text(THINKER_ANSWER), tid["<|im_end|>"]]
     assert len(set(chain)) == len(chain), "a token twice in the chain would have two successors"
-    n, ff, heads, layers = SUCCESSOR_EMBD, SUCCESSOR_FF, SUCCESSOR_HEADS, 2
+    n = SUCCESSOR_EMBD
     rng = np.random.default_rng(seed)
     embd = np.zeros((vocab, n), dtype=np.float32)
     embd[:used] = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(used, n))
@@ -399,17 +399,7 @@ def write_thinker(path: Path, seed: int = 0) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("thinker")
-    w.add_context_length(2048)
-    w.add_embedding_length(n)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(heads)
-    w.add_rope_dimension_count(n // heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    add_bigram_llama(w, "thinker", 2048, embd, out, rng)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -419,21 +409,6 @@ def write_thinker(path: Path, seed: int = 0) -> Path:
     w.add_eos_token_id(tid["<|im_end|>"])
     w.add_add_bos_token(False)
     w.add_chat_template(QWEN3_TEMPLATE.read_text())
-
-    def small(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
-
-    _q4_0(w, "token_embd.weight", embd)
-    for i in range(layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n, dtype=np.float32))
-        for part in ("q", "k", "v", "output"):
-            _q4_0(w, f"blk.{i}.attn_{part}.weight", small(n, n))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n, dtype=np.float32))
-        _q4_0(w, f"blk.{i}.ffn_gate.weight", small(ff, n))
-        _q4_0(w, f"blk.{i}.ffn_up.weight", small(ff, n))
-        _q4_0(w, f"blk.{i}.ffn_down.weight", small(n, ff))
-    w.add_tensor("output_norm.weight", np.ones(n, dtype=np.float32))
-    _q4_0(w, "output.weight", out)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -73,16 +73,7 @@ def console_app(searching: Searching) -> Starlette:
         )
         return HTMLResponse(body, headers={"Content-Security-Policy": "default-src 'none'"})
 
-    async def other(request: Request) -> Response:
-        return _not_yet(True, request.url.path, searching.detail)
-
-    return Starlette(
-        routes=[
-            Route("/api/status", status),
-            Route("/", page),
-            Route("/{rest:path}", other, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
-        ]
-    )
+    return _app([Route("/api/status", status), Route("/", page)], console=True, detail=searching)
 
 
 def api_app(searching: Searching) -> Starlette:
@@ -94,13 +85,16 @@ def api_app(searching: Searching) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "searching", "node_id": searching.node_id})
 
-    async def other(request: Request) -> Response:
-        return _not_yet(False, request.url.path, searching.detail)
+    return _app([Route("/v1/models", models), Route("/health", health)], console=False, detail=searching)
 
-    return Starlette(
-        routes=[
-            Route("/v1/models", models),
-            Route("/health", health),
-            Route("/{rest:path}", other, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
-        ]
-    )
+
+_ANY = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
+
+def _app(routes: list[Route], *, console: bool, detail: Searching) -> Starlette:
+    """`routes`, then every other path and method: the 503 that says the node is not ready yet."""
+
+    async def other(request: Request) -> Response:
+        return _not_yet(console, request.url.path, detail.detail)
+
+    return Starlette(routes=[*routes, Route("/{rest:path}", other, methods=_ANY)])
