@@ -105,7 +105,8 @@ def _launch(llama: Any, model: Path, ports: list[int], ts: list[float]) -> tuple
     cmd += ["--threads", "1", "--port", str(api_port), "-c", "4096", "-np", "1", "--fit", "off", "--alias", "m"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     api = f"http://127.0.0.1:{api_port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 900  # a 1 GB model through the counting proxies loads in minutes
+    while time.monotonic() < deadline:
         try:
             if httpx2.get(api + "/health", timeout=1).status_code == 200:
                 break

@@ -98,6 +98,13 @@ def detect_backend(
     return "cpu"
 
 
+def edits_digest(pin: Pin) -> str:
+    """A digest of the pin's source edits: the unpacked source is kept per digest. Edits are applied in place and
+    never undone, so a tree edited for another pin (an upgrade that changed or dropped an edit) is never reused."""
+    edits = "\0".join(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits)
+    return hashlib.sha256(edits.encode()).hexdigest()[:10]
+
+
 def plan_build(
     pin: Pin, backend: str, variant: CpuVariant | None = None, extra_flags: tuple[str, ...] = ()
 ) -> BuildPlan:
@@ -110,7 +117,8 @@ def plan_build(
     flags = pin.common_flags + pin.backend_flags[backend] + (variant.flags if variant else ()) + extra_flags
     edits = tuple(f"{e.file}\0{e.find}\0{e.replace}" for e in pin.edits)
     digest = hashlib.sha256("\0".join(flags + pin.targets + edits).encode()).hexdigest()[:10]
-    shared = pin.common_flags + pin.backend_flags[backend] + extra_flags + pin.targets
+    # The tree follows the source it was configured from (`source_dir`: one per set of edits) and the non-CPU flags
+    shared = pin.common_flags + pin.backend_flags[backend] + extra_flags + pin.targets + (edits_digest(pin),)
     tree = hashlib.sha256("\0".join(shared).encode()).hexdigest()[:10]
     return BuildPlan(
         key=f"{pin.version}-{backend}-{name}-{digest}",

@@ -26,7 +26,7 @@ from mesh_mcp.errors import BuildError
 
 from . import paths
 from .diskspace import disk_full_is_an_error
-from .llamacpp import BuildPlan, parse_progress
+from .llamacpp import BuildPlan, edits_digest, parse_progress
 
 CACHE_HINT = "free some space or set MESH_LLM_CACHE to a directory on a larger disk"
 
@@ -104,7 +104,7 @@ async def build(pin: Pin, plan: BuildPlan, progress: BuildProgress) -> Path:
     """Build `plan` and install it; returns its install directory (with `bin/` and `build-info.json`)."""
     root = build_root()
     sdist = await _fetch_sdist(pin, progress)
-    src_root = root / "src" / pin.version
+    src_root = root / "src" / f"{pin.version}-{edits_digest(pin)}"  # a tree edited for another pin is not reused
     source = src_root / pin.subdir
     if not (source / "CMakeLists.txt").is_file():
         progress("unpacking source", 0.0)

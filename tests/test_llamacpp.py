@@ -12,6 +12,7 @@ from inference.llamacpp import (
     LlamaCpp,
     check_toolchain,
     detect_backend,
+    edits_digest,
     parse_progress,
     plan_build,
     plan_builds,
@@ -120,6 +121,10 @@ def test_each_cpu_variant_has_its_own_key_and_shares_one_build_tree() -> None:
     avx2 = cpu_variants(CpuInfo("x86_64", "Linux", "t", frozenset(SAPPHIRE_RAPIDS.split())))[2]
     edited = replace(pin, edits=(*pin.edits, SourceEdit("x.cpp", "a", "b", "why")))
     assert plan_build(edited, "cpu", avx2).key != plans[2].key  # a new edit is a new build
+    # ... from its own source tree and build tree: edits are applied in place and never undone, so a tree edited for
+    # another pin (an upgrade that changed or dropped an edit) must not be built from again
+    assert edits_digest(edited) != edits_digest(pin) and plan_build(edited, "cpu", avx2).tree != plans[2].tree
+    assert edits_digest(replace(pin, edits=pin.edits[:-1])) != edits_digest(pin)
 
 
 def test_build_identity_is_the_same_for_every_cpu_variant_and_cpu_only_edit() -> None:

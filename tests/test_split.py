@@ -49,9 +49,9 @@ def serving(node: NodeProcess, timeout: float = 240) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def solo_answers(tmp_path_factory: pytest.TempPathFactory, test_models_dir: Path, smollm: Path) -> list[str]:
-    """The reference: the same model served solo, same settings, without weight repacking — an rpc-server's
-    buffers are never repacked, and on AMX builds solo runs Q4_1 through the AMX buffer type, which rounds
-    differently (it diverged at token 8 of the first prompt); `--no-repack` turns every CPU extra buffer off."""
+    """The reference: the same model served solo, same settings, without weight repacking — SmolLM2's Q4_1 has no
+    repacked layout (an rpc-server keeps it plain), but on AMX builds solo runs Q4_1 through the AMX buffer type, which
+    rounds differently (it diverged at token 8 of the first prompt); `--no-repack` turns every CPU extra buffer off."""
     node = NodeProcess(
         home=tmp_path_factory.mktemp("solo"),
         args=["--model", SMOLLM, "--llama-arg=--no-repack"],
@@ -128,12 +128,10 @@ def test_a_killed_workers_stream_goes_on_after_the_replan_and_the_model_serves_a
 def test_gemma_two_node_split_answers_like_solo(spawn: Spawn, gemma: Path) -> None:
     """A second architecture: Gemma 3 (interleaved sliding-window and global attention layers).
 
-    The reference is solo *without weight repacking*: llama.cpp's CPU backend repacks Q4_K/Q4_0 weights
-    for its AVX2/NEON kernels, which round differently, and an rpc-server's buffers are never repacked —
-    so a split computes exactly what solo computes with `--no-repack` (with repacking this prompt set
-    diverges at token 17 of the first prompt; SmolLM2's Q4_1 has no repacked AVX2 kernel, but AMX builds take
-    it through AMX tiles, so its reference is `--no-repack` too)."""
-    solo = spawn("--mesh-host", "127.0.0.5", "--model", GEMMA, "--llama-arg=--no-repack", "--name", "solo", name="solo")
+    The reference is solo as users run it, weights repacked: the rpc-servers repack a worker's weights as llama-server
+    repacks its own (the pinned edit in llama.cpp/pin.toml), so the split computes what solo computes (before that
+    edit a split equalled only solo with `--no-repack`, and this prompt set diverged at token 17 of the first prompt)."""
+    solo = spawn("--mesh-host", "127.0.0.5", "--model", GEMMA, "--name", "solo", name="solo")
     solo.wait_model_state(GEMMA, "serving", timeout=240)
     expected = [complete(solo, p, model=GEMMA) for p in PROMPTS]
     solo.stop()
