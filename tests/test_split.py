@@ -130,7 +130,7 @@ def test_gemma_two_node_split_answers_like_solo(spawn: Spawn, gemma: Path) -> No
 
     The reference is solo as users run it, weights repacked: the rpc-servers repack a worker's weights as llama-server
     repacks its own (the pinned edit in llama.cpp/pin.toml), so the split computes what solo computes (before that
-    edit a split equalled only solo with `--no-repack`, and this prompt set diverged at token 17 of the first prompt)."""
+    edit a split equalled only solo with `--no-repack`; this prompt set diverged at token 17 of the first prompt)."""
     solo = spawn("--mesh-host", "127.0.0.5", "--model", GEMMA, "--name", "solo", name="solo")
     solo.wait_model_state(GEMMA, "serving", timeout=240)
     expected = [complete(solo, p, model=GEMMA) for p in PROMPTS]
