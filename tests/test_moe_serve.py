@@ -194,13 +194,17 @@ class MidAnswerKill:
     freeze makes the answer's end impossible before the kill: timed by the client's events alone, on a loaded
     machine the kill can come after the server had finished and the entry node had every byte (the nodes relay
     faster than a starved client reads). The server's own CPU time, not its answers, tells its progress: a frozen
-    server answers nothing."""
+    server answers nothing. The CPU budget counts from the client's first text event: counted from before, a loaded
+    server's idle threads (its poll after the previous answer, a metrics scrape) could spend it before the server
+    sent a token, and the node was killed before the client had read any of the answer."""
 
     def __init__(self, node: NodeProcess, after: int, ticks: int) -> None:
         assert node.proc is not None
         self.node, self.after = node, after
         self.pid = node.model(node.status(), "moe")["pid"]  # type: ignore[index]
-        self.until = cpu_ticks(self.pid) + ticks
+        self.ticks = ticks
+        self.read = 0  # text events the client has read
+        self.started = threading.Event()  # it has read one
         self.lock = threading.Lock()
         self.frozen = False
         self.events = -1  # text events the client had read when the node was killed
@@ -210,6 +214,8 @@ class MidAnswerKill:
 
     def saw(self, events: int) -> None:
         """The client has read `events` text events."""
+        self.read = events
+        self.started.set()
         if events >= self.after:
             self._freeze()
         if self.frozen:
@@ -230,11 +236,13 @@ class MidAnswerKill:
 
     def _run(self) -> None:
         deadline = time.monotonic() + 60
-        while not self.frozen and cpu_ticks(self.pid) < self.until and time.monotonic() < deadline:
+        self.started.wait(60)
+        until = cpu_ticks(self.pid) + self.ticks
+        while not self.frozen and cpu_ticks(self.pid) < until and time.monotonic() < deadline:
             time.sleep(0.001)  # a poll of the server's CPU time, ~1 ms apart
         self._freeze()
         if not self.killed.wait(30):  # the client read nothing more: killed all the same, with what it has
-            self._kill(0)
+            self._kill(self.read)
 
 
 def stream(node: NodeProcess, prompt: str, user: str, n: int, kill: MidAnswerKill | None = None) -> tuple[str, str]:
