@@ -143,8 +143,9 @@ class LlamaServer(ManagedProcess):
                 if resp.status_code != 200:
                     return False
                 if not self.settings.embeddings:
-                    self.tool_calls = await _tool_calls(client, url)
-                    self.thinking = await _thinking(client, url)
+                    props = await _props(client, url)
+                    self.tool_calls = _tool_calls(props)
+                    self.thinking = await _thinking(client, url, props)
                 self.base_url = url
                 return True
 
@@ -163,14 +164,20 @@ class LlamaServer(ManagedProcess):
         self.base_url = None
 
 
-async def _tool_calls(client: httpx2.AsyncClient, url: str) -> bool | None:
-    """Whether the chat template llama-server actually uses (its own, or `--chat-template-file`) can call
-    tools: `/props` `chat_template_caps.supports_tool_calls`, found by rendering the template; None if unknown."""
+async def _props(client: httpx2.AsyncClient, url: str) -> dict[str, object]:
+    """llama-server's `/props` (read once at readiness); empty if it cannot be read."""
     try:
         resp = await client.get(url + "/props")
-        caps = resp.json().get("chat_template_caps") if resp.status_code == 200 else None
-    except (httpx2.HTTPError, ValueError, AttributeError):
-        return None
+        props = resp.json() if resp.status_code == 200 else None
+    except (httpx2.HTTPError, ValueError):
+        return {}
+    return props if isinstance(props, dict) else {}
+
+
+def _tool_calls(props: dict[str, object]) -> bool | None:
+    """Whether the chat template llama-server actually uses (its own, or `--chat-template-file`) can call
+    tools: `/props` `chat_template_caps.supports_tool_calls`, found by rendering the template; None if unknown."""
+    caps = props.get("chat_template_caps")
     value = caps.get("supports_tool_calls") if isinstance(caps, dict) else None
     return value if isinstance(value, bool) else None
 
@@ -178,7 +185,7 @@ async def _tool_calls(client: httpx2.AsyncClient, url: str) -> bool | None:
 _PROBE = [{"role": "user", "content": "hi"}]
 
 
-async def _thinking(client: httpx2.AsyncClient, url: str) -> bool | None:
+async def _thinking(client: httpx2.AsyncClient, url: str, props: dict[str, object]) -> bool | None:
     """Whether the template llama-server uses makes a thinking model: it renders differently with thinking on and
     off (`/apply-template`, a switch as in Qwen3, GLM-4.x, SmolLM3), or its text has thinking tags (a model that
     always thinks, as the DeepSeek-R1 distills: `gguf_facts.template_thinks`); None if unknown."""
@@ -189,12 +196,11 @@ async def _thinking(client: httpx2.AsyncClient, url: str) -> bool | None:
             resp = await client.post(url + "/apply-template", json=body)
             prompt = resp.json().get("prompt") if resp.status_code == 200 else None
             prompts.append(prompt if isinstance(prompt, str) else None)
-        props = await client.get(url + "/props")
-        template = props.json().get("chat_template") if props.status_code == 200 else None
     except (httpx2.HTTPError, ValueError, AttributeError):
         return None
     if None not in prompts and prompts[0] != prompts[1]:
         return True
+    template = props.get("chat_template")
     if isinstance(template, str):
         return template_thinks(template)
     return None

@@ -193,6 +193,10 @@ def test_a_client_started_before_any_mesh_exists_says_it_is_searching_then_joins
     assert busy.status_code == 503 and busy.headers["retry-after"] and busy.json()["error"]["code"] == "not_ready"
     rebound = httpx2.get(c.console + "/api/status", headers={"Host": "evil.example"}, timeout=10)
     assert rebound.status_code == 421, "the node's guard stands while it searches (DNS rebinding)"
+    evil = {"Origin": "https://evil.example"}
+    page = httpx2.post(c.api + "/v1/chat/completions", json=CHAT, headers=evil, timeout=10)
+    assert page.status_code == 403, "a web page in the user's browser is refused while it searches too"
+    assert "token" not in status and "invite_token" not in status, "no secret before there is a mesh"
     c.wait_log(r"a client needs a mesh to join: looking again", timeout=60)  # it looked once and found nothing
     a = mesh_node(spawn, "a", "127.0.0.7", "--model", SMOLLM, "--publish", *r)
     a_mesh = mesh_of(a)

@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,30 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 TOKENS = 32
 
 
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    """Poll `ready` until it holds (bounded); fail at once if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"{what} exited ({proc.returncode})"
+        assert time.monotonic() < deadline, f"{what} not ready in {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx2.get(url + "/health", timeout=2).status_code == 200
+    except httpx2.TransportError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @contextmanager
 def llama_server(llama: LlamaCpp, model: Path, *args: str) -> Iterator[str]:
     """A llama-server on `model` (1 thread, loopback) until the block ends; its base URL once healthy."""
@@ -40,16 +64,7 @@ def llama_server(llama: LlamaCpp, model: Path, *args: str) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, f"llama-server exited ({proc.returncode}): {' '.join(cmd)}"
-            assert time.monotonic() < deadline, "llama-server not healthy in 240 s"
-            try:
-                if httpx2.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until(lambda: _healthy(url), proc, f"llama-server ({' '.join(cmd)})", 240)
         yield url
     finally:
         proc.kill()
@@ -65,15 +80,7 @@ def rpc_server(llama: LlamaCpp, env: dict[str, str] | None = None) -> Iterator[s
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"rpc-server exited ({proc.returncode})"
-            assert time.monotonic() < deadline, "rpc-server not listening in 60 s"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_until(lambda: _listening(port), proc, "rpc-server", 60)
         yield f"127.0.0.1:{port}"
         assert proc.poll() is None, "the rpc-server died serving"
     finally:
