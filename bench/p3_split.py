@@ -8,27 +8,33 @@ node's threads (here 1), not all of them. For N = 2 and 3 it measures, with ever
 - mesh: `mesh-llm --model M --split N --threads 1` on 127.0.0.2 plus N-1 workers joined on
   127.0.0.3.., asked through a *worker's* API (one mesh hop on top of the split);
 - stock: llama-server `--rpc` straight to N local ggml-rpc-servers (`-t 1`), the same `-ts` as the
-  mesh's plan, no relays, no TLS — what the mesh adds is the difference;
-- P5: bytes per generated token across each stage boundary (requests + responses, prompt included,
-  divided by the tokens generated), counted by byte-counting proxies in front of the stock
-  rpc-servers in a second load (not in the speed run), against 2 × n_embd × 4.
+  mesh's plan, no relays, no TLS, and llama.cpp RPC's own protocol (the host relays each stage's output);
+  `--stock-bin DIR` takes llama-server and ggml-rpc-server from a build without the hand-off edits (e.g. the
+  previous pin's), else this build runs without MESH_LLM_RPC_PEERS (compact inputs, no hand-off);
+- P5: bytes per *decoded* token across each stage boundary: a long and a one-token answer to the same prompt,
+  the difference over the difference in tokens. Stock: counting proxies in front of its rpc-servers, in a
+  second load (not in the speed run). Mesh: each worker's data-plane bytes in and out, with every peer, from
+  its /metrics. Against 2 × n_embd × 4.
 
-`--rtt-ms 5,20` repeats mesh and stock with that round trip added between the host and every worker
-(half each way): for the mesh, each worker binds 127.0.0.(2+i) and advertises 127.0.0.(12+i), where a
-UDP link (QUIC control plane) and a TCP link (the RPC data plane, same port number) add the delay;
-for stock, a TCP link in front of each worker's rpc-server. The floor is 1 / (Σ compute + Σ RTT) with
-Σ compute = 1 / solo and one round trip per worker per token.
+`--rtt-ms 5,20` repeats mesh and stock with that round trip between every pair of nodes (half each way):
+for the mesh, every node — the host too — binds 127.0.0.(2+i) and advertises 127.0.0.(12+i), where a UDP link
+(QUIC control plane) and a TCP link (the RPC data plane, same port number) add half the RTT each way, so any
+connection (host → worker, worker → next worker, last worker → host) crosses one link; for stock, a TCP link
+in front of each worker's rpc-server. Floors, with compute = 1 / solo: stock llama.cpp RPC pays a round trip
+per worker per token, 1 / (compute + (n − 1) × RTT); a chain host → worker 1 → … → host pays half a round
+trip per crossing, 1 / (compute + n/2 × RTT).
 
 Tokens/s is llama-server's own `timings.predicted_per_second` for each request (median of runs).
 
-    python bench/p3_split.py --model SmolLM2-135M-Instruct-Q4_1 --runs 5 --tokens 64 [--rtt-ms 5,20]
+    python bench/p3_split.py --model SmolLM2-135M-Instruct-Q4_1 --runs 5 --tokens 64 [--rtt-ms 5,20] \
+        [--stock-bin ~/.cache/mesh-llm/llama.cpp/<previous build>/bin]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,12 +42,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prometheus_client.parser import text_string_to_metric_families
+
 from inference import paths
 from inference.gguf_facts import read_facts
 from inference.provision import ensure_llama_cpp
@@ -68,34 +77,68 @@ def tok_s(api: str, model: str, tokens: int, runs: int) -> float:
 
 
 class Counter:
-    """A TCP proxy counting bytes both ways (127.0.0.1:port → target)."""
+    """A TCP proxy counting bytes both ways (127.0.0.1:port → target), a thread per direction."""
 
     def __init__(self, target: int) -> None:
         self.target, self.up, self.down = target, 0, 0
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    async def _serve(self) -> None:
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                up = socket.create_connection(("127.0.0.1", self.target))
+                for s in (conn, up):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=self._pump, args=(conn, up, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(up, conn, False), daemon=True).start()
 
-    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        tr, tw = await asyncio.open_connection("127.0.0.1", self.target)
-        for s in (w, tw):
-            s.transport.get_extra_info("socket").setsockopt(6, 1, 1)  # TCP_NODELAY
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                with self.lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-            while data := await src.read(1 << 16):
-                if up:
-                    self.up += len(data)
-                else:
-                    self.down += len(data)
-                dst.write(data)
-                await dst.drain()
-            dst.close()
+    def total(self) -> int:
+        with self.lock:
+            return self.up + self.down
 
-        await asyncio.gather(pipe(r, tw, True), pipe(tr, w, False), return_exceptions=True)
+
+def answer(api: str, model: str, tokens: int) -> int:
+    """One answer of `tokens` tokens (no prompt cache); the tokens generated."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    r = httpx2.post(api + "/v1/completions", json={**body, "cache_prompt": False}, timeout=600)
+    r.raise_for_status()
+    return int(r.json()["usage"]["completion_tokens"])
+
+
+def per_decoded_token(api: str, model: str, tokens: int, read: Any) -> list[float]:
+    """Bytes per decoded token of each counter `read()` returns: a long minus a one-token answer."""
+    answer(api, model, 2)  # warm
+    before = read()
+    short = answer(api, model, 1)
+    mid = read()
+    long = answer(api, model, tokens + 1)
+    after = read()
+    return [((c - b) - (b - a)) / (long - short) for a, b, c in zip(before, mid, after, strict=True)]
+
+
+def dataplane_bytes(node: NodeProcess) -> float:
+    found = [s for f in text_string_to_metric_families(httpx2.get(node.console + "/metrics", timeout=10).text)
+             for s in f.samples]  # fmt: skip
+    return sum(
+        s.value for s in found if s.name == "mesh_llm_peer_traffic_bytes_total" and s.labels.get("plane") == "dataplane"
+    )
 
 
 def _launch(llama: Any, model: Path, ports: list[int], ts: list[float]) -> tuple[subprocess.Popen[bytes], str]:
@@ -129,7 +172,7 @@ def stock(
     load (the proxies cost time, so they are not in the speed run)."""
     procs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as links:
-        links.callback(lambda: [_stop(proc) for proc in procs])
+        links.callback(lambda: list(map(_stop, procs)))
         ports = [free_port() for _ in range(n)]
         for p in ports:
             cmd = [str(llama.rpc_server), "-t", "1", "-p", str(p)]
@@ -149,36 +192,43 @@ def stock(
         counters = [Counter(p) for p in ports]
         server, api = _launch(llama, model, [c.port for c in counters], ts)
         procs.append(server)
-        body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-        httpx2.post(api + "/v1/completions", json=body, timeout=600).raise_for_status()  # warm
-        before = [(c.up, c.down) for c in counters]
-        httpx2.post(api + "/v1/completions", json=body, timeout=600).raise_for_status()
-        per_token = [((c.up - u) + (c.down - d)) / tokens for c, (u, d) in zip(counters, before, strict=True)]
-        return speed, per_token
+        return speed, per_decoded_token(api, "m", tokens, lambda: [c.total() for c in counters])
 
 
 def mesh(
     tmp: Path, model: str, n: int, tokens: int, runs: int, models_dir: Path, rtt_ms: float = 0.0
-) -> tuple[float, dict[str, Any]]:
+) -> tuple[float, dict[str, Any], list[float]]:
+    """(tok/s, the host's placement, data-plane bytes per decoded token through each worker)."""
     env = {"MESH_LLM_MODELS": str(models_dir)}
     nodes = []
     with contextlib.ExitStack() as links:
+
+        def linked(i: int) -> list[str]:
+            """Node i behind links that add the delay: QUIC (UDP) and the data plane (TCP), one port number."""
+            if not rtt_ms:
+                return []
+            ip, port, link_ip = f"127.0.0.{2 + i}", free_port(), f"127.0.0.{12 + i}"
+            links.enter_context(LinkProxy((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
+            links.enter_context(TcpLink((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
+            return ["--bind-port", str(port), "--advertise", link_ip]
+
         try:
             host = NodeProcess(tmp / f"h{n}-{rtt_ms:g}", ["--mesh-host", "127.0.0.2", "--model", model, "--split",
-                               str(n), "--threads", "1", "--parallel", "1"], env=env).start()  # fmt: skip
+                               str(n), "--threads", "1", "--parallel", "1", *linked(0)], env=env).start()  # fmt: skip
             nodes.append(host)
             token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
             for i in range(1, n):
-                ip, args = f"127.0.0.{2 + i}", ["--join", token, "--threads", "1"]
-                if rtt_ms:  # behind links that add the delay: QUIC (UDP) and the data plane (TCP), one port
-                    port, link_ip = free_port(), f"127.0.0.{12 + i}"
-                    links.enter_context(LinkProxy((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
-                    links.enter_context(TcpLink((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
-                    args += ["--bind-port", str(port), "--advertise", link_ip]
-                w = NodeProcess(tmp / f"w{n}{i}-{rtt_ms:g}", ["--mesh-host", ip, *args], env=env).start()
-                nodes.append(w)
+                args = ["--mesh-host", f"127.0.0.{2 + i}", "--join", token, "--threads", "1", *linked(i)]
+                nodes.append(NodeProcess(tmp / f"w{n}{i}-{rtt_ms:g}", args, env=env).start())
             status = host.wait_model_state(model, "serving", timeout=600)
-            return tok_s(nodes[-1].api, model, tokens, runs), status["placement"]
+            speed = tok_s(nodes[-1].api, model, tokens, runs)
+            workers = nodes[1:]
+            moved = (
+                []
+                if rtt_ms
+                else per_decoded_token(host.api, model, tokens, lambda: [dataplane_bytes(w) for w in workers])
+            )
+            return speed, status["placement"], moved
         finally:
             for node in nodes:
                 node.stop()
@@ -202,34 +252,41 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rtt-ms", default="", help="also measure with these round trips added, e.g. 5,20")
     ap.add_argument("--nodes", default="2,3")
+    ap.add_argument("--stock-bin", type=Path, help="llama-server and ggml-rpc-server without the hand-off edits")
+    ap.add_argument("--no-solo", action="store_true", help="skip solo (the floors then need --solo-tok-s)")
+    ap.add_argument("--solo-tok-s", type=float, default=0.0)
     args = ap.parse_args()
     rtts = [float(x) for x in args.rtt_ms.split(",") if x]
-    llama = anyio.run(ensure_llama_cpp)
+    llama: Any = anyio.run(ensure_llama_cpp)
+    if args.stock_bin:
+        llama = SimpleNamespace(server=args.stock_bin / "llama-server", rpc_server=args.stock_bin / "ggml-rpc-server")
     path = args.models_dir / f"{args.model}.gguf"
     facts = read_facts(path)
     floor = 2 * facts.n_embd * 4
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        base = solo(tmp, args.model, args.tokens, args.runs, args.models_dir)
+        base = args.solo_tok_s if args.no_solo else solo(tmp, args.model, args.tokens, args.runs, args.models_dir)
         print(f"solo, 1 thread: {base:.1f} tok/s", flush=True)
         for n in [int(x) for x in args.nodes.split(",")]:
-            speed, placement = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir)
+            speed, placement, moved = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir)
             ref, per_token = stock(llama, path, n, placement["tensor_split"], args.tokens, args.runs)
             stages = ", ".join(f"{s['layers'][0]}-{s['layers'][1]}" for s in placement["stages"])
             print(
                 f"{n} nodes (layers {stages}): mesh {speed:.1f} tok/s = {speed / base:.3f} × solo, "
-                f"{speed / ref:.3f} × stock --rpc ({ref:.1f} tok/s); P5 bytes/token per boundary "
-                + ", ".join(f"{b:.0f}" for b in per_token)
-                + f" (2 × n_embd × 4 = {floor})",
+                f"{speed / ref:.3f} × stock --rpc ({ref:.1f} tok/s); P5 bytes per decoded token through each "
+                "worker: mesh " + ", ".join(f"{b:.0f}" for b in moved) + ", stock (each rpc-server, the host's "
+                "last) " + ", ".join(f"{b:.0f}" for b in per_token) + f" (2 × n_embd × 4 = {floor})",
                 flush=True,
             )
             for rtt in rtts:
-                slow, _ = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir, rtt)
+                slow, _, _ = mesh(tmp, args.model, n, args.tokens, args.runs, args.models_dir, rtt)
                 ref_slow, _ = stock(llama, path, n, placement["tensor_split"], args.tokens, args.runs, rtt)
-                bound = 1 / (1 / base + (n - 1) * rtt / 1000)
+                stock_floor = 1 / (1 / base + (n - 1) * rtt / 1000)
+                chain_floor = 1 / (1 / base + n / 2 * rtt / 1000)
                 print(
-                    f"{n} nodes, +{rtt:g} ms RTT per worker: mesh {slow:.1f} tok/s = {slow / bound:.3f} × floor "
-                    f"({bound:.1f} tok/s), {slow / ref_slow:.3f} × stock --rpc ({ref_slow:.1f} tok/s)",
+                    f"{n} nodes, +{rtt:g} ms RTT between nodes: mesh {slow:.1f} tok/s = {slow / chain_floor:.3f} × "
+                    f"chained floor ({chain_floor:.1f}), {slow / ref_slow:.3f} × stock --rpc ({ref_slow:.1f} tok/s = "
+                    f"{ref_slow / stock_floor:.3f} × its floor {stock_floor:.1f})",
                     flush=True,
                 )
 

@@ -11,6 +11,7 @@ instead of restarting.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class ServerSettings:
     gpu_layers: int = 0  # -ngl; 0 on CPU-only machines, 999 puts every layer on the GPU
     embeddings: bool = False
     extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # added to our environment (a split's MESH_LLM_RPC_PEERS)
     load_timeout_s: float = 600.0
     max_start_failures: int = 3  # consecutive failures before ever becoming ready → failed
     backoff_initial_s: float = 0.5
@@ -104,6 +106,9 @@ class LlamaServer(ManagedProcess):
     @property
     def serving_what(self) -> str:
         return f" for {self.alias}"
+
+    def env(self) -> dict[str, str] | None:
+        return {**os.environ, **dict(self.settings.env)} if self.settings.env else None
 
     @property
     def binary(self) -> Path:

@@ -19,8 +19,10 @@ Protocol facts (ggml/src/ggml-rpc/ggml-rpc.cpp and tools/rpc/rpc-server.cpp, pro
   `free:u64 total:u64`.
 - The client (llama-server) accepts a server only with the same major and a minor not higher than its
   own (`negotiate_hello`).
-- One client at a time: `listen(fd, 1)` and a single serving loop. While llama-server is connected a
-  probe connects (the backlog queues it) but gets no answer: `probe` raises `RpcBusy` after its timeout.
+- One client at a time: while llama-server is connected a probe connects but gets no answer (upstream: the
+  backlog queues it; with the pinned hand-off edits every connection has a thread and clients wait their turn,
+  while peer connections — a previous stage pushing its output — are served beside the client): `probe` raises
+  `RpcBusy` after its timeout.
   So the supervisor does not health-check a running server; it watches the process.
 - The server prints its banner before it binds and returns 0 from main when the bind fails
   ("Failed to create server socket"): readiness is never the banner or the exit code.
@@ -248,6 +250,7 @@ class RpcSettings:
     cache: bool = True  # -c: the tensor cache that makes pre-seeded loads free (inference.rpc_cache)
     devices: tuple[str, ...] = ()  # -d; empty: every GPU, else the CPU
     extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # added to its environment (MESH_LLM_RPC_PEER_LINK: the split's next stage)
     ready_timeout_s: float = 60.0  # device initialisation (CUDA, Metal) happens before the bind
     probe_timeout_s: float = 2.0
     max_start_failures: int = 3  # consecutive failures before ever becoming ready → failed
@@ -308,7 +311,7 @@ class RpcServer(ManagedProcess):
         )
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "LLAMA_CACHE": str(self.cache_dir)}
+        return {**os.environ, **dict(self.settings.env), "LLAMA_CACHE": str(self.cache_dir)}
 
     def _prepare(self) -> None:
         super()._prepare()

@@ -210,6 +210,7 @@ class Node:
             if self.rpc_link is not None:
                 await tg.start(self.rpc_link.run)
                 self.serving.setup.dataplane_port = self.rpc_link.port  # split workers fetch tensors there
+                self.serving.setup.dataplane_targets = self.rpc_link.dataplane.targets  # and hand off to us
             if self.board is not None and self.board_link is not None:
                 tg.start_soon(self._run_board, self.board)
                 tg.start_soon(self.board_link.run)

@@ -29,7 +29,7 @@ from mesh_mcp.dataplane.relay import Relay, host_bytes, open_relay
 from mesh_mcp.dataplane.services import Stream, connect
 from mesh_mcp.errors import AuthError
 from mesh_mcp.mesh.credentials import Credentials
-from mesh_mcp.mesh.identity import Identity
+from mesh_mcp.mesh.identity import Identity, load_or_create
 from mesh_mcp.mesh.wire import encode
 from tests.harness import free_port
 
@@ -204,6 +204,41 @@ def test_each_local_connection_gets_its_own_tunnel(worker: Identity, host: Ident
                     assert await recv_exactly(b, 6) == b"from b"
                     assert await recv_exactly(a, 6) == b"from a"
                 assert relay.counters.tunnels == 2 and echo.accepted == 2
+
+    run(main)
+
+
+def test_a_peer_link_opens_only_for_the_stage_it_names(
+    worker: Identity, host: Identity, echo: Echo, tmp_path: Path
+) -> None:
+    """A split worker's peer link (its rpc-server pushing to the next stage): each connection first names the stage,
+    `u16 little-endian length | name`; only the name it was made for is spliced, anything else is closed unspliced.
+    A second node reaching the same target is counted apart from the first (`NAME<-NODE`)."""
+
+    def named(name: bytes) -> bytes:
+        return len(name).to_bytes(2, "little") + name
+
+    async def main() -> None:
+        async with DataPlaneServer(worker, creds(worker), "127.0.0.1", targets={"stage2": echo.port}) as server:
+            remote = f"127.0.0.1:{server.port}"
+            async with Relay(host, creds(host), remote, "stage2") as first:  # the split's host reaches it first
+                async with await anyio.connect_tcp("127.0.0.1", first.port) as s:
+                    await s.send(b"hello")
+                    assert await recv_exactly(s, 5) == b"hello"
+            peer = load_or_create(tmp_path / "previous-stage")
+            async with Relay(peer, creds(peer), remote, "stage2", peer_name="stage2") as link:
+                for wrong in (named(b"stage3"), named(b""), b"\x05\x00ab", named(b"x" * 200)):
+                    async with await anyio.connect_tcp("127.0.0.1", link.port) as s:
+                        await s.send(wrong)
+                        if wrong[:2] == b"\x05\x00":
+                            await s.send_eof()  # a name cut short: the link gives up when the sender stops
+                        assert await eof(s)
+                assert link.failures == 4 and echo.accepted == 1
+                async with await anyio.connect_tcp("127.0.0.1", link.port) as s:
+                    await s.send(named(b"stage2") + b"pushed")
+                    assert await recv_exactly(s, 6) == b"pushed"  # the name itself is not forwarded
+                assert echo.accepted == 2
+            assert server.peer_bytes() == {host.node_id: (5, 5), peer.node_id: (6, 6)}
 
     run(main)
 

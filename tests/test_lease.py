@@ -153,3 +153,23 @@ def test_the_shared_request_parts_are_validated(tmp_path: Path) -> None:
     (tmp_path / "m.gguf").write_bytes(b"12345")
     assert local_copy(tmp_path, "m.gguf", 5) == tmp_path / "m.gguf"
     assert local_copy(tmp_path, "m.gguf", 6) is None and local_copy(tmp_path, "n.gguf", 5) is None
+
+
+def test_a_split_lease_names_the_stage_after_the_worker_or_nothing() -> None:
+    from mesh_mcp.serving.rpc_worker import NextStage, parse_next_stage
+
+    assert parse_next_stage(None) is None
+    assert parse_next_stage({"node": "ab", "target": "m-1-host", "port": 9}) == NextStage("ab", "m-1-host", 9)
+    for bad in (
+        "ab",
+        {"node": "ab", "target": "t"},
+        {"node": "", "target": "t", "port": 9},
+        {"node": "ab", "target": "", "port": 9},
+        {"node": "ab", "target": "t", "port": 0},
+        {"node": "ab", "target": "t", "port": 65536},
+        {"node": "ab", "target": "t", "port": True},
+        {"node": "ab", "target": "x" * 120, "port": 9},  # more than a peer link's name holds
+        {"node": "ab", "target": "é" * 60, "port": 9},  # 60 characters, 120 bytes
+    ):
+        with pytest.raises(ProtocolError):
+            parse_next_stage(bad)

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_mcp.mesh import tokens
 from tests.conftest import GEMMA, SMOLLM
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.slow
 Spawn = Callable[..., NodeProcess]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 TOKENS = 32
+SMOLLM_N_EMBD = 576  # the hidden state crossing a stage boundary: n_embd float32s
 
 
 def complete(node: NodeProcess, prompt: str, n: int = TOKENS, model: str = SMOLLM) -> str:
@@ -85,6 +87,39 @@ def test_three_node_split_answers_like_solo_and_moves_no_weights(spawn: Spawn, s
         assert re.search(r"split .* cache has \d+ tensor", worker.log()), worker.log()[-2000:]
     log = host.log()
     assert "holds layers" in log and "via relay" in log
+    # the hand-off: each stage pushes its output to the next (w1 → w2 → the host's own rpc-server), and a decode
+    # step moves little more than the hidden state in and out of each worker (issue 20)
+    assert "each stage hands its output to the next" in log
+    per_token = decode_bytes(host, {"w1": w1, "w2": w2})
+    assert all(moved <= 1.2 * 2 * SMOLLM_N_EMBD * 4 for moved in per_token.values()), per_token
+
+
+def dataplane_bytes(node: NodeProcess) -> float:
+    """Everything this node moved on the data plane, in and out, with every peer."""
+    found = [s for f in text_string_to_metric_families(httpx2.get(node.console + "/metrics", timeout=10).text)
+             for s in f.samples]  # fmt: skip
+    return sum(
+        s.value for s in found if s.name == "mesh_llm_peer_traffic_bytes_total" and s.labels.get("plane") == "dataplane"
+    )
+
+
+def decode_bytes(host: NodeProcess, workers: dict[str, NodeProcess]) -> dict[str, float]:
+    """Data-plane bytes per decoded token through each worker: a long and a one-token answer to the same prompt
+    (no prompt cache: both evaluate it alike), the difference over the difference in tokens."""
+
+    def run(n: int) -> tuple[int, dict[str, float]]:
+        body = {"model": SMOLLM, "prompt": "Once upon a time", "max_tokens": n, "temperature": 0}
+        body |= {"cache_prompt": False, "ignore_eos": True}
+        before = {name: dataplane_bytes(w) for name, w in workers.items()}
+        r = post_served(host.api + "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        moved = {name: dataplane_bytes(w) - before[name] for name, w in workers.items()}
+        return int(r.json()["usage"]["completion_tokens"]), moved
+
+    short_n, short = run(1)
+    long_n, long = run(65)
+    assert long_n - short_n >= 32, (short_n, long_n)
+    return {name: (long[name] - short[name]) / (long_n - short_n) for name in workers}
 
 
 def test_a_killed_workers_stream_goes_on_after_the_replan_and_the_model_serves_again(spawn: Spawn) -> None:
@@ -141,6 +176,7 @@ def test_gemma_two_node_split_answers_like_solo(spawn: Spawn, gemma: Path) -> No
     model = host.wait_model_state(GEMMA, "serving", timeout=240)
     assert model["placement"]["kind"] == "split" and len(model["placement"]["stages"]) == 2
     assert [complete(w1, p, model=GEMMA) for p in PROMPTS] == expected
+    assert "each stage hands its output to the next" in host.log()  # w1 → the host's rpc-server, not via the host
 
 
 def test_the_data_plane_takes_the_mesh_port_number_on_tcp(spawn: Spawn) -> None:

@@ -202,7 +202,8 @@ class DataPlaneServer(Listener):
     local rpc-server registered under the name they ask for.
 
     `targets` (name → 127.0.0.1 port) may change at any time; `counters[name]` counts per target, `users[name]`
-    is the node whose tunnels reached it (a split's host; `peer_bytes` sums the counters by it);
+    is the node whose tunnels reached it first (a split's host; `peer_bytes` sums the counters by it); another
+    node's tunnels to the same target (the previous stage handing its output over) count as `NAME<-NODE`;
     `refused` counts connections refused (logged rate-limited). Unauthenticated connections are limited
     per source address, and `known_sources()` (addresses of known members) take reserved slots."""
 
@@ -277,9 +278,12 @@ class DataPlaneServer(Listener):
             self._refuse(tunnel, source_ip(str(addr[0])), reason, who)
             return
         if isinstance(wanted, Target):
-            with self._lock:
-                self.users[wanted.name] = peer.node_id
-            forward(tunnel, tls, wanted, who, self.counter, lambda: self._done_pending(tunnel))
+            with self._lock:  # a second node reaching a target (a split's previous stage) is counted apart
+                key = wanted.name
+                if self.users.setdefault(key, peer.node_id) != peer.node_id:
+                    key = f"{wanted.name}<-{peer.node_id}"
+                    self.users[key] = peer.node_id
+            forward(tunnel, tls, wanted, who, lambda _name: self.counter(key), lambda: self._done_pending(tunnel))
             return
         self._done_pending(tunnel)
         run_service(wanted, request, Stream(tls, peer, tunnel), who)

@@ -32,6 +32,7 @@ from mesh_mcp.mesh.tokens import split_address
 
 log = logging.getLogger("mesh_llm.dataplane")
 
+PEER_NAME_MAX = 119  # bytes of a stage name on a peer link (MESH_PEER_NAME_MAX in llama.cpp/pin.toml)
 MAX_WORKERS = 1024  # workers whose closed relays' bytes a host keeps (the oldest forgotten past it)
 
 
@@ -97,7 +98,11 @@ class Relay(Listener):
 
     `expect_node_id`, when set, refuses any other node at that address. `bind_host` makes the
     outgoing connection leave from the mesh interface. A tunnel that cannot be opened closes
-    llama-server's connection (llama-server then aborts, as it would for a dead rpc-server)."""
+    llama-server's connection (llama-server then aborts, as it would for a dead rpc-server).
+
+    `peer_name` makes it a split worker's *peer link* instead: the local rpc-server, pushing its stage's output
+    to the next stage (`MESH_LLM_RPC_PEER_LINK`, llama.cpp/pin.toml), opens each connection with
+    `u16 little-endian length | name`; a name other than `peer_name` (the next stage's target) is refused."""
 
     def __init__(
         self,
@@ -109,8 +114,10 @@ class Relay(Listener):
         expect_node_id: str | None = None,
         bind_host: str | None = None,
         local_port: int = 0,
+        peer_name: str | None = None,
     ) -> None:
         super().__init__()
+        self.peer_name = peer_name
         self.identity = identity
         self.credentials = credentials
         self.remote = remote
@@ -150,6 +157,8 @@ class Relay(Listener):
         await self.close()
 
     def _serve(self, tunnel: Tunnel, conn: socket.socket, addr: Any) -> None:
+        if self.peer_name is not None and not self._named(conn):
+            return
         try:
             net = self._dial(tunnel)
         except OSError as exc:
@@ -171,6 +180,21 @@ class Relay(Listener):
             return
         tunnel.splice(conn, tls, self.counters, host_side=True)
 
+    def _named(self, conn: socket.socket) -> bool:
+        """A peer link's connection names the stage it is for, within `HANDSHAKE_TIMEOUT_S`."""
+        try:
+            conn.settimeout(limits.HANDSHAKE_TIMEOUT_S)
+            size = int.from_bytes(_read_exactly(conn, 2), "little")
+            name = _read_exactly(conn, size).decode("utf-8", "replace") if 0 < size <= PEER_NAME_MAX else None
+            conn.settimeout(None)
+        except OSError as exc:
+            self._fail(f"peer link: no stage name: {exc or type(exc).__name__}")
+            return False
+        if name != self.peer_name:
+            self._fail(f"peer link for {self.peer_name!r} asked for {name!r}")
+            return False
+        return True
+
     def _dial(self, tunnel: Tunnel) -> socket.socket:
         """Connect to the worker with a socket the tunnel already owns, so `close()` interrupts a
         connect that hangs (Linux: shutdown() of a connecting socket ends the connect)."""
@@ -189,6 +213,16 @@ class Relay(Listener):
         with self._lock:
             self.failures += 1
         log.warning("data plane: %s", reason)
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = conn.recv(size - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return bytes(out)
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,12 @@ Streams (QUIC control plane):
   absent: the host's mesh port number), then members whose records list the file. Then it starts a
   ggml-rpc-server on 127.0.0.1, registers it with its data plane under `ID`, and answers
   `{"ok": true, "port": DATA_PLANE_PORT, "target": ID, "seeded": N}` (or `{"ok": false, "error": ...}`).
-  The stream stays open: it *is* the lease (both halves: `lease.py`). When the host ends it, its
+  With `"next": {"node": ID, "target": NAME, "port": PORT}` (the stage after this one: another worker's
+  rpc-server or the host's own, registered with that node's data plane as NAME, PORT its data plane) the
+  rpc-server hands its stage's output straight to that stage (llama.cpp/pin.toml, the hand-off edits): the
+  worker opens a *peer link* for it (`Relay` with `peer_name`: 127.0.0.1 → TLS → NAME on that node, at an
+  address the node gossips) and gives it to the rpc-server as MESH_LLM_RPC_PEER_LINK; the answer then says
+  `"peer_link": true`. The stream stays open: it *is* the lease (both halves: `lease.py`). When the host ends it, its
   connection dies, or membership declares the host dead (`Mesh.cancel_when_gone`: seconds, not QUIC's
   idle timeout) the worker stops that rpc-server.
 
@@ -35,6 +40,7 @@ import anyio
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import RpcServer, RpcSettings
 from mesh_mcp.dataplane.listener import DataPlaneServer
+from mesh_mcp.dataplane.relay import PEER_NAME_MAX, Relay
 from mesh_mcp.dataplane.tensor_fetch import REQUEST as TENSORS
 from mesh_mcp.dataplane.tensor_fetch import FetchResult, TensorFetch, TensorService, fetch
 from mesh_mcp.errors import BackendError, ConfigError, MeshLLMError, ProtocolError
@@ -56,6 +62,20 @@ class Lease:
     target: str
     address: str  # host:port of the worker's data plane
     seeded: int  # tensors the worker had (or wrote) in its cache
+    peer_link: bool = False  # its rpc-server hands its output to the `next` stage the lease named
+
+
+@dataclass(frozen=True)
+class NextStage:
+    """The stage after a worker's: the rpc-server registered as `target` with the data plane of `node_id`,
+    which listens on `port` (at the addresses the node gossips)."""
+
+    node_id: str
+    target: str
+    port: int
+
+    def wire(self) -> dict[str, Any]:
+        return {"node": self.node_id, "target": self.target, "port": self.port}
 
 
 class RpcLink:
@@ -137,9 +157,16 @@ class RpcLink:
             isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) and x >= 0 for x in layers)
         ):
             raise ProtocolError("layers is [first, last] or null")
+        next_stage = parse_next_stage(header.get("next"))
         with grant.refusals():
             if self.llama is None:
                 raise BackendError("llama.cpp is not built on this node yet")
+            link_remote = None
+            if next_stage is not None:
+                try:
+                    link_remote = self._stage_address(next_stage)
+                except (ProtocolError, MeshLLMError) as exc:  # the host then relays this stage's output itself
+                    log.warning("split %s: no hand-off to the next stage: %s", split, exc)
             path = local_copy(self.models_dir, name, size)
             if path is not None:
                 n_cached = await self._seed(split, host, path, layers)
@@ -147,7 +174,22 @@ class RpcLink:
                 source_port = header.get("source_port")
                 port = source_port if isinstance(source_port, int) and 0 < source_port < 65536 else 0
                 n_cached = await self._fetch(split, host, name, size, layers, port)
-            server = RpcServer(self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split}")
+            link: Relay | None = None
+            env: tuple[tuple[str, str], ...] = ()
+            if next_stage is not None and link_remote is not None:
+                link = Relay(
+                    self.mesh.identity,
+                    lambda: self.mesh.transport.creds,
+                    link_remote,
+                    next_stage.target,
+                    expect_node_id=next_stage.node_id,
+                    bind_host=None if self.mesh.settings.host in ("0.0.0.0", "::") else self.mesh.settings.host,
+                    peer_name=next_stage.target,
+                )
+                env = (("MESH_LLM_RPC_PEER_LINK", f"127.0.0.1:{await link.start()}"),)
+                log.info("split %s: this stage hands its output to %s on %s", split, next_stage.target, link_remote)
+            settings = RpcSettings(threads=self.threads, env=env)
+            server = RpcServer(self.llama, self.home, settings, name=f"rpc-server-{split}")
             model = name.removesuffix(".gguf")
             self._running[id(server)] = (model, server)
             # The lease is held while the host keeps this stream open and membership holds it alive: a host
@@ -160,7 +202,7 @@ class RpcLink:
                         if server.endpoint is not None and server.port is not None:
                             lent = True
                             self.dataplane.targets[split] = server.port
-                            grant.ready(port=self.port, target=split, seeded=n_cached)
+                            grant.ready(port=self.port, target=split, seeded=n_cached, peer_link=link is not None)
                             log.info("lent rpc-server %s (127.0.0.1:%d) to %s", split, server.port, host)
                             try:
                                 await grant.until_closed()
@@ -170,6 +212,9 @@ class RpcLink:
             finally:
                 del self._running[id(server)]
                 self._count_restarts(model, server.restarts)
+                if link is not None:
+                    with anyio.CancelScope(shield=True):
+                        await link.close()
             if not lent and not gone.cancel_called:  # raised here, not inside the task group (an ExceptionGroup)
                 raise BackendError(f"rpc-server did not start; see {server.log_path}")
             why = "its host was declared dead" if gone.cancel_called else f"lease ended by {host}"
@@ -240,6 +285,15 @@ class RpcLink:
             f"{what}: " + ("; ".join(errors) or "no member of the mesh gossips that it has the file")
         )
 
+    def _stage_address(self, stage: NextStage) -> str:
+        """Where the next stage's data plane is: its first gossiped address, at its data-plane port. A node
+        that is not a live member is refused (a host cannot point a worker anywhere else)."""
+        record = self.mesh.gossip.record(stage.node_id) if self.mesh.gossip is not None else None
+        if record is None or record.leaving or not record.addresses:
+            raise ProtocolError(f"the next stage's node {stage.node_id} is not a live member of this mesh")
+        ip, _ = split_address(record.addresses[0])
+        return f"[{ip}]:{stage.port}" if ":" in ip else f"{ip}:{stage.port}"
+
     def _sources(self, host: str, host_port: int, name: str) -> list[tuple[str, str]]:
         """(node id, data-plane address) to fetch `name` from, best first: the host that asked (at the
         port its lease gave), then live members whose records list the file (at their mesh port number:
@@ -268,18 +322,41 @@ class RpcLink:
         return out
 
 
+def parse_next_stage(value: object) -> NextStage | None:
+    """The lease's `next` (absent: the stock relay through the host), checked."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("next is {node, target, port} or absent")
+    node = wire.field(value, "node", str, 128)
+    target = wire.field(value, "target", str, PEER_NAME_MAX)
+    port = wire.field(value, "port", int)
+    if not node or not target or len(target.encode()) > PEER_NAME_MAX or not 0 < port < 65536:
+        raise ProtocolError("next names a node, a target and a port in 1-65535")
+    return NextStage(node, target, port)
+
+
 @asynccontextmanager
 async def lease(
-    mesh: Mesh, node_id: str, split: str, model: Path, layers: tuple[int, int] | None, *, source_port: int = 0
+    mesh: Mesh,
+    node_id: str,
+    split: str,
+    model: Path,
+    layers: tuple[int, int] | None,
+    *,
+    source_port: int = 0,
+    next_stage: NextStage | None = None,
 ) -> AsyncIterator[Lease]:
     """Hold an rpc-server on `node_id` for the duration of the context. `source_port`: this node's
-    data plane, where a worker without the file fetches its layers' tensors."""
+    data plane, where a worker without the file fetches its layers' tensors. `next_stage`: where its
+    rpc-server hands its output (None: back through the host, as stock llama.cpp RPC does)."""
     request = {
         "split": split,
         "file": model.name,
         "size": model.stat().st_size,
         "layers": list(layers) if layers else None,
         **({"source_port": source_port} if source_port else {}),
+        **({"next": next_stage.wire()} if next_stage is not None else {}),
     }
     async with hold(
         mesh, node_id, "rpc-lease", request, reply_within_s=LEASE_START_TIMEOUT_S, refused="cannot take part"
@@ -287,4 +364,10 @@ async def lease(
         reply = held.reply
         port = wire.field(reply, "port", int)
         host = held.addresses[0].rsplit(":", 1)[0]  # the data plane listens on the mesh interface
-        yield Lease(node_id, wire.field(reply, "target", str, 64), f"{host}:{port}", wire.field(reply, "seeded", int))
+        yield Lease(
+            node_id,
+            wire.field(reply, "target", str, 64),
+            f"{host}:{port}",
+            wire.field(reply, "seeded", int),
+            reply.get("peer_link") is True,
+        )

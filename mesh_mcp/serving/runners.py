@@ -24,14 +24,21 @@ class Runner(Protocol):
 
 
 def runner_for(
-    plan: Solo | PipelineSplit | ExpertShards, run: ModelRun, mesh: Mesh | None, dataplane_port: int = 0
+    plan: Solo | PipelineSplit | ExpertShards,
+    run: ModelRun,
+    mesh: Mesh | None,
+    dataplane_port: int = 0,
+    dataplane_targets: dict[str, int] | None = None,
 ) -> Runner:
     """The runner that serves `run`'s model the way `plan` says (`mesh` for the modes over several nodes;
-    `dataplane_port`: where this node's data plane serves tensors to split workers without the file)."""
+    `dataplane_port`: where this node's data plane serves tensors to split workers without the file;
+    `dataplane_targets`: its targets, where a split host registers its own rpc-server for the last worker)."""
     if isinstance(plan, Solo):
         return SoloModel.of(run, gpu_layers=plan.gpu_layers)
     if mesh is None:
         raise AssertionError(f"a {plan.kind} plan without a mesh")  # decide() plans these only in a mesh
     if isinstance(plan, ExpertShards):
         return ShardedModel.of(run, mesh=mesh, force=plan.force)
-    return SplitModel.of(run, mesh=mesh, force_split=plan.force, dataplane_port=dataplane_port)
+    return SplitModel.of(
+        run, mesh=mesh, force_split=plan.force, dataplane_port=dataplane_port, dataplane_targets=dataplane_targets
+    )

@@ -3,15 +3,22 @@
 Decide, then do: `placement.plan()` (pure) says which workers take which layers from what the mesh
 gossips (capacity, the file on disk, llama.cpp build, RTT maps); this module acts on it:
 
-1. lease an rpc-server on every worker (`rpc_worker.lease`; the worker pre-seeds its cache for its
-   layers from its own copy of the GGUF, or fetches just those tensors from this node's data plane,
-   so no weight crosses the network at load);
-2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
-   HELLO the worker's rpc-server through it: a build speaking another RPC protocol is named before launch;
-3. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
+1. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
    and llama.cpp puts the output layer on the last device, so the host's own rpc-server listed last
-   keeps the output layer here and only hidden states cross the network;
-4. start llama-server with `--rpc` (workers in plan order, then the local one) and `-ts` from the plan;
+   keeps the output layer here and only hidden states cross the network — and register it with this
+   node's data plane, where the last worker hands its output to it;
+2. lease an rpc-server on every worker, the last stage first (`rpc_worker.lease`; the worker pre-seeds its
+   cache for its layers from its own copy of the GGUF, or fetches just those tensors from this node's data
+   plane, so no weight crosses the network at load), each told the stage after it (`NextStage`): its
+   rpc-server pushes its output straight there (the hand-off edits in llama.cpp/pin.toml), so a token
+   crosses each boundary once — host → worker 1 → … → worker n → host — instead of returning to the host
+   between stages;
+3. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
+   HELLO the worker's rpc-server through it: a build speaking another RPC protocol is named before launch;
+4. start llama-server with `--rpc` (workers in plan order, then the local one), `-ts` from the plan and
+   MESH_LLM_RPC_PEERS (the name each stage's rpc-server is reached by from the one before: the hand-off
+   is used only when every worker opened its peer link; MESH_LLM_NO_HANDOFF=1 in the host's environment turns
+   it off, for comparisons);
 5. watch: llama-server exiting (a dead worker makes it abort), a worker leaving the mesh, or a
    worker's RTT staying above the cap ends the group; everything is torn down and planned again
    after a short pause (the re-plan leaves the far worker out).
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,7 +42,7 @@ from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe
 from mesh_mcp.dataplane.relay import Relay
 from mesh_mcp.errors import MeshLLMError, PeerUnreachable, ProtocolError, first_leaf
 from mesh_mcp.mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
-from mesh_mcp.serving.rpc_worker import lease
+from mesh_mcp.serving.rpc_worker import Lease, NextStage, lease
 from mesh_mcp.serving.run import MeshRun, safe_name
 from mesh_mcp.serving.view import mesh_view
 
@@ -51,6 +59,7 @@ class SplitModel(MeshRun):
     force_split: int | None = None
     rtt_cap_ms: float = 80.0
     dataplane_port: int = 0  # this node's data plane: workers without the file fetch their tensors there
+    dataplane_targets: dict[str, int] | None = None  # its targets: the last worker hands off to our rpc-server there
 
     async def run(self) -> None:
         """Serve until cancelled, re-planning whenever the group fails."""
@@ -104,62 +113,65 @@ class SplitModel(MeshRun):
 
     async def _serve(self, current: Plan) -> None:
         split_id = f"{self.alias[:40]}-{uuid.uuid4().hex[:8]}"
-        workers = [s for s in current.stages if s.node_id != self.mesh.identity.node_id]
+        me = self.mesh.identity.node_id
+        workers = [s for s in current.stages if s.node_id != me] if current.kind == "split" else []
+        targets = self.dataplane_targets
         async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
-            endpoints = []
-            relays: list[tuple[str, Relay]] = []
-            for stage in workers if current.kind == "split" else []:
-                self.on_state(state="loading", detail=f"leasing an rpc-server on {stage.node_id}")
-                held = await stack.enter_async_context(
-                    lease(
-                        self.mesh,
-                        stage.node_id,
-                        split_id,
-                        self.model_path,
-                        (stage.first_layer, stage.last_layer),
-                        source_port=self.dataplane_port,
-                    )
-                )
-                relay = Relay(
-                    self.mesh.identity,
-                    lambda: self.mesh.transport.creds,
-                    held.address,
-                    held.target,
-                    expect_node_id=stage.node_id,
-                    bind_host=None if self.mesh.settings.host in ("0.0.0.0", "::") else self.mesh.settings.host,
-                )
-                port = await relay.start()
-                stack.push_async_callback(relay.close)
-                await _check_worker(stage.node_id, port)
-                endpoints.append(f"127.0.0.1:{port}")
-                relays.append((stage.node_id, relay))
-                log.info(
-                    "split %s: %s holds layers %d-%d (%d tensors already in its cache), via relay 127.0.0.1:%d",
-                    split_id,
-                    stage.node_id,
-                    stage.first_layer,
-                    stage.last_layer,
-                    held.seeded,
-                    port,
-                )
             extra: tuple[str, ...] = ()
+            env: tuple[tuple[str, str], ...] = ()
             if current.kind == "split":
                 local = RpcServer(
                     self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split_id}"
                 )
                 await tg.start(local.run)
-                if local.endpoint is None:
+                if local.endpoint is None or local.port is None:
                     raise MeshLLMError(f"the host's own rpc-server did not start; see {local.log_path}")
+                host_target = f"{split_id}-host"
+                following: NextStage | None = None
+                if targets is not None and self.dataplane_port and not os.environ.get("MESH_LLM_NO_HANDOFF"):
+                    targets[host_target] = local.port
+                    stack.callback(targets.pop, host_target, None)
+                    following = NextStage(me, host_target, self.dataplane_port)
+                held: dict[str, Lease] = {}
+                for stage in reversed(workers):  # the last stage first: each lease names the stage after it
+                    self.on_state(state="loading", detail=f"leasing an rpc-server on {stage.node_id}")
+                    held[stage.node_id] = await stack.enter_async_context(
+                        lease(
+                            self.mesh,
+                            stage.node_id,
+                            split_id,
+                            self.model_path,
+                            (stage.first_layer, stage.last_layer),
+                            source_port=self.dataplane_port,
+                            next_stage=following,
+                        )
+                    )
+                    if following is not None:
+                        following = NextStage(stage.node_id, held[stage.node_id].target, _port(held[stage.node_id]))
+                endpoints, relays = await self._relays(stack, split_id, workers, held)
                 endpoints.append(local.endpoint)
                 ts = ",".join(f"{v:g}" for v in current.tensor_split)
                 extra = ("--rpc", ",".join(endpoints), "--tensor-split", ts)
+                if workers and following is not None and all(h.peer_link for h in held.values()):
+                    names = [held[s.node_id].target for s in workers[1:]] + [host_target]
+                    pairs = zip(endpoints[1:], names, strict=True)
+                    env = (("MESH_LLM_RPC_PEERS", ",".join(f"{e}={n}" for e, n in pairs)),)
+                    log.info("split %s: each stage hands its output to the next over the data plane", split_id)
+                else:
+                    log.info("split %s: stage outputs return through this node (stock llama.cpp RPC)", split_id)
+            else:
+                relays = []
             server = LlamaServer(
                 llama=self.llama,
                 model_path=self.model_path,
                 alias=self.alias,
                 log_path=self.home / "logs" / f"llama-server-{safe_name(self.alias)}.log",
                 settings=replace(
-                    self.settings, gpu_layers=999, extra_args=(*self.settings.extra_args, *extra), max_start_failures=1
+                    self.settings,
+                    gpu_layers=999,
+                    extra_args=(*self.settings.extra_args, *extra),
+                    env=(*self.settings.env, *env),
+                    max_start_failures=1,
                 ),
             )
 
@@ -186,6 +198,38 @@ class SplitModel(MeshRun):
             self.on_state(state="loading", detail=f"llama-server {ended.text}; re-planning", upstream=None, pid=None)
             log.warning("llama-server for %s: %s; re-planning. %s", self.alias, ended.text, ended.hint)
             tg.cancel_scope.cancel()
+
+    async def _relays(
+        self, stack: contextlib.AsyncExitStack, split_id: str, workers: list[Any], held: dict[str, Lease]
+    ) -> tuple[list[str], list[tuple[str, Relay]]]:
+        """A started relay per worker, in plan order, each checked with a HELLO: (endpoints, (node id, relay))."""
+        endpoints: list[str] = []
+        relays: list[tuple[str, Relay]] = []
+        for stage in workers:
+            got = held[stage.node_id]
+            relay = Relay(
+                self.mesh.identity,
+                lambda: self.mesh.transport.creds,
+                got.address,
+                got.target,
+                expect_node_id=stage.node_id,
+                bind_host=None if self.mesh.settings.host in ("0.0.0.0", "::") else self.mesh.settings.host,
+            )
+            port = await relay.start()
+            stack.push_async_callback(relay.close)
+            await _check_worker(stage.node_id, port)
+            endpoints.append(f"127.0.0.1:{port}")
+            relays.append((stage.node_id, relay))
+            log.info(
+                "split %s: %s holds layers %d-%d (%d tensors already in its cache), via relay 127.0.0.1:%d",
+                split_id,
+                stage.node_id,
+                stage.first_layer,
+                stage.last_layer,
+                got.seeded,
+                port,
+            )
+        return endpoints, relays
 
     async def _watch_workers(self, workers: list[str], scope: anyio.CancelScope) -> None:
         """End the group (re-plan) when a worker leaves the mesh, or when its RTT to this node — the
@@ -237,6 +281,11 @@ async def _check_worker(node_id: str, port: int) -> None:
     info = await probe("127.0.0.1", port, timeout_s=10)
     require_compatible(PROTOCOL_VERSION, info.version, where=f"the rpc-server on worker {node_id}")
     log.info("worker %s: rpc-server reachable through the data plane, RPC protocol %s", node_id, info.version)
+
+
+def _port(held: Lease) -> int:
+    """The port of a worker's data plane, from the address its lease answered with."""
+    return int(held.address.rsplit(":", 1)[1])
 
 
 def _describe(p: Plan) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class ServingSetup:
     split: int | None = None  # --split N
     threads: int | None = None  # --threads (default: all cores)
     dataplane_port: int = 0  # this node's data plane (split workers without the file fetch tensors there)
+    dataplane_targets: dict[str, int] | None = None  # its targets (a split host's own rpc-server for hand-offs)
     on_download: Progress = lambda label, done, total: None  # the terminal's progress bars
     clock: Clock = SYSTEM_CLOCK
     demand_ttl_s: float = TTL_S  # --demand-ttl: a model no request named this long is no longer wanted
@@ -335,7 +336,7 @@ class Serving:
             if isinstance(plan, Standby):  # decide() gives a model's facts no Standby; guard the type
                 raise AssertionError(f"{name}: standby for a model")
             try:
-                await runner_for(plan, run, setup.mesh, setup.dataplane_port).run()
+                await runner_for(plan, run, setup.mesh, setup.dataplane_port, setup.dataplane_targets).run()
                 return
             except ShardingRefused as exc:
                 log.warning("%s: not served as expert shards (%s); falling back to a pipeline split", name, exc)
