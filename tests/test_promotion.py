@@ -66,6 +66,7 @@ def test_a_standby_replaces_a_killed_server_and_requests_in_the_gap_get_503(spaw
     status = b.wait_for("B watching as a standby, the requests seen", _watching, timeout=120)
     assert any("standby" == p["role"] for p in status["peers"] if p["self"])
 
+    before_kill = len(b.log())  # B's log so far: no promotion in it (a standby that stays, checked above)
     killed = kill_node(a)
     codes: list[int] = []
     answered: httpx2.Response | None = None
@@ -84,10 +85,12 @@ def test_a_standby_replaces_a_killed_server_and_requests_in_the_gap_get_503(spaw
     assert answered.headers["x-mesh-node"] == b_id, "answered by the promoted standby"
     assert 503 in codes, "requests in the gap were answered 503 while B loaded"
 
-    # What B logged: A declared dead, then its decision with the numbers, then serving.
+    # What B logged: its decision with the numbers, only once A was gone, and A declared dead. (Not necessarily in
+    # that order: the standby counts servers among the members gossip still holds alive, and A's record can age out
+    # of that a moment before the membership layer logs the death — under load it did, by a second.)
     died = b.wait_log(rf"member {a_id} .*died", timeout=5)
     decided = b.wait_log(r"promoting to serve " + SMOLLM + r"[^\n]*demand [0-9.]+ req/min", timeout=5)
-    assert died.start() < decided.start(), "the promotion came after A's death was known"
+    assert decided.start() >= before_kill and died.start() >= before_kill, "B promoted only once A was gone"
     served = b.wait_model_state(SMOLLM, "serving", timeout=5)
     assert served["state"] == "serving"
     after = b.status()

@@ -3,18 +3,19 @@
 Decide, then do: `placement.plan()` (pure) says which workers take which layers from what the mesh
 gossips (capacity, the file on disk, llama.cpp build, RTT maps); this module acts on it:
 
-1. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
-   and llama.cpp puts the output layer on the last device, so the host's own rpc-server listed last
-   keeps the output layer here and only hidden states cross the network — and register it with this
-   node's data plane, where the last worker hands its output to it;
-2. lease an rpc-server on every worker, the last stage first (`rpc_worker.lease`; the worker pre-seeds its
+1. lease an rpc-server on every worker, the last stage first (`rpc_worker.lease`; the worker pre-seeds its
    cache for its layers from its own copy of the GGUF, or fetches just those tensors from this node's data
    plane, so no weight crosses the network at load), each told the stage after it (`NextStage`): its
    rpc-server pushes its output straight there (the hand-off edits in llama.cpp/pin.toml), so a token
    crosses each boundary once — host → worker 1 → … → worker n → host — instead of returning to the host
    between stages;
-3. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
+2. open a data-plane relay per worker (`dataplane.Relay`: 127.0.0.1 → TLS → the worker's rpc-server) and
    HELLO the worker's rpc-server through it: a build speaking another RPC protocol is named before launch;
+3. start an rpc-server on this node for the host stage — a CPU-only host is no llama.cpp device,
+   and llama.cpp puts the output layer on the last device, so the host's own rpc-server listed last
+   keeps the output layer here and only hidden states cross the network — and register it with this
+   node's data plane as `<split>-host`, where the last worker hands its output to it (the name is in
+   that worker's lease already; its first push comes only once llama-server runs);
 4. start llama-server with `--rpc` (workers in plan order, then the local one), `-ts` from the plan and
    MESH_LLM_RPC_PEERS (the name each stage's rpc-server is reached by from the one before: the hand-off
    is used only when every worker opened its peer link; MESH_LLM_NO_HANDOFF=1 in the host's environment turns
@@ -120,18 +121,9 @@ class SplitModel(MeshRun):
             extra: tuple[str, ...] = ()
             env: tuple[tuple[str, str], ...] = ()
             if current.kind == "split":
-                local = RpcServer(
-                    self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split_id}"
-                )
-                await tg.start(local.run)
-                if local.endpoint is None or local.port is None:
-                    raise MeshLLMError(f"the host's own rpc-server did not start; see {local.log_path}")
-                host_target = f"{split_id}-host"
-                following: NextStage | None = None
-                if targets is not None and self.dataplane_port and not os.environ.get("MESH_LLM_NO_HANDOFF"):
-                    targets[host_target] = local.port
-                    stack.callback(targets.pop, host_target, None)
-                    following = NextStage(me, host_target, self.dataplane_port)
+                host_target = f"{split_id}-host"  # our rpc-server's name on our data plane, registered below
+                handoff = targets is not None and self.dataplane_port and not os.environ.get("MESH_LLM_NO_HANDOFF")
+                following = NextStage(me, host_target, self.dataplane_port) if handoff else None
                 held: dict[str, Lease] = {}
                 for stage in reversed(workers):  # the last stage first: each lease names the stage after it
                     self.on_state(state="loading", detail=f"leasing an rpc-server on {stage.node_id}")
@@ -149,6 +141,15 @@ class SplitModel(MeshRun):
                     if following is not None:
                         following = NextStage(stage.node_id, held[stage.node_id].target, _port(held[stage.node_id]))
                 endpoints, relays = await self._relays(stack, split_id, workers, held)
+                local = RpcServer(
+                    self.llama, self.home, RpcSettings(threads=self.threads), name=f"rpc-server-{split_id}"
+                )
+                await tg.start(local.run)
+                if local.endpoint is None or local.port is None:
+                    raise MeshLLMError(f"the host's own rpc-server did not start; see {local.log_path}")
+                if targets is not None and following is not None:  # the last worker pushes to it from the first token
+                    targets[host_target] = local.port
+                    stack.callback(targets.pop, host_target, None)
                 endpoints.append(local.endpoint)
                 ts = ",".join(f"{v:g}" for v in current.tensor_split)
                 extra = ("--rpc", ",".join(endpoints), "--tensor-split", ts)
