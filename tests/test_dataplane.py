@@ -21,9 +21,11 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from inference.llamacpp import LlamaCpp
 from mesh_mcp.dataplane import limits as dataplane
+from mesh_mcp.dataplane import native
 from mesh_mcp.dataplane.listener import DataPlaneServer
 from mesh_mcp.dataplane.relay import Relay, host_bytes, open_relay
 from mesh_mcp.dataplane.services import Stream, connect
@@ -619,3 +621,124 @@ def test_a_hosts_relays_count_its_bytes_by_worker_and_keep_them_once_closed(
             assert server.peer_bytes()[host.node_id][0] >= 5300
 
     run(main)
+
+
+# --- the native splice (native.py, native_relay.c) -----------------------------------------------------
+
+
+def test_tunnels_splice_in_c_when_both_ends_can_and_in_tls_when_either_cannot(
+    worker: Identity, host: Identity, echo: Echo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native.available():
+        pytest.skip("no C compiler or OpenSSL headers here: the native splice cannot be built")
+    payload = os.urandom(1 << 20)
+
+    async def round_trip(relay: Relay) -> None:
+        async with await anyio.connect_tcp("127.0.0.1", relay.port) as s:
+            await s.send(b"ping")
+            assert await recv_exactly(s, 4) == b"ping"
+
+            async def send() -> None:
+                await s.send(payload)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send)
+                assert await recv_exactly(s, len(payload)) == payload
+
+    async def main() -> None:
+        async with DataPlaneServer(worker, creds(worker), "127.0.0.1", targets={"rpc0": echo.port}) as server:
+            async with Relay(host, creds(host), f"127.0.0.1:{server.port}", "rpc0") as relay:
+                await round_trip(relay)
+                total = 4 + len(payload)
+                with anyio.fail_after(5):  # the counts move as the C threads write
+                    while server.counter("rpc0").tunnels != 1 or relay.counters.from_rpc_server < total:
+                        await anyio.sleep(0.01)
+                assert relay.counters.native == 1 and server.counter("rpc0").native == 1
+                assert relay.counters.to_rpc_server == total == server.counter("rpc0").to_rpc_server
+                monkeypatch.setattr(native, "offer", lambda: None)  # an end that cannot: TLS, as before
+                await round_trip(relay)
+                assert relay.counters.tunnels == 2 and relay.counters.native == 1
+
+    run(main)
+
+
+def _records(key: bytes, chunks: list[bytes], first: int = 0) -> bytes:
+    out = b""
+    for i, chunk in enumerate(chunks, start=first):
+        head = len(chunk).to_bytes(4, "little")
+        out += head + AESGCM(key).encrypt(bytes(4) + (i).to_bytes(8, "little"), chunk, head)
+    return out
+
+
+def _native_pair() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """(llama side, the splice's local end, the splice's net end, the far node's side)"""
+    llama, local = socket.socketpair()
+    net, far = socket.socketpair()
+    for s in (llama, far):
+        s.settimeout(10)
+    return llama, local, net, far
+
+
+def _splicing(
+    local: socket.socket, net: socket.socket, send: bytes, recv: bytes, meter: native.NativeMeter, ended: list[str]
+) -> threading.Thread:
+    """The C splice on a thread of its own; how it ended is appended to `ended`."""
+    t = threading.Thread(target=lambda: ended.append(native.splice(local.fileno(), net.fileno(), send, recv, meter)))
+    t.start()
+    return t
+
+
+def test_the_native_record_layer_is_what_its_docstring_says_and_a_forged_record_delivers_nothing() -> None:
+    """The C splice's records are AES-256-GCM with the length as associated data and a per-direction counter nonce,
+    checked here against `cryptography`'s AESGCM; a record altered on the wire ends the tunnel and none of its bytes,
+    nor anything after it, reaches the local side."""
+    if not native.available():
+        pytest.skip("no C compiler or OpenSSL headers here: the native splice cannot be built")
+    send_key, recv_key = os.urandom(32), os.urandom(32)
+    llama, local, net, far = _native_pair()
+    meter = native.NativeMeter(host_side=True)
+    ended: list[str] = []
+    t = _splicing(local, net, send_key, recv_key, meter, ended)
+    try:
+        llama.sendall(b"hello worker")
+        head = far.recv(4)
+        size = int.from_bytes(head, "little")
+        body = b""
+        while len(body) < size + 16:
+            body += far.recv(size + 16 - len(body))
+        assert AESGCM(send_key).decrypt(bytes(12), body, head) == b"hello worker"
+        far.sendall(_records(recv_key, [b"answer one", b"answer two"]))
+        got = b""
+        while len(got) < 20:
+            got += llama.recv(64)
+        assert got == b"answer oneanswer two"
+        forged = bytearray(_records(recv_key, [b"weights!", b"more"], first=2))
+        forged[6] ^= 1  # one ciphertext bit of the first record
+        far.sendall(bytes(forged))
+        t.join(10)
+        assert not t.is_alive() and ended == [native.ENDS[2]]
+        assert llama.recv(64) == b""  # closed, and nothing of the forged record (or the next) came through
+        assert meter.to_rpc_server == 12 and meter.from_rpc_server == 20
+    finally:
+        for s in (llama, local, net, far):
+            s.close()
+        t.join(10)
+
+
+def test_a_record_length_out_of_range_ends_the_native_tunnel() -> None:
+    if not native.available():
+        pytest.skip("no C compiler or OpenSSL headers here: the native splice cannot be built")
+    for head in ((0).to_bytes(4, "little"), (16385).to_bytes(4, "little"), (2**32 - 1).to_bytes(4, "little")):
+        llama, local, net, far = _native_pair()
+        ended: list[str] = []
+        key = os.urandom(32)
+        t = _splicing(local, net, key, key, native.NativeMeter(True), ended)
+        try:
+            far.sendall(head + bytes(64))
+            t.join(10)
+            assert not t.is_alive() and ended == [native.ENDS[2]]
+            assert llama.recv(64) == b""
+        finally:
+            for s in (llama, local, net, far):
+                s.close()
+            t.join(10)

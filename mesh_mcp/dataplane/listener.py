@@ -283,7 +283,15 @@ class DataPlaneServer(Listener):
                 if self.users.setdefault(key, peer.node_id) != peer.node_id:
                     key = f"{wanted.name}<-{peer.node_id}"
                     self.users[key] = peer.node_id
-            forward(tunnel, tls, wanted, who, lambda _name: self.counter(key), lambda: self._done_pending(tunnel))
+            forward(
+                tunnel,
+                tls,
+                wanted,
+                who,
+                lambda _name: self.counter(key),
+                lambda: self._done_pending(tunnel),
+                request.get("native"),
+            )
             return
         self._done_pending(tunnel)
         run_service(wanted, request, Stream(tls, peer, tunnel), who)

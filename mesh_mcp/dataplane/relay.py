@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mesh_mcp.dataplane import limits
+from mesh_mcp.dataplane import limits, native
 from mesh_mcp.dataplane.listener import Listener
 from mesh_mcp.dataplane.splice import ByteCounters, Tunnel
 from mesh_mcp.dataplane.tls import CredentialsProvider, Tls, authenticate_server, client_context, nodelay
@@ -166,19 +166,29 @@ class Relay(Listener):
             return
         nodelay(net)
         tls = Tls(net, self._ctx, server_side=False)
+        keys = None
         try:
             tls.handshake()
             self.peer = authenticate_server(tls, self.identity, self.credentials(), self.remote, self.expect_node_id)
-            tls.send_json({"type": "target", "target": self.target})
+            mine = native.offer()
+            tls.send_json({"type": "target", "target": self.target, **({"native": mine} if mine else {})})
             answer = tls.read_json()
             if answer.get("type") == "refused":
                 raise AuthError(f"the worker refused: {answer.get('reason', '')}")
             if answer.get("type") != "ok":
                 raise ProtocolError("expected ok")
+            theirs = answer.get("native")
+            if mine is not None and isinstance(theirs, str):
+                if not tls.quiet():
+                    raise ProtocolError("the worker sent data before the native splice began")
+                keys = native.keys(mine, theirs, host_side=True)
         except (AuthError, ProtocolError, ssl.SSLError, OSError) as exc:
             self._fail(f"no tunnel to {self.target!r} at {self.remote}: {exc or type(exc).__name__}")
             return
-        tunnel.splice(conn, tls, self.counters, host_side=True)
+        if keys is not None:
+            tunnel.splice_native(conn, net, keys, self.counters, host_side=True)
+        else:
+            tunnel.splice(conn, tls, self.counters, host_side=True)
 
     def _named(self, conn: socket.socket) -> bool:
         """A peer link's connection names the stage it is for, within `HANDSHAKE_TIMEOUT_S`."""

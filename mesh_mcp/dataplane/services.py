@@ -3,8 +3,10 @@
 The first frame after the mesh handshake is the request. `{"type": "target", "target": NAME}` asks for
 rpc-server forwarding: the worker looks NAME up in its `targets` (name → local rpc-server port, filled when it
 starts rpc-servers), refuses unknown names, connects to 127.0.0.1:port, answers ok, and the connection becomes
-a spliced tunnel (`splice.py`). Any other `type` names a service registered in `services` (name → a blocking
-function of the request and a `Stream`); it runs on that connection's thread. The `Stream` carries frames and
+a spliced tunnel (`splice.py`). A request with `"native": RANDOM` (and an ok with the worker's own) makes it a
+native tunnel instead (`native.py`: AES-256-GCM records spliced in C, keyed from both random values).
+Any other `type` names a service registered in `services` (name → a blocking function of the request and a
+`Stream`); it runs on that connection's thread. The `Stream` carries frames and
 raw bytes inside TLS, one thread at a time, each socket operation bounded by `IO_TIMEOUT_S` of silence.
 Unknown services and targets are refused.
 
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mesh_mcp.dataplane import limits
+from mesh_mcp.dataplane import limits, native
 from mesh_mcp.dataplane.splice import ByteCounters, Tunnel, shutdown
 from mesh_mcp.dataplane.tls import CredentialsProvider, Tls, authenticate_server, client_context, nodelay
 from mesh_mcp.errors import AuthError, ProtocolError
@@ -184,9 +186,13 @@ def forward(
     who: str,
     counter: Callable[[str], ByteCounters],
     admitted: Callable[[], None],
+    offered: object = None,
 ) -> None:
     """rpc-server forwarding: connect to `target`, answer ok, call `admitted()` (the connection is no longer
-    pending), splice until either side ends. A target that is down is refused (the peer is told)."""
+    pending), splice until either side ends. A target that is down is refused (the peer is told).
+
+    `offered`: the request's `native` (the host's random bytes): when this node can too, the answer carries its
+    own and both ends splice in C (`native.py`); otherwise in Python, inside TLS."""
     name, port = target.name, target.port
     try:
         local = socket.create_connection(("127.0.0.1", port), timeout=limits.HANDSHAKE_TIMEOUT_S)
@@ -197,11 +203,22 @@ def forward(
         return
     tunnel.add_socket(local)
     nodelay(local)
-    tls.send_json({"type": "ok"})
+    mine = native.offer() if isinstance(offered, str) and tls.quiet() else None
+    keys = None
+    if mine is not None:
+        try:
+            keys = native.keys(str(offered), mine, host_side=False)
+        except ProtocolError as exc:
+            log.info("data plane: %s offered a malformed native splice (%s); splicing in TLS", who, exc)
+            mine = None
+    tls.send_json({"type": "ok", **({"native": mine} if mine is not None else {})})
     admitted()
     counters = counter(name)
-    log.debug("data plane: %s → target %r", who, name)
-    tunnel.splice(local, tls, counters, host_side=False)
+    log.debug("data plane: %s → target %r%s", who, name, " (native)" if keys else "")
+    if keys is not None:
+        tunnel.splice_native(local, tls.sock, keys, counters, host_side=False)
+    else:
+        tunnel.splice(local, tls, counters, host_side=False)
 
 
 def run_service(service: Service, request: dict[str, Any], stream: Stream, who: str) -> None:

@@ -38,7 +38,7 @@ import logging
 import socket
 import threading
 
-from mesh_mcp.dataplane import limits
+from mesh_mcp.dataplane import limits, native
 from mesh_mcp.dataplane.tls import Tls
 
 log = logging.getLogger("mesh_llm.dataplane")
@@ -62,6 +62,7 @@ class ByteCounters:
         self._open: set[Meter] = set()
         self._closed = Meter()
         self.tunnels = 0  # tunnels opened
+        self.native = 0  # of them, spliced in C (`native.py`)
 
     @property
     def to_rpc_server(self) -> int:
@@ -78,8 +79,9 @@ class ByteCounters:
     def __repr__(self) -> str:
         return f"ByteCounters(to_rpc_server={self.to_rpc_server}, from_rpc_server={self.from_rpc_server})"
 
-    def opened(self) -> Meter:
-        meter = Meter()
+    def opened(self, meter: Meter | None = None) -> Meter:
+        """A new tunnel's meter (or `meter`: a native tunnel's, read live from C), counted from now."""
+        meter = meter if meter is not None else Meter()
         with self._lock:
             self._open.add(meter)
             self.tunnels += 1
@@ -144,6 +146,32 @@ class Tunnel:
             self.abort()
             other.join()
             counters.closed(meter)
+
+    def splice_native(
+        self,
+        local: socket.socket,
+        net: socket.socket,
+        keys: tuple[bytes, bytes],
+        counters: ByteCounters,
+        *,
+        host_side: bool,
+    ) -> None:
+        """`native.py`'s splice on this thread (the GIL released) until either side ends; both sockets then close."""
+        for s in (local, net):
+            s.settimeout(None)
+        meter = native.NativeMeter(host_side)
+        counters.opened(meter)  # type: ignore[arg-type]  # duck-typed: the same two read-only fields
+        with counters._lock:
+            counters.native += 1
+        try:
+            end = native.splice(local.fileno(), net.fileno(), keys[0], keys[1], meter)
+            if end == native.ENDS[2]:
+                log.warning("data-plane tunnel ended: %s (tampering, or a peer speaking another protocol)", end)
+            elif not self.aborted:
+                log.debug("data-plane tunnel ended: %s (native)", end)
+        finally:
+            self.abort()
+            counters.closed(meter)  # type: ignore[arg-type]
 
     def _local_to_net(self, local: socket.socket, tls: Tls, meter: Meter, host_side: bool) -> None:
         buf = memoryview(bytearray(limits.CHUNK))

@@ -128,6 +128,10 @@ class Tls:
             raise ProtocolError(f"control frame of {size} bytes exceeds {limits.FRAME_LIMIT}")
         return decode_json(self._read_plain(size))
 
+    def quiet(self) -> bool:
+        """Nothing read ahead, decrypted or not: the connection may leave TLS here (`native.py`)."""
+        return not self._plain and not self._in.pending and not self._obj.pending()
+
     def take_read_ahead(self) -> bytes:
         data, self._plain = bytes(self._plain), bytearray()
         return data

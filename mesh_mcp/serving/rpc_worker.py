@@ -39,6 +39,7 @@ import anyio
 
 from inference.llamacpp import LlamaCpp
 from inference.rpc_server import RpcServer, RpcSettings
+from mesh_mcp.dataplane import native
 from mesh_mcp.dataplane.listener import DataPlaneServer
 from mesh_mcp.dataplane.relay import PEER_NAME_MAX, Relay
 from mesh_mcp.dataplane.tensor_fetch import REQUEST as TENSORS
@@ -125,11 +126,17 @@ class RpcLink:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self._native_splice)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.dataplane.close()
+
+    async def _native_splice(self) -> None:
+        """Build (first start on this machine) or load the data plane's C splice before a split needs it."""
+        if await anyio.to_thread.run_sync(native.available):
+            log.info("data plane: tunnels splice in C (AES-256-GCM records) with peers that can too")
 
     async def _listen(self) -> int:
         """The data plane takes the mesh's UDP port number on TCP when it is free — one number to open

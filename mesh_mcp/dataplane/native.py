@@ -1,0 +1,161 @@
+"""The data plane's splice in C: llama.cpp RPC bytes between nodes without the GIL or Python in the path.
+
+Why: every token of a pipeline split crosses each stage boundary once, and each crossing goes through two relays
+(the sender's and the receiver's nodes). In Python each relay hop costs a GIL hand-off and the interpreter
+(P2, bench/RESULTS.md: +159–170 µs per round trip through both relays, against +50–65 µs for the same relay in C
+without TLS), and a busy event loop in the node makes each hop wait up to the switch interval.
+
+How: the tunnel is opened as before — TLS 1.3, the mesh handshake, the target request — and both ends say in
+that request and its answer (inside TLS) whether they can splice natively, each with 32 random bytes. When both
+can, TLS is left behind on that connection: two AES-256-GCM keys, one per direction, are derived from the two
+random values (HKDF-SHA256), and `native_relay.c` carries the bytes as length-prefixed records (the length
+authenticated, a per-direction record counter as the nonce) until either side ends. A record that fails
+authentication ends the tunnel; nothing of it reaches llama-server or rpc-server. The keys exist only in the two
+processes: the random values crossed inside the mutually authenticated TLS session.
+
+The C file is compiled on first use with the system compiler against libcrypto (OpenSSL's headers:
+`apt-get install libssl-dev`) into the llama.cpp build cache, under a file lock. Without a compiler or the headers,
+or with MESH_LLM_NATIVE_RELAY=0, the node splices in Python (`splice.py`) and says so once in its log; a tunnel
+uses the native splice only when both of its ends offer it.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from inference.llamacpp_build import build_root
+from mesh_mcp.errors import ProtocolError
+
+log = logging.getLogger("mesh_llm.dataplane")
+
+RANDOM_BYTES = 32
+CC_FLAGS = ("-O2", "-shared", "-fPIC")
+LIBS = ("-lcrypto", "-lpthread")
+ENDS = {0: "closed", 1: "socket error", 2: "a record failed authentication", 3: "cipher setup failed"}
+_SALT = b"mesh-llm data plane native splice v1"
+
+_lock = threading.Lock()
+_loaded: list[Any] = []  # the ctypes function, or None  # empty: not tried yet
+
+
+def _compile(source: Path, cc: str) -> Path:
+    key = hashlib.sha256(
+        b"\0".join(
+            [source.read_bytes(), cc.encode(), *(f.encode() for f in (*CC_FLAGS, *LIBS)), platform.machine().encode()]
+        )
+    ).hexdigest()[:12]
+    out_dir = build_root() / "native-relay"
+    lib = out_dir / f"native_relay-{key}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another node on this machine may be compiling it right now
+        if lib.is_file():
+            return lib
+        tmp = out_dir / f".native_relay-{key}.{os.getpid()}.so"
+        try:
+            subprocess.run(
+                [cc, *CC_FLAGS, str(source), "-o", str(tmp), *LIBS],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            os.replace(tmp, lib)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return lib
+
+
+def _load() -> Any:
+    if os.environ.get("MESH_LLM_NATIVE_RELAY", "1") == "0":
+        log.info("data plane: MESH_LLM_NATIVE_RELAY=0, splicing in Python")
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    source = Path(__file__).with_name("native_relay.c")
+    try:
+        if cc is None:
+            raise FileNotFoundError("no C compiler (cc, gcc, clang or $CC) on PATH")
+        lib = ctypes.CDLL(str(_compile(source, cc)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = (getattr(exc, "stderr", "") or "").strip().splitlines()
+        log.warning(
+            "data plane: cannot build the native splice (%s%s); splicing in Python, which adds about 100 µs per "
+            "round trip. Install a C compiler and OpenSSL's headers (apt-get install build-essential libssl-dev).",
+            exc,
+            f": {detail[0]}" if detail else "",
+        )
+        return None
+    fn = lib.mesh_native_splice
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint64)]
+    return fn  # ctypes releases the GIL for the call
+
+
+def available() -> bool:
+    """Whether this process can splice natively (compiled on first use; the answer is kept)."""
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+        return _loaded[0] is not None
+
+
+def offer() -> str | None:
+    """What this end puts in the target request or its answer: its random bytes (base64), or None."""
+    return base64.b64encode(os.urandom(RANDOM_BYTES)).decode() if available() else None
+
+
+def keys(host_random: str, worker_random: str, *, host_side: bool) -> tuple[bytes, bytes]:
+    """(send key, receive key) for this end, from both ends' offers."""
+    try:
+        a, b = base64.b64decode(host_random, validate=True), base64.b64decode(worker_random, validate=True)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed native splice offer: {exc}") from exc
+    if len(a) != RANDOM_BYTES or len(b) != RANDOM_BYTES:
+        raise ProtocolError("a native splice offer is 32 random bytes")
+
+    def derive(label: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=label).derive(a + b)
+
+    to_worker, to_host = derive(b"host to worker"), derive(b"worker to host")
+    return (to_worker, to_host) if host_side else (to_host, to_worker)
+
+
+class NativeMeter:
+    """A native tunnel's byte counts, read live from the C splice: `(local → net, net → local)` mapped to the
+    RPC directions as `Meter`'s fields are."""
+
+    def __init__(self, host_side: bool) -> None:
+        self.counts = (ctypes.c_uint64 * 2)()
+        self._host_side = host_side
+
+    @property
+    def to_rpc_server(self) -> int:
+        return int(self.counts[0] if self._host_side else self.counts[1])
+
+    @property
+    def from_rpc_server(self) -> int:
+        return int(self.counts[1] if self._host_side else self.counts[0])
+
+
+def splice(local_fd: int, net_fd: int, send_key: bytes, recv_key: bytes, meter: NativeMeter) -> str:
+    """Carry the tunnel's bytes until either side ends (blocking; the GIL is released); how it ended."""
+    fn = _loaded[0] if _loaded else None
+    if fn is None:
+        raise RuntimeError("native splice used before available() said yes")
+    return ENDS.get(int(fn(local_fd, net_fd, send_key, recv_key, meter.counts)), "unknown")
