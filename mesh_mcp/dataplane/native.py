@@ -21,22 +21,17 @@ where Python added 75, i.e. ~10 µs per one-way crossing. Throughput in 1 MiB wr
 16 KiB record per read and write, not batched).
 
 The C file is compiled on first use with the system compiler against libcrypto (OpenSSL's headers:
-`apt-get install libssl-dev`) into the llama.cpp build cache, under a file lock. Without a compiler or the headers,
-or with MESH_LLM_NATIVE_RELAY=0, the node splices in Python (`splice.py`) and says so once in its log; a tunnel
-uses the native splice only when both of its ends offer it.
+`apt-get install libssl-dev`) into the llama.cpp build cache, under a file lock (`inference/cshared.py`). Without a
+compiler or the headers, or with MESH_LLM_NATIVE_RELAY=0, the node splices in Python (`splice.py`) and says so once
+in its log; a tunnel uses the native splice only when both of its ends offer it.
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
-import fcntl
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,8 +39,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from inference.llamacpp_build import build_root
-from mesh_mcp.errors import ProtocolError
+from inference.cshared import load_shared
+from mesh_mcp.errors import BuildError, ProtocolError
 
 log = logging.getLogger("mesh_llm.dataplane")
 
@@ -56,56 +51,20 @@ ENDS = {0: "closed", 1: "socket error", 2: "a record failed authentication", 3: 
 _SALT = b"mesh-llm data plane native splice v1"
 
 _lock = threading.Lock()
-_loaded: list[Any] = []  # the ctypes function, or None  # empty: not tried yet
-
-
-def _compile(source: Path, cc: str) -> Path:
-    key = hashlib.sha256(
-        b"\0".join(
-            [source.read_bytes(), cc.encode(), *(f.encode() for f in (*CC_FLAGS, *LIBS)), platform.machine().encode()]
-        )
-    ).hexdigest()[:12]
-    out_dir = build_root() / "native-relay"
-    lib = out_dir / f"native_relay-{key}.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another node on this machine may be compiling it right now
-        if lib.is_file():
-            return lib
-        tmp = out_dir / f".native_relay-{key}.{os.getpid()}.so"
-        try:
-            subprocess.run(
-                [cc, *CC_FLAGS, str(source), "-o", str(tmp), *LIBS],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            os.replace(tmp, lib)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return lib
+_loaded: list[Any] = []  # empty: not tried yet; then the ctypes function, or None
 
 
 def _load() -> Any:
     if os.environ.get("MESH_LLM_NATIVE_RELAY", "1") == "0":
         log.info("data plane: MESH_LLM_NATIVE_RELAY=0, splicing in Python")
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    source = Path(__file__).with_name("native_relay.c")
     try:
-        if cc is None:
-            raise FileNotFoundError("no C compiler (cc, gcc, clang or $CC) on PATH")
-        lib = ctypes.CDLL(str(_compile(source, cc)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = (getattr(exc, "stderr", "") or "").strip().splitlines()
+        lib = load_shared(Path(__file__).with_name("native_relay.c"), "native_relay", CC_FLAGS, LIBS)
+    except BuildError as exc:
         log.warning(
-            "data plane: cannot build the native splice (%s%s); splicing in Python, which adds about 100 µs per "
+            "data plane: cannot build the native splice (%s); splicing in Python, which adds about 100 µs per "
             "round trip. Install a C compiler and OpenSSL's headers (apt-get install build-essential libssl-dev).",
             exc,
-            f": {detail[0]}" if detail else "",
         )
         return None
     fn = lib.mesh_native_splice

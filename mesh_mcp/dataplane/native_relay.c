@@ -9,6 +9,9 @@
  * record counter, per direction, from 0. A record that fails authentication, a length out of range, or any socket
  * error ends the tunnel: both sockets are shut down, so the other direction's thread wakes and both return.
  *
+ * Up to BATCH records go out in one write (what one read of the local side gave), and every whole record a read of
+ * the network brought is opened before the plaintext goes out in one write.
+ *
  * One call, mesh_native_splice(), runs both directions: a second thread encrypts local -> net while the calling
  * thread decrypts net -> local (Python calls it through ctypes, which releases the GIL for the whole splice).
  * counters[0] counts plaintext bytes local -> net, counters[1] net -> local (relaxed atomics; read live).
@@ -26,6 +29,7 @@
 #define MAX_RECORD 16384
 #define TAG 16
 #define HEAD 4
+#define BATCH 4 /* records per write, and per read when they are there */
 
 enum { END_CLOSED = 0, END_IO = 1, END_AUTH = 2, END_CRYPTO = 3 };
 
@@ -59,34 +63,33 @@ static int write_all(int fd, const uint8_t *p, size_t n) {
     return 0;
 }
 
-/* 1: n bytes read; 0: the peer closed before the first byte; -1: error or a partial read */
-static int read_all(int fd, uint8_t *p, size_t n) {
-    size_t got = 0;
-    while (got < n) {
-        ssize_t k = recv(fd, p + got, n - got, 0);
-        if (k < 0 && errno == EINTR) {
-            continue;
-        }
-        if (k == 0) {
-            return got == 0 ? 0 : -1;
-        }
-        if (k < 0) {
-            return -1;
-        }
-        got += (size_t)k;
-    }
-    return 1;
-}
-
 static void end_both(const struct direction *d) {
     shutdown(d->local_fd, SHUT_RDWR);
     shutdown(d->net_fd, SHUT_RDWR);
 }
 
+/* write n bytes on, counting `counted` of them once written; 0 or -1 (the direction then ends as END_IO) */
+static int deliver(struct direction *d, const uint8_t *p, size_t n, uint32_t counted) {
+    if (write_all(d->to, p, n) != 0) {
+        d->result = END_IO;
+        return -1;
+    }
+    __atomic_fetch_add(d->counter, (uint64_t)counted, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* a direction's end: free its cipher, wake the other direction */
+static void finish(struct direction *d, EVP_CIPHER_CTX *ctx) {
+    if (ctx != NULL) {
+        EVP_CIPHER_CTX_free(ctx);
+    }
+    end_both(d);
+}
+
 static void *seal_loop(void *arg) {
     struct direction *d = arg;
-    static __thread uint8_t plain[MAX_RECORD];
-    static __thread uint8_t record[HEAD + MAX_RECORD + TAG];
+    static __thread uint8_t plain[BATCH * MAX_RECORD];
+    static __thread uint8_t out[BATCH * (HEAD + MAX_RECORD + TAG)];
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     uint64_t n = 0;
     d->result = END_CRYPTO;
@@ -103,38 +106,39 @@ static void *seal_loop(void *arg) {
             d->result = k == 0 ? END_CLOSED : END_IO;
             goto done;
         }
-        uint8_t iv[12];
-        int len = 0, fin = 0;
-        uint32_t size = (uint32_t)k;
-        for (int i = 0; i < HEAD; i++) {
-            record[i] = (uint8_t)(size >> (8 * i));
+        size_t o = 0; /* what was read, as up to BATCH records, written at once */
+        for (size_t at = 0; at < (size_t)k;) {
+            uint32_t size = (size_t)k - at > MAX_RECORD ? MAX_RECORD : (uint32_t)((size_t)k - at);
+            uint8_t *record = out + o, iv[12];
+            int len = 0, fin = 0;
+            for (int i = 0; i < HEAD; i++) {
+                record[i] = (uint8_t)(size >> (8 * i));
+            }
+            nonce_of(n++, iv);
+            if (EVP_EncryptInit_ex(ctx, NULL, NULL, d->key, iv) != 1 ||
+                EVP_EncryptUpdate(ctx, NULL, &len, record, HEAD) != 1 ||
+                EVP_EncryptUpdate(ctx, record + HEAD, &len, plain + at, (int)size) != 1 ||
+                EVP_EncryptFinal_ex(ctx, record + HEAD + len, &fin) != 1 ||
+                EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG, record + HEAD + size) != 1) {
+                d->result = END_CRYPTO;
+                goto done;
+            }
+            o += HEAD + size + TAG;
+            at += size;
         }
-        nonce_of(n++, iv);
-        if (EVP_EncryptInit_ex(ctx, NULL, NULL, d->key, iv) != 1 ||
-            EVP_EncryptUpdate(ctx, NULL, &len, record, HEAD) != 1 ||
-            EVP_EncryptUpdate(ctx, record + HEAD, &len, plain, (int)size) != 1 ||
-            EVP_EncryptFinal_ex(ctx, record + HEAD + len, &fin) != 1 ||
-            EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG, record + HEAD + size) != 1) {
-            d->result = END_CRYPTO;
+        if (deliver(d, out, o, (uint32_t)k) != 0) {
             goto done;
         }
-        if (write_all(d->to, record, HEAD + size + TAG) != 0) {
-            d->result = END_IO;
-            goto done;
-        }
-        __atomic_fetch_add(d->counter, (uint64_t)size, __ATOMIC_RELAXED);
     }
 done:
-    if (ctx != NULL) {
-        EVP_CIPHER_CTX_free(ctx);
-    }
-    end_both(d);
+    finish(d, ctx);
     return NULL;
 }
 
 static void open_loop(struct direction *d) {
-    static __thread uint8_t record[MAX_RECORD + TAG];
-    static __thread uint8_t plain[MAX_RECORD];
+    static __thread uint8_t in[BATCH * (HEAD + MAX_RECORD + TAG)];
+    static __thread uint8_t plain[BATCH * MAX_RECORD];
+    size_t off = 0, have = 0; /* in[off, have): received, not yet opened */
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     uint64_t n = 0;
     d->result = END_CRYPTO;
@@ -143,43 +147,55 @@ static void open_loop(struct direction *d) {
         goto done;
     }
     for (;;) {
-        uint8_t head[HEAD];
-        int got = read_all(d->from, head, HEAD);
-        if (got <= 0) {
-            d->result = got == 0 ? END_CLOSED : END_IO;
+        size_t po = 0; /* open every whole record received (up to BATCH), then write them at once */
+        while (have - off >= HEAD) {
+            const uint8_t *head = in + off;
+            uint32_t size = (uint32_t)head[0] | (uint32_t)head[1] << 8 | (uint32_t)head[2] << 16 |
+                            (uint32_t)head[3] << 24;
+            if (size == 0 || size > MAX_RECORD) {
+                d->result = END_AUTH;
+                goto done;
+            }
+            if (have - off < HEAD + size + TAG || po + size > sizeof(plain)) {
+                break;
+            }
+            uint8_t iv[12];
+            int len = 0, fin = 0;
+            nonce_of(n++, iv);
+            if (EVP_DecryptInit_ex(ctx, NULL, NULL, d->key, iv) != 1 ||
+                EVP_DecryptUpdate(ctx, NULL, &len, head, HEAD) != 1 ||
+                EVP_DecryptUpdate(ctx, plain + po, &len, head + HEAD, (int)size) != 1 ||
+                EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, (void *)(head + HEAD + size)) != 1 ||
+                EVP_DecryptFinal_ex(ctx, plain + po + len, &fin) != 1) {
+                d->result = END_AUTH; /* nothing of a forged record, or after it, reaches the local side */
+                goto done;
+            }
+            po += size;
+            off += HEAD + size + TAG;
+        }
+        if (po > 0) {
+            if (deliver(d, plain, po, (uint32_t)po) != 0) {
+                goto done;
+            }
+            continue;
+        }
+        if (off > 0) { /* keep the partial record at the front */
+            memmove(in, in + off, have - off);
+            have -= off;
+            off = 0;
+        }
+        ssize_t k = recv(d->from, in + have, sizeof(in) - have, 0);
+        if (k < 0 && errno == EINTR) {
+            continue;
+        }
+        if (k <= 0) {
+            d->result = k == 0 && have == 0 ? END_CLOSED : END_IO;
             goto done;
         }
-        uint32_t size = (uint32_t)head[0] | (uint32_t)head[1] << 8 | (uint32_t)head[2] << 16 | (uint32_t)head[3] << 24;
-        if (size == 0 || size > MAX_RECORD) {
-            d->result = END_AUTH;
-            goto done;
-        }
-        if (read_all(d->from, record, size + TAG) != 1) {
-            d->result = END_IO;
-            goto done;
-        }
-        uint8_t iv[12];
-        int len = 0, fin = 0;
-        nonce_of(n++, iv);
-        if (EVP_DecryptInit_ex(ctx, NULL, NULL, d->key, iv) != 1 ||
-            EVP_DecryptUpdate(ctx, NULL, &len, head, HEAD) != 1 ||
-            EVP_DecryptUpdate(ctx, plain, &len, record, (int)size) != 1 ||
-            EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, record + size) != 1 ||
-            EVP_DecryptFinal_ex(ctx, plain + len, &fin) != 1) {
-            d->result = END_AUTH; /* nothing of a forged record reaches the local side */
-            goto done;
-        }
-        if (write_all(d->to, plain, size) != 0) {
-            d->result = END_IO;
-            goto done;
-        }
-        __atomic_fetch_add(d->counter, (uint64_t)size, __ATOMIC_RELAXED);
+        have += (size_t)k;
     }
 done:
-    if (ctx != NULL) {
-        EVP_CIPHER_CTX_free(ctx);
-    }
-    end_both(d);
+    finish(d, ctx);
 }
 
 /* Returns the worse of the two directions' ends: 0 closed, 1 socket error, 2 a record failed authentication,
