@@ -14,11 +14,11 @@ authentication ends the tunnel; nothing of it reaches llama-server or rpc-server
 processes: the random values crossed inside the mutually authenticated TLS session.
 
 Measured (`python bench/p2_dataplane.py --rounds 10 --pings 1000 --mib 256 --tput-rounds 2`, 2-core VM, 2026-12-06):
-a GET_TENSOR-like ping through both relays, p50 for 2304 / 8192-byte answers: this splice 144.7 / 164.3 µs, the
-Python one (MESH_LLM_NATIVE_RELAY=0) 200.8 / 205.9 µs, a C relay without any encryption 125.3 / 144.0 µs; relay CPU
-per ping 93 µs against 146 (no encryption: 76). So it adds about 20 µs per round trip over the unencrypted floor,
-where Python added 75, i.e. ~10 µs per one-way crossing. Throughput in 1 MiB writes: 752 MB/s (Python: 972; one
-16 KiB record per read and write, not batched).
+a GET_TENSOR-like ping through both relays, p50 for 2304 / 8192-byte answers: this splice 117.9 / 123.6 µs, the
+Python one (MESH_LLM_NATIVE_RELAY=0) 182.3 / 188.2 µs, a C relay without any encryption 104.2 / 107.8 µs; relay CPU
+per ping 74 µs against 132 (no encryption: 60). So it adds 14-16 µs per round trip over the unencrypted floor, where
+Python adds about 80: under 10 µs per one-way crossing. Throughput in 1 MiB writes: 1067 MB/s (Python: 882), with up
+to 4 records per write and per read.
 
 The C file is compiled on first use with the system compiler against libcrypto (OpenSSL's headers:
 `apt-get install libssl-dev`) into the llama.cpp build cache, under a file lock (`inference/cshared.py`). Without a
