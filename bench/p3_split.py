@@ -49,8 +49,6 @@ import anyio
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prometheus_client.parser import text_string_to_metric_families
-
 from inference import paths
 from inference.gguf_facts import read_facts
 from inference.provision import ensure_llama_cpp
@@ -131,14 +129,6 @@ def per_decoded_token(api: str, model: str, tokens: int, read: Any) -> list[floa
     long = answer(api, model, tokens + 1)
     after = read()
     return [((c - b) - (b - a)) / (long - short) for a, b, c in zip(before, mid, after, strict=True)]
-
-
-def dataplane_bytes(node: NodeProcess) -> float:
-    found = [s for f in text_string_to_metric_families(httpx2.get(node.console + "/metrics", timeout=10).text)
-             for s in f.samples]  # fmt: skip
-    return sum(
-        s.value for s in found if s.name == "mesh_llm_peer_traffic_bytes_total" and s.labels.get("plane") == "dataplane"
-    )
 
 
 def _launch(llama: Any, model: Path, ports: list[int], ts: list[float]) -> tuple[subprocess.Popen[bytes], str]:
@@ -226,7 +216,7 @@ def mesh(
             moved = (
                 []
                 if rtt_ms
-                else per_decoded_token(host.api, model, tokens, lambda: [dataplane_bytes(w) for w in workers])
+                else per_decoded_token(host.api, model, tokens, lambda: [w.dataplane_bytes() for w in workers])
             )
             return speed, status["placement"], moved
         finally:

@@ -112,6 +112,18 @@ class NodeProcess:
                 raise AssertionError(f"no log line matching {pattern!r} in {timeout} s\n{self.log()[-4000:]}")
             time.sleep(0.05)
 
+    def dataplane_bytes(self) -> float:
+        """Everything this node moved on the data plane, in and out, with every peer (from its /metrics)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx2.get(self.console + "/metrics", timeout=10).text
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "mesh_llm_peer_traffic_bytes_total" and s.labels.get("plane") == "dataplane"
+        )
+
     def status(self) -> dict[str, Any]:
         return httpx2.get(self.console + "/api/status", timeout=5).json()  # type: ignore[no-any-return]
 

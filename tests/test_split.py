@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx2
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_mcp.mesh import tokens
 from tests.conftest import GEMMA, SMOLLM
@@ -94,15 +93,6 @@ def test_three_node_split_answers_like_solo_and_moves_no_weights(spawn: Spawn, s
     assert all(moved <= 1.2 * 2 * SMOLLM_N_EMBD * 4 for moved in per_token.values()), per_token
 
 
-def dataplane_bytes(node: NodeProcess) -> float:
-    """Everything this node moved on the data plane, in and out, with every peer."""
-    found = [s for f in text_string_to_metric_families(httpx2.get(node.console + "/metrics", timeout=10).text)
-             for s in f.samples]  # fmt: skip
-    return sum(
-        s.value for s in found if s.name == "mesh_llm_peer_traffic_bytes_total" and s.labels.get("plane") == "dataplane"
-    )
-
-
 def decode_bytes(host: NodeProcess, workers: dict[str, NodeProcess]) -> dict[str, float]:
     """Data-plane bytes per decoded token through each worker: a long and a one-token answer to the same prompt
     (no prompt cache: both evaluate it alike), the difference over the difference in tokens."""
@@ -110,10 +100,10 @@ def decode_bytes(host: NodeProcess, workers: dict[str, NodeProcess]) -> dict[str
     def run(n: int) -> tuple[int, dict[str, float]]:
         body = {"model": SMOLLM, "prompt": "Once upon a time", "max_tokens": n, "temperature": 0}
         body |= {"cache_prompt": False, "ignore_eos": True}
-        before = {name: dataplane_bytes(w) for name, w in workers.items()}
+        before = {name: w.dataplane_bytes() for name, w in workers.items()}
         r = post_served(host.api + "/v1/completions", body)
         assert r.status_code == 200, r.text
-        moved = {name: dataplane_bytes(w) - before[name] for name, w in workers.items()}
+        moved = {name: w.dataplane_bytes() - before[name] for name, w in workers.items()}
         return int(r.json()["usage"]["completion_tokens"]), moved
 
     short_n, short = run(1)

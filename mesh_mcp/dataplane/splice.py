@@ -84,9 +84,10 @@ class ByteCounters:
         return f"ByteCounters(to_rpc_server={self.to_rpc_server}, from_rpc_server={self.from_rpc_server})"
 
     def opened(self, meter: Meter | None = None) -> Meter:
-        """A new tunnel's meter (or `meter`: a native tunnel's, read live from C), counted from now."""
-        meter = meter if meter is not None else Meter()
+        """A new tunnel's meter (or `meter`: a native tunnel's, read live from C, counted in `native` too)."""
         with self._lock:
+            self.native += meter is not None
+            meter = meter if meter is not None else Meter()
             self._open.add(meter)
             self.tunnels += 1
         return meter
@@ -165,8 +166,6 @@ class Tunnel:
             s.settimeout(None)
         meter = native.NativeMeter(host_side)
         counters.opened(meter)  # type: ignore[arg-type]  # duck-typed: the same two read-only fields
-        with counters._lock:
-            counters.native += 1
         try:
             end = native.splice(local.fileno(), net.fileno(), keys[0], keys[1], meter)
             if end == native.ENDS[2]:
