@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mesh_mcp.errors import CorruptModel
 
@@ -244,9 +244,10 @@ class GGUFFacts:
 
 
 class _Reader:
-    def __init__(self, fh: BinaryIO, path: Path, size: int) -> None:
+    def __init__(self, fh: BinaryIO, path: Path, size: int, keep: frozenset[str] = frozenset()) -> None:
         self.fh, self.path, self.size = fh, path, size
         self.array_lengths: dict[str, int] = {}
+        self.keep = keep  # string arrays kept whole (as bytes) however long: the vocabulary, for `read_vocab`
 
     def truncated(self) -> CorruptModel:
         return CorruptModel(f"{self.path} is truncated: its GGUF header ends early ({self.size} bytes); re-download it")
@@ -262,8 +263,9 @@ class _Reader:
             raise self.truncated()
         self.fh.seek(n, 1)
 
-    def skip_strings(self, count: int) -> None:
-        """Skip `count` length-prefixed strings, walking 1 MiB chunks (a 150k-token vocabulary in ~40 ms)."""
+    def skip_strings(self, count: int, out: list[bytes] | None = None) -> None:
+        """Skip `count` length-prefixed strings, walking 1 MiB chunks (a 150k-token vocabulary in ~40 ms); with
+        `out`, each string's bytes are appended to it."""
         pos = self.fh.tell()
         buf, base = b"", pos  # buf holds the file's bytes from offset `base`
         unpack, limit = struct.Struct("<Q").unpack_from, min(_MAX_STRING, self.size)
@@ -276,6 +278,13 @@ class _Reader:
             n = unpack(buf, pos - base)[0]
             if n > limit:
                 raise CorruptModel(f"{self.path}: corrupt GGUF header (a string claims {n} bytes)")
+            if out is not None:
+                if pos + 8 + n > base + len(buf):
+                    self.fh.seek(pos)
+                    buf, base = self.fh.read(max(1 << 20, 8 + n)), pos
+                    if len(buf) < 8 + n:
+                        raise self.truncated()
+                out.append(buf[pos - base + 8 : pos - base + 8 + n])
             pos += 8 + n
         if pos > self.size:
             raise self.truncated()
@@ -307,6 +316,10 @@ class _Reader:
                 raise CorruptModel(f"{self.path}: corrupt GGUF header (an array claims {count} items)")
             self.array_lengths[key] = count
             keep = _KEEP_PER_LAYER if key.endswith(_PER_LAYER_KEYS) else _KEEP_ARRAY
+            if item_type == _STRING and key in self.keep:
+                strings: list[bytes] = []
+                self.skip_strings(count, strings)
+                return tuple(strings)
             if count <= keep:
                 return [self.value(item_type) for _ in range(count)]
             if item_type in _SCALARS:
@@ -371,14 +384,14 @@ def _tensor_directory(r: _Reader, n_tensors: int, alignment: int, shard: int) ->
     return tuple(out)
 
 
-def _read_file(path: Path, shard: int = 0) -> _File:
+def _read_file(path: Path, shard: int = 0, keep: frozenset[str] = frozenset()) -> _File:
     try:
         size = path.stat().st_size
         fh = open(path, "rb")
     except OSError as exc:
         raise CorruptModel(f"cannot read model file {path}: {exc.strerror}") from exc
     with fh:
-        r = _Reader(fh, path, size)
+        r = _Reader(fh, path, size, keep)
         if size < 24 or r.take(4) != MAGIC:
             raise CorruptModel(f"{path} is not a GGUF model file (wrong magic bytes); re-download it")
         version = r.u32()
@@ -471,6 +484,49 @@ def read_facts(path: Path) -> GGUFFacts:
         vocab_size=vocab or num("vocab_size") or 0,
         split_count=len(files),
         shard_paths=shards,
+    )
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """A model's tokenizer as llama.cpp compares a draft's with its target's (`common_speculative_are_compatible`):
+    the tokenizer type, every token's text, BOS/EOS ids and whether they are added; None where the header is silent."""
+
+    model: str | None
+    tokens: tuple[bytes, ...]
+    bos: int | None
+    eos: int | None
+    add_bos: bool | None
+    add_eos: bool | None
+
+
+_VOCAB_KEY = "tokenizer.ggml.tokens"
+
+
+def read_vocab(path: Path) -> Vocab:
+    """The tokenizer of the GGUF at `path` (the first shard of a split model holds it), from the header alone:
+    ~0.1 s for Qwen2.5's 151,936 tokens, where gguf-py's `GGUFReader` takes 6.8 s (it decodes every field of the
+    file, the 151k merges included); `CorruptModel` as `read_facts` raises it."""
+    first = _read_file(path, keep=frozenset({_VOCAB_KEY}))
+    count = first.meta.get("split.count", 1)
+    if isinstance(count, int) and count > 1:
+        shard = _shard_paths(path, count)[0]
+        if shard != path:
+            first = _read_file(shard, keep=frozenset({_VOCAB_KEY}))
+    meta = first.meta
+    tokens = meta.get(_VOCAB_KEY)
+
+    def opt(key: str, kind: type) -> Any:
+        v = meta.get(key)
+        return v if isinstance(v, kind) and not (kind is int and isinstance(v, bool)) else None
+
+    return Vocab(
+        model=opt("tokenizer.ggml.model", str),
+        tokens=tokens if isinstance(tokens, tuple) else (),  # a string array: kept whole; else the header has none
+        bos=opt("tokenizer.ggml.bos_token_id", int),
+        eos=opt("tokenizer.ggml.eos_token_id", int),
+        add_bos=opt("tokenizer.ggml.add_bos_token", bool),
+        add_eos=opt("tokenizer.ggml.add_eos_token", bool),
     )
 
 

@@ -127,6 +127,7 @@ class LlamaServer(ManagedProcess):
 
     async def run_once(self, on_ready: Callable[[], None]) -> int:
         """Start llama-server, wait for readiness, then wait for it to exit; return its exit code."""
+        self._prepare()
         port = free_port()
         self.timed_out = False
         return (await self._start_and_wait(port, on_ready)).code

@@ -23,6 +23,7 @@ import anyio
 
 from inference import paths
 from inference.llama_server import ServerSettings
+from inference.speculation import DEFAULT_N_MAX, DraftFlags
 from mesh_mcp.clock import SYSTEM_CLOCK
 from mesh_mcp.discovery.move import MoveTo
 from mesh_mcp.errors import MeshLLMError
@@ -85,6 +86,18 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, metavar="N", help="CPU threads for llama-server and rpc-server (default: all)"
     )
+    p.add_argument(
+        "--draft",
+        nargs="?",
+        const="",
+        metavar="PATH|NAME|ngram",
+        help="speculative decoding: a draft model (path or catalog name, fetched if needed), 'ngram' for n-gram "
+        "lookup, or bare --draft to fetch each model's catalog draft (default: the catalog draft when on disk); "
+        "kept only while measured to be faster",
+    )
+    p.add_argument("--no-draft", action="store_true", help="never speculate")
+    p.add_argument("--draft-max", type=int, default=DEFAULT_N_MAX, metavar="N", help="tokens drafted per round (4)")
+    p.add_argument("--draft-min", type=int, default=0, metavar="N", help="fewest drafted tokens worth verifying (0)")
     p.add_argument(
         "--llama-arg",
         action="append",
@@ -279,6 +292,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.ctx_size < 256 or args.parallel < 1:
         print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
         return 2
+    if not 1 <= args.draft_max <= 32 or not 0 <= args.draft_min <= args.draft_max:
+        print("mesh-llm: --draft-max must be 1 to 32, and --draft-min 0 to --draft-max", file=sys.stderr)
+        return 2
+    if args.no_draft and args.draft is not None:
+        print("mesh-llm: --draft and --no-draft contradict each other; give one", file=sys.stderr)
+        return 2
     if not 10 <= args.demand_ttl <= 7 * 86400:
         print("mesh-llm: --demand-ttl must be from 10 seconds to 7 days", file=sys.stderr)
         return 2
@@ -364,6 +383,7 @@ def _run(args: argparse.Namespace) -> int:
             extra_args=(*(("--threads", str(args.threads)) if args.threads else ()), *args.llama_arg),
         ),
         threads=args.threads,
+        draft=DraftFlags(args.draft, args.no_draft, args.draft_max, args.draft_min),
         joins=joins,
         client=args.client,
         mesh_host=args.mesh_host,

@@ -25,6 +25,7 @@ from inference import hardware, models
 from inference.cpu import read_cpu
 from inference.llama_server import ServerSettings
 from inference.provision import ensure_llama_cpp
+from inference.speculation import DraftFlags
 from mesh_mcp.api import console_view
 from mesh_mcp.api.app import build_api
 from mesh_mcp.api.console import build_console
@@ -88,6 +89,7 @@ class NodeConfig:
     author: str | None = None  # default author of posts written here (--name, else $USER)
     split: int | None = None  # --split N: serve every model split over N nodes even when it fits one
     threads: int | None = None  # --threads: CPU threads of llama-server and rpc-servers (default: all cores)
+    draft: DraftFlags = field(default_factory=DraftFlags)  # --draft, --no-draft, --draft-max, --draft-min
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # --api-key / MESH_LLM_API_KEYS: never logged
     no_auth: bool = False  # --no-auth: --listen-all without keys, chosen explicitly
     cors_origins: tuple[str, ...] = ()  # --cors-origin: browser apps allowed to call the API (normalized)
@@ -182,6 +184,7 @@ class Node:
                 client=config.client,
                 split=config.split,
                 threads=config.threads,
+                draft=config.draft,
                 on_download=self.bars.download,
                 demand_ttl_s=config.demand_ttl_s,
             )

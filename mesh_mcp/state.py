@@ -46,6 +46,9 @@ class ModelStatus:
     slots: int | None = None  # requests its server runs at once (--parallel)
     placement: dict[str, Any] | None = None  # solo/split plan: stages, reasons, predicted tok/s
     measured_tok_s: float | None = None  # decode tokens/s its llama-server reports (serving/throughput.py)
+    # Speculative decoding: its mode, candidates, the controller's decision and why, tokens/s and acceptance per
+    # mode (serving/spec_control.status); None when the model has no candidates
+    speculation: dict[str, Any] | None = None
     updated_at: float = 0.0
 
     def public(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from inference.gguf_facts import GGUFFacts
 from inference.llama_server import ServerSettings
 from inference.llamacpp import LlamaCpp
+from inference.speculation import Speculation
 from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.errors import MeshLLMError
 from mesh_mcp.mesh.runtime import Mesh
@@ -32,6 +33,7 @@ class ModelRun:
     settings: ServerSettings
     capacity_bytes: int
     threads: int | None = None
+    speculation: tuple[Speculation, ...] = ()  # the candidates (inference/speculation.py); () serves without
     on_state: Callable[..., object] = lambda **changes: None  # NodeState.update_model for this model
     clock: Clock = SYSTEM_CLOCK
 

@@ -20,7 +20,10 @@ gossips (capacity, the file on disk, llama.cpp build, RTT maps); this module act
    MESH_LLM_RPC_PEERS (the name each stage's rpc-server is reached by from the one before: the hand-off
    is used only when every worker opened its peer link; MESH_LLM_NO_HANDOFF=1 in the host's environment turns
    it off, for comparisons);
-5. watch: llama-server exiting (a dead worker makes it abort), a worker leaving the mesh, or a
+5. speculate when the model has candidates (`serving/speculate.py`): the draft runs on this host's CPU, never
+   over RPC, and the controller keeps it only while measured to be faster; a switch drains and relaunches
+   llama-server, the leases and relays stay;
+6. watch: llama-server exiting (a dead worker makes it abort), a worker leaving the mesh, or a
    worker's RTT staying above the cap ends the group; everything is torn down and planned again
    after a short pause (the re-plan leaves the far worker out).
 """
@@ -40,11 +43,13 @@ from inference.exits import describe_exit
 from inference.llama_server import LlamaServer
 from inference.placement import Plan, plan
 from inference.rpc_server import PROTOCOL_VERSION, RpcServer, RpcSettings, probe, require_compatible
+from inference.speculation import Speculation
 from mesh_mcp.dataplane.relay import Relay
 from mesh_mcp.errors import MeshLLMError, PeerUnreachable, ProtocolError, first_leaf
 from mesh_mcp.mesh.rtt import KEEP_EVERY_S, OverCap, as_ms, worse
 from mesh_mcp.serving.rpc_worker import Lease, NextStage, lease
 from mesh_mcp.serving.run import MeshRun, safe_name
+from mesh_mcp.serving.speculate import SpecServing
 from mesh_mcp.serving.view import mesh_view
 
 log = logging.getLogger("mesh_llm.split")
@@ -162,21 +167,25 @@ class SplitModel(MeshRun):
                     log.info("split %s: stage outputs return through this node (stock llama.cpp RPC)", split_id)
             else:
                 relays = []
-            server = LlamaServer(
-                llama=self.llama,
-                model_path=self.model_path,
-                alias=self.alias,
-                log_path=self.home / "logs" / f"llama-server-{safe_name(self.alias)}.log",
-                settings=replace(
-                    self.settings,
-                    gpu_layers=999,
-                    extra_args=(*self.settings.extra_args, *extra),
-                    env=(*self.settings.env, *env),
-                    max_start_failures=1,
-                ),
-            )
 
-            def on_ready() -> None:
+            def make(spec: Speculation | None) -> LlamaServer:
+                # A draft runs here, on this host's CPU (`-devd none`), never on the RPC devices the split lists
+                drafting = spec.args(gpu_layers=0) if spec is not None else ()
+                return LlamaServer(
+                    llama=self.llama,
+                    model_path=self.model_path,
+                    alias=self.alias,
+                    log_path=self.home / "logs" / f"llama-server-{safe_name(self.alias)}.log",
+                    settings=replace(
+                        self.settings,
+                        gpu_layers=999,
+                        extra_args=(*self.settings.extra_args, *extra, *drafting),
+                        env=(*self.settings.env, *env),
+                        max_start_failures=1,
+                    ),
+                )
+
+            def on_ready(server: LlamaServer) -> None:
                 for node_id, relay in relays:
                     log.info(
                         "split %s: loaded; %.2f MB sent to worker %s over the data plane (weights it did not "
@@ -195,7 +204,21 @@ class SplitModel(MeshRun):
 
             self.on_state(state="loading", detail=f"starting llama-server ({current.kind})")
             tg.start_soon(self._watch_workers, [s.node_id for s in workers], tg.cancel_scope)
-            ended = describe_exit(await server.run_once(on_ready), "llama-server")
+            if self.speculation:
+                spec = SpecServing(
+                    self.alias,
+                    self.speculation,
+                    make,
+                    on_ready,
+                    lambda shown: self.on_state(speculation=shown),
+                    on_switching=lambda detail: self.on_state(state="loading", detail=detail, upstream=None),
+                    blue_green=False,  # the workers hold one copy of their layers: drain, then relaunch
+                    clock=self.clock,
+                )
+                ended = await spec.run()
+            else:
+                server = make(None)
+                ended = describe_exit(await server.run_once(lambda: on_ready(server)), "llama-server")
             self.on_state(state="loading", detail=f"llama-server {ended.text}; re-planning", upstream=None, pid=None)
             log.warning("llama-server for %s: %s; re-planning. %s", self.alias, ended.text, ended.hint)
             tg.cancel_scope.cancel()

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
 
-from inference import catalog, hardware, models
+from inference import catalog, hardware, models, speculation
 from inference.diskspace import is_disk_full
 from inference.gguf_facts import GGUFFacts, read_facts
 from inference.llama_server import ServerSettings
@@ -36,7 +36,7 @@ from mesh_mcp.serving.assign import Demand, Recent, Serve, View
 from mesh_mcp.serving.auto import choose
 from mesh_mcp.serving.demand import TTL_S
 from mesh_mcp.serving.mesh_demand import MeshDemand
-from mesh_mcp.serving.plan import Flags, Standby, ThisNode, decide
+from mesh_mcp.serving.plan import ExpertShards, Flags, Standby, ThisNode, decide
 from mesh_mcp.serving.replicas import ReplicaWatcher, Watch, demand_view
 from mesh_mcp.serving.run import ModelRun, ShardingRefused
 from mesh_mcp.serving.runners import runner_for
@@ -73,6 +73,7 @@ class ServingSetup:
     on_download: Progress = lambda label, done, total: None  # the terminal's progress bars
     clock: Clock = SYSTEM_CLOCK
     demand_ttl_s: float = TTL_S  # --demand-ttl: a model no request named this long is no longer wanted
+    draft: speculation.DraftFlags = field(default_factory=speculation.DraftFlags)  # --draft, --no-draft, ...
 
     def this_node(self, backend: str = "cpu") -> ThisNode:
         hw = self.hardware
@@ -317,6 +318,7 @@ class Serving:
         )
         plan = decide(name, facts, setup.this_node(), setup.flags(), self._view(path))
         log.info("placement for %s: %s", name, "; ".join(plan.reasons))
+        candidates = () if embeddings else await self._speculation(name, path)
         llama = await self._built_llama()
         # The backend is known now: it decides whether a solo server offloads layers to the GPU(s).
         plan = decide(name, facts, setup.this_node(llama.backend), setup.flags(), self._view(path))
@@ -329,12 +331,16 @@ class Serving:
             settings=replace(setup.server, embeddings=embeddings),
             capacity_bytes=setup.hardware.capacity_bytes,
             threads=setup.threads or setup.hardware.cpu_cores,
+            speculation=candidates,
             on_state=lambda **changes: setup.state.update_model(name, **changes),
             clock=setup.clock,
         )
         while True:
             if isinstance(plan, Standby):  # decide() gives a model's facts no Standby; guard the type
                 raise AssertionError(f"{name}: standby for a model")
+            if isinstance(plan, ExpertShards) and candidates:
+                why = "off: expert shards serve without speculation"
+                setup.state.update_model(name, speculation={"mode": "off", "on": False, "candidates": [], "why": why})
             try:
                 await runner_for(plan, run, setup.mesh, setup.dataplane_port, setup.dataplane_targets).run()
                 return
@@ -345,6 +351,26 @@ class Serving:
                 )
                 node, flags = setup.this_node(llama.backend), setup.flags()
                 plan = decide(name, facts, node, flags, self._view(path), shards_refused=str(exc))
+
+    async def _speculation(self, name: str, path: Path) -> tuple[speculation.Speculation, ...]:
+        """The model's speculation candidates (`inference/speculation.choose`); a draft that cannot be had (not
+        fetched, unreadable, another tokenizer) leaves none, and the model serves without, saying why."""
+        setup = self.setup
+        try:
+            found, why = await speculation.choose(
+                name, path, setup.draft, models_dir=setup.models_dir, on_progress=setup.on_download
+            )
+        except MeshLLMError as exc:  # DraftRefused (another tokenizer), a draft not found or not fetched
+            found, why = (), f"off: {exc}"
+            log.warning("speculation for %s: %s", name, why)
+        except OSError as exc:
+            found, why = (), f"off: cannot read the draft ({exc.strerror or exc})"
+            log.warning("speculation for %s: %s", name, why)
+        else:
+            log.info("speculation for %s: %s", name, why)
+        shown = {"mode": "off", "on": False, "candidates": [c.kind for c in found], "chosen": None, "why": why}
+        setup.state.update_model(name, speculation=shown)
+        return found
 
     def _view(self, path: Path) -> list[NodeCap]:
         """The mesh as placement sees it now (gossip only: the split runner pings members it lacks RTTs for)."""
