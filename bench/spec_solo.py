@@ -10,7 +10,11 @@ Where the time goes, per generated token: the draft's share is the tokens it dra
 own decode time per token (the draft served alone, measured here); the rest of the time with speculation is the
 target's verification passes, (drafted + 1) tokens each.
 
-    python bench/spec_solo.py --threads 2,1 [--per-class 20] [--tokens 128]
+The controller row (`--controller`): a mesh-llm node serving the target with `--draft DRAFT` and nothing forced,
+`--threads T --parallel 1`; once it has calibrated and chosen (`/api/status` `speculation`), the same prompts are
+asked through its API, and its speed is compared with the `none` row.
+
+    python bench/spec_solo.py --threads 2,1 [--per-class 20] [--tokens 128] [--controller]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,8 +61,9 @@ def serve(binary: Path, model: Path, threads: int, extra: list[str], port: int) 
     raise SystemExit("llama-server did not become ready")
 
 
-def ask(port: int, prompt: str, tokens: int) -> dict[str, Any]:
+def ask(port: int, prompt: str, tokens: int, model: str | None = None) -> dict[str, Any]:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0}
+    body |= {"model": model} if model else {}
     r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=900)
     r.raise_for_status()
     j = r.json()
@@ -92,6 +98,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--modes", default="none,draft,ngram")
     ap.add_argument("--out", type=Path, default=Path("/tmp/spec_solo.json"))
+    ap.add_argument("--controller", action="store_true", help="also the row of a node left to choose")
     a = ap.parse_args()
     llama = anyio.run(ensure_llama_cpp)
     binary = llama.server
@@ -120,6 +127,41 @@ def main() -> None:
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 a.out.write_text(json.dumps(results, indent=1))
+        if a.controller:
+            spec, got = controller(a.model, a.draft, threads, prompts, a.tokens)
+            for cls, rows in got.items():
+                s, b = summary(rows), summary(base[cls])
+                row = {"threads": threads, "mode": f"controller ({spec['mode']})", "class": cls, **s,
+                       "ratio": s["tok_s"] / b["tok_s"], "why": spec["why"], "decided_on": spec["decided_on"],
+                       "acceptance_calibration": spec.get("acceptance")}  # fmt: skip
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                a.out.write_text(json.dumps(results, indent=1))
+
+
+def controller(model: Path, draft: Path, threads: int, prompts: dict[str, list[str]], tokens: int
+               ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:  # fmt: skip
+    """A node left to choose: its decision, then the prompts through its API in the mode it chose."""
+    from tests.harness import NodeProcess
+
+    with tempfile.TemporaryDirectory() as home:
+        node = NodeProcess(Path(home), ["--model", str(model), "--draft", str(draft), "--threads", str(threads),
+                                        "--parallel", "1"]).start()  # fmt: skip
+        try:
+            name = model.stem
+            node.wait_model_state(name, "serving", timeout=600)
+
+            def decided(s: dict[str, Any]) -> bool:
+                m = node.model(s, name) or {}
+                spec = m.get("speculation") or {}
+                return bool(spec.get("chosen")) and spec.get("mode") == spec.get("chosen") and m["state"] == "serving"
+
+            status = node.wait_for("the controller's decision", decided, timeout=1800)
+            spec = (node.model(status, name) or {})["speculation"]
+            port = int(node.api.rsplit(":", 1)[1])
+            return spec, {cls: [ask(port, p, tokens, name) for p in ps] for cls, ps in prompts.items()}
+        finally:
+            node.stop()
 
 
 if __name__ == "__main__":

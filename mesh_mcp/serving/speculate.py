@@ -183,6 +183,7 @@ class SpecServing:
     async def _switch(self, tg: anyio.abc.TaskGroup, client: httpx2.AsyncClient, old: _Running, mode: str) -> _Running:
         assert self.control is not None
         log.info("speculation for %s: %s -> %s (%s)", self.alias, old.mode, mode, self.control.reason)
+        self._newest = None  # calibration waits for the new server: the old one drains
         if self.blue_green:
             new = await self._launch(tg, mode)
             await self._drain(client, old)
