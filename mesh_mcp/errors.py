@@ -45,6 +45,10 @@ class CorruptModel(ModelError):
     """A file on disk is not a valid GGUF."""
 
 
+class DraftRefused(ModelError):
+    """A draft model cannot speculate for its target (another tokenizer): the target serves without it."""
+
+
 class BackendError(MeshLLMError):
     """A llama.cpp process failed to start, crashed, or answered wrongly."""
 

@@ -32,7 +32,8 @@ def chat(node: NodeProcess, prompt: str) -> dict[str, Any]:
     body |= {"temperature": 0, "cache_prompt": False}
     r = post_served(node.api + "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
+    answer: dict[str, Any] = r.json()
+    return answer
 
 
 def text(answer: dict[str, Any]) -> str:
@@ -108,6 +109,32 @@ def test_a_split_drafts_on_its_host_and_answers_as_without(spawn: Spawn, smollm:
     assert all(drafted_well(a["timings"]) for a in answers), [a["timings"] for a in answers]
 
 
+def test_a_split_host_switches_modes_by_relaunching_and_ends_serving_its_choice(spawn: Spawn, smollm: Path) -> None:
+    """The controller on a split: each switch drains the host's llama-server and relaunches it on the same workers
+    (their rpc-servers and the relays stay); the model serves again after every one, in the mode it chose."""
+    host = spawn("--mesh-host", "127.0.0.2", "--model", SMOLLM, "--split", "2", "--draft", str(smollm))
+    token = host.wait_for("token", lambda s: bool(s.get("invite_token")), timeout=60)["invite_token"]
+    spawn("--mesh-host", "127.0.0.3", "--join", token, "--name", "w1", name="w1")
+
+    def settled(s: dict[str, Any]) -> bool:
+        m = host.model(s, SMOLLM) or {}
+        spec = m.get("speculation") or {}
+        return m.get("state") == "serving" and bool(spec.get("chosen")) and spec["mode"] == spec["chosen"]
+
+    model = host.model(host.wait_for("a decision, served", settled, timeout=400), SMOLLM) or {}
+    assert model["placement"]["kind"] == "split" and set(model["speculation"]["decided_on"]) == {
+        "off",
+        "draft",
+        "ngram",
+    }
+    host.wait_log(f"speculation for {SMOLLM}: off -> draft")
+    host.wait_log(f"speculation for {SMOLLM}: draft -> ngram")
+    assert host.log().count(" holds layers ") == 1  # one lease of the worker: the relaunches reused it
+    args = cmdline(host)
+    assert "--rpc" in args and ("--spec-type" in args) is (model["speculation"]["chosen"] != "off")
+    assert text(chat(host, PROMPTS[0]))
+
+
 def test_a_draft_with_another_tokenizer_is_refused_and_the_model_serves_without(
     spawn: Spawn, tmp_path: Path, plain: list[str]
 ) -> None:
@@ -125,7 +152,7 @@ def test_a_draft_with_another_tokenizer_is_refused_and_the_model_serves_without(
 def test_the_controller_measures_every_mode_and_serves_the_fastest(spawn: Spawn, smollm: Path) -> None:
     node = spawn("--model", SMOLLM, "--draft", str(smollm))
     decided = node.wait_for(
-        "a decision", lambda s: ((node.model(s, SMOLLM) or {}).get("speculation") or {}).get("chosen"), timeout=400
+        "a decision", lambda s: bool(((node.model(s, SMOLLM) or {}).get("speculation") or {}).get("chosen")), 400
     )
     spec = (node.model(decided, SMOLLM) or {})["speculation"]
     basis, chosen = spec["decided_on"], spec["chosen"]

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from inference.gguf_facts import Vocab, read_vocab
 from inference.llama_metrics import parse_counters
-from inference.speculation import DRAFT, NGRAM, DraftFlags, DraftRefused, Speculation, choose, vocab_mismatch
+from inference.speculation import DRAFT, NGRAM, DraftFlags, Speculation, choose, vocab_mismatch
+from mesh_mcp.errors import DraftRefused
 from mesh_mcp.serving import spec_control
 from mesh_mcp.serving.spec_control import OFF, Policy, Window
 from tests.ggufgen import write_dense
