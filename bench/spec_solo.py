@@ -37,7 +37,19 @@ from inference.provision import ensure_llama_cpp
 
 MODES: dict[str, list[str]] = {
     "none": [],
-    "draft": ["--spec-type", "draft-simple", "--spec-draft-n-max", "4", "-md", "{draft}", "-devd", "none"],
+    "draft": [
+        "--spec-type",
+        "draft-simple",
+        "--spec-draft-n-max",
+        "4",
+        "--spec-draft-p-min",
+        "0.75",
+        "-md",
+        "{draft}",
+        "-devd",
+        "none",
+    ],
+    "draft-p0": ["--spec-type", "draft-simple", "--spec-draft-n-max", "4", "-md", "{draft}", "-devd", "none"],
     "ngram": ["--spec-type", "ngram-simple"],
 }
 

@@ -2,13 +2,13 @@
 
 For each node count (`--nodes`) and injected round trip (`--rtt-ms`, 0 = loopback), real mesh-llm nodes on
 127.0.0.x (every process `--threads 1 --parallel 1`, as bench/p3_split.py: a CPU-only host keeps the output layer
-on its own rpc-server, the workers hold the file) serve the target `--split N` twice:
+on its own rpc-server, the workers hold the file) serve the target `--split N` three times:
 
 1. **controller**: `--draft DRAFT`, nothing forced. The node calibrates every mode (off, the draft, n-gram lookup)
    and chooses; its `/api/status` `speculation.decided_on` is the calibration's tokens/s per mode. Then the
    benchmark prompts are asked in the mode it chose (the controller row).
-2. **the other mode**: the draft forced on (`MESH_LLM_SPEC_FORCE=1`) when the controller chose off, else
-   `--no-draft`; the same prompts.
+2. **draft**: the draft forced on (`MESH_LLM_SPEC_FORCE=1`); the same prompts.
+3. **off**: `--no-draft`; the same prompts.
 
 So each row has the prompts' tokens/s with the draft and without (with ÷ without), acceptance, the controller's
 choice and its speed ÷ no speculation. With links (`--rtt-ms`), every node binds 127.0.0.(2+i) and advertises
@@ -100,8 +100,11 @@ def mesh_run(tmp: Path, model: str, n: int, rtt_ms: float, extra: list[str], env
                 chosen = spec["chosen"]
                 host.wait_for(
                     "the chosen mode",
-                    lambda s: (m := host.model(s, model)) is not None and m["state"] == "serving"
-                    and (m.get("speculation") or {}).get("mode") == chosen,
+                    lambda s: (
+                        (m := host.model(s, model)) is not None
+                        and m["state"] == "serving"
+                        and (m.get("speculation") or {}).get("mode") == chosen
+                    ),
                     timeout=1800,
                 )
             api = host.api
@@ -137,17 +140,16 @@ def main() -> None:
             for rtt in [float(x) for x in a.rtt_ms.split(",")]:
                 ctl = mesh_run(tmp, a.model, n, rtt, ["--draft", a.draft], {}, flat, a.tokens, a.models_dir, True)
                 chosen = ctl["speculation"].get("chosen", "off")
-                if chosen == "off":
-                    other = mesh_run(tmp, a.model, n, rtt, ["--draft", a.draft], FORCE, flat, a.tokens,
-                                     a.models_dir, False)  # fmt: skip
-                    on_rows, off_rows, on_mode = other["rows"], ctl["rows"], "draft"
-                else:
-                    other = mesh_run(tmp, a.model, n, rtt, ["--no-draft"], {}, flat, a.tokens, a.models_dir, False)
-                    on_rows, off_rows, on_mode = ctl["rows"], other["rows"], chosen
+                forced = mesh_run(
+                    tmp, a.model, n, rtt, ["--draft", a.draft], FORCE, flat, a.tokens, a.models_dir, False
+                )
+                plain = mesh_run(tmp, a.model, n, rtt, ["--no-draft"], {}, flat, a.tokens, a.models_dir, False)
+                on_rows, off_rows, ctl_rows, on_mode = forced["rows"], plain["rows"], ctl["rows"], "draft"
                 same = sum(x["text"] == y["text"] for x, y in zip(on_rows, off_rows, strict=True))
                 for cls, ps in prompts.items():
                     idx = [i for i, p in enumerate(flat) if p in ps]
                     on, off = totals([on_rows[i] for i in idx]), totals([off_rows[i] for i in idx])
+                    by_ctl = totals([ctl_rows[i] for i in idx])
                     passes = (on["tokens"] - on["accepted"]) / on["tokens"]
                     rtt_ms_tok = passes * n * rtt / 2
                     draft_ms_tok = on["drafted"] / on["tokens"] * a.t_draft_ms
@@ -155,7 +157,8 @@ def main() -> None:
                     row = {
                         "nodes": n, "rtt_ms": rtt, "class": cls, "on_mode": on_mode, "tok_s_on": on["tok_s"],
                         "tok_s_off": off["tok_s"], "ratio": on["tok_s"] / off["tok_s"], "acceptance": on["acceptance"],
-                        "chosen": chosen, "controller_ratio": 1.0 if chosen == "off" else on["tok_s"] / off["tok_s"],
+                        "chosen": chosen, "tok_s_controller": by_ctl["tok_s"],
+                        "controller_ratio": by_ctl["tok_s"] / off["tok_s"],
                         "calibration_tok_s": ctl["speculation"].get("decided_on"),
                         "why": ctl["speculation"].get("why"), "same_output": f"{same}/{len(flat)}",
                         "ms_per_token_on": ms_tok, "rtt_ms_per_token_on": rtt_ms_tok,
