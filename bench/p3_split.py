@@ -194,13 +194,7 @@ def mesh(
     with contextlib.ExitStack() as links:
 
         def linked(i: int) -> list[str]:
-            """Node i behind links that add the delay: QUIC (UDP) and the data plane (TCP), one port number."""
-            if not rtt_ms:
-                return []
-            ip, port, link_ip = f"127.0.0.{2 + i}", free_port(), f"127.0.0.{12 + i}"
-            links.enter_context(LinkProxy((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
-            links.enter_context(TcpLink((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
-            return ["--bind-port", str(port), "--advertise", link_ip]
+            return linked_args(links, i, rtt_ms)
 
         try:
             host = NodeProcess(tmp / f"h{n}-{rtt_ms:g}", ["--mesh-host", "127.0.0.2", "--model", model, "--split",
@@ -222,6 +216,17 @@ def mesh(
         finally:
             for node in nodes:
                 node.stop()
+
+
+def linked_args(links: contextlib.ExitStack, i: int, rtt_ms: float) -> list[str]:
+    """Node i (127.0.0.(2+i)) behind links that add the delay, advertised at 127.0.0.(12+i): QUIC (UDP) and the data
+    plane (TCP), one port number; the node's extra arguments (none without a delay)."""
+    if not rtt_ms:
+        return []
+    ip, port, link_ip = f"127.0.0.{2 + i}", free_port(), f"127.0.0.{12 + i}"
+    links.enter_context(LinkProxy((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
+    links.enter_context(TcpLink((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
+    return ["--bind-port", str(port), "--advertise", link_ip]
 
 
 def solo(tmp: Path, model: str, tokens: int, runs: int, models_dir: Path) -> float:

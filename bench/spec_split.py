@@ -36,9 +36,9 @@ from typing import Any
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.p3_split import linked_args
 from bench.spec_prompts import CODE_EDIT, CODE_WRITE, PROSE
-from tests.harness import NodeProcess, free_port
-from tests.netproxy import LinkProxy, TcpLink
+from tests.harness import NodeProcess
 
 FORCE = {"MESH_LLM_SPEC_FORCE": "1"}
 
@@ -72,12 +72,7 @@ def mesh_run(tmp: Path, model: str, n: int, rtt_ms: float, extra: list[str], env
     with contextlib.ExitStack() as links:
 
         def linked(i: int) -> list[str]:
-            if not rtt_ms:
-                return []
-            ip, port, link_ip = f"127.0.0.{2 + i}", free_port(), f"127.0.0.{12 + i}"
-            links.enter_context(LinkProxy((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
-            links.enter_context(TcpLink((link_ip, port), (ip, port), delay_ms=rtt_ms / 2).start())
-            return ["--bind-port", str(port), "--advertise", link_ip]
+            return linked_args(links, i, rtt_ms)
 
         try:
             tag = f"{n}-{rtt_ms:g}-{len(list(tmp.iterdir()))}"

@@ -205,3 +205,20 @@ def test_the_controller_never_flaps_faster_than_its_dwell_and_keeps_only_what_pa
                 assert all(speed[c.chosen] >= speed[m] for m in faster)
             else:  # and off whenever no candidate measured that much faster
                 assert not faster or OFF not in c.measured
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--draft", "x", "--no-draft"], "contradict"),
+        (["--draft-max", "0"], "--draft-max must be"),
+        (["--draft-max", "4", "--draft-min", "5"], "--draft-min"),
+    ],
+)
+def test_contradictory_or_out_of_range_draft_flags_are_refused(
+    argv: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mesh_mcp.cli import main
+
+    assert main(["--model", "X", *argv]) == 2
+    assert why in capsys.readouterr().err
