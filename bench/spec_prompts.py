@@ -4,7 +4,7 @@ prompts, each a single user turn asked at temperature 0."""
 
 from __future__ import annotations
 
-_PARSE = '''def parse(lines):
+_PARSE = """def parse(lines):
     result = {}
     for line in lines:
         if not line.strip():
@@ -12,8 +12,8 @@ _PARSE = '''def parse(lines):
         key, _, value = line.partition("=")
         result[key.strip()] = value.strip()
     return result
-'''
-_STACK = '''class Stack:
+"""
+_STACK = """class Stack:
     def __init__(self):
         self.items = []
 
@@ -25,15 +25,15 @@ _STACK = '''class Stack:
 
     def peek(self):
         return self.items[-1]
-'''
-_JS = '''function total(cart) {
+"""
+_JS = """function total(cart) {
   let sum = 0;
   for (let i = 0; i < cart.length; i++) {
     sum = sum + cart[i].price * cart[i].qty;
   }
   return sum;
 }
-'''
+"""
 
 CODE_WRITE = [
     "Write a Python function that returns the n-th Fibonacci number iteratively.",
@@ -45,22 +45,20 @@ CODE_WRITE = [
     "Write a Go function that reverses a slice of integers in place.",
 ]
 CODE_COMPLETE = [
-    "Complete this Python function:\ndef merge_sorted(a, b):\n"
-    '    """Merge two sorted lists into one sorted list."""\n',
+    'Complete this Python function:\ndef merge_sorted(a, b):\n    """Merge two sorted lists into one sorted list."""\n',
     "Complete this function:\ndef binary_search(xs, target):\n    lo, hi = 0, len(xs) - 1\n    while lo <= hi:\n",
     "Complete this Python code:\nimport json\n\ndef load_config(path):\n    with open(path) as f:\n",
     "Complete the Rust function:\nfn gcd(a: u64, b: u64) -> u64 {\n",
     "Complete this class:\nclass Vector2:\n    def __init__(self, x, y):\n        self.x = x\n"
     "        self.y = y\n\n    def __add__(self, other):\n",
     "Finish this TypeScript function:\nexport function chunk<T>(items: T[], size: number): T[][] {\n",
-    "Complete this Python generator:\ndef primes():\n    \"\"\"Yield prime numbers forever.\"\"\"\n",
+    'Complete this Python generator:\ndef primes():\n    """Yield prime numbers forever."""\n',
 ]
 CODE_EDIT = [
     "Add type hints to this function and return the whole function:\n" + _PARSE,
     "Rename the variable result to config in this code and show the full code:\n" + _PARSE,
     "Add a docstring to every method of this class and show the whole class:\n" + _STACK,
-    "Make pop and peek raise IndexError with a clear message when the stack is empty; show the whole class:\n"
-    + _STACK,
+    "Make pop and peek raise IndexError with a clear message when the stack is empty; show the whole class:\n" + _STACK,
     "Rewrite this function to use reduce, and show the full function:\n" + _JS,
     "Convert this JavaScript to TypeScript with types, keeping everything else the same:\n" + _JS,
 ]

@@ -288,15 +288,15 @@ def _run(args: argparse.Namespace) -> int:
     from .node import Node, NodeConfig
     from .ui import Bars, setup_logging
 
-    console = setup_logging(args.verbose)
-    if args.ctx_size < 256 or args.parallel < 1:
-        print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
-        return 2
     if not 1 <= args.draft_max <= 32 or not 0 <= args.draft_min <= args.draft_max:
         print("mesh-llm: --draft-max must be 1 to 32, and --draft-min 0 to --draft-max", file=sys.stderr)
         return 2
     if args.no_draft and args.draft is not None:
         print("mesh-llm: --draft and --no-draft contradict each other; give one", file=sys.stderr)
+        return 2
+    console = setup_logging(args.verbose)
+    if args.ctx_size < 256 or args.parallel < 1:
+        print("mesh-llm: --ctx-size must be at least 256 and --parallel at least 1", file=sys.stderr)
         return 2
     if not 10 <= args.demand_ttl <= 7 * 86400:
         print("mesh-llm: --demand-ttl must be from 10 seconds to 7 days", file=sys.stderr)

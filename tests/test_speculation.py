@@ -5,6 +5,7 @@ counters read from llama-server's /metrics, and the on/off controller as a pure 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,5 +221,8 @@ def test_contradictory_or_out_of_range_draft_flags_are_refused(
 ) -> None:
     from mesh_mcp.cli import main
 
+    before = logging.getLogger().handlers[:], logging.getLogger("mesh_llm").handlers[:]
     assert main(["--model", "X", *argv]) == 2
     assert why in capsys.readouterr().err
+    # refused before logging is set up: nothing of the process's logging changed (other tests capture it)
+    assert (logging.getLogger().handlers, logging.getLogger("mesh_llm").handlers) == before
