@@ -42,7 +42,8 @@ COUNTERS = {
 
 
 def parse_counters(text: str) -> dict[str, float]:
-    """`COUNTERS` (by their short names) from llama-server's Prometheus text; a missing or malformed one is absent."""
+    """`COUNTERS` (by their short names) from llama-server's Prometheus text; a missing, negative or non-finite one is
+    absent, and a malformed text gives none."""
     wanted = {v: k for k, v in COUNTERS.items()}
     out: dict[str, float] = {}
     try:
@@ -52,5 +53,5 @@ def parse_counters(text: str) -> dict[str, float]:
                 if key is not None and key not in out and math.isfinite(sample.value) and sample.value >= 0:
                     out[key] = float(sample.value)
     except (ValueError, IndexError, TypeError):  # prometheus_client's parser on a malformed line
-        return out
+        return {}
     return out

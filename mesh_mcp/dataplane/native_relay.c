@@ -86,15 +86,26 @@ static void finish(struct direction *d, EVP_CIPHER_CTX *ctx) {
     end_both(d);
 }
 
+/* an AES-256-GCM context with 12-byte IVs, sealing (enc 1) or opening (enc 0); keys and IVs come per record.
+   NULL when OpenSSL fails */
+static EVP_CIPHER_CTX *gcm_new(int enc) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx != NULL && (EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL, enc) != 1 ||
+                        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) != 1)) {
+        EVP_CIPHER_CTX_free(ctx);
+        ctx = NULL;
+    }
+    return ctx;
+}
+
 static void *seal_loop(void *arg) {
     struct direction *d = arg;
     static __thread uint8_t plain[BATCH * MAX_RECORD];
     static __thread uint8_t out[BATCH * (HEAD + MAX_RECORD + TAG)];
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    EVP_CIPHER_CTX *ctx = gcm_new(1);
     uint64_t n = 0;
     d->result = END_CRYPTO;
-    if (ctx == NULL || EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) != 1 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) != 1) {
+    if (ctx == NULL) {
         goto done;
     }
     for (;;) {
@@ -139,11 +150,10 @@ static void open_loop(struct direction *d) {
     static __thread uint8_t in[BATCH * (HEAD + MAX_RECORD + TAG)];
     static __thread uint8_t plain[BATCH * MAX_RECORD];
     size_t off = 0, have = 0; /* in[off, have): received, not yet opened */
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    EVP_CIPHER_CTX *ctx = gcm_new(0);
     uint64_t n = 0;
     d->result = END_CRYPTO;
-    if (ctx == NULL || EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) != 1 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) != 1) {
+    if (ctx == NULL) {
         goto done;
     }
     for (;;) {

@@ -5,15 +5,17 @@ mode measured to be fastest (blue-green: the model stays served through a switch
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from inference.llama_server import LlamaServer
+import anyio
+
+from inference.exits import ExitReport
+from inference.llama_server import SERVING, LlamaServer
 from inference.speculation import Speculation
+from inference.supervise import supervise
 from mesh_mcp.serving.run import ModelRun, safe_name
 from mesh_mcp.serving.speculate import SpecServing
-
-log = logging.getLogger("mesh_llm.solo")
 
 
 @dataclass
@@ -47,15 +49,16 @@ class SoloModel(ModelRun):
         )
 
     async def _speculating(self) -> None:
-        """Serve through the speculation actor; a server that dies is relaunched with backoff (the controller's
-        measurements are kept), and three launches in a row that never became ready fail the model."""
+        """Serve through the speculation actor, supervised like any llama-server (`inference.supervise`): a server
+        that dies is relaunched with backoff (the controller's measurements are kept), and launches that never
+        become ready fail the model."""
         restarts = 0
 
         def serving(server: LlamaServer) -> None:
             detail = f"llama-server pid {server.pid} at {server.base_url}"
             caps = server.template_caps()
             self.on_state(
-                state="serving", detail=detail, upstream=server.base_url, pid=server.pid, restarts=restarts, **caps
+                state=SERVING, detail=detail, upstream=server.base_url, pid=server.pid, restarts=restarts, **caps
             )
 
         spec = SpecServing(
@@ -66,17 +69,35 @@ class SoloModel(ModelRun):
             lambda shown: self.on_state(speculation=shown),
             clock=self.clock,
         )
-        policy, backoff, unready = self.settings, self.settings.backoff_initial_s, 0
-        while True:
-            before = spec.launched
-            report = await spec.run()
-            unready = unready + 1 if spec.launched == before else 0
-            if unready >= policy.max_start_failures:
-                self.on_state(state="failed", detail=f"llama-server {report.text}", upstream=None, pid=None)
-                log.error("%s: llama-server %s; giving up. %s", self.alias, report.text, report.hint)
-                return
+
+        async def attempt(ready: Callable[[], None]) -> ExitReport:
+            first = [ready]  # the attempt is ready once, at its first server; a switch is no restart
+
+            def on_serving(server: LlamaServer) -> None:
+                serving(server)
+                while first:
+                    first.pop()()
+
+            spec.on_serving = on_serving
+            return await spec.run()
+
+        def restarted() -> int:
+            nonlocal restarts
             restarts += 1
-            self.on_state(state="loading", detail=f"llama-server {report.text}; restarting", upstream=None, pid=None)
-            log.warning("%s: llama-server %s; restarting in %.1f s. %s", self.alias, report.text, backoff, report.hint)
-            await self.clock.sleep(backoff)
-            backoff = min(backoff * 2, policy.backoff_max_s)
+            return restarts
+
+        def on_state(state: str, detail: str) -> None:
+            self.on_state(state=state, detail=detail, upstream=None, pid=None)
+
+        await supervise(
+            noun="llama-server",
+            label=f"llama-server for {self.alias}",
+            verb="crashed",
+            attempt=attempt,
+            policy=self.settings,
+            on_state=on_state,
+            on_restart=restarted,
+            log_path=self._server(None).log_path,
+            task_status=anyio.TASK_STATUS_IGNORED,
+            clock=self.clock,
+        )

@@ -188,6 +188,11 @@ def _enter(c: Control, mode: str, now: float, todo: tuple[str, ...]) -> Control:
     return replace(c, current=mode, entered_at=now, open=Window(), todo=todo, switches=c.switches + 1)
 
 
+def off_status(why: str, candidates: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `/api/status` `speculation` of a model not (or not yet) measured: off, and why."""
+    return {"mode": OFF, "on": False, "candidates": list(candidates), "chosen": None, "why": why}
+
+
 def status(c: Control) -> dict[str, Any]:
     """The controller as `/api/status` shows it (the model's `speculation`)."""
     windows = {**c.measured}

@@ -40,6 +40,7 @@ from mesh_mcp.serving.plan import ExpertShards, Flags, Standby, ThisNode, decide
 from mesh_mcp.serving.replicas import ReplicaWatcher, Watch, demand_view
 from mesh_mcp.serving.run import ModelRun, ShardingRefused
 from mesh_mcp.serving.runners import runner_for
+from mesh_mcp.serving.spec_control import off_status
 from mesh_mcp.serving.standby import StandbyRunner, build_view
 from mesh_mcp.serving.view import mesh_view
 from mesh_mcp.state import NodeState
@@ -340,7 +341,7 @@ class Serving:
                 raise AssertionError(f"{name}: standby for a model")
             if isinstance(plan, ExpertShards) and candidates:
                 why = "off: expert shards serve without speculation"
-                setup.state.update_model(name, speculation={"mode": "off", "on": False, "candidates": [], "why": why})
+                setup.state.update_model(name, speculation=off_status(why))
             try:
                 await runner_for(plan, run, setup.mesh, setup.dataplane_port, setup.dataplane_targets).run()
                 return
@@ -368,8 +369,7 @@ class Serving:
             log.warning("speculation for %s: %s", name, why)
         else:
             log.info("speculation for %s: %s", name, why)
-        shown = {"mode": "off", "on": False, "candidates": [c.kind for c in found], "chosen": None, "why": why}
-        setup.state.update_model(name, speculation=shown)
+        setup.state.update_model(name, speculation=off_status(why, tuple(c.kind for c in found)))
         return found
 
     def _view(self, path: Path) -> list[NodeCap]:

@@ -6,20 +6,18 @@ gossips it, so every console sees it).
 The rate is llama-server's own: `llamacpp:tokens_predicted_total` over `llamacpp:tokens_predicted_seconds_total`,
 the time spent generating them, so it is one request's decode speed (parallel slots do not add up) averaged over
 the server's life, and idle time does not dilute it. Its `predicted_tokens_seconds` gauge is no use here: it is
-averaged over the window between two scrapes and reads 0 when that window was idle. The text is parsed by
-`prometheus_client`'s parser; the endpoint is a local llama-server's on 127.0.0.1, read within
-`inference.llama_metrics`' bounds.
+averaged over the window between two scrapes and reads 0 when that window was idle. The counters are read by
+`inference.llama_metrics.parse_counters` (prometheus_client's parser, as the speculation controller reads them);
+the endpoint is a local llama-server's on 127.0.0.1, read within `inference.llama_metrics`' bounds.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import httpx2
-from prometheus_client.parser import text_string_to_metric_families
 
-from inference.llama_metrics import read_metrics
+from inference.llama_metrics import parse_counters, read_metrics
 from mesh_mcp.clock import SYSTEM_CLOCK, Clock
 from mesh_mcp.state import SERVING, NodeState
 
@@ -27,24 +25,13 @@ INTERVAL_S = 10.0  # how often each serving model is read; a console shows a new
 TIMEOUT_S = 2.0  # a llama-server busy with a long prompt answers /metrics between batches: late, not never
 MAX_METRICS_BYTES = 64 * 1024  # llama-server's /metrics is ~2 KiB
 MAX_TOK_S = 1_000_000.0  # a rate past this is a broken counter, not a measurement
-_TOKENS = "llamacpp:tokens_predicted_total"
-_SECONDS = "llamacpp:tokens_predicted_seconds_total"
 
 
 def decode_tok_s(text: str) -> float | None:
     """Decode tokens/s from llama-server's Prometheus text: predicted tokens over the seconds spent generating
     them; None before the first generated token or when a counter is missing or malformed."""
-    values: dict[str, float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in (_TOKENS, _SECONDS):
-                    values.setdefault(sample.name, sample.value)
-    except (ValueError, IndexError, TypeError):  # prometheus_client's parser on a malformed line
-        return None
-    tokens, seconds = values.get(_TOKENS), values.get(_SECONDS)
-    if tokens is None or seconds is None or not (math.isfinite(tokens) and math.isfinite(seconds)):
-        return None
+    counters = parse_counters(text)
+    tokens, seconds = counters.get("tokens", 0.0), counters.get("seconds", 0.0)
     if tokens <= 0 or seconds <= 0:
         return None
     rate = tokens / seconds
